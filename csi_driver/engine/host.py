@@ -1,0 +1,239 @@
+"""Thin wrappers around the host tools and kernel interfaces the engine needs:
+mount tables, mount/umount, loop devices, mkfs, resize, freeze.
+
+Nothing here knows about volumes or layers; every function is safe to repeat.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from csi_driver.errors import CommandFailed
+
+log = logging.getLogger(__name__)
+
+
+def run(
+    argv: list[str], *, cwd: str | Path | None = None, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run a host tool; raise CommandFailed with its stderr when it fails."""
+    log.debug("exec %s", " ".join(argv))
+    proc = subprocess.run(
+        argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+    if check and proc.returncode != 0:
+        raise CommandFailed(argv, proc.returncode, proc.stderr or proc.stdout)
+    return proc
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_id: int
+    parent_id: int
+    root: str
+    target: str
+    options: str
+    fstype: str
+    source: str
+    super_options: str
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def mounts() -> list[MountEntry]:
+    """The calling process's mount table (/proc/self/mountinfo)."""
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.rstrip("\n").partition(" - ")
+            a = left.split(" ")
+            b = right.split(" ")
+            out.append(
+                MountEntry(
+                    int(a[0]),
+                    int(a[1]),
+                    _unescape(a[3]),
+                    _unescape(a[4]),
+                    a[5],
+                    b[0],
+                    _unescape(b[1]),
+                    b[2] if len(b) > 2 else "",
+                )
+            )
+    return out
+
+
+def mount_at(path: str | Path) -> MountEntry | None:
+    """The topmost mount whose target is exactly ``path``."""
+    target = os.path.realpath(path)
+    found = None
+    for entry in mounts():
+        if entry.target == target:
+            found = entry
+    return found
+
+
+def is_mounted(path: str | Path) -> bool:
+    return mount_at(path) is not None
+
+
+def mount(
+    source: str,
+    target: str | Path,
+    fstype: str | None = None,
+    options: list[str] | None = None,
+    cwd: str | Path | None = None,
+) -> None:
+    argv = ["mount"]
+    if fstype:
+        argv += ["-t", fstype]
+    if options:
+        argv += ["-o", ",".join(options)]
+    argv += [source, str(target)]
+    run(argv, cwd=cwd)
+
+
+def bind_mount(source: str | Path, target: str | Path, readonly: bool = False) -> None:
+    run(["mount", "--bind", str(source), str(target)])
+    if readonly:
+        run(["mount", "-o", "remount,bind,ro", str(target)])
+
+
+def umount(target: str | Path, lazy: bool = False) -> None:
+    """Unmount every mount stacked at ``target``; no error if none is there."""
+    while is_mounted(target):
+        argv = ["umount"] + (["-l"] if lazy else []) + [str(target)]
+        proc = run(argv, check=False)
+        if proc.returncode != 0 and is_mounted(target):
+            raise CommandFailed(argv, proc.returncode, proc.stderr)
+
+
+def mounts_under(root: str | Path) -> list[MountEntry]:
+    """Mounts at or below ``root``, deepest first (the order to unmount them)."""
+    base = os.path.realpath(root)
+    found = [m for m in mounts() if m.target == base or m.target.startswith(base + "/")]
+    return sorted(found, key=lambda m: m.target.count("/"), reverse=True)
+
+
+# ---- sparse image files ----------------------------------------------------
+
+
+def create_sparse(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes the host really spends on ``path`` (a sparse file's blocks)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def copy_sparse(src: Path, dst: Path) -> int:
+    """Copy only the allocated extents of ``src``; return the bytes copied."""
+    copied = 0
+    size = os.path.getsize(src)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        fo.truncate(size)
+        fd_in, fd_out = fi.fileno(), fo.fileno()
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd_in, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            end = os.lseek(fd_in, start, os.SEEK_HOLE)
+            off = start
+            while off < end:
+                n = os.copy_file_range(fd_in, fd_out, min(end - off, 1 << 30), off, off)
+                if n == 0:
+                    break
+                off += n
+            copied += end - start
+            pos = end
+        os.fsync(fd_out)
+    return copied
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- filesystems -----------------------------------------------------------
+
+
+def mkfs(image: Path, fstype: str, populate: Path | None = None, journal_mib: int = 0) -> None:
+    """Make a file system in a sparse image without writing its empty tables."""
+    if fstype == "ext4":
+        argv = ["mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096", "-i", "16384", "-I", "256", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]
+        if populate is not None:
+            argv += ["-d", str(populate)]
+        if journal_mib:
+            argv += ["-J", f"size={journal_mib}"]
+        run(argv + [str(image)])
+    elif fstype == "xfs":
+        run(["mkfs.xfs", "-q", "-f", "-K", str(image)])
+    else:
+        raise ValueError(f"unsupported fs type {fstype}")
+
+
+def loop_devices() -> dict[str, str]:
+    """Attached loop devices: device -> backing file."""
+    proc = run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], check=False)
+    out = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2:
+            out[parts[0]] = parts[1].strip()
+    return out
+
+
+def loop_attach(image: Path, readonly: bool = False) -> str:
+    argv = ["losetup", "--find", "--show", "--direct-io=off"]
+    if readonly:
+        argv.append("--read-only")
+    return run(argv + [str(image)]).stdout.strip()
+
+
+def loop_detach(device: str) -> None:
+    run(["losetup", "--detach", device], check=False)
+
+
+def loop_refresh(device: str) -> None:
+    """Tell the loop driver its backing file grew."""
+    run(["losetup", "--set-capacity", device])
+
+
+def device_of(target: str | Path) -> str | None:
+    entry = mount_at(target)
+    return entry.source if entry else None
+
+
+def grow_fs(fstype: str, device: str, mountpoint: Path) -> None:
+    if fstype == "xfs":
+        run(["xfs_growfs", str(mountpoint)])
+    else:
+        run(["resize2fs", device])
+
+
+def freeze(mountpoint: Path) -> None:
+    run(["fsfreeze", "--freeze", str(mountpoint)])
+
+
+def thaw(mountpoint: Path) -> None:
+    run(["fsfreeze", "--unfreeze", str(mountpoint)], check=False)

@@ -1,0 +1,107 @@
+"""Start-up reconciliation: make disk, mounts and loop devices agree with the store.
+
+The store is the source of truth. Anything on disk it does not know is crash
+debris and is removed; staged volumes whose mounts survived a driver restart
+are adopted; loop devices backed by our images but not mounted are detached.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from csi_driver.engine import host
+from csi_driver.engine.engine import Engine
+from csi_driver.engine.layers import remove_tree
+from csi_driver.engine.layout import ID_RE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    removed_dirs: list[str] = field(default_factory=list)
+    removed_links: list[str] = field(default_factory=list)
+    unmounted: list[str] = field(default_factory=list)
+    detached: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
+    collected: list[str] = field(default_factory=list)
+    missing_images: list[str] = field(default_factory=list)
+
+
+def reconcile(engine: Engine) -> Report:
+    rep = Report()
+    layout = engine.layout
+    root = str(layout.root)
+
+    # 1. scratch builds never survive a restart
+    for entry in sorted(layout.tmp.iterdir()):
+        remove_tree(entry)
+        rep.removed_dirs.append(str(entry))
+
+    with engine.store.tx() as tx:
+        gone = tx.collect_garbage()
+        layers = {x.id: x for x in tx.layers()}
+        volumes = tx.volumes()
+        pubs = tx.publications()
+    engine._discard_layers(gone)
+    rep.collected = [x.id for x in gone]
+    for layer_id in layers.keys() - {x.id for x in gone}:
+        if not layout.image(layer_id).exists():
+            rep.missing_images.append(layer_id)
+            log.error("layer %s has no image on disk", layer_id)
+
+    # 2. layer dirs and links the store does not know
+    for entry in sorted(layout.layers.iterdir()):
+        if entry.name not in layers or not ID_RE.match(entry.name):
+            remove_tree(entry)
+            rep.removed_dirs.append(str(entry))
+    known_links = {x.link for x in layers.values()}
+    for entry in sorted(layout.links.iterdir()):
+        if entry.name not in known_links:
+            entry.unlink()
+            rep.removed_links.append(entry.name)
+    for layer in layers.values():
+        if layout.layer_dir(layer.id).exists():
+            engine._link(layer)
+
+    # 3. adopt staged volumes whose overlay survived; forget mounts nobody records
+    recorded = {p.target_path for p in pubs} | {v.staging_path for v in volumes if v.staging_path}
+    for v in volumes:
+        if v.staging_path and engine._overlay_is(v.staging_path, v):
+            engine._hold_layers(v)
+            rep.adopted.append(v.id)
+    for m in host.mounts():
+        if (
+            m.fstype == "overlay"
+            and "upperdir=layers/" in m.super_options
+            and m.target not in recorded
+            and not m.target.startswith(root + "/")
+        ):
+            if _ours(engine, m.super_options):
+                host.umount(m.target)
+                rep.unmounted.append(m.target)
+
+    # 4. layer mounts nobody holds, then loop devices nobody mounts
+    in_use = engine.mounts.in_use()
+    for m in host.mounts_under(layout.layers):
+        parts = os.path.relpath(m.target, layout.layers).split("/")
+        if len(parts) == 2 and parts[1] == "mnt" and parts[0] not in in_use:
+            host.umount(m.target)
+            rep.unmounted.append(m.target)
+    mounted_sources = {m.source for m in host.mounts()}
+    for device, backing in host.loop_devices().items():
+        if backing.startswith(root + "/") and device not in mounted_sources:
+            host.loop_detach(device)
+            rep.detached.append(device)
+    return rep
+
+
+def _ours(engine: Engine, super_options: str) -> bool:
+    """True if an overlay's upperdir is one of our layers (relative options)."""
+    for opt in super_options.split(","):
+        if opt.startswith("upperdir="):
+            parts = opt[len("upperdir=") :].split("/")
+            return len(parts) >= 2 and parts[0] == "layers" and (engine.layout.layers / parts[1]).exists()
+    return False

@@ -1,0 +1,151 @@
+"""The gRPC server: one unix socket, three services, a single instance per state dir."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import stat
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from csi_driver import __version__
+from csi_driver.engine.engine import Engine, EngineConfig
+from csi_driver.engine.reconcile import reconcile
+from csi_driver.proto import csi_pb2_grpc
+from csi_driver.service.context import DriverContext
+from csi_driver.service.controller import ControllerServicer
+from csi_driver.service.identity import IdentityServicer
+from csi_driver.service.node import NodeServicer
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 4 << 20
+MAX_CONCURRENT_RPCS = 64
+WORKERS = 16
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+@dataclass
+class ServeOptions:
+    endpoint: str
+    state_dir: Path
+    node_id: str
+    driver_name: str = "overlay.csi.dev"
+    max_volumes_per_node: int = 0
+    max_volume_size: int = 0
+    max_layer_depth: int = 64
+    drain_seconds: float = 30.0
+
+
+def socket_path(endpoint: str) -> Path:
+    if endpoint.startswith("unix://"):
+        endpoint = endpoint[len("unix://") :]
+    if not endpoint.startswith("/"):
+        raise ValueError("endpoint must be unix:///absolute/path.sock")
+    return Path(endpoint)
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold an exclusive lock on the state dir for the process lifetime."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        pid = (state_dir / "lock").read_text().strip() or "?"
+        raise AlreadyRunning(
+            f"another overlay-csi (pid {pid}) is serving state dir {state_dir}; refusing to start"
+        ) from e
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+class Server:
+    def __init__(self, opts: ServeOptions, engine: Engine | None = None) -> None:
+        self.opts = opts
+        self._lock_fd = lock_state_dir(opts.state_dir)
+        self.engine = engine or Engine(
+            EngineConfig(
+                state_dir=opts.state_dir,
+                node_id=opts.node_id,
+                max_volumes=opts.max_volumes_per_node,
+                max_volume_size=opts.max_volume_size,
+                max_depth=opts.max_layer_depth,
+            )
+        )
+        report = reconcile(self.engine)
+        log.info("reconciled state dir %s: %s", opts.state_dir, report)
+        self.ctx = DriverContext(
+            engine=self.engine,
+            driver_name=opts.driver_name,
+            node_id=opts.node_id,
+            version=__version__,
+            max_volumes_per_node=opts.max_volumes_per_node,
+        )
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="rpc"),
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+            ],
+        )
+        csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(self.ctx), self.grpc)
+        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(self.ctx), self.grpc)
+        csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(self.ctx), self.grpc)
+        self.socket = socket_path(opts.endpoint)
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self.socket.parent.mkdir(parents=True, exist_ok=True)
+        if self.socket.exists() or self.socket.is_symlink():
+            if not stat.S_ISSOCK(self.socket.lstat().st_mode):
+                raise RuntimeError(f"{self.socket} exists and is not a socket")
+            log.info("replacing stale socket %s", self.socket)
+            self.socket.unlink()
+        self.grpc.add_insecure_port(f"unix://{self.socket}")
+        self.grpc.start()
+        os.chmod(self.socket, 0o660)
+        log.info(
+            "serving %s %s as node %s on %s",
+            self.opts.driver_name,
+            __version__,
+            self.opts.node_id,
+            self.socket,
+        )
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish, release everything."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.ctx.ready = False
+        self.grpc.stop(self.opts.drain_seconds if grace is None else grace).wait()
+        self.engine.close()
+        self.socket.unlink(missing_ok=True)
+        os.close(self._lock_fd)
+        log.info("stopped")
+
+    def serve_forever(self) -> None:
+        done = threading.Event()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            log.info("signal %s: draining", signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        done.wait()
+        self.stop()

@@ -1,0 +1,303 @@
+"""CSI Controller service: translate requests into engine calls, nothing more."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from csi_driver.engine.engine import VolumeSpec
+from csi_driver.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
+from csi_driver.proto import csi_pb2 as csi
+from csi_driver.proto import csi_pb2_grpc
+from csi_driver.service import validate as v
+from csi_driver.service.context import TOPOLOGY_KEY, DriverContext
+from csi_driver.service.rpc import rpc
+from csi_driver.store import Snapshot, Volume
+
+RPC = csi.ControllerServiceCapability.RPC
+CONTROLLER_CAPABILITIES = [
+    RPC.CREATE_DELETE_VOLUME,
+    RPC.LIST_VOLUMES,
+    RPC.GET_CAPACITY,
+    RPC.GET_VOLUME,
+    RPC.VOLUME_CONDITION,
+    RPC.CREATE_DELETE_SNAPSHOT,
+    RPC.LIST_SNAPSHOTS,
+    RPC.GET_SNAPSHOT,
+    RPC.CLONE_VOLUME,
+    RPC.EXPAND_VOLUME,
+    RPC.SINGLE_NODE_MULTI_WRITER,
+]
+
+
+def _token(token: str) -> int:
+    if not token:
+        return 0
+    if not token.isdigit() or len(token) > 18:
+        raise Aborted(f"starting_token {token[:40]!r} is not valid")
+    return int(token)
+
+
+def _max_entries(n: int) -> int:
+    if n < 0:
+        raise InvalidArgument("max_entries must not be negative")
+    return min(n, 10_000) if n else 10_000
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+class ControllerServicer(csi_pb2_grpc.ControllerServicer):
+    def __init__(self, ctx: DriverContext) -> None:
+        self.ctx = ctx
+        self.engine = ctx.engine
+        self.locks = ctx.locks
+
+    # ---------------------------------------------------------------- helpers
+    def _volume_msg(self, vol: Volume) -> csi.Volume:
+        msg = csi.Volume(
+            volume_id=vol.id,
+            capacity_bytes=vol.capacity_bytes,
+            accessible_topology=[csi.Topology(segments=self.ctx.topology)],
+        )
+        if vol.source_kind == "snapshot":
+            msg.content_source.snapshot.snapshot_id = vol.source_id
+        elif vol.source_kind == "volume":
+            msg.content_source.volume.volume_id = vol.source_id
+        return msg
+
+    def _snapshot_msg(self, s: Snapshot) -> csi.Snapshot:
+        return csi.Snapshot(
+            snapshot_id=s.id,
+            source_volume_id=s.source_volume_id,
+            size_bytes=s.size_bytes,
+            creation_time=timestamp(s.created_at),
+            ready_to_use=True,
+            group_snapshot_id=s.group_id,
+        )
+
+    def _check_topology(self, req: csi.TopologyRequirement) -> None:
+        terms = list(req.requisite) or list(req.preferred)
+        if not terms:
+            return
+        for t in terms:
+            if t.segments.get(TOPOLOGY_KEY, self.ctx.node_id) == self.ctx.node_id:
+                return
+        raise ResourceExhausted(
+            f"volumes of this driver live on node {self.ctx.node_id}, which the "
+            f"accessibility requirements exclude"
+        )
+
+    def _status(self, vol: Volume) -> csi.ControllerGetVolumeResponse.VolumeStatus:
+        problem = self.engine.condition(vol)
+        status = csi.ControllerGetVolumeResponse.VolumeStatus(
+            volume_condition=csi.VolumeCondition(
+                abnormal=bool(problem), message=problem or "volume is healthy"
+            )
+        )
+        if vol.staging_path:
+            status.published_node_ids.append(self.ctx.node_id)
+        return status
+
+    # ---------------------------------------------------------------- volumes
+    @rpc(guard=lambda r: ["name:" + r.name])
+    def CreateVolume(self, request, context):
+        name = v.name(request.name)
+        caps = v.capabilities(list(request.volume_capabilities))
+        params = v.volume_parameters(dict(request.parameters))
+        if request.mutable_parameters:
+            raise InvalidArgument(
+                f"mutable parameters {sorted(request.mutable_parameters)} are not supported"
+            )
+        if request.HasField("accessibility_requirements"):
+            self._check_topology(request.accessibility_requirements)
+        source_kind = source_id = ""
+        if request.HasField("volume_content_source"):
+            src = request.volume_content_source
+            source_kind = src.WhichOneof("type") or ""
+            if source_kind == "snapshot":
+                source_id = v.required(src.snapshot.snapshot_id, "snapshot_id")
+                if not v.SNAPSHOT_ID_RE.match(source_id):
+                    raise NotFound(f"snapshot {source_id[:80]!r} does not exist")
+            elif source_kind == "volume":
+                source_id = v.required(src.volume.volume_id, "volume_id")
+                if not v.VOLUME_ID_RE.match(source_id):
+                    raise NotFound(f"volume {source_id[:80]!r} does not exist")
+            else:
+                raise InvalidArgument("volume_content_source needs a snapshot or a volume")
+        if source_kind == "volume":
+            with self.locks.try_hold(source_id) as owned:
+                if not owned:
+                    raise Aborted(f"an operation on {source_id} is already in progress")
+                vol = self._create(name, request, caps, params, source_kind, source_id)
+        else:
+            vol = self._create(name, request, caps, params, source_kind, source_id)
+        return csi.CreateVolumeResponse(volume=self._volume_msg(vol))
+
+    def _create(self, name, request, caps, params, source_kind, source_id) -> Volume:
+        return self.engine.create_volume(
+            VolumeSpec(
+                name=name,
+                required_bytes=request.capacity_range.required_bytes,
+                limit_bytes=request.capacity_range.limit_bytes,
+                access_type=caps[0].access_type,
+                fs_type=caps[0].fs_type,
+                parameters=params,
+                source_kind=source_kind,
+                source_id=source_id,
+                base_layer=params.get("baseLayer", ""),
+            )
+        )
+
+    @rpc(guard=lambda r: [r.volume_id])
+    def DeleteVolume(self, request, context):
+        if v.known_id(request.volume_id, v.VOLUME_ID_RE, "volume_id"):
+            self.engine.delete_volume(request.volume_id)
+        return csi.DeleteVolumeResponse()
+
+    def _existing(self, volume_id: str) -> Volume:
+        if not v.known_id(volume_id, v.VOLUME_ID_RE, "volume_id"):
+            raise NotFound(f"volume {volume_id[:80]!r} does not exist")
+        return self.engine.get_volume(volume_id)
+
+    @rpc()
+    def ValidateVolumeCapabilities(self, request, context):
+        v.required(request.volume_id, "volume_id")
+        if not request.volume_capabilities:
+            raise InvalidArgument("volume_capabilities are required")
+        vol = self._existing(request.volume_id)
+        try:
+            caps = v.capabilities(list(request.volume_capabilities))
+            v.volume_parameters(dict(request.parameters))
+        except InvalidArgument as e:
+            return csi.ValidateVolumeCapabilitiesResponse(message=str(e))
+        if any(c.access_type != vol.access_type for c in caps):
+            return csi.ValidateVolumeCapabilitiesResponse(
+                message=f"volume {vol.id} is a {vol.access_type} volume"
+            )
+        return csi.ValidateVolumeCapabilitiesResponse(
+            confirmed=csi.ValidateVolumeCapabilitiesResponse.Confirmed(
+                volume_context=request.volume_context,
+                volume_capabilities=request.volume_capabilities,
+                parameters=request.parameters,
+                mutable_parameters=request.mutable_parameters,
+            )
+        )
+
+    @rpc()
+    def ListVolumes(self, request, context):
+        after = _token(request.starting_token)
+        limit = _max_entries(request.max_entries)
+        vols = self.engine.list_volumes(after, limit + 1)
+        entries = [
+            csi.ListVolumesResponse.Entry(
+                volume=self._volume_msg(x),
+                status=csi.ListVolumesResponse.VolumeStatus(
+                    published_node_ids=[self.ctx.node_id] if x.staging_path else [],
+                    volume_condition=self._status(x).volume_condition,
+                ),
+            )
+            for x in vols[:limit]
+        ]
+        next_token = str(vols[limit - 1].seq) if len(vols) > limit else ""
+        return csi.ListVolumesResponse(entries=entries, next_token=next_token)
+
+    @rpc()
+    def ControllerGetVolume(self, request, context):
+        vol = self._existing(request.volume_id)
+        return csi.ControllerGetVolumeResponse(volume=self._volume_msg(vol), status=self._status(vol))
+
+    @rpc()
+    def GetCapacity(self, request, context):
+        for cap in request.volume_capabilities:
+            v.capability(cap)
+        v.volume_parameters(dict(request.parameters))
+        if (
+            request.HasField("accessible_topology")
+            and request.accessible_topology.segments.get(TOPOLOGY_KEY, self.ctx.node_id) != self.ctx.node_id
+        ):
+            return csi.GetCapacityResponse(available_capacity=0)
+        free = self.engine.free_bytes()
+        largest = free
+        if self.engine.config.max_volume_size:
+            largest = min(largest, self.engine.config.max_volume_size)
+        resp = csi.GetCapacityResponse(available_capacity=free)
+        resp.maximum_volume_size.value = largest
+        resp.minimum_volume_size.value = self.engine.config.min_capacity
+        return resp
+
+    @rpc()
+    def ControllerGetCapabilities(self, request, context):
+        return csi.ControllerGetCapabilitiesResponse(
+            capabilities=[csi.ControllerServiceCapability(rpc=RPC(type=t)) for t in CONTROLLER_CAPABILITIES]
+        )
+
+    @rpc(guard=lambda r: [r.volume_id])
+    def ControllerExpandVolume(self, request, context):
+        v.required(request.volume_id, "volume_id")
+        if not request.HasField("capacity_range"):
+            raise InvalidArgument("capacity_range is required")
+        if request.HasField("volume_capability"):
+            v.capability(request.volume_capability)
+        vol = self._existing(request.volume_id)
+        cap = self.engine.expand(
+            vol.id, request.capacity_range.required_bytes, request.capacity_range.limit_bytes
+        )
+        return csi.ControllerExpandVolumeResponse(capacity_bytes=cap, node_expansion_required=True)
+
+    # ---------------------------------------------------------------- snapshots
+    @rpc(guard=lambda r: ["snapname:" + r.name, r.source_volume_id])
+    def CreateSnapshot(self, request, context):
+        name = v.name(request.name)
+        v.required(request.source_volume_id, "source_volume_id")
+        params = v.string_map(dict(request.parameters), "parameters")
+        unknown = sorted(k for k in params if not k.startswith(v.PARAM_PREFIX))
+        if unknown:
+            raise InvalidArgument(f"unknown snapshot parameters {unknown}")
+        if not v.VOLUME_ID_RE.match(request.source_volume_id):
+            raise NotFound(f"volume {request.source_volume_id[:80]!r} does not exist")
+        snap = self.engine.create_snapshot(name, request.source_volume_id)
+        return csi.CreateSnapshotResponse(snapshot=self._snapshot_msg(snap))
+
+    @rpc(guard=lambda r: [r.snapshot_id])
+    def DeleteSnapshot(self, request, context):
+        if v.known_id(request.snapshot_id, v.SNAPSHOT_ID_RE, "snapshot_id"):
+            self.engine.delete_snapshot(request.snapshot_id)
+        return csi.DeleteSnapshotResponse()
+
+    @rpc()
+    def ListSnapshots(self, request, context):
+        after = _token(request.starting_token)
+        limit = _max_entries(request.max_entries)
+        if request.snapshot_id:
+            s = (
+                self.engine.get_snapshot(request.snapshot_id)
+                if v.SNAPSHOT_ID_RE.match(request.snapshot_id)
+                else None
+            )
+            ok = s is not None and (
+                not request.source_volume_id or s.source_volume_id == request.source_volume_id
+            )
+            return csi.ListSnapshotsResponse(
+                entries=[csi.ListSnapshotsResponse.Entry(snapshot=self._snapshot_msg(s))] if ok else []
+            )
+        snaps = self.engine.list_snapshots(after, limit + 1, request.source_volume_id or None)
+        next_token = str(snaps[limit - 1].seq) if len(snaps) > limit else ""
+        return csi.ListSnapshotsResponse(
+            entries=[csi.ListSnapshotsResponse.Entry(snapshot=self._snapshot_msg(s)) for s in snaps[:limit]],
+            next_token=next_token,
+        )
+
+    @rpc()
+    def GetSnapshot(self, request, context):
+        v.required(request.snapshot_id, "snapshot_id")
+        s = (
+            self.engine.get_snapshot(request.snapshot_id)
+            if v.SNAPSHOT_ID_RE.match(request.snapshot_id)
+            else None
+        )
+        if s is None:
+            raise NotFound(f"snapshot {request.snapshot_id[:80]!r} does not exist")
+        return csi.GetSnapshotResponse(snapshot=self._snapshot_msg(s))

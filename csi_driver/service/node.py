@@ -1,0 +1,130 @@
+"""CSI Node service: stage = mount the volume's overlay, publish = bind it to the pod."""
+
+from __future__ import annotations
+
+from csi_driver.errors import InvalidArgument, NotFound
+from csi_driver.proto import csi_pb2 as csi
+from csi_driver.proto import csi_pb2_grpc
+from csi_driver.service import validate as v
+from csi_driver.service.context import DriverContext
+from csi_driver.service.rpc import rpc
+
+NodeRPC = csi.NodeServiceCapability.RPC
+NODE_CAPABILITIES = [
+    NodeRPC.STAGE_UNSTAGE_VOLUME,
+    NodeRPC.GET_VOLUME_STATS,
+    NodeRPC.VOLUME_CONDITION,
+    NodeRPC.EXPAND_VOLUME,
+    NodeRPC.SINGLE_NODE_MULTI_WRITER,
+]
+
+
+class NodeServicer(csi_pb2_grpc.NodeServicer):
+    def __init__(self, ctx: DriverContext) -> None:
+        self.ctx = ctx
+        self.engine = ctx.engine
+        self.locks = ctx.locks
+
+    def _volume(self, volume_id: str):
+        if not v.known_id(volume_id, v.VOLUME_ID_RE, "volume_id"):
+            raise NotFound(f"volume {volume_id[:80]!r} does not exist")
+        return self.engine.get_volume(volume_id)
+
+    @rpc(guard=lambda r: [r.volume_id])
+    def NodeStageVolume(self, request, context):
+        v.required(request.volume_id, "volume_id")
+        staging = v.path(request.staging_target_path, "staging_target_path")
+        if not request.HasField("volume_capability"):
+            raise InvalidArgument("volume_capability is required")
+        cap = v.capability(request.volume_capability)
+        vol = self._volume(request.volume_id)
+        if cap.access_type != vol.access_type:
+            raise InvalidArgument(f"volume {vol.id} is a {vol.access_type} volume")
+        self.engine.stage(vol.id, staging, list(cap.mount_flags))
+        return csi.NodeStageVolumeResponse()
+
+    @rpc(guard=lambda r: [r.volume_id])
+    def NodeUnstageVolume(self, request, context):
+        v.required(request.volume_id, "volume_id")
+        staging = v.path(request.staging_target_path, "staging_target_path")
+        vol = self._volume(request.volume_id)
+        self.engine.unstage(vol.id, staging)
+        return csi.NodeUnstageVolumeResponse()
+
+    @rpc(guard=lambda r: [r.volume_id])
+    def NodePublishVolume(self, request, context):
+        v.required(request.volume_id, "volume_id")
+        target = v.path(request.target_path, "target_path")
+        if not request.HasField("volume_capability"):
+            raise InvalidArgument("volume_capability is required")
+        cap = v.capability(request.volume_capability)
+        staging = v.path(request.staging_target_path, "staging_target_path")
+        vol = self._volume(request.volume_id)
+        readonly = request.readonly or cap.mode in v.READONLY_MODES
+        flags = [f for f in cap.mount_flags if f not in ("ro", "rw")]
+        self.engine.publish(vol.id, staging, target, readonly or "ro" in cap.mount_flags, flags)
+        return csi.NodePublishVolumeResponse()
+
+    @rpc(guard=lambda r: [r.volume_id])
+    def NodeUnpublishVolume(self, request, context):
+        v.required(request.volume_id, "volume_id")
+        target = v.path(request.target_path, "target_path")
+        vol = self._volume(request.volume_id)
+        self.engine.unpublish(vol.id, target)
+        return csi.NodeUnpublishVolumeResponse()
+
+    @rpc()
+    def NodeGetVolumeStats(self, request, context):
+        v.required(request.volume_id, "volume_id")
+        v.required(request.volume_path, "volume_path")
+        vol = self._volume(request.volume_id)
+        st = self.engine.stats(vol.id, request.volume_path)
+        Usage = csi.VolumeUsage
+        usage = (
+            []
+            if st.abnormal
+            else [
+                Usage(
+                    unit=Usage.BYTES, total=st.total_bytes, used=st.used_bytes, available=st.available_bytes
+                ),
+                Usage(
+                    unit=Usage.INODES,
+                    total=st.total_inodes,
+                    used=st.used_inodes,
+                    available=st.available_inodes,
+                ),
+            ]
+        )
+        return csi.NodeGetVolumeStatsResponse(
+            usage=usage, volume_condition=csi.VolumeCondition(abnormal=st.abnormal, message=st.message)
+        )
+
+    @rpc(guard=lambda r: [r.volume_id])
+    def NodeExpandVolume(self, request, context):
+        v.required(request.volume_id, "volume_id")
+        v.required(request.volume_path, "volume_path")
+        vol = self._volume(request.volume_id)
+        if request.volume_path not in self.engine.volume_paths(vol):
+            raise NotFound(f"{request.volume_path[:200]} is not a path of volume {vol.id}")
+        if request.HasField("volume_capability"):
+            v.capability(request.volume_capability)
+        cap = self.engine.expand(
+            vol.id,
+            request.capacity_range.required_bytes or vol.capacity_bytes,
+            request.capacity_range.limit_bytes,
+        )
+        return csi.NodeExpandVolumeResponse(capacity_bytes=cap)
+
+    @rpc()
+    def NodeGetCapabilities(self, request, context):
+        return csi.NodeGetCapabilitiesResponse(
+            capabilities=[csi.NodeServiceCapability(rpc=NodeRPC(type=t)) for t in NODE_CAPABILITIES]
+        )
+
+    @rpc()
+    def NodeGetInfo(self, request, context):
+        return csi.NodeGetInfoResponse(
+            node_id=self.ctx.node_id,
+            max_volumes_per_node=self.ctx.max_volumes_per_node,
+            accessible_topology=csi.Topology(segments=self.ctx.topology),
+        )

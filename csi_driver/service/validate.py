@@ -1,0 +1,141 @@
+"""Request validation shared by the servicers. Everything from a caller is untrusted."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from csi_driver.errors import InvalidArgument
+from csi_driver.proto import csi_pb2 as csi
+
+MAX_NAME = 256
+MAX_PATH = 4096
+MAX_MAP_ENTRIES = 64
+MAX_VALUE = 4096
+VOLUME_ID_RE = re.compile(r"^vol-[0-9a-f]{32}$")
+SNAPSHOT_ID_RE = re.compile(r"^snap-[0-9a-f]{32}$")
+GROUP_ID_RE = re.compile(r"^group-[0-9a-f]{32}$")
+LAYER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$")
+
+AccessMode = csi.VolumeCapability.AccessMode
+SUPPORTED_MODES = {
+    AccessMode.SINGLE_NODE_WRITER,
+    AccessMode.SINGLE_NODE_READER_ONLY,
+    AccessMode.MULTI_NODE_READER_ONLY,
+    AccessMode.SINGLE_NODE_SINGLE_WRITER,
+    AccessMode.SINGLE_NODE_MULTI_WRITER,
+}
+READONLY_MODES = {AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY}
+SUPPORTED_FS = {"", "ext4"}
+# Generic VFS flags that make sense on an overlay or a bind mount.
+ALLOWED_MOUNT_FLAGS = {
+    "ro",
+    "rw",
+    "noatime",
+    "relatime",
+    "strictatime",
+    "nodiratime",
+    "lazytime",
+    "nosuid",
+    "nodev",
+    "noexec",
+    "sync",
+    "dirsync",
+}
+PARAM_PREFIX = "csi.storage.k8s.io/"
+VOLUME_PARAMETERS = {"baseLayer"}
+
+
+def required(value: str, what: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{what} is required")
+    return value
+
+
+def name(value: str, what: str = "name") -> str:
+    required(value, what)
+    if len(value.encode()) > MAX_NAME or "\x00" in value:
+        raise InvalidArgument(f"{what} must be at most {MAX_NAME} bytes without NUL")
+    return value
+
+
+def known_id(value: str, pattern: re.Pattern[str], what: str) -> bool:
+    """Validate presence; return whether it has the shape of an id we issue."""
+    required(value, what)
+    if len(value) > MAX_NAME:
+        raise InvalidArgument(f"{what} is too long")
+    return bool(pattern.match(value))
+
+
+def path(value: str, what: str) -> str:
+    """An absolute, normalised host path with no '..' and no symlink at its end."""
+    required(value, what)
+    if len(value) > MAX_PATH or "\x00" in value:
+        raise InvalidArgument(f"{what} is too long or contains NUL")
+    if not os.path.isabs(value):
+        raise InvalidArgument(f"{what} must be absolute")
+    if ".." in value.split("/"):
+        raise InvalidArgument(f"{what} must not contain '..'")
+    norm = os.path.normpath(value)
+    if os.path.islink(norm):
+        raise InvalidArgument(f"{what} must not be a symlink")
+    return norm
+
+
+def string_map(m: dict[str, str], what: str) -> dict[str, str]:
+    if len(m) > MAX_MAP_ENTRIES:
+        raise InvalidArgument(f"{what} has more than {MAX_MAP_ENTRIES} entries")
+    for k, v in m.items():
+        if len(k) > MAX_NAME or len(v) > MAX_VALUE:
+            raise InvalidArgument(f"{what} key or value too long")
+    return dict(m)
+
+
+def volume_parameters(params: dict[str, str]) -> dict[str, str]:
+    params = string_map(params, "parameters")
+    unknown = sorted(k for k in params if k not in VOLUME_PARAMETERS and not k.startswith(PARAM_PREFIX))
+    if unknown:
+        raise InvalidArgument(f"unknown parameters {unknown}; supported: {sorted(VOLUME_PARAMETERS)}")
+    if "baseLayer" in params and not LAYER_NAME_RE.match(params["baseLayer"]):
+        raise InvalidArgument("baseLayer must be a layer name ([a-zA-Z0-9._-], at most 63)")
+    return params
+
+
+@dataclass(frozen=True)
+class Capability:
+    access_type: str
+    fs_type: str
+    mount_flags: tuple[str, ...]
+    mode: int
+    volume_mount_group: str
+
+
+def capability(cap: csi.VolumeCapability) -> Capability:
+    """Parse one capability, refusing what this driver cannot do."""
+    kind = cap.WhichOneof("access_type")
+    if kind is None:
+        raise InvalidArgument("volume_capability needs an access_type (mount or block)")
+    mode = cap.access_mode.mode
+    if mode not in SUPPORTED_MODES:
+        label = AccessMode.Mode.Name(mode) if mode in AccessMode.Mode.values() else str(mode)
+        raise InvalidArgument(f"access mode {label} is not supported by a node-local driver")
+    if kind == "block":
+        raise InvalidArgument("block access type is not supported yet")
+    fs_type = cap.mount.fs_type
+    if fs_type not in SUPPORTED_FS:
+        raise InvalidArgument(f"fs_type {fs_type!r} is not supported; use ext4")
+    flags = tuple(cap.mount.mount_flags)
+    bad = [f for f in flags if f not in ALLOWED_MOUNT_FLAGS]
+    if bad:
+        raise InvalidArgument(f"mount flags {bad} are not supported; allowed: {sorted(ALLOWED_MOUNT_FLAGS)}")
+    return Capability(kind, fs_type or "ext4", flags, mode, cap.mount.volume_mount_group)
+
+
+def capabilities(caps: list[csi.VolumeCapability]) -> list[Capability]:
+    if not caps:
+        raise InvalidArgument("volume_capabilities are required")
+    parsed = [capability(c) for c in caps]
+    if len({c.access_type for c in parsed}) > 1:
+        raise InvalidArgument("a volume is either mount or block, not both")
+    return parsed

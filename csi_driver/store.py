@@ -1,0 +1,447 @@
+"""Transactional metadata store (SQLite, WAL): the source of truth for layers,
+volumes, snapshots, staging and publications.
+
+Every change is one short transaction (``with store.tx() as tx``); long work
+(mkfs, copies, mounts) happens outside it. Reference counts are derived from
+rows, so layer reclaim survives restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS layers (
+    id TEXT PRIMARY KEY,
+    parent TEXT REFERENCES layers(id),
+    link TEXT NOT NULL UNIQUE,
+    name TEXT UNIQUE,
+    active INTEGER NOT NULL,
+    fs_type TEXT NOT NULL,
+    depth INTEGER NOT NULL,
+    image_bytes INTEGER NOT NULL,
+    used_bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS volumes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    capacity_bytes INTEGER NOT NULL,
+    upper TEXT NOT NULL REFERENCES layers(id),
+    access_type TEXT NOT NULL,
+    fs_type TEXT NOT NULL,
+    source_kind TEXT NOT NULL DEFAULT '',
+    source_id TEXT NOT NULL DEFAULT '',
+    parameters TEXT NOT NULL DEFAULT '{}',
+    mutable TEXT NOT NULL DEFAULT '{}',
+    ephemeral INTEGER NOT NULL DEFAULT 0,
+    staging_path TEXT,
+    stage_options TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS publications (
+    volume_id TEXT NOT NULL REFERENCES volumes(id) ON DELETE CASCADE,
+    target_path TEXT NOT NULL,
+    readonly INTEGER NOT NULL,
+    options TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (volume_id, target_path)
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    source_volume_id TEXT NOT NULL,
+    layer TEXT NOT NULL REFERENCES layers(id),
+    access_type TEXT NOT NULL,
+    fs_type TEXT NOT NULL,
+    source_capacity INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    group_id TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS groups (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    members TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS volumes_layer ON volumes(upper);
+CREATE INDEX IF NOT EXISTS snapshots_layer ON snapshots(layer);
+CREATE INDEX IF NOT EXISTS snapshots_source ON snapshots(source_volume_id);
+CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
+"""
+
+
+@dataclass(frozen=True)
+class Layer:
+    id: str
+    parent: str | None
+    link: str
+    name: str | None
+    active: int
+    fs_type: str
+    depth: int
+    image_bytes: int
+    used_bytes: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Volume:
+    seq: int
+    id: str
+    name: str
+    capacity_bytes: int
+    upper: str
+    access_type: str
+    fs_type: str
+    source_kind: str
+    source_id: str
+    parameters: dict[str, str]
+    mutable: dict[str, str]
+    ephemeral: bool
+    staging_path: str | None
+    stage_options: dict[str, Any]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Publication:
+    volume_id: str
+    target_path: str
+    readonly: bool
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    seq: int
+    id: str
+    name: str
+    source_volume_id: str
+    layer: str
+    access_type: str
+    fs_type: str
+    source_capacity: int
+    size_bytes: int
+    group_id: str
+    created_at: float
+
+
+def _volume(row: sqlite3.Row) -> Volume:
+    d = dict(row)
+    for key in ("parameters", "mutable", "stage_options"):
+        d[key] = json.loads(d[key])
+    d["ephemeral"] = bool(d["ephemeral"])
+    return Volume(**d)
+
+
+def _publication(row: sqlite3.Row) -> Publication:
+    d = dict(row)
+    d["readonly"] = bool(d["readonly"])
+    d["options"] = json.loads(d["options"])
+    return Publication(**d)
+
+
+class Tx:
+    """Queries and changes inside one open transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.c = conn
+
+    # ---- layers -------------------------------------------------------
+    def layer(self, layer_id: str) -> Layer | None:
+        row = self.c.execute("SELECT * FROM layers WHERE id=?", (layer_id,)).fetchone()
+        return Layer(**dict(row)) if row else None
+
+    def layer_by_name(self, name: str) -> Layer | None:
+        row = self.c.execute("SELECT * FROM layers WHERE name=?", (name,)).fetchone()
+        return Layer(**dict(row)) if row else None
+
+    def layers(self) -> list[Layer]:
+        return [Layer(**dict(r)) for r in self.c.execute("SELECT * FROM layers ORDER BY created_at")]
+
+    def chain(self, top: str | None) -> list[Layer]:
+        """The layer stack under ``top``, nearest (top) first."""
+        out: list[Layer] = []
+        while top:
+            layer = self.layer(top)
+            if layer is None:
+                raise LookupError(f"layer {top} missing from store")
+            out.append(layer)
+            top = layer.parent
+        return out
+
+    def add_layer(self, layer: Layer) -> None:
+        self.c.execute(
+            "INSERT INTO layers (id,parent,link,name,active,fs_type,depth,image_bytes,used_bytes,"
+            "created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                layer.id,
+                layer.parent,
+                layer.link,
+                layer.name,
+                layer.active,
+                layer.fs_type,
+                layer.depth,
+                layer.image_bytes,
+                layer.used_bytes,
+                layer.created_at,
+            ),
+        )
+
+    def unreferenced_layers(self) -> list[Layer]:
+        """Unnamed layers nothing points at (volume, snapshot or child layer)."""
+        rows = self.c.execute(
+            "SELECT * FROM layers l WHERE l.name IS NULL"
+            " AND NOT EXISTS (SELECT 1 FROM volumes v WHERE v.upper=l.id)"
+            " AND NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.layer=l.id)"
+            " AND NOT EXISTS (SELECT 1 FROM layers c WHERE c.parent=l.id)"
+        )
+        return [Layer(**dict(r)) for r in rows]
+
+    def collect_garbage(self) -> list[Layer]:
+        """Delete every unreferenced unnamed layer row, transitively; return them."""
+        gone: list[Layer] = []
+        while batch := self.unreferenced_layers():
+            for layer in batch:
+                self.c.execute("DELETE FROM layers WHERE id=?", (layer.id,))
+            gone.extend(batch)
+        return gone
+
+    def update_layer(self, layer_id: str, **changes: Any) -> None:
+        cols = ", ".join(f"{k}=?" for k in changes)
+        self.c.execute(f"UPDATE layers SET {cols} WHERE id=?", (*changes.values(), layer_id))
+
+    def delete_layer(self, layer_id: str) -> None:
+        self.c.execute("DELETE FROM layers WHERE id=?", (layer_id,))
+
+    def layer_users(self, layer_id: str) -> int:
+        row = self.c.execute(
+            "SELECT (SELECT COUNT(*) FROM volumes WHERE upper=?)"
+            " + (SELECT COUNT(*) FROM snapshots WHERE layer=?)"
+            " + (SELECT COUNT(*) FROM layers WHERE parent=?)",
+            (layer_id, layer_id, layer_id),
+        ).fetchone()
+        return int(row[0])
+
+    # ---- volumes ------------------------------------------------------
+    def volume(self, volume_id: str) -> Volume | None:
+        row = self.c.execute("SELECT * FROM volumes WHERE id=?", (volume_id,)).fetchone()
+        return _volume(row) if row else None
+
+    def volume_by_name(self, name: str) -> Volume | None:
+        row = self.c.execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
+        return _volume(row) if row else None
+
+    def volumes(self, after_seq: int = 0, limit: int | None = None) -> list[Volume]:
+        sql = "SELECT * FROM volumes WHERE seq>? ORDER BY seq"
+        args: tuple[Any, ...] = (after_seq,)
+        if limit:
+            sql += " LIMIT ?"
+            args += (limit,)
+        return [_volume(r) for r in self.c.execute(sql, args)]
+
+    def count_volumes(self) -> int:
+        return int(self.c.execute("SELECT COUNT(*) FROM volumes").fetchone()[0])
+
+    def add_volume(self, v: Volume) -> Volume:
+        cur = self.c.execute(
+            "INSERT INTO volumes (id,name,capacity_bytes,upper,access_type,fs_type,source_kind,"
+            "source_id,parameters,mutable,ephemeral,staging_path,stage_options,created_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                v.id,
+                v.name,
+                v.capacity_bytes,
+                v.upper,
+                v.access_type,
+                v.fs_type,
+                v.source_kind,
+                v.source_id,
+                json.dumps(v.parameters, sort_keys=True),
+                json.dumps(v.mutable, sort_keys=True),
+                int(v.ephemeral),
+                v.staging_path,
+                json.dumps(v.stage_options, sort_keys=True),
+                v.created_at,
+            ),
+        )
+        return _volume(self.c.execute("SELECT * FROM volumes WHERE seq=?", (cur.lastrowid,)).fetchone())
+
+    def update_volume(self, volume_id: str, **changes: Any) -> None:
+        cols = []
+        vals: list[Any] = []
+        for key, value in changes.items():
+            if key in ("parameters", "mutable", "stage_options"):
+                value = json.dumps(value, sort_keys=True)
+            cols.append(f"{key}=?")
+            vals.append(value)
+        self.c.execute(f"UPDATE volumes SET {', '.join(cols)} WHERE id=?", (*vals, volume_id))
+
+    def delete_volume(self, volume_id: str) -> None:
+        self.c.execute("DELETE FROM publications WHERE volume_id=?", (volume_id,))
+        self.c.execute("DELETE FROM volumes WHERE id=?", (volume_id,))
+
+    # ---- publications -------------------------------------------------
+    def publications(self, volume_id: str | None = None) -> list[Publication]:
+        if volume_id is None:
+            rows = self.c.execute("SELECT * FROM publications ORDER BY volume_id, target_path")
+        else:
+            rows = self.c.execute(
+                "SELECT * FROM publications WHERE volume_id=? ORDER BY target_path", (volume_id,)
+            )
+        return [_publication(r) for r in rows]
+
+    def publication_at(self, target_path: str) -> Publication | None:
+        row = self.c.execute("SELECT * FROM publications WHERE target_path=?", (target_path,)).fetchone()
+        return _publication(row) if row else None
+
+    def add_publication(self, p: Publication) -> None:
+        self.c.execute(
+            "INSERT OR REPLACE INTO publications (volume_id,target_path,readonly,options) VALUES (?,?,?,?)",
+            (p.volume_id, p.target_path, int(p.readonly), json.dumps(p.options, sort_keys=True)),
+        )
+
+    def delete_publication(self, volume_id: str, target_path: str) -> None:
+        self.c.execute(
+            "DELETE FROM publications WHERE volume_id=? AND target_path=?", (volume_id, target_path)
+        )
+
+    # ---- snapshots ----------------------------------------------------
+    def snapshot(self, snapshot_id: str) -> Snapshot | None:
+        row = self.c.execute("SELECT * FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
+        return Snapshot(**dict(row)) if row else None
+
+    def snapshot_by_name(self, name: str) -> Snapshot | None:
+        row = self.c.execute("SELECT * FROM snapshots WHERE name=?", (name,)).fetchone()
+        return Snapshot(**dict(row)) if row else None
+
+    def snapshots(
+        self, after_seq: int = 0, limit: int | None = None, source_volume_id: str | None = None
+    ) -> list[Snapshot]:
+        sql = "SELECT * FROM snapshots WHERE seq>?"
+        args: tuple[Any, ...] = (after_seq,)
+        if source_volume_id is not None:
+            sql += " AND source_volume_id=?"
+            args += (source_volume_id,)
+        sql += " ORDER BY seq"
+        if limit:
+            sql += " LIMIT ?"
+            args += (limit,)
+        return [Snapshot(**dict(r)) for r in self.c.execute(sql, args)]
+
+    def add_snapshot(self, s: Snapshot) -> Snapshot:
+        cur = self.c.execute(
+            "INSERT INTO snapshots (id,name,source_volume_id,layer,access_type,fs_type,"
+            "source_capacity,size_bytes,group_id,created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                s.id,
+                s.name,
+                s.source_volume_id,
+                s.layer,
+                s.access_type,
+                s.fs_type,
+                s.source_capacity,
+                s.size_bytes,
+                s.group_id,
+                s.created_at,
+            ),
+        )
+        row = self.c.execute("SELECT * FROM snapshots WHERE seq=?", (cur.lastrowid,)).fetchone()
+        return Snapshot(**dict(row))
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self.c.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
+
+    # ---- groups -------------------------------------------------------
+    def group(self, group_id: str) -> dict[str, Any] | None:
+        row = self.c.execute("SELECT * FROM groups WHERE id=?", (group_id,)).fetchone()
+        return _group(row) if row else None
+
+    def group_by_name(self, name: str) -> dict[str, Any] | None:
+        row = self.c.execute("SELECT * FROM groups WHERE name=?", (name,)).fetchone()
+        return _group(row) if row else None
+
+    def add_group(self, group_id: str, name: str, members: list[str]) -> None:
+        self.c.execute(
+            "INSERT INTO groups (id,name,members,created_at) VALUES (?,?,?,?)",
+            (group_id, name, json.dumps(members), time.time()),
+        )
+
+    def delete_group(self, group_id: str) -> None:
+        self.c.execute("DELETE FROM groups WHERE id=?", (group_id,))
+
+
+def _group(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    d["members"] = json.loads(d["members"])
+    return d
+
+
+class Store:
+    """One SQLite database; a lock serialises writers so transactions stay short."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            self._conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        with self.tx() as tx:
+            row = tx.c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                tx.c.execute(
+                    "INSERT INTO meta (key,value) VALUES ('schema_version',?)", (str(SCHEMA_VERSION),)
+                )
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise RuntimeError(f"store schema {row[0]} is newer than this driver ({SCHEMA_VERSION})")
+
+    @property
+    def schema_version(self) -> int:
+        with self.tx() as tx:
+            return int(tx.c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+
+    @contextmanager
+    def tx(self) -> Iterator[Tx]:
+        """One write transaction: committed on success, rolled back on any exception."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield Tx(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+
+    def healthy(self) -> bool:
+        try:
+            with self._lock:
+                self._conn.execute("SELECT 1").fetchone()
+            return True
+        except sqlite3.Error:
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install what overlay-csi needs on a Debian/Ubuntu host: the host tools the node
+# plugin calls, and a virtualenv (.venv) with the package. `--test` adds the test
+# tools (pytest, ruff, helm for the chart tests). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+need=()
+for pair in mount:mount losetup:mount fsfreeze:util-linux mkfs.ext4:e2fsprogs resize2fs:e2fsprogs \
+            e2fsck:e2fsprogs unshare:util-linux findmnt:util-linux; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
+done
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+if [ "$want_test" = 1 ]; then
+    command -v npm >/dev/null 2>&1 || need+=(npm)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then echo "run as root to install: ${need[*]}" >&2; exit 1; fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
+fi
+
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "overlay-csi needs Python 3.11 or newer" >&2; exit 1; }
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+if [ "$want_test" = 1 ]; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,metrics]'
+    [ -x .ci/install-helm.sh ] && bash .ci/install-helm.sh || true
+else
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[metrics]'
+fi
