@@ -45,6 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-layer-depth", type=int, default=64, help="layers under a volume before its chain is flattened"
     )
     s.add_argument(
+        "--default-fs-type",
+        default="ext4",
+        choices=["ext4", "xfs"],
+        help="file system of a volume's upper when the capability names none",
+    )
+    s.add_argument(
+        "--hide-capability",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="do not advertise this controller capability (e.g. GET_SNAPSHOT for "
+        "callers that reject capabilities newer than they know); repeatable",
+    )
+    s.add_argument(
         "--mode",
         default="all",
         choices=["all", "node", "controller-expand"],
@@ -83,6 +97,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_volumes_per_node=args.max_volumes_per_node,
         max_volume_size=args.max_volume_size,
         max_layer_depth=args.max_layer_depth,
+        default_fs_type=args.default_fs_type,
+        hidden_capabilities=tuple(args.hide_capability),
     )
     try:
         server = Server(opts)

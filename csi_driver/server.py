@@ -43,6 +43,8 @@ class ServeOptions:
     max_volumes_per_node: int = 0
     max_volume_size: int = 0
     max_layer_depth: int = 64
+    default_fs_type: str = "ext4"
+    hidden_capabilities: tuple[str, ...] = ()
     drain_seconds: float = 30.0
 
 
@@ -82,6 +84,7 @@ class Server:
                 max_volumes=opts.max_volumes_per_node,
                 max_volume_size=opts.max_volume_size,
                 max_depth=opts.max_layer_depth,
+                fs_type=opts.default_fs_type,
             )
         )
         report = reconcile(self.engine)
@@ -92,6 +95,7 @@ class Server:
             node_id=opts.node_id,
             version=__version__,
             max_volumes_per_node=opts.max_volumes_per_node,
+            hidden_capabilities=frozenset(opts.hidden_capabilities),
         )
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="rpc"),

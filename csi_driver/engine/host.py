@@ -180,7 +180,21 @@ def fsync_dir(path: Path) -> None:
 def mkfs(image: Path, fstype: str, populate: Path | None = None, journal_mib: int = 0) -> None:
     """Make a file system in a sparse image without writing its empty tables."""
     if fstype == "ext4":
-        argv = ["mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096", "-i", "16384", "-I", "256", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]
+        argv = [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-b",
+            "4096",
+            "-i",
+            "16384",
+            "-I",
+            "256",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+        ]
         if populate is not None:
             argv += ["-d", str(populate)]
         if journal_mib:

@@ -69,6 +69,8 @@ def mount_options(fs_type: str, readonly: bool) -> list[str]:
     opts = ["loop", "ro" if readonly else "rw"]
     if fs_type == "xfs":
         opts.append("nouuid")
+        if readonly:
+            opts.append("norecovery")
     else:
         opts.append("noinit_itable")
     if not readonly:
@@ -132,6 +134,11 @@ def make_clean(image: Path, fs_type: str) -> None:
     """Replay a pending journal so the image can be mounted read-only."""
     if fs_type == "ext4" and ext4_needs_recovery(image):
         host.run(["e2fsck", "-p", "-E", "journal_only", str(image)], check=False)
+    elif fs_type == "xfs":  # mounting read-write once replays the log
+        mnt = image.parent / "mnt"
+        mnt.mkdir(exist_ok=True)
+        host.mount(str(image), mnt, "xfs", mount_options("xfs", readonly=False))
+        host.umount(mnt)
 
 
 def populate_from_tar(archive: Path, dest_upper: Path) -> None:

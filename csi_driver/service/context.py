@@ -17,6 +17,7 @@ class DriverContext:
     node_id: str
     version: str
     max_volumes_per_node: int = 0
+    hidden_capabilities: frozenset[str] = frozenset()
     locks: KeyedLocks = field(default_factory=KeyedLocks)
     ready: bool = True
 

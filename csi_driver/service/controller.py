@@ -231,7 +231,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     @rpc()
     def ControllerGetCapabilities(self, request, context):
         return csi.ControllerGetCapabilitiesResponse(
-            capabilities=[csi.ControllerServiceCapability(rpc=RPC(type=t)) for t in CONTROLLER_CAPABILITIES]
+            capabilities=[
+                csi.ControllerServiceCapability(rpc=RPC(type=t))
+                for t in CONTROLLER_CAPABILITIES
+                if RPC.Type.Name(t) not in self.ctx.hidden_capabilities
+            ]
         )
 
     @rpc(guard=lambda r: [r.volume_id])
@@ -242,10 +246,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if request.HasField("volume_capability"):
             v.capability(request.volume_capability)
         vol = self._existing(request.volume_id)
-        cap = self.engine.expand(
+        cap, node_needed = self.engine.expand(
             vol.id, request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         )
-        return csi.ControllerExpandVolumeResponse(capacity_bytes=cap, node_expansion_required=True)
+        return csi.ControllerExpandVolumeResponse(capacity_bytes=cap, node_expansion_required=node_needed)
 
     # ---------------------------------------------------------------- snapshots
     @rpc(guard=lambda r: ["snapname:" + r.name, r.source_volume_id])

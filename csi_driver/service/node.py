@@ -108,7 +108,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             raise NotFound(f"{request.volume_path[:200]} is not a path of volume {vol.id}")
         if request.HasField("volume_capability"):
             v.capability(request.volume_capability)
-        cap = self.engine.expand(
+        cap = self.engine.expand_node(
             vol.id,
             request.capacity_range.required_bytes or vol.capacity_bytes,
             request.capacity_range.limit_bytes,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass
 
 from csi_driver.errors import InvalidArgument
@@ -27,7 +28,7 @@ SUPPORTED_MODES = {
     AccessMode.SINGLE_NODE_MULTI_WRITER,
 }
 READONLY_MODES = {AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY}
-SUPPORTED_FS = {"", "ext4"}
+SUPPORTED_FS = {"", "ext4"} | ({"xfs"} if shutil.which("mkfs.xfs") else set())
 # Generic VFS flags that make sense on an overlay or a bind mount.
 ALLOWED_MOUNT_FLAGS = {
     "ro",
@@ -124,12 +125,14 @@ def capability(cap: csi.VolumeCapability) -> Capability:
         raise InvalidArgument("block access type is not supported yet")
     fs_type = cap.mount.fs_type
     if fs_type not in SUPPORTED_FS:
-        raise InvalidArgument(f"fs_type {fs_type!r} is not supported; use ext4")
+        raise InvalidArgument(
+            f"fs_type {fs_type!r} is not supported; use one of {sorted(SUPPORTED_FS - {''})}"
+        )
     flags = tuple(cap.mount.mount_flags)
     bad = [f for f in flags if f not in ALLOWED_MOUNT_FLAGS]
     if bad:
         raise InvalidArgument(f"mount flags {bad} are not supported; allowed: {sorted(ALLOWED_MOUNT_FLAGS)}")
-    return Capability(kind, fs_type or "ext4", flags, mode, cap.mount.volume_mount_group)
+    return Capability(kind, fs_type, flags, mode, cap.mount.volume_mount_group)
 
 
 def capabilities(caps: list[csi.VolumeCapability]) -> list[Capability]:
