@@ -99,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_layer_depth=args.max_layer_depth,
         default_fs_type=args.default_fs_type,
         hidden_capabilities=tuple(args.hide_capability),
+        mode=args.mode,
     )
     try:
         server = Server(opts)

@@ -20,6 +20,7 @@ from csi_driver.engine.reconcile import reconcile
 from csi_driver.proto import csi_pb2_grpc
 from csi_driver.service.context import DriverContext
 from csi_driver.service.controller import ControllerServicer
+from csi_driver.service.expand_only import ExpandOnlyControllerServicer
 from csi_driver.service.identity import IdentityServicer
 from csi_driver.service.node import NodeServicer
 
@@ -45,6 +46,7 @@ class ServeOptions:
     max_layer_depth: int = 64
     default_fs_type: str = "ext4"
     hidden_capabilities: tuple[str, ...] = ()
+    mode: str = "all"  # or "controller-expand"
     drain_seconds: float = 30.0
 
 
@@ -106,8 +108,11 @@ class Server:
             ],
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(self.ctx), self.grpc)
-        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(self.ctx), self.grpc)
-        csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(self.ctx), self.grpc)
+        if opts.mode == "controller-expand":
+            csi_pb2_grpc.add_ControllerServicer_to_server(ExpandOnlyControllerServicer(self.ctx), self.grpc)
+        else:
+            csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(self.ctx), self.grpc)
+            csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(self.ctx), self.grpc)
         self.socket = socket_path(opts.endpoint)
         self._stopped = threading.Event()
 

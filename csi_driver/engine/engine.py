@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,6 +54,24 @@ SNAPSHOT_PREFIX = "snap-"
 
 # Test-only hook: called with a step name at each crash-relevant boundary.
 CrashHook = Callable[[str], None]
+
+
+def crash_hook_from_env() -> CrashHook:
+    """Test-only: ``OVERLAY_CSI_CRASH_AT=step[:n]`` SIGKILLs the process at the
+    n-th (default first) time it reaches that step boundary."""
+    spec = os.environ.get("OVERLAY_CSI_CRASH_AT", "")
+    if not spec:
+        return lambda step: None
+    name, _, nth = spec.partition(":")
+    seen = {"n": 0}
+
+    def hook(step: str) -> None:
+        if step == name:
+            seen["n"] += 1
+            if seen["n"] >= int(nth or 1):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
 
 
 @dataclass
@@ -101,7 +120,7 @@ class Engine:
         self.layout.ensure()
         self.store = Store(self.layout.db)
         self.mounts = LayerMounts(self.layout)
-        self._crash = crash_hook or (lambda step: None)
+        self._crash = crash_hook or crash_hook_from_env()
         self._staged: set[str] = set()  # volumes whose layers this process holds mounted
 
     # ------------------------------------------------------------------ helpers

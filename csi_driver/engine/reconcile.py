@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from csi_driver.engine import host
 from csi_driver.engine.engine import Engine
@@ -83,7 +84,10 @@ def reconcile(engine: Engine) -> Report:
                 host.umount(m.target)
                 rep.unmounted.append(m.target)
 
-    # 4. layer mounts nobody holds, then loop devices nobody mounts
+    # 4. a crash while a snapshot copy held an upper frozen must not leave it frozen;
+    #    then layer mounts nobody holds, then loop devices nobody mounts
+    for m in host.mounts_under(layout.layers):
+        host.thaw(Path(m.target))
     in_use = engine.mounts.in_use()
     for m in host.mounts_under(layout.layers):
         parts = os.path.relpath(m.target, layout.layers).split("/")
