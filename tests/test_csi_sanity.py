@@ -12,8 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from conftest import MOUNT_SKIP, DriverProcess, cleanup
+from driver_harness import MOUNT_SKIP, DriverProcess, cleanup
 
 SANITY = os.environ.get("CSI_SANITY") or shutil.which("csi-sanity")
 MiB = 1 << 20

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from driver_harness import Driver
 
-from conftest import Driver
 from csi_driver.client import mount_capability
 from csi_driver.engine import host
 from csi_driver.proto import csi_pb2 as csi
@@ -115,7 +115,7 @@ def test_capacity_range_rules(driver: Driver):
 
 
 def test_max_volume_size_and_count(tmp_path: Path):
-    from conftest import cleanup, make_driver
+    from driver_harness import cleanup, make_driver
 
     d = make_driver(tmp_path, max_volumes_per_node=2, max_volume_size=100 * MiB)
     try:

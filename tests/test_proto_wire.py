@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from driver_harness import REPO, SHARED
 from google.protobuf.descriptor import FieldDescriptor
 
-from conftest import REPO, SHARED
 from csi_driver.proto import csi_pb2
 from csi_driver.proto.generate import STUB_NAMES, generate
 
@@ -107,7 +107,9 @@ def test_extensions(wire):
 
 
 def test_secret_fields_are_marked(wire):
-    secrets = {(m, f["name"]) for m, s in wire["messages"].items() for f in s["fields"] if f.get("csi_secret")}
+    secrets = {
+        (m, f["name"]) for m, s in wire["messages"].items() for f in s["fields"] if f.get("csi_secret")
+    }
     assert len(secrets) >= 10  # the spec marks every secrets map
     ours = {(m, f.name) for m, d in _messages(csi_pb2.DESCRIPTOR).items() for f in d.fields
             if f.GetOptions().Extensions[csi_pb2.csi_secret]}
