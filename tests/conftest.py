@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from driver_harness import MOUNT_SKIP, Driver, cleanup
 
 

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from driver_harness import MOUNT_SKIP, DriverProcess, cleanup
 
 SANITY = os.environ.get("CSI_SANITY") or shutil.which("csi-sanity")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from driver_harness import Driver
 
 from csi_driver.client import mount_capability
 from csi_driver.engine import host
 from csi_driver.proto import csi_pb2 as csi
+from driver_harness import Driver
 
 MiB = 1 << 20
 GiB = 1 << 30

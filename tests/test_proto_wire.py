@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from driver_harness import REPO, SHARED
 from google.protobuf.descriptor import FieldDescriptor
 
 from csi_driver.proto import csi_pb2
 from csi_driver.proto.generate import STUB_NAMES, generate
+from driver_harness import REPO, SHARED
 
 WIRE = SHARED / "csi-v1.12-wire.json"
 TYPES = {v: k[len("TYPE_"):].lower() for k, v in vars(FieldDescriptor).items() if k.startswith("TYPE_")}
