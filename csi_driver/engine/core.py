@@ -1,0 +1,244 @@
+"""Engine state and shared helpers: config, scratch builds, layer records, capacity rules."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from csi_driver.engine import host
+from csi_driver.engine.layers import (
+    LayerMounts,
+    build_image,
+    flatten_into,
+    image_size_for,
+    remove_tree,
+)
+from csi_driver.engine.layout import Layout, new_id, new_link
+from csi_driver.errors import (
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+)
+from csi_driver.store import Layer, Store, Volume
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+GiB = 1 << 30
+VOLUME_PREFIX = "vol-"
+SNAPSHOT_PREFIX = "snap-"
+
+# Test-only hook: called with a step name at each crash-relevant boundary.
+CrashHook = Callable[[str], None]
+
+
+def crash_hook_from_env() -> CrashHook:
+    """Test-only: ``OVERLAY_CSI_CRASH_AT=step[:n]`` SIGKILLs the process at the
+    n-th (default first) time it reaches that step boundary."""
+    spec = os.environ.get("OVERLAY_CSI_CRASH_AT", "")
+    if not spec:
+        return lambda step: None
+    name, _, nth = spec.partition(":")
+    seen = {"n": 0}
+
+    def hook(step: str) -> None:
+        if step == name:
+            seen["n"] += 1
+            if seen["n"] >= int(nth or 1):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+@dataclass
+class EngineConfig:
+    state_dir: Path
+    node_id: str
+    max_volumes: int = 0  # 0: no limit
+    max_volume_size: int = 0  # 0: no limit
+    max_depth: int = 64
+    default_capacity: int = GiB
+    min_capacity: int = MiB
+    fs_type: str = "ext4"
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    name: str
+    required_bytes: int = 0
+    limit_bytes: int = 0
+    access_type: str = "mount"
+    fs_type: str = ""
+    parameters: dict[str, str] = field(default_factory=dict)
+    mutable: dict[str, str] = field(default_factory=dict)
+    source_kind: str = ""  # "", "snapshot" or "volume"
+    source_id: str = ""
+    base_layer: str = ""
+    ephemeral: bool = False
+
+
+@dataclass(frozen=True)
+class VolumeStats:
+    total_bytes: int
+    used_bytes: int
+    available_bytes: int
+    total_inodes: int
+    used_inodes: int
+    available_inodes: int
+    abnormal: bool
+    message: str
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, crash_hook: CrashHook | None = None) -> None:
+        self.config = config
+        self.layout = Layout(Path(config.state_dir))
+        self.layout.ensure()
+        self.store = Store(self.layout.db)
+        self.mounts = LayerMounts(self.layout)
+        self._crash = crash_hook or crash_hook_from_env()
+        self._staged: set[str] = set()  # volumes whose layers this process holds mounted
+
+    def _step(self, name: str) -> None:
+        self._crash(name)
+
+    @contextmanager
+    def _scratch(self) -> Iterator[Path]:
+        """A private build dir under tmp/, removed unless renamed away."""
+        path = self.layout.tmp / new_id()
+        path.mkdir()
+        try:
+            yield path
+        finally:
+            remove_tree(path)
+
+    def _install(self, scratch: Path, layer_id: str) -> None:
+        """Move a built layer dir into place and give it its short link."""
+        os.rename(scratch, self.layout.layer_dir(layer_id))
+
+    def _link(self, layer: Layer) -> None:
+        link = self.layout.link(layer.link)
+        if not link.is_symlink():
+            tmp = link.with_name(link.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(f"../layers/{layer.id}/mnt/upper")
+            os.rename(tmp, link)
+
+    def _discard_layers(self, layers: list[Layer]) -> None:
+        """Remove the files of layers the store no longer knows."""
+        for layer in layers:
+            self.layout.link(layer.link).unlink(missing_ok=True)
+            remove_tree(self.layout.layer_dir(layer.id))
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.layout.root)
+        return st.f_bavail * st.f_frsize
+
+    def resolve_capacity(self, required: int, limit: int, default: int) -> int:
+        if required < 0 or limit < 0:
+            raise InvalidArgument("capacity_range bytes must not be negative")
+        if limit and required > limit:
+            raise OutOfRange(f"required_bytes {required} exceeds limit_bytes {limit}")
+        if required == 0:
+            cap = default if not limit else min(default, limit)
+        else:
+            cap = (required + MiB - 1) // MiB * MiB
+            if limit and cap > limit:
+                cap = required
+        cap = max(cap, self.config.min_capacity)
+        if limit and cap > limit:
+            raise OutOfRange(
+                f"limit_bytes {limit} is below the minimum volume size {self.config.min_capacity}"
+            )
+        if self.config.max_volume_size and cap > self.config.max_volume_size:
+            raise OutOfRange(
+                f"{cap} bytes exceeds the node's --max-volume-size {self.config.max_volume_size}"
+            )
+        return cap
+
+    def _new_layer(
+        self,
+        parent: Layer | None,
+        *,
+        active: bool,
+        fs_type: str,
+        image_bytes: int,
+        used_bytes: int = 0,
+        name: str | None = None,
+        layer_id: str | None = None,
+    ) -> Layer:
+        return Layer(
+            id=layer_id or new_id(),
+            parent=parent.id if parent else None,
+            link=new_link(),
+            name=name,
+            active=int(active),
+            fs_type=fs_type,
+            depth=(parent.depth if parent else 0) + (0 if active else 1),
+            image_bytes=image_bytes,
+            used_bytes=used_bytes,
+            created_at=time.time(),
+        )
+
+    def _flatten(self, top: Layer, scratch: Path) -> Layer:
+        """Build in ``scratch`` one committed layer holding the merged view of ``top``'s chain."""
+        with self.store.tx() as tx:
+            chain = tx.chain(top.id)
+        used = sum(layer.used_bytes for layer in chain)
+        size = image_size_for(max(max(x.image_bytes for x in chain), used + used // 8 + 64 * MiB))
+        root = scratch / "root"
+        for layer in chain:
+            self.mounts.acquire(layer.id, layer.fs_type, readonly=True)
+        try:
+            flatten_into(self.layout, [x.link for x in chain], root)
+            try:
+                (root / "work").mkdir(exist_ok=True)
+                build_image(scratch / "image", size, "ext4", populate=root)
+            finally:
+                host.umount(root / "upper")
+        finally:
+            for layer in chain:
+                self.mounts.release(layer.id)
+        flat = self._new_layer(None, active=False, fs_type="ext4", image_bytes=size)
+        return Layer(**{**flat.__dict__, "used_bytes": host.allocated_bytes(scratch / "image")})
+
+    def _bounded_parent(self, parent: Layer | None, scratch: Path) -> tuple[Layer | None, Layer | None]:
+        """Return (parent to use, new flattened layer to insert or None)."""
+        if parent is None or parent.depth < self.config.max_depth:
+            return parent, None
+        flat_dir = scratch / "flat"
+        flat_dir.mkdir()
+        flat = self._flatten(parent, flat_dir)
+        return flat, flat
+
+    def get_volume(self, volume_id: str) -> Volume:
+        with self.store.tx() as tx:
+            v = tx.volume(volume_id)
+        if v is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return v
+
+    def find_volume(self, volume_id: str) -> Volume | None:
+        with self.store.tx() as tx:
+            return tx.volume(volume_id)
+
+    def list_volumes(self, after_seq: int, limit: int) -> list[Volume]:
+        with self.store.tx() as tx:
+            return tx.volumes(after_seq, limit)
+
+    def layers(self) -> list[Layer]:
+        with self.store.tx() as tx:
+            return tx.layers()
+
+    def disk_usage(self) -> int:
+        """Bytes the host really spends on all layer images."""
+        return sum(host.allocated_bytes(self.layout.image(x.id)) for x in self.layers())
+
+    def close(self) -> None:
+        self.store.close()

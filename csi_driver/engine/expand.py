@@ -1,0 +1,90 @@
+"""Expansion: the controller grows the backing image, the node the mounted file system."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from csi_driver.engine import host
+from csi_driver.engine.core import EngineCore
+from csi_driver.engine.layers import (
+    image_size_for,
+)
+from csi_driver.errors import (
+    CommandFailed,
+    FailedPrecondition,
+    OutOfRange,
+)
+from csi_driver.store import Layer
+
+log = logging.getLogger(__name__)
+
+
+class ExpandOps(EngineCore):
+    def expand(self, volume_id: str, required: int, limit: int = 0) -> tuple[int, bool]:
+        """Grow the volume's backing image (controller side).
+
+        A detached volume's file system is grown at once, offline; for one in
+        use, returns True: the node must grow the mounted file system.
+        """
+        v = self.get_volume(volume_id)
+        capacity = self.resolve_capacity(required, limit, v.capacity_bytes)
+        if capacity < v.capacity_bytes:
+            raise OutOfRange(
+                f"volume {volume_id} has {v.capacity_bytes} bytes; shrinking to {capacity} is not supported"
+            )
+        with self.store.tx() as tx:
+            upper = tx.layer(v.upper)
+            assert upper is not None
+        size = image_size_for(capacity, upper.fs_type)
+        image = self.layout.image(upper.id)
+        if size > os.path.getsize(image):
+            os.truncate(image, size)
+            self._step("expand.truncated")
+        with self.store.tx() as tx:
+            tx.update_layer(upper.id, image_bytes=max(size, upper.image_bytes))
+            tx.update_volume(volume_id, capacity_bytes=capacity)
+        if self._upper_in_use(v):
+            return capacity, True
+        self._grow_offline(upper)
+        return capacity, False
+
+    def _grow_offline(self, upper: Layer) -> None:
+        image = self.layout.image(upper.id)
+        if upper.fs_type == "ext4":
+            host.run(["e2fsck", "-f", "-p", str(image)], check=False)
+            host.run(["resize2fs", str(image)])
+            return
+        self.mounts.acquire(upper.id, upper.fs_type, readonly=False)
+        try:
+            host.grow_fs(upper.fs_type, "", self.layout.mnt(upper.id))
+        finally:
+            self.mounts.release(upper.id)
+
+    def expand_node(self, volume_id: str, required: int, limit: int = 0) -> int:
+        """Grow the file system the pod sees (node side), online when mounted."""
+        v = self.get_volume(volume_id)
+        if required > v.capacity_bytes or os.path.getsize(self.layout.image(v.upper)) < image_size_for(
+            v.capacity_bytes, v.fs_type
+        ):
+            self.expand(volume_id, required, limit)
+            v = self.get_volume(volume_id)
+        with self.store.tx() as tx:
+            upper = tx.layer(v.upper)
+            assert upper is not None
+        mnt = self.layout.mnt(upper.id)
+        device = host.device_of(mnt)
+        if device is None:
+            self._grow_offline(upper)
+            return v.capacity_bytes
+        host.loop_refresh(device)
+        try:
+            host.grow_fs(upper.fs_type, device, mnt)
+        except CommandFailed as e:
+            if "Permission denied" in e.stderr or "Operation not permitted" in e.stderr:
+                raise FailedPrecondition(
+                    "growing a mounted ext4 file system needs CAP_SYS_RESOURCE: run the node plugin "
+                    "privileged, or unpublish and unstage the volume so it grows offline"
+                ) from e
+            raise
+        return v.capacity_bytes

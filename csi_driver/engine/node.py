@@ -1,0 +1,182 @@
+"""The node side: stage (mount the overlay), publish (bind it), stats and health."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from csi_driver.engine import host
+from csi_driver.engine.compose import overlay_options
+from csi_driver.engine.core import EngineCore, VolumeStats
+from csi_driver.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+)
+from csi_driver.store import Publication, Volume
+
+log = logging.getLogger(__name__)
+
+
+class NodeOps(EngineCore):
+    def _overlay_is(self, path: str, v: Volume) -> bool:
+        entry = host.mount_at(path)
+        return (
+            entry is not None
+            and entry.fstype == "overlay"
+            and f"upperdir=layers/{v.upper}/mnt/upper" in entry.super_options
+        )
+
+    def _hold_layers(self, v: Volume) -> None:
+        """Mount (count) the volume's lowers read-only and its upper read-write."""
+        with self.store.tx() as tx:
+            chain = tx.chain(v.upper)
+        done: list[str] = []
+        try:
+            for layer in chain:
+                self.mounts.acquire(layer.id, layer.fs_type, readonly=not layer.active)
+                done.append(layer.id)
+        except Exception:
+            for layer_id in done:
+                self.mounts.release(layer_id)
+            raise
+        self._staged.add(v.id)
+
+    def _drop_layers(self, v: Volume) -> None:
+        if v.id not in self._staged:
+            return
+        self._staged.discard(v.id)
+        with self.store.tx() as tx:
+            chain = tx.chain(v.upper)
+        for layer in chain:
+            self.mounts.release(layer.id)
+
+    def stage(self, volume_id: str, staging_path: str, mount_flags: list[str] | None = None) -> None:
+        v = self.get_volume(volume_id)
+        if v.staging_path and v.staging_path != staging_path and self._overlay_is(v.staging_path, v):
+            raise FailedPrecondition(f"volume {volume_id} is already staged at {v.staging_path}")
+        if self._overlay_is(staging_path, v):
+            if v.id not in self._staged:
+                self._hold_layers(v)
+            return
+        if host.is_mounted(staging_path):
+            raise FailedPrecondition(f"{staging_path} already has another mount")
+        with self.store.tx() as tx:
+            tx.update_volume(
+                volume_id, staging_path=staging_path, stage_options={"mount_flags": mount_flags or []}
+            )
+        self._step("stage.recorded")
+        Path(staging_path).mkdir(parents=True, exist_ok=True)
+        if v.id not in self._staged:
+            self._hold_layers(v)
+        try:
+            with self.store.tx() as tx:
+                links = [x.link for x in tx.chain(v.upper)[1:]]
+            opts = overlay_options(links, v.upper) + list(mount_flags or [])
+            host.mount("overlay", staging_path, "overlay", opts, cwd=self.layout.root)
+        except Exception:
+            self._drop_layers(v)
+            raise
+        self._step("stage.mounted")
+
+    def unstage(self, volume_id: str, staging_path: str) -> None:
+        v = self.get_volume(volume_id)
+        with self.store.tx() as tx:
+            live = [p.target_path for p in tx.publications(volume_id) if host.is_mounted(p.target_path)]
+        if live:
+            raise FailedPrecondition(f"volume {volume_id} is still published at {live[0]}")
+        if self._overlay_is(staging_path, v):
+            host.umount(staging_path)
+        self._step("unstage.unmounted")
+        self._drop_layers(v)
+        if v.staging_path == staging_path or v.staging_path is None:
+            with self.store.tx() as tx:
+                tx.update_volume(volume_id, staging_path=None, stage_options={})
+        self._step("unstage.done")
+
+    def publish(
+        self,
+        volume_id: str,
+        staging_path: str,
+        target_path: str,
+        readonly: bool,
+        mount_flags: list[str] | None = None,
+    ) -> None:
+        v = self.get_volume(volume_id)
+        if v.staging_path != staging_path or not self._overlay_is(staging_path, v):
+            raise FailedPrecondition(f"volume {volume_id} is not staged at {staging_path}")
+        if host.is_mounted(target_path):
+            with self.store.tx() as tx:
+                pub = tx.publication_at(target_path)
+            if (
+                pub
+                and pub.volume_id == volume_id
+                and pub.readonly == readonly
+                and self._overlay_is(target_path, v)
+            ):
+                return
+            raise AlreadyExists(f"{target_path} is already published with other arguments")
+        with self.store.tx() as tx:
+            tx.add_publication(
+                Publication(volume_id, target_path, readonly, {"mount_flags": mount_flags or []})
+            )
+        self._step("publish.recorded")
+        Path(target_path).mkdir(parents=True, exist_ok=True)
+        host.bind_mount(staging_path, target_path, readonly=readonly)
+        if mount_flags:
+            host.run(["mount", "-o", "remount,bind," + ",".join(mount_flags), target_path])
+        self._step("publish.mounted")
+
+    def unpublish(self, volume_id: str, target_path: str) -> None:
+        v = self.get_volume(volume_id)
+        if host.is_mounted(target_path):
+            if not self._overlay_is(target_path, v):
+                raise FailedPrecondition(f"{target_path} holds a mount that is not volume {volume_id}")
+            host.umount(target_path)
+        self._step("unpublish.unmounted")
+        target = Path(target_path)
+        if target.is_dir() and not target.is_symlink():
+            try:
+                target.rmdir()
+            except OSError as e:
+                log.warning("could not remove target %s: %s", target_path, e)
+        with self.store.tx() as tx:
+            tx.delete_publication(volume_id, target_path)
+
+    def volume_paths(self, v: Volume) -> set[str]:
+        with self.store.tx() as tx:
+            paths = {p.target_path for p in tx.publications(v.id)}
+        if v.staging_path:
+            paths.add(v.staging_path)
+        return paths
+
+    def stats(self, volume_id: str, path: str) -> VolumeStats:
+        v = self.get_volume(volume_id)
+        if os.path.normpath(path) not in self.volume_paths(v):
+            raise NotFound(f"{path} is not a path of volume {volume_id}")
+        condition = self.condition(v, path)
+        if condition:
+            return VolumeStats(0, 0, 0, 0, 0, 0, True, condition)
+        st = os.statvfs(path)
+        total = st.f_blocks * st.f_frsize
+        avail = st.f_bavail * st.f_frsize
+        return VolumeStats(
+            total,
+            total - st.f_bfree * st.f_frsize,
+            avail,
+            st.f_files,
+            st.f_files - st.f_ffree,
+            st.f_favail,
+            False,
+            "volume is healthy",
+        )
+
+    def condition(self, v: Volume, path: str | None = None) -> str:
+        """An empty string when healthy, else what is wrong."""
+        if not self.layout.image(v.upper).exists():
+            return f"the upper image of volume {v.id} is missing"
+        for p in [path] if path else ([v.staging_path] if v.staging_path else []):
+            if not self._overlay_is(p, v):
+                return f"{p} is not mounted (node restarted?); stage and publish again"
+        return ""

@@ -1,0 +1,162 @@
+"""Creating and deleting volumes: empty, from a snapshot, a volume or a base layer."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from csi_driver.engine import host
+from csi_driver.engine.core import VOLUME_PREFIX, EngineCore, VolumeSpec
+from csi_driver.engine.layers import (
+    build_image,
+    image_size_for,
+)
+from csi_driver.engine.layout import new_id
+from csi_driver.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
+from csi_driver.store import Layer, Tx, Volume
+
+log = logging.getLogger(__name__)
+
+
+class VolumeOps(EngineCore):
+    def _compatible(self, v: Volume, spec: VolumeSpec) -> bool:
+        if spec.required_bytes and v.capacity_bytes < spec.required_bytes:
+            return False
+        if spec.limit_bytes and v.capacity_bytes > spec.limit_bytes:
+            return False
+        return (
+            v.access_type == spec.access_type
+            and v.source_kind == spec.source_kind
+            and v.source_id == spec.source_id
+            and v.parameters == spec.parameters
+            and v.ephemeral == spec.ephemeral
+        )
+
+    def create_volume(self, spec: VolumeSpec) -> Volume:
+        fs_type = spec.fs_type or self.config.fs_type
+        with self.store.tx() as tx:
+            existing = tx.volume_by_name(spec.name)
+            if existing is not None:
+                if self._compatible(existing, spec):
+                    return existing
+                raise AlreadyExists(f"volume {spec.name!r} exists with different arguments")
+            if self.config.max_volumes and tx.count_volumes() >= self.config.max_volumes:
+                raise ResourceExhausted(
+                    f"node {self.config.node_id} holds its maximum of {self.config.max_volumes} volumes"
+                )
+            parent, default_cap, min_cap = self._source_parent(tx, spec)
+        capacity = self.resolve_capacity(spec.required_bytes, spec.limit_bytes, default_cap)
+        if capacity < min_cap:
+            raise OutOfRange(f"{capacity} bytes is smaller than the source's {min_cap} bytes")
+        if capacity > self.free_bytes():
+            raise ResourceExhausted(
+                f"{capacity} bytes do not fit in the {self.free_bytes()} free bytes of the node's storage"
+            )
+        with self._scratch() as scratch:
+            if spec.source_kind == "volume":
+                parent = self._share_volume(spec.source_id, scratch)
+            parent, flat = self._bounded_parent(parent, scratch)
+            self._step("create.flattened")
+            size = image_size_for(capacity, fs_type)
+            upper_dir = scratch / "upper"
+            upper_dir.mkdir()
+            build_image(upper_dir / "image", size, fs_type)
+            self._step("create.built")
+            upper = self._new_layer(parent, active=True, fs_type=fs_type, image_bytes=size)
+            with self.store.tx() as tx:
+                if parent is not None and tx.layer(parent.id) is None and flat is None:
+                    raise NotFound(f"source {spec.source_id} was deleted while restoring")
+                if flat is not None:
+                    tx.add_layer(flat)
+                    self._repoint(tx, spec, flat)
+                tx.add_layer(upper)
+                vol = tx.add_volume(
+                    Volume(
+                        seq=0,
+                        id=VOLUME_PREFIX + new_id(),
+                        name=spec.name,
+                        capacity_bytes=capacity,
+                        upper=upper.id,
+                        access_type=spec.access_type,
+                        fs_type=fs_type,
+                        source_kind=spec.source_kind,
+                        source_id=spec.source_id,
+                        parameters=dict(spec.parameters),
+                        mutable=dict(spec.mutable),
+                        ephemeral=spec.ephemeral,
+                        staging_path=None,
+                        stage_options={},
+                        created_at=time.time(),
+                    )
+                )
+                if flat is not None:
+                    self._install(scratch / "flat", flat.id)
+                self._install(upper_dir, upper.id)
+                self._step("create.renamed")
+            for layer in (flat, upper):
+                if layer is not None:
+                    self._link(layer)
+        self._step("create.done")
+        return vol
+
+    def _source_parent(self, tx: Tx, spec: VolumeSpec) -> tuple[Layer | None, int, int]:
+        """The layer a new volume starts from, its default and minimum capacity."""
+        default = self.config.default_capacity
+        if spec.source_kind == "snapshot":
+            snap = tx.snapshot(spec.source_id)
+            if snap is None:
+                raise NotFound(f"snapshot {spec.source_id} does not exist")
+            if snap.access_type != spec.access_type:
+                raise InvalidArgument(
+                    f"snapshot {snap.id} is a {snap.access_type} volume's; "
+                    f"cannot restore it as {spec.access_type}"
+                )
+            return tx.layer(snap.layer), snap.source_capacity, snap.size_bytes
+        if spec.source_kind == "volume":
+            src = tx.volume(spec.source_id)
+            if src is None:
+                raise NotFound(f"volume {spec.source_id} does not exist")
+            if src.access_type != spec.access_type:
+                raise InvalidArgument(
+                    f"volume {src.id} is a {src.access_type} volume; cannot clone it as {spec.access_type}"
+                )
+            return None, src.capacity_bytes, src.capacity_bytes
+        if spec.base_layer:
+            base = tx.layer_by_name(spec.base_layer)
+            if base is None:
+                raise InvalidArgument(
+                    f"base layer {spec.base_layer!r} does not exist on node {self.config.node_id}; "
+                    f"import it with 'overlay-csi layer import {spec.base_layer} PATH'"
+                )
+            return base, default, 0
+        return None, default, 0
+
+    def _repoint(self, tx: Tx, spec: VolumeSpec, flat: Layer) -> None:
+        """After flattening a snapshot's deep chain, let the snapshot use the flat layer
+        so later restores reuse it."""
+        if spec.source_kind == "snapshot":
+            tx.c.execute("UPDATE snapshots SET layer=? WHERE id=?", (flat.id, spec.source_id))
+
+    def delete_volume(self, volume_id: str) -> None:
+        with self.store.tx() as tx:
+            v = tx.volume(volume_id)
+            if v is None:
+                return
+            if v.staging_path and host.is_mounted(v.staging_path):
+                raise FailedPrecondition(f"volume {volume_id} is still staged at {v.staging_path}")
+            live = [p.target_path for p in tx.publications(volume_id) if host.is_mounted(p.target_path)]
+            if live:
+                raise FailedPrecondition(f"volume {volume_id} is still published at {live[0]}")
+            tx.delete_volume(volume_id)
+            gone = tx.collect_garbage()
+            self._step("delete.uncommitted")
+        self._step("delete.committed")
+        self._staged.discard(volume_id)
+        self._discard_layers(gone)
