@@ -29,7 +29,7 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 if [ "$want_test" = 1 ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,metrics]'
-    [ -x .ci/install-helm.sh ] && bash .ci/install-helm.sh || true
+    bash .ci/install-helm.sh
 else
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[metrics]'
 fi

@@ -33,6 +33,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 VOLUME_PREFIX = "vol-"
 SNAPSHOT_PREFIX = "snap-"
+GROUP_PREFIX = "group-"
 
 # Test-only hook: called with a step name at each crash-relevant boundary.
 CrashHook = Callable[[str], None]

@@ -14,6 +14,7 @@ The engine knows nothing of gRPC. Callers serialise operations per volume.
 from __future__ import annotations
 
 from csi_driver.engine.base_layers import BaseLayerOps
+from csi_driver.engine.block import BlockOps
 from csi_driver.engine.core import (
     SNAPSHOT_PREFIX,
     VOLUME_PREFIX,
@@ -45,5 +46,5 @@ __all__ = [
 ]
 
 
-class Engine(VolumeOps, SnapshotOps, NodeOps, ExpandOps, BaseLayerOps, EngineCore):
+class Engine(VolumeOps, SnapshotOps, NodeOps, ExpandOps, BaseLayerOps, BlockOps, EngineCore):
     """The whole engine: each mixin owns one concern; EngineCore holds the state."""

@@ -6,7 +6,7 @@ import logging
 import os
 
 from csi_driver.engine import host
-from csi_driver.engine.core import EngineCore
+from csi_driver.engine.block import BLOCK, BlockOps
 from csi_driver.engine.layers import (
     image_size_for,
 )
@@ -20,7 +20,7 @@ from csi_driver.store import Layer
 log = logging.getLogger(__name__)
 
 
-class ExpandOps(EngineCore):
+class ExpandOps(BlockOps):
     def expand(self, volume_id: str, required: int, limit: int = 0) -> tuple[int, bool]:
         """Grow the volume's backing image (controller side).
 
@@ -33,6 +33,12 @@ class ExpandOps(EngineCore):
             raise OutOfRange(
                 f"volume {volume_id} has {v.capacity_bytes} bytes; shrinking to {capacity} is not supported"
             )
+        if v.access_type == BLOCK:
+            self._block_grow(v, capacity)
+            with self.store.tx() as tx:
+                tx.update_layer(v.upper, image_bytes=capacity)
+                tx.update_volume(volume_id, capacity_bytes=capacity)
+            return capacity, False
         with self.store.tx() as tx:
             upper = tx.layer(v.upper)
             assert upper is not None
@@ -64,6 +70,11 @@ class ExpandOps(EngineCore):
     def expand_node(self, volume_id: str, required: int, limit: int = 0) -> int:
         """Grow the file system the pod sees (node side), online when mounted."""
         v = self.get_volume(volume_id)
+        if v.access_type == BLOCK:
+            if required > v.capacity_bytes:
+                return self.expand(volume_id, required, limit)[0]
+            self._block_grow(v, v.capacity_bytes)
+            return v.capacity_bytes
         if required > v.capacity_bytes or os.path.getsize(self.layout.image(v.upper)) < image_size_for(
             v.capacity_bytes, v.fs_type
         ):

@@ -217,6 +217,32 @@ def loop_devices() -> dict[str, str]:
     return out
 
 
+def loop_backing_ids() -> dict[str, tuple[int, int, int]]:
+    """Attached loop devices: device -> (major, minor, inode) of the backing file.
+
+    Paths alone are not enough: on kind, node containers share one kernel and
+    the same path strings, so only the inode proves a backing file is ours.
+    """
+    proc = run(
+        ["losetup", "--list", "--noheadings", "--raw", "--output", "NAME,BACK-INO,BACK-MAJ:MIN"], check=False
+    )
+    out = {}
+    for line in proc.stdout.splitlines():
+        parts = line.replace("\\x20", "").split()
+        if len(parts) == 3 and parts[1].isdigit() and ":" in parts[2]:
+            major, minor = parts[2].split(":")
+            out[parts[0]] = (int(major), int(minor), int(parts[1]))
+    return out
+
+
+def file_id(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+
+
 def loop_attach(image: Path, readonly: bool = False) -> str:
     argv = ["losetup", "--find", "--show", "--direct-io=off"]
     if readonly:

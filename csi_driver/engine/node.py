@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 from csi_driver.engine import host
+from csi_driver.engine.block import BLOCK, BlockOps
 from csi_driver.engine.compose import overlay_options
-from csi_driver.engine.core import EngineCore, VolumeStats
+from csi_driver.engine.core import VolumeStats
 from csi_driver.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -19,7 +20,7 @@ from csi_driver.store import Publication, Volume
 log = logging.getLogger(__name__)
 
 
-class NodeOps(EngineCore):
+class NodeOps(BlockOps):
     def _overlay_is(self, path: str, v: Volume) -> bool:
         entry = host.mount_at(path)
         return (
@@ -43,6 +44,11 @@ class NodeOps(EngineCore):
             raise
         self._staged.add(v.id)
 
+    def _layers_mounted(self, v: Volume) -> bool:
+        with self.store.tx() as tx:
+            chain = tx.chain(v.upper)
+        return all(host.is_mounted(self.layout.mnt(layer.id)) for layer in chain)
+
     def _drop_layers(self, v: Volume) -> None:
         if v.id not in self._staged:
             return
@@ -54,6 +60,8 @@ class NodeOps(EngineCore):
 
     def stage(self, volume_id: str, staging_path: str, mount_flags: list[str] | None = None) -> None:
         v = self.get_volume(volume_id)
+        if v.access_type == BLOCK:
+            return self._block_stage(v, staging_path)
         if v.staging_path and v.staging_path != staging_path and self._overlay_is(v.staging_path, v):
             raise FailedPrecondition(f"volume {volume_id} is already staged at {v.staging_path}")
         if self._overlay_is(staging_path, v):
@@ -68,6 +76,8 @@ class NodeOps(EngineCore):
             )
         self._step("stage.recorded")
         Path(staging_path).mkdir(parents=True, exist_ok=True)
+        if v.id in self._staged and not self._layers_mounted(v):
+            self._drop_layers(v)  # a stale hold: its mounts vanished (node reboot, manual umount)
         if v.id not in self._staged:
             self._hold_layers(v)
         try:
@@ -86,6 +96,8 @@ class NodeOps(EngineCore):
             live = [p.target_path for p in tx.publications(volume_id) if host.is_mounted(p.target_path)]
         if live:
             raise FailedPrecondition(f"volume {volume_id} is still published at {live[0]}")
+        if v.access_type == BLOCK:
+            return self._block_unstage(v, staging_path)
         if self._overlay_is(staging_path, v):
             host.umount(staging_path)
         self._step("unstage.unmounted")
@@ -102,8 +114,11 @@ class NodeOps(EngineCore):
         target_path: str,
         readonly: bool,
         mount_flags: list[str] | None = None,
+        single_writer: bool = False,
     ) -> None:
         v = self.get_volume(volume_id)
+        if v.access_type == BLOCK:
+            return self._block_publish(v, staging_path, target_path, readonly, single_writer)
         if v.staging_path != staging_path or not self._overlay_is(staging_path, v):
             raise FailedPrecondition(f"volume {volume_id} is not staged at {staging_path}")
         if host.is_mounted(target_path):
@@ -117,9 +132,15 @@ class NodeOps(EngineCore):
             ):
                 return
             raise AlreadyExists(f"{target_path} is already published with other arguments")
+        self._check_single_writer(v, target_path, readonly, single_writer)
         with self.store.tx() as tx:
             tx.add_publication(
-                Publication(volume_id, target_path, readonly, {"mount_flags": mount_flags or []})
+                Publication(
+                    volume_id,
+                    target_path,
+                    readonly,
+                    {"mount_flags": mount_flags or [], "single_writer": single_writer},
+                )
             )
         self._step("publish.recorded")
         Path(target_path).mkdir(parents=True, exist_ok=True)
@@ -130,6 +151,8 @@ class NodeOps(EngineCore):
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
         v = self.get_volume(volume_id)
+        if v.access_type == BLOCK:
+            return self._block_unpublish(v, target_path)
         if host.is_mounted(target_path):
             if not self._overlay_is(target_path, v):
                 raise FailedPrecondition(f"{target_path} holds a mount that is not volume {volume_id}")
@@ -155,6 +178,8 @@ class NodeOps(EngineCore):
         v = self.get_volume(volume_id)
         if os.path.normpath(path) not in self.volume_paths(v):
             raise NotFound(f"{path} is not a path of volume {volume_id}")
+        if v.access_type == BLOCK:
+            return self._block_stats(v, path)
         condition = self.condition(v, path)
         if condition:
             return VolumeStats(0, 0, 0, 0, 0, 0, True, condition)
@@ -174,9 +199,14 @@ class NodeOps(EngineCore):
 
     def condition(self, v: Volume, path: str | None = None) -> str:
         """An empty string when healthy, else what is wrong."""
+        if v.access_type == BLOCK:
+            return self._block_condition(v, path)
         if not self.layout.image(v.upper).exists():
             return f"the upper image of volume {v.id} is missing"
         for p in [path] if path else ([v.staging_path] if v.staging_path else []):
             if not self._overlay_is(p, v):
                 return f"{p} is not mounted (node restarted?); stage and publish again"
+        upper = host.mount_at(self.layout.mnt(v.upper))
+        if v.staging_path and upper is not None and "ro" in upper.options.split(","):
+            return f"the file system of volume {v.id} was remounted read-only after an I/O error"
         return ""

@@ -95,8 +95,15 @@ def reconcile(engine: Engine) -> Report:
             host.umount(m.target)
             rep.unmounted.append(m.target)
     mounted_sources = {m.source for m in host.mounts()}
-    for device, backing in host.loop_devices().items():
-        if backing.startswith(root + "/") and device not in mounted_sources:
+    keep = {v.stage_options.get("device") for v in volumes if v.staging_path}
+    keep |= {p.options.get("device") for p in pubs}
+    ours = {host.file_id(layout.image(x)) for x in layers} - {None}
+    for device, backing in host.loop_backing_ids().items():
+        if backing not in ours or device in mounted_sources:
+            continue
+        if device in keep:
+            rep.adopted.append(device)
+        else:
             host.loop_detach(device)
             rep.detached.append(device)
     return rep

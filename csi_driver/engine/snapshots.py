@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from csi_driver.engine import host
-from csi_driver.engine.core import SNAPSHOT_PREFIX, EngineCore
+from csi_driver.engine.block import BLOCK, BlockOps
+from csi_driver.engine.core import GROUP_PREFIX, SNAPSHOT_PREFIX
 from csi_driver.engine.layers import (
     build_image,
     make_clean,
@@ -17,55 +18,85 @@ from csi_driver.errors import (
     AlreadyExists,
     NotFound,
 )
-from csi_driver.store import Layer, Snapshot, Volume
+from csi_driver.store import Layer, Snapshot, Tx, Volume
 
 log = logging.getLogger(__name__)
 
 
-class SnapshotOps(EngineCore):
+class SnapshotOps(BlockOps):
     def _upper_in_use(self, v: Volume) -> bool:
         return host.is_mounted(self.layout.mnt(v.upper))
 
     def _share_volume(self, volume_id: str, scratch: Path) -> Layer:
-        """Turn a volume's current content into a committed layer and return it.
-
-        Detached: the upper itself is committed (O(1)) and the volume continues
-        on a fresh upper. In use: the upper's file system is frozen and its
-        image copied (only allocated extents), so the copy is crash-consistent.
-        """
+        """Turn a volume's current content into a committed layer and return it."""
         with self.store.tx() as tx:
             v = tx.volume(volume_id)
-            if v is None:
-                raise NotFound(f"volume {volume_id} does not exist")
+        if v is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return self._capture([v], scratch)[0]
+
+    def _capture(self, vols: list[Volume], scratch: Path) -> list[Layer]:
+        """Committed layers holding each volume's content at one instant.
+
+        Detached: the upper itself is committed (O(1)) and the volume continues
+        on a fresh upper. In use: every in-use upper's file system is frozen at
+        once, the images are copied (only allocated extents), then all thawed,
+        so a group is crash-consistent across its members.
+        """
+        live = [v for v in vols if v.access_type != BLOCK and self._upper_in_use(v)]
+        copies: dict[str, Path] = {}
+        frozen: list[Path] = []
+        try:
+            for v in live:
+                mnt = self.layout.mnt(v.upper)
+                host.freeze(mnt)
+                frozen.append(mnt)
+            self._step("snapshot.frozen")
+            for v in live:
+                copies[v.id] = scratch / f"copy-{v.id}"
+                copies[v.id].mkdir()
+                host.copy_sparse(self.layout.image(v.upper), copies[v.id] / "image")
+        finally:
+            for mnt in frozen:
+                host.thaw(mnt)
+        out: list[Layer] = []
+        for v in vols:
+            if v.access_type == BLOCK:
+                out.append(self._block_copy_layer(v, scratch))
+            elif v.id in copies:
+                out.append(self._install_copy(v, copies[v.id]))
+            else:
+                out.append(self._commit_upper(v, scratch))
+        return out
+
+    def _install_copy(self, v: Volume, copy_dir: Path) -> Layer:
+        with self.store.tx() as tx:
             upper = tx.layer(v.upper)
             assert upper is not None
             parent = tx.layer(upper.parent) if upper.parent else None
-        if self._upper_in_use(v):
-            copy_dir = scratch / "copy"
-            copy_dir.mkdir()
-            mnt = self.layout.mnt(upper.id)
-            host.freeze(mnt)
-            try:
-                self._step("snapshot.frozen")
-                host.copy_sparse(self.layout.image(upper.id), copy_dir / "image")
-            finally:
-                host.thaw(mnt)
-            layer = self._new_layer(
-                parent,
-                active=False,
-                fs_type=upper.fs_type,
-                image_bytes=upper.image_bytes,
-                used_bytes=host.allocated_bytes(copy_dir / "image"),
-            )
-            with self.store.tx() as tx:
-                tx.add_layer(layer)
-                self._install(copy_dir, layer.id)
-                self._step("snapshot.copied")
-            self._link(layer)
-            return layer
-        make_clean(self.layout.image(upper.id), upper.fs_type)
-        fresh_dir = scratch / "fresh"
+        layer = self._new_layer(
+            parent,
+            active=False,
+            fs_type=upper.fs_type,
+            image_bytes=upper.image_bytes,
+            used_bytes=host.allocated_bytes(copy_dir / "image"),
+        )
+        with self.store.tx() as tx:
+            tx.add_layer(layer)
+            self._install(copy_dir, layer.id)
+            self._step("snapshot.copied")
+        self._link(layer)
+        return layer
+
+    def _commit_upper(self, v: Volume, scratch: Path) -> Layer:
+        """Commit a detached volume's upper in place; the volume gets a fresh one."""
+        volume_id = v.id
+        with self.store.tx() as tx:
+            upper = tx.layer(v.upper)
+            assert upper is not None
+        fresh_dir = scratch / f"fresh-{v.id}"
         fresh_dir.mkdir()
+        make_clean(self.layout.image(upper.id), upper.fs_type)
         build_image(fresh_dir / "image", upper.image_bytes, upper.fs_type)
         committed = Layer(
             **{
@@ -83,7 +114,85 @@ class SnapshotOps(EngineCore):
             self._install(fresh_dir, fresh.id)
             self._step("snapshot.committed")
         self._link(fresh)
+        if committed.depth >= self.config.max_depth:
+            self._rebase_on_flat(fresh, committed, scratch)
         return committed
+
+    def _rebase_on_flat(self, fresh: Layer, committed: Layer, scratch: Path) -> None:
+        """Keep a volume snapshotted again and again mountable: its (still empty)
+        upper moves onto one flattened copy of the deep chain."""
+        flat_dir = scratch / f"flat-{fresh.id}"
+        flat_dir.mkdir()
+        flat = self._flatten(committed, flat_dir)
+        with self.store.tx() as tx:
+            tx.add_layer(flat)
+            tx.update_layer(fresh.id, parent=flat.id, depth=flat.depth)
+            self._install(flat_dir, flat.id)
+        self._link(flat)
+
+    def create_group_snapshot(self, name: str, volume_ids: list[str]) -> tuple[dict, list[Snapshot]]:
+        """Snapshots of several volumes taken at one instant (all frozen together)."""
+        members = sorted(set(volume_ids))
+        with self.store.tx() as tx:
+            existing = tx.group_by_name(name)
+            if existing is not None:
+                if sorted(existing["members"]) == members:
+                    return existing, self._group_snapshots(tx, existing["id"])
+                raise AlreadyExists(f"group snapshot {name!r} exists with other volumes")
+            vols = []
+            for vid in members:
+                v = tx.volume(vid)
+                if v is None:
+                    raise NotFound(f"volume {vid} does not exist")
+                vols.append(v)
+        group_id = GROUP_PREFIX + new_id()
+        with self._scratch() as scratch:
+            layers = self._capture(vols, scratch)
+            with self.store.tx() as tx:
+                tx.add_group(group_id, name, members)
+                for v, layer in zip(vols, layers, strict=True):
+                    self._record_snapshot(tx, f"{group_id}/{v.id}", v, layer, group_id)
+                group = tx.group(group_id)
+                snaps = self._group_snapshots(tx, group_id)
+        assert group is not None
+        return group, snaps
+
+    @staticmethod
+    def _group_snapshots(tx: Tx, group_id: str) -> list[Snapshot]:
+        return [s for s in tx.snapshots() if s.group_id == group_id]
+
+    def get_group_snapshot(self, group_id: str) -> tuple[dict, list[Snapshot]] | None:
+        with self.store.tx() as tx:
+            group = tx.group(group_id)
+            return (group, self._group_snapshots(tx, group_id)) if group else None
+
+    def delete_group_snapshot(self, group_id: str) -> None:
+        with self.store.tx() as tx:
+            if tx.group(group_id) is None:
+                return
+            for s in self._group_snapshots(tx, group_id):
+                tx.delete_snapshot(s.id)
+            tx.delete_group(group_id)
+            gone = tx.collect_garbage()
+        self._discard_layers(gone)
+
+    def _record_snapshot(self, tx: Tx, name: str, v: Volume, layer: Layer, group_id: str = "") -> Snapshot:
+        size = min(v.capacity_bytes, sum(x.used_bytes for x in tx.chain(layer.id)))
+        return tx.add_snapshot(
+            Snapshot(
+                seq=0,
+                id=SNAPSHOT_PREFIX + new_id(),
+                name=name,
+                source_volume_id=v.id,
+                layer=layer.id,
+                access_type=v.access_type,
+                fs_type=v.fs_type,
+                source_capacity=v.capacity_bytes,
+                size_bytes=size,
+                group_id=group_id,
+                created_at=time.time(),
+            )
+        )
 
     def create_snapshot(self, name: str, source_volume_id: str, group_id: str = "") -> Snapshot:
         with self.store.tx() as tx:
@@ -98,22 +207,7 @@ class SnapshotOps(EngineCore):
         with self._scratch() as scratch:
             layer = self._share_volume(source_volume_id, scratch)
             with self.store.tx() as tx:
-                size = min(v.capacity_bytes, sum(x.used_bytes for x in tx.chain(layer.id)))
-                snap = tx.add_snapshot(
-                    Snapshot(
-                        seq=0,
-                        id=SNAPSHOT_PREFIX + new_id(),
-                        name=name,
-                        source_volume_id=v.id,
-                        layer=layer.id,
-                        access_type=v.access_type,
-                        fs_type=v.fs_type,
-                        source_capacity=v.capacity_bytes,
-                        size_bytes=size,
-                        group_id=group_id,
-                        created_at=time.time(),
-                    )
-                )
+                snap = self._record_snapshot(tx, name, v, layer, group_id)
                 self._step("snapshot.recorded")
         return snap
 

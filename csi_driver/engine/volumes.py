@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from csi_driver.engine import host
-from csi_driver.engine.core import VOLUME_PREFIX, EngineCore, VolumeSpec
+from csi_driver.engine.block import BLOCK, BlockOps
+from csi_driver.engine.core import VOLUME_PREFIX, VolumeSpec
 from csi_driver.engine.layers import (
     build_image,
     image_size_for,
@@ -25,7 +27,7 @@ from csi_driver.store import Layer, Tx, Volume
 log = logging.getLogger(__name__)
 
 
-class VolumeOps(EngineCore):
+class VolumeOps(BlockOps):
     def _compatible(self, v: Volume, spec: VolumeSpec) -> bool:
         if spec.required_bytes and v.capacity_bytes < spec.required_bytes:
             return False
@@ -40,7 +42,8 @@ class VolumeOps(EngineCore):
         )
 
     def create_volume(self, spec: VolumeSpec) -> Volume:
-        fs_type = spec.fs_type or self.config.fs_type
+        block = spec.access_type == BLOCK
+        fs_type = BLOCK if block else (spec.fs_type or self.config.fs_type)
         with self.store.tx() as tx:
             existing = tx.volume_by_name(spec.name)
             if existing is not None:
@@ -60,14 +63,20 @@ class VolumeOps(EngineCore):
                 f"{capacity} bytes do not fit in the {self.free_bytes()} free bytes of the node's storage"
             )
         with self._scratch() as scratch:
-            if spec.source_kind == "volume":
-                parent = self._share_volume(spec.source_id, scratch)
-            parent, flat = self._bounded_parent(parent, scratch)
-            self._step("create.flattened")
-            size = image_size_for(capacity, fs_type)
             upper_dir = scratch / "upper"
             upper_dir.mkdir()
-            build_image(upper_dir / "image", size, fs_type)
+            flat = None
+            if block:
+                size = capacity
+                self._block_build(upper_dir / "image", capacity, self._block_source(parent, spec))
+                parent = None
+            else:
+                if spec.source_kind == "volume":
+                    parent = self._share_volume(spec.source_id, scratch)
+                parent, flat = self._bounded_parent(parent, scratch)
+                self._step("create.flattened")
+                size = image_size_for(capacity, fs_type)
+                build_image(upper_dir / "image", size, fs_type)
             self._step("create.built")
             upper = self._new_layer(parent, active=True, fs_type=fs_type, image_bytes=size)
             with self.store.tx() as tx:
@@ -106,6 +115,12 @@ class VolumeOps(EngineCore):
         self._step("create.done")
         return vol
 
+    def _block_source(self, parent: Layer | None, spec: VolumeSpec) -> Path | None:
+        """The image a new block volume copies: a snapshot's layer or a volume's upper."""
+        if spec.source_kind == "volume":
+            return self.layout.image(self.get_volume(spec.source_id).upper)
+        return self.layout.image(parent.id) if parent is not None else None
+
     def _source_parent(self, tx: Tx, spec: VolumeSpec) -> tuple[Layer | None, int, int]:
         """The layer a new volume starts from, its default and minimum capacity."""
         default = self.config.default_capacity
@@ -129,6 +144,8 @@ class VolumeOps(EngineCore):
                 )
             return None, src.capacity_bytes, src.capacity_bytes
         if spec.base_layer:
+            if spec.access_type == BLOCK:
+                raise InvalidArgument("a block volume cannot start from a base layer")
             base = tx.layer_by_name(spec.base_layer)
             if base is None:
                 raise InvalidArgument(
@@ -149,7 +166,7 @@ class VolumeOps(EngineCore):
             v = tx.volume(volume_id)
             if v is None:
                 return
-            if v.staging_path and host.is_mounted(v.staging_path):
+            if v.staging_path and self._is_staged(v):
                 raise FailedPrecondition(f"volume {volume_id} is still staged at {v.staging_path}")
             live = [p.target_path for p in tx.publications(volume_id) if host.is_mounted(p.target_path)]
             if live:

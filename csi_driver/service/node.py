@@ -62,7 +62,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         vol = self._volume(request.volume_id)
         readonly = request.readonly or cap.mode in v.READONLY_MODES
         flags = [f for f in cap.mount_flags if f not in ("ro", "rw")]
-        self.engine.publish(vol.id, staging, target, readonly or "ro" in cap.mount_flags, flags)
+        single = cap.mode == v.AccessMode.SINGLE_NODE_SINGLE_WRITER
+        self.engine.publish(
+            vol.id, staging, target, readonly or "ro" in cap.mount_flags, flags, single_writer=single
+        )
         return csi.NodePublishVolumeResponse()
 
     @rpc(guard=lambda r: [r.volume_id])

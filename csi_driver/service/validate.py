@@ -122,7 +122,7 @@ def capability(cap: csi.VolumeCapability) -> Capability:
         label = AccessMode.Mode.Name(mode) if mode in AccessMode.Mode.values() else str(mode)
         raise InvalidArgument(f"access mode {label} is not supported by a node-local driver")
     if kind == "block":
-        raise InvalidArgument("block access type is not supported yet")
+        return Capability("block", "", (), mode, "")
     fs_type = cap.mount.fs_type
     if fs_type not in SUPPORTED_FS:
         raise InvalidArgument(
