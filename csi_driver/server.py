@@ -21,6 +21,7 @@ from csi_driver.proto import csi_pb2_grpc
 from csi_driver.service.context import DriverContext
 from csi_driver.service.controller import ControllerServicer
 from csi_driver.service.expand_only import ExpandOnlyControllerServicer
+from csi_driver.service.group import GroupControllerServicer
 from csi_driver.service.identity import IdentityServicer
 from csi_driver.service.node import NodeServicer
 
@@ -48,6 +49,7 @@ class ServeOptions:
     hidden_capabilities: tuple[str, ...] = ()
     mode: str = "all"  # or "controller-expand"
     drain_seconds: float = 30.0
+    metrics_address: str = ""  # HOST:PORT for Prometheus metrics; "" = off
 
 
 def socket_path(endpoint: str) -> Path:
@@ -99,8 +101,14 @@ class Server:
             max_volumes_per_node=opts.max_volumes_per_node,
             hidden_capabilities=frozenset(opts.hidden_capabilities),
         )
+        self.metrics = None
+        if opts.metrics_address:
+            from csi_driver.metrics import Metrics  # needs the 'metrics' extra
+
+            self.metrics = Metrics(self.engine, opts.driver_name, opts.node_id, __version__)
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="rpc"),
+            interceptors=self.metrics.interceptors() if self.metrics else None,
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -113,6 +121,7 @@ class Server:
         else:
             csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(self.ctx), self.grpc)
             csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(self.ctx), self.grpc)
+            csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerServicer(self.ctx), self.grpc)
         self.socket = socket_path(opts.endpoint)
         self._stopped = threading.Event()
 
@@ -124,6 +133,9 @@ class Server:
             log.info("replacing stale socket %s", self.socket)
             self.socket.unlink()
         self.grpc.add_insecure_port(f"unix://{self.socket}")
+        if self.metrics:
+            addr = self.metrics.serve(self.opts.metrics_address)
+            log.info("serving metrics on http://%s:%d/metrics", *addr)
         self.grpc.start()
         os.chmod(self.socket, 0o660)
         log.info(
@@ -141,6 +153,8 @@ class Server:
         self._stopped.set()
         self.ctx.ready = False
         self.grpc.stop(self.opts.drain_seconds if grace is None else grace).wait()
+        if self.metrics:
+            self.metrics.close()
         self.engine.close()
         self.socket.unlink(missing_ok=True)
         os.close(self._lock_fd)

@@ -12,6 +12,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,6 +58,12 @@ CREATE TABLE IF NOT EXISTS publications (
     readonly INTEGER NOT NULL,
     options TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (volume_id, target_path)
+);
+CREATE TABLE IF NOT EXISTS attachments (
+    volume_id TEXT NOT NULL REFERENCES volumes(id) ON DELETE CASCADE,
+    node_id TEXT NOT NULL,
+    readonly INTEGER NOT NULL,
+    PRIMARY KEY (volume_id, node_id)
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -158,8 +165,9 @@ def _publication(row: sqlite3.Row) -> Publication:
 class Tx:
     """Queries and changes inside one open transaction."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, pinned: Counter[str] | None = None) -> None:
         self.c = conn
+        self.pinned = pinned if pinned is not None else Counter()
 
     # ---- layers -------------------------------------------------------
     def layer(self, layer_id: str) -> Layer | None:
@@ -210,7 +218,7 @@ class Tx:
             " AND NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.layer=l.id)"
             " AND NOT EXISTS (SELECT 1 FROM layers c WHERE c.parent=l.id)"
         )
-        return [Layer(**dict(r)) for r in rows]
+        return [Layer(**dict(r)) for r in rows if not self.pinned[r["id"]]]
 
     def collect_garbage(self) -> list[Layer]:
         """Delete every unreferenced unnamed layer row, transitively; return them."""
@@ -254,6 +262,18 @@ class Tx:
             args += (limit,)
         return [_volume(r) for r in self.c.execute(sql, args)]
 
+    def count_staged(self, except_id: str = "") -> int:
+        row = self.c.execute(
+            "SELECT COUNT(*) FROM volumes WHERE staging_path IS NOT NULL AND id!=?", (except_id,)
+        ).fetchone()
+        return int(row[0])
+
+    def count_attached(self, node_id: str, except_id: str = "") -> int:
+        row = self.c.execute(
+            "SELECT COUNT(*) FROM attachments WHERE node_id=? AND volume_id!=?", (node_id, except_id)
+        ).fetchone()
+        return int(row[0])
+
     def count_volumes(self) -> int:
         return int(self.c.execute("SELECT COUNT(*) FROM volumes").fetchone()[0])
 
@@ -293,6 +313,7 @@ class Tx:
 
     def delete_volume(self, volume_id: str) -> None:
         self.c.execute("DELETE FROM publications WHERE volume_id=?", (volume_id,))
+        self.c.execute("DELETE FROM attachments WHERE volume_id=?", (volume_id,))
         self.c.execute("DELETE FROM volumes WHERE id=?", (volume_id,))
 
     # ---- publications -------------------------------------------------
@@ -319,6 +340,27 @@ class Tx:
         self.c.execute(
             "DELETE FROM publications WHERE volume_id=? AND target_path=?", (volume_id, target_path)
         )
+
+    # ---- controller attachments (ControllerPublishVolume) --------------
+    def attachment(self, volume_id: str, node_id: str) -> bool | None:
+        """The readonly flag of the volume's attachment to the node, or None."""
+        row = self.c.execute(
+            "SELECT readonly FROM attachments WHERE volume_id=? AND node_id=?", (volume_id, node_id)
+        ).fetchone()
+        return None if row is None else bool(row[0])
+
+    def attached_nodes(self, volume_id: str) -> list[str]:
+        rows = self.c.execute("SELECT node_id FROM attachments WHERE volume_id=?", (volume_id,))
+        return [r[0] for r in rows]
+
+    def attach(self, volume_id: str, node_id: str, readonly: bool) -> None:
+        self.c.execute(
+            "INSERT OR REPLACE INTO attachments (volume_id,node_id,readonly) VALUES (?,?,?)",
+            (volume_id, node_id, int(readonly)),
+        )
+
+    def detach(self, volume_id: str, node_id: str) -> None:
+        self.c.execute("DELETE FROM attachments WHERE volume_id=? AND node_id=?", (volume_id, node_id))
 
     # ---- snapshots ----------------------------------------------------
     def snapshot(self, snapshot_id: str) -> Snapshot | None:
@@ -397,6 +439,8 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
+        # layers an operation in flight installed but has not yet referenced: never garbage
+        self.pinned: Counter[str] = Counter()
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -421,13 +465,23 @@ class Store:
         with self.tx() as tx:
             return int(tx.c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
 
+    def pin(self, layer_id: str) -> None:
+        with self._lock:
+            self.pinned[layer_id] += 1
+
+    def unpin(self, layer_id: str) -> None:
+        with self._lock:
+            self.pinned[layer_id] -= 1
+            if self.pinned[layer_id] <= 0:
+                del self.pinned[layer_id]
+
     @contextmanager
     def tx(self) -> Iterator[Tx]:
         """One write transaction: committed on success, rolled back on any exception."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield Tx(self._conn)
+                yield Tx(self._conn, self.pinned)
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise

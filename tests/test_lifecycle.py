@@ -121,11 +121,19 @@ def test_max_volume_size_and_count(tmp_path: Path):
     try:
         c = d.client
         assert code_of(c.create_volume, "huge", 200 * MiB) == grpc.StatusCode.OUT_OF_RANGE
-        c.create_volume("a", 10 * MiB)
-        c.create_volume("b", 10 * MiB)
-        assert code_of(c.create_volume, "c", 10 * MiB) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        vols = [c.create_volume(n, 10 * MiB).volume_id for n in "abc"]  # creating is not using
         info = c.node.NodeGetInfo(csi.NodeGetInfoRequest())
         assert info.max_volumes_per_node == 2
+        stagings = [d.paths(n)[0] for n in "abc"]
+        c.stage(vols[0], stagings[0])
+        c.stage(vols[1], stagings[1])
+        c.stage(vols[1], stagings[1])  # a repeat is not a new volume
+        assert code_of(c.stage, vols[2], stagings[2]) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert not host.is_mounted(stagings[2]), "a refused stage changes nothing"
+        c.unstage(vols[0], stagings[0])
+        c.stage(vols[2], stagings[2])
+        c.unstage(vols[1], stagings[1])
+        c.unstage(vols[2], stagings[2])
     finally:
         d.stop()
         cleanup(tmp_path)
@@ -258,4 +266,5 @@ def test_identity(driver: Driver):
     caps = ident.GetPluginCapabilities(csi.GetPluginCapabilitiesRequest()).capabilities
     services = {x.service.type for x in caps if x.HasField("service")}
     assert services == {csi.PluginCapability.Service.CONTROLLER_SERVICE,
-                        csi.PluginCapability.Service.VOLUME_ACCESSIBILITY_CONSTRAINTS}
+                        csi.PluginCapability.Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
+                        csi.PluginCapability.Service.GROUP_CONTROLLER_SERVICE}

@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 
 from csi_driver.engine import host
-from csi_driver.engine.core import EngineCore, VolumeStats
-from csi_driver.errors import AlreadyExists, FailedPrecondition
+from csi_driver.engine.core import VolumeStats
+from csi_driver.engine.modify import ModifyOps
+from csi_driver.errors import AlreadyExists, FailedPrecondition, ResourceExhausted
 from csi_driver.store import Layer, Publication, Volume
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 BLOCK = "block"
 
 
-class BlockOps(EngineCore):
+class BlockOps(ModifyOps):
     def _block_build(self, dest: Path, capacity: int, source: Path | None) -> None:
         """A new block image at ``dest``: empty, or a sparse copy of ``source``."""
         if source is None:
@@ -41,9 +42,13 @@ class BlockOps(EngineCore):
         for device in self._block_devices(v):
             host.run(["blockdev", "--flushbufs", device], check=False)
         host.copy_sparse(image, copy_dir / "image")
-        layer = self._new_layer(None, active=False, fs_type=BLOCK,
-                                image_bytes=os.path.getsize(image),
-                                used_bytes=host.allocated_bytes(copy_dir / "image"))
+        layer = self._new_layer(
+            None,
+            active=False,
+            fs_type=BLOCK,
+            image_bytes=os.path.getsize(image),
+            used_bytes=host.allocated_bytes(copy_dir / "image"),
+        )
         with self.store.tx() as tx:
             tx.add_layer(layer)
             self._install(copy_dir, layer.id)
@@ -55,8 +60,22 @@ class BlockOps(EngineCore):
         """The kernel, not the record, says whether a volume is in use."""
         if v.access_type == BLOCK:
             return self._block_device_ok(v, v.stage_options.get("device"))
-        return bool(v.staging_path) and host.is_mounted(v.staging_path) and \
-            host.is_mounted(self.layout.mnt(v.upper))
+        return (
+            bool(v.staging_path)
+            and host.is_mounted(v.staging_path)
+            and host.is_mounted(self.layout.mnt(v.upper))
+        )
+
+    def _check_stage_limit(self, v: Volume) -> None:
+        """--max-volumes-per-node: how many volumes may be in use on this node."""
+        limit = self.config.max_volumes
+        if not limit or v.staging_path:
+            return
+        with self.store.tx() as tx:
+            if tx.count_staged(except_id=v.id) >= limit:
+                raise ResourceExhausted(
+                    f"node {self.config.node_id} already has its maximum of {limit} volumes in use"
+                )
 
     def _block_devices(self, v: Volume) -> list[str]:
         image = str(self.layout.image(v.upper))
@@ -66,11 +85,15 @@ class BlockOps(EngineCore):
         return bool(device) and host.loop_devices().get(device) == str(self.layout.image(v.upper))
 
     def _block_stage(self, v: Volume, staging_path: str) -> None:
-        if v.staging_path and v.staging_path != staging_path and \
-                self._block_device_ok(v, v.stage_options.get("device")):
+        if (
+            v.staging_path
+            and v.staging_path != staging_path
+            and self._block_device_ok(v, v.stage_options.get("device"))
+        ):
             raise FailedPrecondition(f"volume {v.id} is already staged at {v.staging_path}")
         if v.staging_path == staging_path and self._block_device_ok(v, v.stage_options.get("device")):
             return
+        self._check_stage_limit(v)
         with self.store.tx() as tx:
             tx.update_volume(v.id, staging_path=staging_path, stage_options={})
         self._step("stage.recorded")
@@ -78,6 +101,7 @@ class BlockOps(EngineCore):
         device = host.loop_attach(self.layout.image(v.upper))
         with self.store.tx() as tx:
             tx.update_volume(v.id, stage_options={"device": device})
+        self._apply_mutable(v)
         self._step("stage.mounted")
 
     def _block_unstage(self, v: Volume, staging_path: str) -> None:
@@ -95,8 +119,9 @@ class BlockOps(EngineCore):
             return False
         return self._block_device_ok(v, pub.options.get("device"))
 
-    def _block_publish(self, v: Volume, staging_path: str, target_path: str, readonly: bool,
-                       single_writer: bool) -> None:
+    def _block_publish(
+        self, v: Volume, staging_path: str, target_path: str, readonly: bool, single_writer: bool
+    ) -> None:
         device = v.stage_options.get("device")
         if v.staging_path != staging_path or not self._block_device_ok(v, device):
             raise FailedPrecondition(f"volume {v.id} is not staged at {staging_path}")
@@ -110,8 +135,9 @@ class BlockOps(EngineCore):
         if readonly:  # a read-only bind mount does not stop writes to a device node
             device = host.loop_attach(self.layout.image(v.upper), readonly=True)
         with self.store.tx() as tx:
-            tx.add_publication(Publication(v.id, target_path, readonly,
-                                           {"device": device, "single_writer": single_writer}))
+            tx.add_publication(
+                Publication(v.id, target_path, readonly, {"device": device, "single_writer": single_writer})
+            )
         self._step("publish.recorded")
         target = Path(target_path)
         target.parent.mkdir(parents=True, exist_ok=True)

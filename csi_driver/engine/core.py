@@ -105,6 +105,7 @@ class EngineCore:
         self.mounts = LayerMounts(self.layout)
         self._crash = crash_hook or crash_hook_from_env()
         self._staged: set[str] = set()  # volumes whose layers this process holds mounted
+        self._pins: dict[Path, list[str]] = {}  # scratch dir -> layers its operation installed
 
     def _step(self, name: str) -> None:
         self._crash(name)
@@ -117,11 +118,32 @@ class EngineCore:
         try:
             yield path
         finally:
+            self._unpin(path)
             remove_tree(path)
 
     def _install(self, scratch: Path, layer_id: str) -> None:
-        """Move a built layer dir into place and give it its short link."""
+        """Move a built layer dir into place (inside the transaction that adds its row).
+
+        The layer stays pinned (no garbage collection) until the operation that
+        built it in ``scratch`` ends: a snapshot's copy is referenced only by the
+        snapshot row a later transaction adds, and a concurrent delete must not
+        collect it in between."""
+        root = self.layout.tmp / scratch.relative_to(self.layout.tmp).parts[0]
+        self.store.pin(layer_id)
+        self._pins.setdefault(root, []).append(layer_id)
         os.rename(scratch, self.layout.layer_dir(layer_id))
+
+    def _unpin(self, scratch: Path) -> None:
+        """Release the pins of an operation; collect what it left unreferenced (it failed)."""
+        ids = self._pins.pop(scratch, [])
+        if not ids:
+            return
+        for layer_id in ids:
+            self.store.unpin(layer_id)
+        with self.store.tx() as tx:
+            orphans = [x for x in ids if tx.layer(x) is not None and tx.layer_users(x) == 0]
+            gone = tx.collect_garbage() if orphans else []
+        self._discard_layers(gone)
 
     def _link(self, layer: Layer) -> None:
         link = self.layout.link(layer.link)

@@ -27,7 +27,9 @@ from csi_driver.engine.core import (
     VolumeStats,
     crash_hook_from_env,
 )
+from csi_driver.engine.ephemeral import EphemeralOps
 from csi_driver.engine.expand import ExpandOps
+from csi_driver.engine.modify import ModifyOps
 from csi_driver.engine.node import NodeOps
 from csi_driver.engine.snapshots import SnapshotOps
 from csi_driver.engine.volumes import VolumeOps
@@ -46,5 +48,7 @@ __all__ = [
 ]
 
 
-class Engine(VolumeOps, SnapshotOps, NodeOps, ExpandOps, BaseLayerOps, BlockOps, EngineCore):
+class Engine(
+    EphemeralOps, VolumeOps, SnapshotOps, NodeOps, ExpandOps, BlockOps, ModifyOps, BaseLayerOps, EngineCore
+):
     """The whole engine: each mixin owns one concern; EngineCore holds the state."""

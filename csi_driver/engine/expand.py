@@ -75,9 +75,14 @@ class ExpandOps(BlockOps):
                 return self.expand(volume_id, required, limit)[0]
             self._block_grow(v, v.capacity_bytes)
             return v.capacity_bytes
+        with self.store.tx() as tx:
+            before = tx.layer(v.upper)  # to undo the record if the file system cannot grow
+            assert before is not None
+        grown_from = None
         if required > v.capacity_bytes or os.path.getsize(self.layout.image(v.upper)) < image_size_for(
             v.capacity_bytes, v.fs_type
         ):
+            grown_from = v.capacity_bytes
             self.expand(volume_id, required, limit)
             v = self.get_volume(volume_id)
         with self.store.tx() as tx:
@@ -92,6 +97,10 @@ class ExpandOps(BlockOps):
         try:
             host.grow_fs(upper.fs_type, device, mnt)
         except CommandFailed as e:
+            if grown_from is not None:  # a refused call changes nothing: the size stays what the fs has
+                with self.store.tx() as tx:
+                    tx.update_layer(upper.id, image_bytes=before.image_bytes)
+                    tx.update_volume(volume_id, capacity_bytes=grown_from)
             if "Permission denied" in e.stderr or "Operation not permitted" in e.stderr:
                 raise FailedPrecondition(
                     "growing a mounted ext4 file system needs CAP_SYS_RESOURCE: run the node plugin "

@@ -53,6 +53,11 @@ class Layout:
         return self.root / "tmp"
 
     @property
+    def ephemeral(self) -> Path:
+        """Private staging dirs of ephemeral inline volumes."""
+        return self.root / "ephemeral"
+
+    @property
     def empty(self) -> Path:
         """An empty directory: the lowest lower of every overlay."""
         return self.root / "empty"
@@ -74,6 +79,6 @@ class Layout:
         return self.links / link
 
     def ensure(self) -> None:
-        for d in (self.root, self.layers, self.links, self.tmp, self.empty):
+        for d in (self.root, self.layers, self.links, self.tmp, self.empty, self.ephemeral):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root.chmod(0o700)

@@ -13,6 +13,7 @@ from csi_driver.engine.core import VolumeStats
 from csi_driver.errors import (
     AlreadyExists,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
 )
 from csi_driver.store import Publication, Volume
@@ -70,6 +71,7 @@ class NodeOps(BlockOps):
             return
         if host.is_mounted(staging_path):
             raise FailedPrecondition(f"{staging_path} already has another mount")
+        self._check_stage_limit(v)
         with self.store.tx() as tx:
             tx.update_volume(
                 volume_id, staging_path=staging_path, stage_options={"mount_flags": mount_flags or []}
@@ -85,7 +87,9 @@ class NodeOps(BlockOps):
                 links = [x.link for x in tx.chain(v.upper)[1:]]
             opts = overlay_options(links, v.upper) + list(mount_flags or [])
             host.mount("overlay", staging_path, "overlay", opts, cwd=self.layout.root)
+            self._apply_mutable(v)
         except Exception:
+            host.umount(staging_path)
             self._drop_layers(v)
             raise
         self._step("stage.mounted")
@@ -98,6 +102,8 @@ class NodeOps(BlockOps):
             raise FailedPrecondition(f"volume {volume_id} is still published at {live[0]}")
         if v.access_type == BLOCK:
             return self._block_unstage(v, staging_path)
+        if v.staging_path not in (None, staging_path) and self._overlay_is(v.staging_path, v):
+            return  # staged at another path: nothing is staged at this one, and its layers stay held
         if self._overlay_is(staging_path, v):
             host.umount(staging_path)
         self._step("unstage.unmounted")
@@ -166,6 +172,20 @@ class NodeOps(BlockOps):
                 log.warning("could not remove target %s: %s", target_path, e)
         with self.store.tx() as tx:
             tx.delete_publication(volume_id, target_path)
+
+    def set_mount_group(self, volume_id: str, group: str) -> None:
+        """VOLUME_MOUNT_GROUP without a recursive chown: the volume's root becomes
+        group-owned and setgid, so everything the pod creates inherits the group."""
+        if not group.isdigit() or int(group) > 0xFFFFFFFE:
+            raise InvalidArgument(f"volume_mount_group {group[:40]!r} is not a numeric group id")
+        v = self.get_volume(volume_id)
+        if v.access_type == BLOCK or not v.staging_path or not self._overlay_is(v.staging_path, v):
+            return
+        root = v.staging_path
+        st = os.stat(root)
+        if st.st_gid != int(group) or not st.st_mode & 0o2070 == 0o2070:
+            os.chown(root, -1, int(group))
+            os.chmod(root, (st.st_mode & 0o7777) | 0o2070)
 
     def volume_paths(self, v: Volume) -> set[str]:
         with self.store.tx() as tx:

@@ -84,6 +84,12 @@ def reconcile(engine: Engine) -> Report:
                 host.umount(m.target)
                 rep.unmounted.append(m.target)
 
+    # ephemeral volumes' private staging dirs whose volume is gone
+    for entry in sorted(layout.ephemeral.iterdir()):
+        if entry.name not in {v.id for v in volumes}:
+            remove_tree(entry)
+            rep.removed_dirs.append(str(entry))
+
     # 4. a crash while a snapshot copy held an upper frozen must not leave it frozen;
     #    then layer mounts nobody holds, then loop devices nobody mounts
     for m in host.mounts_under(layout.layers):

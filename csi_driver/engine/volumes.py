@@ -50,10 +50,6 @@ class VolumeOps(BlockOps):
                 if self._compatible(existing, spec):
                     return existing
                 raise AlreadyExists(f"volume {spec.name!r} exists with different arguments")
-            if self.config.max_volumes and tx.count_volumes() >= self.config.max_volumes:
-                raise ResourceExhausted(
-                    f"node {self.config.node_id} holds its maximum of {self.config.max_volumes} volumes"
-                )
             parent, default_cap, min_cap = self._source_parent(tx, spec)
         capacity = self.resolve_capacity(spec.required_bytes, spec.limit_bytes, default_cap)
         if capacity < min_cap:
@@ -109,6 +105,10 @@ class VolumeOps(BlockOps):
                     self._install(scratch / "flat", flat.id)
                 self._install(upper_dir, upper.id)
                 self._step("create.renamed")
+            if flat is not None:  # the snapshot moved onto the flat layer: its old chain may be unused
+                with self.store.tx() as tx:
+                    gone = tx.collect_garbage()
+                self._discard_layers(gone)
             for layer in (flat, upper):
                 if layer is not None:
                     self._link(layer)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_driver.engine.engine import VolumeSpec
-from csi_driver.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
+from csi_driver.engine.modify import validate_mutable
+from csi_driver.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.proto import csi_pb2_grpc
 from csi_driver.service import validate as v
@@ -26,6 +27,10 @@ CONTROLLER_CAPABILITIES = [
     RPC.CLONE_VOLUME,
     RPC.EXPAND_VOLUME,
     RPC.SINGLE_NODE_MULTI_WRITER,
+    RPC.MODIFY_VOLUME,
+    RPC.PUBLISH_UNPUBLISH_VOLUME,
+    RPC.PUBLISH_READONLY,
+    RPC.LIST_VOLUMES_PUBLISHED_NODES,
 ]
 
 
@@ -49,6 +54,17 @@ def timestamp(seconds: float) -> Timestamp:
     return ts
 
 
+def snapshot_msg(s: Snapshot) -> csi.Snapshot:
+    return csi.Snapshot(
+        snapshot_id=s.id,
+        source_volume_id=s.source_volume_id,
+        size_bytes=s.size_bytes,
+        creation_time=timestamp(s.created_at),
+        ready_to_use=True,
+        group_snapshot_id=s.group_id,
+    )
+
+
 class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def __init__(self, ctx: DriverContext) -> None:
         self.ctx = ctx
@@ -67,16 +83,6 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         elif vol.source_kind == "volume":
             msg.content_source.volume.volume_id = vol.source_id
         return msg
-
-    def _snapshot_msg(self, s: Snapshot) -> csi.Snapshot:
-        return csi.Snapshot(
-            snapshot_id=s.id,
-            source_volume_id=s.source_volume_id,
-            size_bytes=s.size_bytes,
-            creation_time=timestamp(s.created_at),
-            ready_to_use=True,
-            group_snapshot_id=s.group_id,
-        )
 
     def _check_topology(self, req: csi.TopologyRequirement) -> None:
         terms = list(req.requisite) or list(req.preferred)
@@ -97,9 +103,13 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 abnormal=bool(problem), message=problem or "volume is healthy"
             )
         )
-        if vol.staging_path:
+        if vol.staging_path or self._attached(vol.id):
             status.published_node_ids.append(self.ctx.node_id)
         return status
+
+    def _attached(self, volume_id: str) -> bool:
+        with self.engine.store.tx() as tx:
+            return bool(tx.attached_nodes(volume_id))
 
     # ---------------------------------------------------------------- volumes
     @rpc(guard=lambda r: ["name:" + r.name])
@@ -107,10 +117,8 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         name = v.name(request.name)
         caps = v.capabilities(list(request.volume_capabilities))
         params = v.volume_parameters(dict(request.parameters))
-        if request.mutable_parameters:
-            raise InvalidArgument(
-                f"mutable parameters {sorted(request.mutable_parameters)} are not supported"
-            )
+        kind = "block" if caps[0].access_type == "block" else caps[0].fs_type
+        mutable = validate_mutable(v.string_map(dict(request.mutable_parameters), "mutable_parameters"), kind)
         if request.HasField("accessibility_requirements"):
             self._check_topology(request.accessibility_requirements)
         source_kind = source_id = ""
@@ -131,12 +139,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             with self.locks.try_hold(source_id) as owned:
                 if not owned:
                     raise Aborted(f"an operation on {source_id} is already in progress")
-                vol = self._create(name, request, caps, params, source_kind, source_id)
+                vol = self._create(name, request, caps, params, mutable, source_kind, source_id)
         else:
-            vol = self._create(name, request, caps, params, source_kind, source_id)
+            vol = self._create(name, request, caps, params, mutable, source_kind, source_id)
         return csi.CreateVolumeResponse(volume=self._volume_msg(vol))
 
-    def _create(self, name, request, caps, params, source_kind, source_id) -> Volume:
+    def _create(self, name, request, caps, params, mutable, source_kind, source_id) -> Volume:
         return self.engine.create_volume(
             VolumeSpec(
                 name=name,
@@ -148,6 +156,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 source_kind=source_kind,
                 source_id=source_id,
                 base_layer=params.get("baseLayer", ""),
+                mutable=mutable,
             )
         )
 
@@ -195,7 +204,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             csi.ListVolumesResponse.Entry(
                 volume=self._volume_msg(x),
                 status=csi.ListVolumesResponse.VolumeStatus(
-                    published_node_ids=[self.ctx.node_id] if x.staging_path else [],
+                    published_node_ids=[self.ctx.node_id] if x.staging_path or self._attached(x.id) else [],
                     volume_condition=self._status(x).volume_condition,
                 ),
             )
@@ -251,6 +260,56 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         )
         return csi.ControllerExpandVolumeResponse(capacity_bytes=cap, node_expansion_required=node_needed)
 
+    @rpc(guard=lambda r: [r.volume_id])
+    def ControllerModifyVolume(self, request, context):
+        v.required(request.volume_id, "volume_id")
+        vol = self._existing(request.volume_id)
+        self.engine.modify_volume(
+            vol.id, v.string_map(dict(request.mutable_parameters), "mutable_parameters")
+        )
+        return csi.ControllerModifyVolumeResponse()
+
+    # ---------------------------------------------------------------- attach
+    # Volumes are node-local: "attaching" one validates that the node is this
+    # one and records it, so the CO's bookkeeping and ours agree.
+    @rpc(guard=lambda r: [r.volume_id])
+    def ControllerPublishVolume(self, request, context):
+        v.required(request.volume_id, "volume_id")
+        v.required(request.node_id, "node_id")
+        if not request.HasField("volume_capability"):
+            raise InvalidArgument("volume_capability is required")
+        cap = v.capability(request.volume_capability)
+        vol = self._existing(request.volume_id)
+        if request.node_id != self.ctx.node_id:
+            raise NotFound(
+                f"node {request.node_id[:80]!r} is not {self.ctx.node_id}, where this volume lives"
+            )
+        if cap.access_type != vol.access_type:
+            raise InvalidArgument(f"volume {vol.id} is a {vol.access_type} volume")
+        readonly = request.readonly or cap.mode in v.READONLY_MODES
+        with self.engine.store.tx() as tx:
+            current = tx.attachment(vol.id, request.node_id)
+            if current is not None and current != readonly:
+                raise AlreadyExists(
+                    f"volume {vol.id} is already published to {request.node_id} with readonly={current}"
+                )
+            limit = self.ctx.max_volumes_per_node
+            if current is None and limit and tx.count_attached(request.node_id, vol.id) >= limit:
+                raise ResourceExhausted(f"node {request.node_id} already has its maximum of {limit} volumes")
+            tx.attach(vol.id, request.node_id, readonly)
+        return csi.ControllerPublishVolumeResponse(publish_context={})
+
+    @rpc(guard=lambda r: [r.volume_id])
+    def ControllerUnpublishVolume(self, request, context):
+        v.required(request.volume_id, "volume_id")
+        with self.engine.store.tx() as tx:
+            if request.node_id:
+                tx.detach(request.volume_id, request.node_id)
+            else:
+                for node in tx.attached_nodes(request.volume_id):
+                    tx.detach(request.volume_id, node)
+        return csi.ControllerUnpublishVolumeResponse()
+
     # ---------------------------------------------------------------- snapshots
     @rpc(guard=lambda r: ["snapname:" + r.name, r.source_volume_id])
     def CreateSnapshot(self, request, context):
@@ -263,7 +322,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if not v.VOLUME_ID_RE.match(request.source_volume_id):
             raise NotFound(f"volume {request.source_volume_id[:80]!r} does not exist")
         snap = self.engine.create_snapshot(name, request.source_volume_id)
-        return csi.CreateSnapshotResponse(snapshot=self._snapshot_msg(snap))
+        return csi.CreateSnapshotResponse(snapshot=snapshot_msg(snap))
 
     @rpc(guard=lambda r: [r.snapshot_id])
     def DeleteSnapshot(self, request, context):
@@ -285,12 +344,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 not request.source_volume_id or s.source_volume_id == request.source_volume_id
             )
             return csi.ListSnapshotsResponse(
-                entries=[csi.ListSnapshotsResponse.Entry(snapshot=self._snapshot_msg(s))] if ok else []
+                entries=[csi.ListSnapshotsResponse.Entry(snapshot=snapshot_msg(s))] if ok else []
             )
         snaps = self.engine.list_snapshots(after, limit + 1, request.source_volume_id or None)
         next_token = str(snaps[limit - 1].seq) if len(snaps) > limit else ""
         return csi.ListSnapshotsResponse(
-            entries=[csi.ListSnapshotsResponse.Entry(snapshot=self._snapshot_msg(s)) for s in snaps[:limit]],
+            entries=[csi.ListSnapshotsResponse.Entry(snapshot=snapshot_msg(s)) for s in snaps[:limit]],
             next_token=next_token,
         )
 
@@ -304,4 +363,4 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         )
         if s is None:
             raise NotFound(f"snapshot {request.snapshot_id[:80]!r} does not exist")
-        return csi.GetSnapshotResponse(snapshot=self._snapshot_msg(s))
+        return csi.GetSnapshotResponse(snapshot=snapshot_msg(s))

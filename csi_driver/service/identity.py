@@ -27,6 +27,7 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
         caps = [
             csi.PluginCapability(service=Service(type=Service.CONTROLLER_SERVICE)),
             csi.PluginCapability(service=Service(type=Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
+            csi.PluginCapability(service=Service(type=Service.GROUP_CONTROLLER_SERVICE)),
             csi.PluginCapability(volume_expansion=Expansion(type=Expansion.ONLINE)),
             csi.PluginCapability(volume_expansion=Expansion(type=Expansion.OFFLINE)),
         ]

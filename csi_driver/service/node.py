@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from csi_driver.engine.core import VolumeSpec
 from csi_driver.errors import InvalidArgument, NotFound
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.proto import csi_pb2_grpc
@@ -16,6 +17,7 @@ NODE_CAPABILITIES = [
     NodeRPC.VOLUME_CONDITION,
     NodeRPC.EXPAND_VOLUME,
     NodeRPC.SINGLE_NODE_MULTI_WRITER,
+    NodeRPC.VOLUME_MOUNT_GROUP,
 ]
 
 
@@ -25,15 +27,23 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.engine = ctx.engine
         self.locks = ctx.locks
 
+    def _path(self, value: str, what: str) -> str:
+        return v.outside_state(v.path(value, what), self.engine.layout.root, what)
+
     def _volume(self, volume_id: str):
         if not v.known_id(volume_id, v.VOLUME_ID_RE, "volume_id"):
-            raise NotFound(f"volume {volume_id[:80]!r} does not exist")
+            ephemeral = self.engine.ephemeral_volume(volume_id)
+            if ephemeral is None:
+                raise NotFound(f"volume {volume_id[:80]!r} does not exist")
+            return ephemeral
         return self.engine.get_volume(volume_id)
 
     @rpc(guard=lambda r: [r.volume_id])
     def NodeStageVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
-        staging = v.path(request.staging_target_path, "staging_target_path")
+        staging = self._path(request.staging_target_path, "staging_target_path")
+        v.string_map(dict(request.volume_context), "volume_context")
+        v.string_map(dict(request.publish_context), "publish_context")
         if not request.HasField("volume_capability"):
             raise InvalidArgument("volume_capability is required")
         cap = v.capability(request.volume_capability)
@@ -46,7 +56,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @rpc(guard=lambda r: [r.volume_id])
     def NodeUnstageVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
-        staging = v.path(request.staging_target_path, "staging_target_path")
+        staging = self._path(request.staging_target_path, "staging_target_path")
         vol = self._volume(request.volume_id)
         self.engine.unstage(vol.id, staging)
         return csi.NodeUnstageVolumeResponse()
@@ -54,26 +64,52 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @rpc(guard=lambda r: [r.volume_id])
     def NodePublishVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
-        target = v.path(request.target_path, "target_path")
+        target = self._path(request.target_path, "target_path")
+        v.string_map(dict(request.volume_context), "volume_context")
+        v.string_map(dict(request.publish_context), "publish_context")
         if not request.HasField("volume_capability"):
             raise InvalidArgument("volume_capability is required")
         cap = v.capability(request.volume_capability)
-        staging = v.path(request.staging_target_path, "staging_target_path")
-        vol = self._volume(request.volume_id)
-        readonly = request.readonly or cap.mode in v.READONLY_MODES
+        readonly = request.readonly or cap.mode in v.READONLY_MODES or "ro" in cap.mount_flags
         flags = [f for f in cap.mount_flags if f not in ("ro", "rw")]
+        if request.volume_context.get(v.EPHEMERAL_KEY) == "true":
+            self._publish_ephemeral(request, target, cap, readonly, flags)
+            return csi.NodePublishVolumeResponse()
+        staging = self._path(request.staging_target_path, "staging_target_path")
+        vol = self._volume(request.volume_id)
         single = cap.mode == v.AccessMode.SINGLE_NODE_SINGLE_WRITER
-        self.engine.publish(
-            vol.id, staging, target, readonly or "ro" in cap.mount_flags, flags, single_writer=single
-        )
+        self.engine.publish(vol.id, staging, target, readonly, flags, single_writer=single)
+        if cap.volume_mount_group:
+            self.engine.set_mount_group(vol.id, cap.volume_mount_group)
         return csi.NodePublishVolumeResponse()
+
+    def _publish_ephemeral(
+        self, request, target: str, cap: v.Capability, readonly: bool, flags: list[str]
+    ) -> None:
+        """Kubelet's inline volume: created here, deleted at NodeUnpublishVolume."""
+        if cap.access_type != "mount":
+            raise InvalidArgument("ephemeral inline volumes are file system volumes")
+        attrs = v.ephemeral_attributes(dict(request.volume_context))
+        spec = VolumeSpec(
+            name="",
+            required_bytes=attrs["size"],
+            fs_type=cap.fs_type,
+            parameters={"baseLayer": attrs["baseLayer"]} if attrs["baseLayer"] else {},
+            base_layer=attrs["baseLayer"],
+        )
+        self.engine.publish_ephemeral(
+            request.volume_id, target, readonly, spec, flags, cap.volume_mount_group
+        )
 
     @rpc(guard=lambda r: [r.volume_id])
     def NodeUnpublishVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
-        target = v.path(request.target_path, "target_path")
+        target = self._path(request.target_path, "target_path")
         vol = self._volume(request.volume_id)
-        self.engine.unpublish(vol.id, target)
+        if vol.ephemeral:
+            self.engine.unpublish_ephemeral(vol, target)
+        else:
+            self.engine.unpublish(vol.id, target)
         return csi.NodeUnpublishVolumeResponse()
 
     @rpc()

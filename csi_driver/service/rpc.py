@@ -30,6 +30,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 Observer = Callable[[str, str, float], None]
 
 _observers: list[Observer] = []
+MAX_ERROR_MESSAGE = 2048
 
 
 def add_observer(fn: Observer) -> None:
@@ -91,7 +92,8 @@ def rpc(guard: Callable[[Any], Iterable[str]] | None = None) -> Callable[[F], F]
                     else:
                         response = fn(self, request, context)
             except DriverError as e:
-                code, message = getattr(grpc.StatusCode, e.code), str(e)
+                # bounded: a message echoing a huge request must not exceed gRPC's trailer limit
+                code, message = getattr(grpc.StatusCode, e.code), str(e)[:MAX_ERROR_MESSAGE]
                 if e.code == "INTERNAL":
                     log.error("%s failed: %s", method, e)
             except Exception as e:  # never a traceback to the caller

@@ -45,6 +45,23 @@ ALLOWED_MOUNT_FLAGS = {
     "dirsync",
 }
 PARAM_PREFIX = "csi.storage.k8s.io/"
+EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
+EPHEMERAL_ATTRIBUTES = {"size", "baseLayer"}
+_QUANTITY_RE = re.compile(r"^(\d+)(Ki|Mi|Gi|Ti|Pi|k|K|M|G|T|P)?$")
+_QUANTITY_UNITS = {
+    None: 1,
+    "Ki": 1 << 10,
+    "Mi": 1 << 20,
+    "Gi": 1 << 30,
+    "Ti": 1 << 40,
+    "Pi": 1 << 50,
+    "k": 10**3,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+}
 VOLUME_PARAMETERS = {"baseLayer"}
 
 
@@ -78,10 +95,21 @@ def path(value: str, what: str) -> str:
         raise InvalidArgument(f"{what} must be absolute")
     if ".." in value.split("/"):
         raise InvalidArgument(f"{what} must not contain '..'")
+    if any(len(part.encode()) > 255 for part in value.split("/")):
+        raise InvalidArgument(f"{what} has a component longer than 255 bytes")
     norm = os.path.normpath(value)
     if os.path.islink(norm):
         raise InvalidArgument(f"{what} must not be a symlink")
     return norm
+
+
+def outside_state(path: str, state_dir: str | os.PathLike, what: str) -> str:
+    """Refuse a node path in or above the driver's state dir: a mount there would hide
+    or corrupt the layers, and NodeUnpublish would remove the driver's directories."""
+    real, base = os.path.realpath(path), os.path.realpath(state_dir)
+    if real == base or real.startswith(base + "/") or base.startswith(real.rstrip("/") + "/"):
+        raise InvalidArgument(f"{what} must not be in or above the driver's state dir")
+    return path
 
 
 def string_map(m: dict[str, str], what: str) -> dict[str, str]:
@@ -91,6 +119,28 @@ def string_map(m: dict[str, str], what: str) -> dict[str, str]:
         if len(k) > MAX_NAME or len(v) > MAX_VALUE:
             raise InvalidArgument(f"{what} key or value too long")
     return dict(m)
+
+
+def quantity(text: str, what: str) -> int:
+    """A Kubernetes-style size: '1Gi', '500M', '1048576'."""
+    m = _QUANTITY_RE.match(text.strip())
+    if not m:
+        raise InvalidArgument(f"{what} {text[:40]!r} is not a size such as 1Gi or 500Mi")
+    return int(m.group(1)) * _QUANTITY_UNITS[m.group(2)]
+
+
+def ephemeral_attributes(context: dict[str, str]) -> dict:
+    """The volumeAttributes of an inline volume: size and baseLayer."""
+    string_map(context, "volume_context")
+    unknown = sorted(k for k in context if k not in EPHEMERAL_ATTRIBUTES and not k.startswith(PARAM_PREFIX))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown volumeAttributes {unknown}; supported: {sorted(EPHEMERAL_ATTRIBUTES)}"
+        )
+    base = context.get("baseLayer", "")
+    if base and not LAYER_NAME_RE.match(base):
+        raise InvalidArgument("baseLayer must be a layer name ([a-zA-Z0-9._-], at most 63)")
+    return {"size": quantity(context["size"], "size") if "size" in context else 0, "baseLayer": base}
 
 
 def volume_parameters(params: dict[str, str]) -> dict[str, str]:

@@ -1,0 +1,55 @@
+"""Ephemeral inline volumes: created at NodePublishVolume, deleted at unpublish.
+
+Kubelet names them with its own handle (``csi-<hash>``); we keep that handle
+as the volume's name and stage it privately under ``ephemeral/<volume id>``.
+"""
+
+from __future__ import annotations
+
+from csi_driver.engine.core import EngineCore, VolumeSpec
+from csi_driver.store import Volume
+
+EPHEMERAL_PREFIX = "ephemeral/"
+
+
+class EphemeralOps(EngineCore):
+    def ephemeral_volume(self, handle: str) -> Volume | None:
+        with self.store.tx() as tx:
+            return tx.volume_by_name(EPHEMERAL_PREFIX + handle)
+
+    def _ephemeral_staging(self, v: Volume) -> str:
+        return str(self.layout.ephemeral / v.id)
+
+    def publish_ephemeral(
+        self,
+        handle: str,
+        target_path: str,
+        readonly: bool,
+        spec: VolumeSpec,
+        mount_flags: list[str],
+        group: str = "",
+    ) -> Volume:
+        """Create (idempotently, by handle), stage privately and publish."""
+        v = self.create_volume(
+            VolumeSpec(**{**spec.__dict__, "name": EPHEMERAL_PREFIX + handle, "ephemeral": True})
+        )
+        staging = self._ephemeral_staging(v)
+        self.stage(v.id, staging, mount_flags)
+        self.publish(v.id, staging, target_path, readonly, mount_flags)
+        if group:
+            self.set_mount_group(v.id, group)
+        return v
+
+    def unpublish_ephemeral(self, v: Volume, target_path: str) -> None:
+        self.unpublish(v.id, target_path)
+        with self.store.tx() as tx:
+            others = [p for p in tx.publications(v.id) if p.target_path != target_path]
+        if others:
+            return
+        staging = self._ephemeral_staging(v)
+        self.unstage(v.id, staging)
+        self.delete_volume(v.id)
+        try:
+            (self.layout.ephemeral / v.id).rmdir()
+        except OSError:
+            pass

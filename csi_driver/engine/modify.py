@@ -1,0 +1,82 @@
+"""Mutable volume parameters (ControllerModifyVolume, VolumeAttributesClass).
+
+Each parameter changes something real about the volume's upper file system:
+
+| key | values | effect |
+|---|---|---|
+| ``reservedPercent`` | 0..50 | ext4 blocks reserved for root (``tune2fs -m``): what the pod can fill |
+| ``discard`` | true/false | freed blocks go back to the host at once (thin stays thin) or not |
+| ``commitSeconds`` | 1..300 | ext4 journal commit interval: durability window vs write throughput |
+| ``readAheadKiB`` | 0..16384 | read-ahead of the volume's loop device (file system and block volumes) |
+
+Applied at once when the volume is in use, and at every later stage.
+"""
+
+from __future__ import annotations
+
+from csi_driver.engine import host
+from csi_driver.engine.core import EngineCore
+from csi_driver.errors import InvalidArgument
+from csi_driver.store import Volume
+
+MUTABLE_KEYS = ("reservedPercent", "discard", "commitSeconds", "readAheadKiB")
+FS_ONLY = {"reservedPercent", "discard", "commitSeconds"}
+RANGES = {"reservedPercent": (0, 50), "commitSeconds": (1, 300), "readAheadKiB": (0, 16384)}
+
+
+def validate_mutable(params: dict[str, str], fs_type: str = "ext4") -> dict[str, str]:
+    """Check every key and value; raise InvalidArgument naming the first bad one."""
+    unknown = sorted(set(params) - set(MUTABLE_KEYS))
+    if unknown:
+        raise InvalidArgument(f"unknown mutable parameters {unknown}; supported: {list(MUTABLE_KEYS)}")
+    for key, value in params.items():
+        if key in FS_ONLY and fs_type == "block":
+            raise InvalidArgument(f"{key} applies to file system volumes only")
+        if key == "discard" and value not in ("true", "false"):
+            raise InvalidArgument("discard must be 'true' or 'false'")
+        if key in RANGES:
+            lo, hi = RANGES[key]
+            if not value.isdigit() or not lo <= int(value) <= hi:
+                raise InvalidArgument(f"{key} must be an integer from {lo} to {hi}")
+        if key in ("reservedPercent", "commitSeconds") and fs_type not in ("ext4", ""):
+            raise InvalidArgument(f"{key} applies to ext4 volumes only")
+    return dict(params)
+
+
+class ModifyOps(EngineCore):
+    def modify_volume(self, volume_id: str, params: dict[str, str]) -> Volume:
+        v = self.get_volume(volume_id)
+        validate_mutable(params, v.fs_type)
+        merged = {**v.mutable, **params}
+        with self.store.tx() as tx:
+            tx.update_volume(volume_id, mutable=merged)
+        v = self.get_volume(volume_id)
+        if v.access_type == "block" or host.is_mounted(self.layout.mnt(v.upper)):
+            self._apply_mutable(v)
+        elif "reservedPercent" in params:
+            host.run(["tune2fs", "-m", params["reservedPercent"], str(self.layout.image(v.upper))])
+        return v
+
+    def _apply_mutable(self, v: Volume) -> None:
+        """Apply the volume's mutable parameters to its mounted upper."""
+        m = v.mutable
+        if not m:
+            return
+        image = str(self.layout.image(v.upper))
+        if "readAheadKiB" in m:
+            for device in [d for d, f in host.loop_devices().items() if f == image]:
+                host.run(["blockdev", "--setra", str(int(m["readAheadKiB"]) * 2), device])
+        if v.access_type == "block":
+            return
+        mnt = self.layout.mnt(v.upper)
+        opts = []
+        if "discard" in m:
+            opts.append("discard" if m["discard"] == "true" else "nodiscard")
+        if "commitSeconds" in m:
+            opts.append(f"commit={m['commitSeconds']}")
+        if opts:
+            host.run(["mount", "-o", "remount," + ",".join(opts), str(mnt)])
+        if "reservedPercent" in m:
+            device = host.device_of(mnt)
+            if device:
+                host.run(["tune2fs", "-m", m["reservedPercent"], device])
