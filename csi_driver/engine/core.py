@@ -40,16 +40,24 @@ CrashHook = Callable[[str], None]
 
 
 def crash_hook_from_env() -> CrashHook:
-    """Test-only: ``OVERLAY_CSI_CRASH_AT=step[:n]`` SIGKILLs the process at the
-    n-th (default first) time it reaches that step boundary."""
-    spec = os.environ.get("OVERLAY_CSI_CRASH_AT", "")
-    if not spec:
+    """Test-only hooks at step boundaries, from the environment.
+
+    ``OVERLAY_CSI_CRASH_AT=step[:n]`` SIGKILLs the process the n-th (default
+    first) time it reaches that step; ``OVERLAY_CSI_SLOW_AT=step:seconds``
+    sleeps there (to test draining and concurrency).
+    """
+    crash = os.environ.get("OVERLAY_CSI_CRASH_AT", "")
+    slow = os.environ.get("OVERLAY_CSI_SLOW_AT", "")
+    if not crash and not slow:
         return lambda step: None
-    name, _, nth = spec.partition(":")
+    crash_name, _, nth = crash.partition(":")
+    slow_name, _, seconds = slow.partition(":")
     seen = {"n": 0}
 
     def hook(step: str) -> None:
-        if step == name:
+        if slow and step == slow_name:
+            time.sleep(float(seconds or 1))
+        if crash and step == crash_name:
             seen["n"] += 1
             if seen["n"] >= int(nth or 1):
                 os.kill(os.getpid(), signal.SIGKILL)
