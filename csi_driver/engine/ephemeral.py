@@ -37,7 +37,7 @@ class EphemeralOps(EngineCore):
         self.stage(v.id, staging, mount_flags)
         self.publish(v.id, staging, target_path, readonly, mount_flags)
         if group:
-            self.set_mount_group(v.id, group)
+            self.set_mount_group(v.id, group, readonly)
         return v
 
     def unpublish_ephemeral(self, v: Volume, target_path: str) -> None:

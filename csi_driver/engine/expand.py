@@ -104,7 +104,7 @@ class ExpandOps(BlockOps):
             if "Permission denied" in e.stderr or "Operation not permitted" in e.stderr:
                 raise FailedPrecondition(
                     "growing a mounted ext4 file system needs CAP_SYS_RESOURCE: run the node plugin "
-                    "privileged, or unpublish and unstage the volume so it grows offline"
+                    "privileged (the Helm chart does), or use fsType xfs, which grows online without it"
                 ) from e
             raise
         return v.capacity_bytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -173,19 +174,37 @@ class NodeOps(BlockOps):
         with self.store.tx() as tx:
             tx.delete_publication(volume_id, target_path)
 
-    def set_mount_group(self, volume_id: str, group: str) -> None:
+    def set_mount_group(self, volume_id: str, group: str, readonly: bool = False) -> None:
         """VOLUME_MOUNT_GROUP without a recursive chown: the volume's root becomes
         group-owned and setgid, so everything the pod creates inherits the group."""
         if not group.isdigit() or int(group) > 0xFFFFFFFE:
             raise InvalidArgument(f"volume_mount_group {group[:40]!r} is not a numeric group id")
         v = self.get_volume(volume_id)
-        if v.access_type == BLOCK or not v.staging_path or not self._overlay_is(v.staging_path, v):
-            return
+        if (
+            readonly
+            or v.access_type == BLOCK
+            or not v.staging_path
+            or not self._overlay_is(v.staging_path, v)
+        ):
+            return  # like kubelet's own fsGroup handling, never change a volume for a read-only pod
         root = v.staging_path
         st = os.stat(root)
         if st.st_gid != int(group) or not st.st_mode & 0o2070 == 0o2070:
             os.chown(root, -1, int(group))
             os.chmod(root, (st.st_mode & 0o7777) | 0o2070)
+
+    def release_orphan_target(self, target_path: str) -> bool:
+        """Unpublish of a volume that no longer exists: fine if nothing is mounted
+        at the target (its empty dir or file is removed); False if something is."""
+        if host.is_mounted(target_path):
+            return False
+        target = Path(target_path)
+        with contextlib.suppress(OSError):
+            if target.is_dir() and not target.is_symlink():
+                target.rmdir()
+            elif target.is_file() and not target.is_symlink() and target.stat().st_size == 0:
+                target.unlink()
+        return True
 
     def volume_paths(self, v: Volume) -> set[str]:
         with self.store.tx() as tx:
@@ -201,20 +220,23 @@ class NodeOps(BlockOps):
         if v.access_type == BLOCK:
             return self._block_stats(v, path)
         condition = self.condition(v, path)
-        if condition:
+        # An overlay reports its upper's file system, so when the path itself is
+        # gone the upper's own mount still gives the volume's usage (kubelet
+        # drops a stats answer without usage before it reads the condition).
+        source = path if not condition else self.layout.mnt(v.upper)
+        if condition and not host.is_mounted(source):
             return VolumeStats(0, 0, 0, 0, 0, 0, True, condition)
-        st = os.statvfs(path)
+        st = os.statvfs(source)
         total = st.f_blocks * st.f_frsize
-        avail = st.f_bavail * st.f_frsize
         return VolumeStats(
             total,
             total - st.f_bfree * st.f_frsize,
-            avail,
+            st.f_bavail * st.f_frsize,
             st.f_files,
             st.f_files - st.f_ffree,
             st.f_favail,
-            False,
-            "volume is healthy",
+            bool(condition),
+            condition or "volume is healthy",
         )
 
     def condition(self, v: Volume, path: str | None = None) -> str:

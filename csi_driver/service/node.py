@@ -80,7 +80,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         single = cap.mode == v.AccessMode.SINGLE_NODE_SINGLE_WRITER
         self.engine.publish(vol.id, staging, target, readonly, flags, single_writer=single)
         if cap.volume_mount_group:
-            self.engine.set_mount_group(vol.id, cap.volume_mount_group)
+            self.engine.set_mount_group(vol.id, cap.volume_mount_group, readonly)
         return csi.NodePublishVolumeResponse()
 
     def _publish_ephemeral(
@@ -105,7 +105,15 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodeUnpublishVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
         target = self._path(request.target_path, "target_path")
-        vol = self._volume(request.volume_id)
+        try:
+            vol = self._volume(request.volume_id)
+        except NotFound:
+            # Already gone (an inline volume deleted by an earlier call whose reply
+            # was lost, or a retry after kubelet reconstruction): done, if nothing
+            # is mounted there; kubelet retries a failed teardown forever.
+            if not self.engine.release_orphan_target(target):
+                raise
+            return csi.NodeUnpublishVolumeResponse()
         if vol.ephemeral:
             self.engine.unpublish_ephemeral(vol, target)
         else:
@@ -119,21 +127,18 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         vol = self._volume(request.volume_id)
         st = self.engine.stats(vol.id, request.volume_path)
         Usage = csi.VolumeUsage
-        usage = (
-            []
-            if st.abnormal
-            else [
-                Usage(
-                    unit=Usage.BYTES, total=st.total_bytes, used=st.used_bytes, available=st.available_bytes
-                ),
+        usage = [
+            Usage(unit=Usage.BYTES, total=st.total_bytes, used=st.used_bytes, available=st.available_bytes)
+        ]
+        if vol.access_type != "block":
+            usage.append(
                 Usage(
                     unit=Usage.INODES,
                     total=st.total_inodes,
                     used=st.used_inodes,
                     available=st.available_inodes,
-                ),
-            ]
-        )
+                )
+            )
         return csi.NodeGetVolumeStatsResponse(
             usage=usage, volume_condition=csi.VolumeCondition(abnormal=st.abnormal, message=st.message)
         )

@@ -1,0 +1,219 @@
+"""Provisioning as external-provisioner sends it.
+
+Follows kubernetes-csi/external-provisioner pkg/controller/controller.go (prepareProvision:
+makeVolumeName "pvc-<uid>", fstype, getVolumeCapabilities, removePrefixedParameters,
+--extra-create-metadata keys; Provision: the timeout, checkError, the PV built from the
+reply and the csiProvisionerIdentity attribute; getSnapshotSource / getPVCSource size rules),
+pkg/controller/topology.go (GenerateAccessibilityRequirements for WaitForFirstConsumer,
+strict and non-strict), pkg/capacity/capacity.go (GetCapacity) and
+cmd/csi-provisioner/csi-provisioner.go (flags as the chart sets them:
+charts/overlay-csi/templates/node-daemonset.yaml).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from kubelet_sim import (
+    PROVISIONER_ID_KEY,
+    PVC,
+    TOPOLOGY_KEY,
+    NodeEnv,
+    Pod,
+    Provisioner,
+    ProvisioningFailed,
+    ProvisioningState,
+    StorageClass,
+    VolumeSnapshot,
+)
+
+from csi_driver.proto import csi_pb2 as csi
+
+MiB = 1 << 20
+Mode = csi.VolumeCapability.AccessMode
+
+
+def volumes_named(node: NodeEnv, name: str) -> list[csi.Volume]:
+    entries = node.client.controller.ListVolumes(csi.ListVolumesRequest()).entries
+    return [e.volume for e in entries if node.driver.engine.get_volume(e.volume.volume_id).name == name]
+
+
+def test_wait_for_first_consumer_with_strict_topology(node: NodeEnv):
+    """The chart's provisioner (--strict-topology, --extra-create-metadata, node deployment):
+    requisite == preferred == the selected node's segment from its CSINode topology keys;
+    parameters are the StorageClass's minus reserved keys plus pvc/name, pvc/namespace,
+    pv/name; the name is pvc-<claim uid>; RWO maps to SINGLE_NODE_MULTI_WRITER because the
+    controller announces it; StorageClass mountOptions become mount_flags."""
+    node.sc = StorageClass(parameters={"csi.storage.k8s.io/fstype": "ext4"}, mount_options=["noatime"])
+    pvc = PVC(name="data", namespace="team-a", request=48 * MiB)
+    pv = node.provisioner.provision(pvc, node.sc, "node-1")
+    req = node.provisioner.calls[-1]
+    assert req.name == f"pvc-{pvc.uid}" == pv.name
+    assert dict(req.parameters) == {
+        "csi.storage.k8s.io/pvc/name": "data",
+        "csi.storage.k8s.io/pvc/namespace": "team-a",
+        "csi.storage.k8s.io/pv/name": pv.name,
+    }
+    assert [dict(t.segments) for t in req.accessibility_requirements.requisite] == [{TOPOLOGY_KEY: "node-1"}]
+    assert [dict(t.segments) for t in req.accessibility_requirements.preferred] == [{TOPOLOGY_KEY: "node-1"}]
+    assert req.volume_capabilities[0].access_mode.mode == Mode.SINGLE_NODE_MULTI_WRITER
+    assert req.volume_capabilities[0].mount.fs_type == "ext4"
+    assert list(req.volume_capabilities[0].mount.mount_flags) == ["noatime"]
+    assert not req.capacity_range.limit_bytes
+    # the PV the provisioner writes
+    assert pv.handle.startswith("vol-")
+    assert pv.capacity >= pvc.request, "a reply below the request makes the provisioner delete the volume"
+    assert pv.node_affinity == [{TOPOLOGY_KEY: "node-1"}]
+    assert pv.volume_attributes[PROVISIONER_ID_KEY] == node.provisioner.identity
+    assert pv.fs_type == "ext4" and pv.mount_options == ["noatime"]
+
+
+def test_wait_for_first_consumer_without_strict_topology(node: NodeEnv):
+    """topology.go without --strict-topology: requisite is every node's segment (sorted),
+    preferred is the same list rotated so the selected node comes first. A node-local driver
+    must create the volume on itself and report that segment."""
+    prov = Provisioner(node.client, node.cluster, strict_topology=False)
+    pvc = PVC(name="loose", request=16 * MiB)
+    pv = prov.provision(pvc, node.sc, "node-1")
+    req = prov.calls[-1]
+    assert [t.segments[TOPOLOGY_KEY] for t in req.accessibility_requirements.requisite] == [
+        "node-0", "node-1", "node-2"]
+    assert [t.segments[TOPOLOGY_KEY] for t in req.accessibility_requirements.preferred] == [
+        "node-1", "node-2", "node-0"]
+    assert pv.node_affinity == [{TOPOLOGY_KEY: "node-1"}]
+
+
+def test_a_claim_for_another_node_is_rescheduled(node: NodeEnv):
+    """If the selected node's segment is not this node's (e.g. CSINode of node-2 handed to
+    this plugin), the driver cannot satisfy the requisite: RESOURCE_EXHAUSTED, which
+    checkError turns into ProvisioningReschedule (the scheduler picks again), not a retry
+    loop and not a final failure."""
+    pvc = PVC(name="elsewhere", request=16 * MiB)
+    with pytest.raises(ProvisioningFailed) as e:
+        node.provisioner.provision(pvc, node.sc, "node-2")
+    assert e.value.err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert e.value.state == ProvisioningState.RESCHEDULE
+    assert volumes_named(node, f"pvc-{pvc.uid}") == []
+
+
+def test_immediate_binding_sends_no_topology(node: NodeEnv):
+    """Immediate binding with --immediate-topology=false and no allowedTopologies:
+    GenerateAccessibilityRequirements returns nil, so CreateVolume has no
+    accessibility_requirements; the volume is created where the call lands."""
+    node.sc = StorageClass(volume_binding_mode="Immediate")
+    pvc = PVC(name="now", request=16 * MiB)
+    pv = node.provisioner.provision(pvc, node.sc, None)
+    assert not node.provisioner.calls[-1].HasField("accessibility_requirements")
+    assert pv.node_affinity == [{TOPOLOGY_KEY: "node-1"}]
+
+
+def test_retry_after_a_timeout_reuses_the_name(node: NodeEnv):
+    """Provision: CreateVolume runs under --timeout; DEADLINE_EXCEEDED and ABORTED are
+    ProvisioningInBackground (checkError), so the claim is requeued and the identical request
+    (same name pvc-<uid>) is sent again until it succeeds. Exactly one volume may result."""
+    slow = threading.Event()
+    engine = node.driver.engine
+    create = engine.create_volume
+
+    def slow_create(spec):  # the first CreateVolume takes longer than --timeout
+        vol = create(spec)
+        if not slow.is_set():
+            slow.set()
+            time.sleep(1.5)
+        return vol
+
+    engine.create_volume = slow_create
+    prov = Provisioner(node.client, node.cluster, timeout=0.5)
+    prov.retry_delay = 0.2
+    pvc = PVC(name="slow", request=32 * MiB)
+    pv = prov.provision(pvc, node.sc, "node-1")
+    assert slow.is_set()
+    assert len(prov.calls) >= 2, "the first call must have timed out"
+    assert prov.errors[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert set(prov.errors) <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+    assert all(c == prov.calls[0] for c in prov.calls), "every retry is the very same request"
+    vols = volumes_named(node, f"pvc-{pvc.uid}")
+    assert [v.volume_id for v in vols] == [pv.handle]
+
+
+def test_restore_and_clone_as_the_provisioner_sends_them(node: NodeEnv):
+    """dataSource VolumeSnapshot -> volume_content_source.snapshot (snapshot handle),
+    dataSource PersistentVolumeClaim -> volume_content_source.volume (source PV handle).
+    The provisioner refuses requests below the snapshot's restoreSize or the source claim's
+    request before calling, and deletes a new volume whose reply lacks content_source."""
+    src_pvc, src_pv = node.provision("source", 32 * MiB)
+    pod = Pod("writer")
+    target = node.start_pod(pod, src_pv)
+    (target / "hello").write_text("from the source")
+    node.stop_pod(pod, src_pv)
+
+    vs = VolumeSnapshot("snap", source=src_pvc)
+    content = node.snapshotter.create(vs)
+    assert content.ready_to_use and content.restore_size <= src_pv.capacity
+
+    restored = PVC(name="restored", request=64 * MiB, data_source=("VolumeSnapshot", vs))
+    r_pv = node.provisioner.provision(restored, node.sc, "node-1")
+    req = node.provisioner.calls[-1]
+    assert req.volume_content_source.snapshot.snapshot_id == content.snapshot_handle
+    assert r_pv.capacity >= 64 * MiB
+
+    clone = PVC(name="clone", request=32 * MiB, data_source=("PersistentVolumeClaim", src_pvc))
+    c_pv = node.provisioner.provision(clone, node.sc, "node-1")
+    assert node.provisioner.calls[-1].volume_content_source.volume.volume_id == src_pv.handle
+
+    for i, pv in enumerate((r_pv, c_pv)):
+        p = Pod(f"reader-{i}")
+        t = node.start_pod(p, pv)
+        assert (t / "hello").read_text() == "from the source"
+        node.stop_pod(p, pv)
+    for pv in (r_pv, c_pv, src_pv):
+        node.provisioner.delete(pv)
+    node.snapshotter.delete(content)
+
+
+def test_final_errors_stop_the_provisioner(node: NodeEnv):
+    """checkError: anything but RESOURCE_EXHAUSTED/ABORTED/DEADLINE_EXCEEDED/UNAVAILABLE/
+    CANCELLED is final (ProvisioningFinished; the claim gets an event, no retry storm).
+    ReadWriteMany (MULTI_NODE_MULTI_WRITER) and an unknown StorageClass parameter are such."""
+    with pytest.raises(ProvisioningFailed) as e:
+        node.provisioner.provision(PVC(name="rwx", request=16 * MiB, access_modes=["ReadWriteMany"]),
+                                   node.sc, "node-1")
+    assert e.value.err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.state == ProvisioningState.FINISHED
+    with pytest.raises(ProvisioningFailed) as e:
+        node.provisioner.provision(PVC(name="odd", request=16 * MiB),
+                                   StorageClass(parameters={"replicas": "3"}), "node-1")
+    assert e.value.state == ProvisioningState.FINISHED
+
+
+def test_read_write_once_pod_and_read_only_many(node: NodeEnv):
+    """ReadWriteOncePod maps to SINGLE_NODE_SINGLE_WRITER, ReadOnlyMany to
+    MULTI_NODE_READER_ONLY (csi-lib-utils accessmodes via getVolumeCapability)."""
+    pvc, pv = node.provision("rwop", 16 * MiB, access_modes=["ReadWriteOncePod"])
+    mode = node.provisioner.calls[-1].volume_capabilities[0].access_mode.mode
+    assert mode == Mode.SINGLE_NODE_SINGLE_WRITER
+    pvc, pv = node.provision("rox", 16 * MiB, access_modes=["ReadOnlyMany"])
+    assert node.provisioner.calls[-1].volume_capabilities[0].access_mode.mode == Mode.MULTI_NODE_READER_ONLY
+
+
+def test_capacity_tracking_queries(node: NodeEnv):
+    """pkg/capacity/capacity.go: GetCapacity with the raw StorageClass parameters (reserved
+    keys not stripped), no capabilities, and one topology segment per node. This node has
+    room; another node's segment has none here."""
+    sc = StorageClass(parameters={"csi.storage.k8s.io/fstype": "ext4"})
+    mine = node.provisioner.get_capacity(sc, {TOPOLOGY_KEY: "node-1"})
+    assert mine.available_capacity > 64 * MiB
+    other = node.provisioner.get_capacity(sc, {TOPOLOGY_KEY: "node-0"})
+    assert other.available_capacity == 0
+
+
+def test_delete_after_the_claim_is_gone(node: NodeEnv):
+    """Deletion: DeleteVolume with the PV's handle, retried on any error until it succeeds
+    (so a repeated call must succeed too)."""
+    pvc, pv = node.provision("gone", 16 * MiB)
+    node.provisioner.delete(pv)
+    node.provisioner.delete(pv)
+    assert volumes_named(node, pv.name) == []
