@@ -26,10 +26,17 @@ fi
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
     echo "overlay-csi needs Python 3.11 or newer" >&2; exit 1; }
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+pip_quiet() {  # pip's and setuptools' chatter only when something fails
+    local log; log=$(mktemp)
+    if ! .venv/bin/python -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+        cat "$log" >&2; rm -f "$log"; return 1
+    fi
+    rm -f "$log"
+}
+pip_quiet --upgrade pip
 if [ "$want_test" = 1 ]; then
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,metrics]'
+    pip_quiet -e '.[test,metrics]'
     bash .ci/install-helm.sh
 else
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[metrics]'
+    pip_quiet -e '.[metrics]'
 fi
