@@ -42,19 +42,7 @@ class BlockOps(ModifyOps):
         for device in self._block_devices(v):
             host.run(["blockdev", "--flushbufs", device], check=False)
         host.copy_sparse(image, copy_dir / "image")
-        layer = self._new_layer(
-            None,
-            active=False,
-            fs_type=BLOCK,
-            image_bytes=os.path.getsize(image),
-            used_bytes=host.allocated_bytes(copy_dir / "image"),
-        )
-        with self.store.tx() as tx:
-            tx.add_layer(layer)
-            self._install(copy_dir, layer.id)
-            self._step("snapshot.copied")
-        self._link(layer)
-        return layer
+        return self._add_copied_layer(copy_dir, None, BLOCK, os.path.getsize(image))
 
     def _is_staged(self, v: Volume) -> bool:
         """The kernel, not the record, says whether a volume is in use."""

@@ -153,6 +153,24 @@ class EngineCore:
             gone = tx.collect_garbage() if orphans else []
         self._discard_layers(gone)
 
+    def _add_copied_layer(
+        self, copy_dir: Path, parent: Layer | None, fs_type: str, image_bytes: int
+    ) -> Layer:
+        """Record the image copied into ``copy_dir`` as a committed layer over ``parent``."""
+        layer = self._new_layer(
+            parent,
+            active=False,
+            fs_type=fs_type,
+            image_bytes=image_bytes,
+            used_bytes=host.allocated_bytes(copy_dir / "image"),
+        )
+        with self.store.tx() as tx:
+            tx.add_layer(layer)
+            self._install(copy_dir, layer.id)
+            self._step("snapshot.copied")
+        self._link(layer)
+        return layer
+
     def _link(self, layer: Layer) -> None:
         link = self.layout.link(layer.link)
         if not link.is_symlink():

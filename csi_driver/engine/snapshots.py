@@ -74,19 +74,7 @@ class SnapshotOps(BlockOps):
             upper = tx.layer(v.upper)
             assert upper is not None
             parent = tx.layer(upper.parent) if upper.parent else None
-        layer = self._new_layer(
-            parent,
-            active=False,
-            fs_type=upper.fs_type,
-            image_bytes=upper.image_bytes,
-            used_bytes=host.allocated_bytes(copy_dir / "image"),
-        )
-        with self.store.tx() as tx:
-            tx.add_layer(layer)
-            self._install(copy_dir, layer.id)
-            self._step("snapshot.copied")
-        self._link(layer)
-        return layer
+        return self._add_copied_layer(copy_dir, parent, upper.fs_type, upper.image_bytes)
 
     def _commit_upper(self, v: Volume, scratch: Path) -> Layer:
         """Commit a detached volume's upper in place; the volume gets a fresh one."""
