@@ -1,4 +1,4 @@
-"""Command line: ``overlay-csi serve|demo|layer ...``."""
+"""overlay-csi serve|demo|doctor, and the operator commands info|volume|snapshot|node|layer."""
 
 from __future__ import annotations
 
@@ -64,21 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["all", "node", "controller-expand"],
         help="controller-expand: serve only ControllerExpandVolume for a central resizer",
     )
+    s.add_argument(
+        "--metrics-address",
+        default="",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP here, e.g. :9808 (default: off)",
+    )
 
     d = sub.add_parser("demo", help="a live demo of a volume's life (needs root)")
     d.add_argument("--state-dir", type=Path, default=None, help="default: a temp dir")
     d.add_argument("--size", type=parse_size, default=1 << 30)
     d.add_argument("--in-namespace", action="store_true", help=argparse.SUPPRESS)
 
-    lay = sub.add_parser("layer", help="manage shared base layers on this node")
-    lay.add_argument("--state-dir", default=DEFAULT_STATE_DIR, type=Path)
-    lsub = lay.add_subparsers(dest="layer_command", required=True)
-    li = lsub.add_parser("import", help="import a directory or tar archive as a named layer")
-    li.add_argument("name")
-    li.add_argument("path", type=Path)
-    lsub.add_parser("list", help="list layers")
-    ld = lsub.add_parser("delete", help="forget a named layer (reclaimed once unused)")
-    ld.add_argument("name")
+    from csi_driver import client_cli, doctor
+
+    client_cli.add_parsers(sub, DEFAULT_STATE_DIR, parse_size)  # info volume snapshot node layer
+    doctor.add_parser(sub, DEFAULT_STATE_DIR)
     return p
 
 
@@ -100,6 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
         default_fs_type=args.default_fs_type,
         hidden_capabilities=tuple(args.hide_capability),
         mode=args.mode,
+        metrics_address=args.metrics_address,
     )
     try:
         server = Server(opts)
@@ -107,38 +109,6 @@ def _serve(args: argparse.Namespace) -> int:
         logging.error("%s", e)
         return 1
     server.serve_forever()
-    return 0
-
-
-def _layer(args: argparse.Namespace) -> int:
-    from csi_driver.engine.engine import Engine, EngineConfig
-    from csi_driver.errors import DriverError
-    from csi_driver.service.validate import LAYER_NAME_RE
-
-    logs.setup(logging.WARNING)
-    engine = Engine(EngineConfig(state_dir=args.state_dir, node_id=socket.gethostname()))
-    try:
-        if args.layer_command == "import":
-            if not LAYER_NAME_RE.match(args.name):
-                print("error: layer names are [a-zA-Z0-9._-], at most 63", file=sys.stderr)
-                return 1
-            layer = engine.import_layer(args.name, args.path)
-            print(f"imported {args.name}: layer {layer.id}, {layer.used_bytes / 2**20:.1f} MiB on disk")
-        elif args.layer_command == "list":
-            print(f"{'NAME':20} {'ID':32} {'PARENT':10} {'DEPTH':>5} {'STATE':9} {'DISK MiB':>9}")
-            for x in engine.layers():
-                print(
-                    f"{x.name or '-':20} {x.id:32} {(x.parent or '-')[:10]:10} {x.depth:5} "
-                    f"{'active' if x.active else 'committed':9} {x.used_bytes / 2**20:9.1f}"
-                )
-        elif args.layer_command == "delete":
-            engine.delete_named_layer(args.name)
-            print(f"deleted {args.name}")
-    except DriverError as e:
-        print(f"error: {e.code}: {e}", file=sys.stderr)
-        return 1
-    finally:
-        engine.close()
     return 0
 
 
@@ -150,8 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         from csi_driver.demo import run_demo
 
         return run_demo(args)
-    if args.command == "layer":
-        return _layer(args)
+    if args.command == "doctor":
+        from csi_driver.doctor import run as run_doctor
+
+        return run_doctor(args)
+    from csi_driver import client_cli
+
+    if args.command in client_cli.COMMANDS:
+        return client_cli.run(args)
     return 2
 
 

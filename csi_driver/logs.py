@@ -6,8 +6,22 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
 
 RPC_FIELDS = ("rpc", "subject", "code", "duration_ms", "request_id", "error")
+# The id of the RPC this thread is serving, set by service.rpc for each call.
+request_id: ContextVar[str] = ContextVar("request_id", default="")
+
+
+class RequestIdFilter(logging.Filter):
+    """Tag every line logged while serving a call (exec, debug dumps) with its id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            rid = request_id.get()
+            if rid:
+                record.request_id = rid
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -51,6 +65,7 @@ def level_from(name: str, verbosity: int = 0) -> int:
 def setup(level: int, fmt: str = "text", stream=None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -13,7 +13,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import grpc
@@ -21,10 +20,10 @@ from google.protobuf.message import Message
 
 from csi_driver.engine.locks import KeyedLocks
 from csi_driver.errors import DriverError
+from csi_driver.logs import request_id
 from csi_driver.proto import csi_pb2
 
 log = logging.getLogger("csi_driver.rpc")
-request_id: ContextVar[str] = ContextVar("request_id", default="-")
 
 F = TypeVar("F", bound=Callable[..., Any])
 Observer = Callable[[str, str, float], None]

@@ -1,0 +1,372 @@
+"""Prometheus metrics on an optional HTTP port (``serve --metrics-address``).
+
+Two kinds of figures:
+
+- Per-RPC figures, counted as calls happen: a counter by method and status
+  code and a latency histogram by method (fed by ``service.rpc``'s observer
+  hook), and an in-flight gauge by method (a gRPC server interceptor).
+- Node state, computed when scraped (a custom collector): volumes, snapshots
+  and layers by state, bytes provisioned (the sum of volume capacities) against
+  bytes allocated (what the layer images really occupy), the backing file
+  system's size and free space, mounts and loop devices. One short read
+  transaction with aggregate queries, one read of the mount table and of
+  ``/sys/block``, and one ``stat`` per layer image: a scrape takes about 4 ms
+  on an empty node and 19 ms with 3,000 volumes.
+
+Requires the ``metrics`` extra (``prometheus-client``).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from csi_driver.engine import host
+from csi_driver.engine.engine import Engine
+from csi_driver.service import rpc
+
+log = logging.getLogger(__name__)
+
+PREFIX = "overlay_csi"
+# RPCs range from a Probe (well under a millisecond) to a snapshot of a staged
+# volume or a flatten (mkfs and a copy: seconds to minutes).
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+)
+VOLUME_STATES = ("detached", "staged", "published")
+SNAPSHOT_STATES = ("source_present", "source_deleted")
+LAYER_STATES = ("active", "committed", "base")
+MOUNT_KINDS = ("stage", "publish", "layer")
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``:9808``, ``0.0.0.0:9808``, ``127.0.0.1:0`` or ``[::1]:9808`` -> (host, port)."""
+    hostpart, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"metrics address {address!r} is not HOST:PORT (e.g. :9808)")
+    hostpart = hostpart.strip("[]") or "0.0.0.0"
+    return hostpart, int(port)
+
+
+class StateCollector(Collector):
+    """Node state read from the store, the mount table and /sys at scrape time."""
+
+    def __init__(self, engine: Engine, labels: dict[str, str]) -> None:
+        self.engine = engine
+        self.labels = labels
+
+    def describe(self) -> list[Any]:  # nothing is collected at registration
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            yield from self._collect()
+        except Exception:  # a scrape must never take the driver down
+            log.exception("metrics collection failed")
+            yield GaugeMetricFamily(
+                f"{PREFIX}_collector_up", "1 when the last state collection succeeded", value=0
+            )
+
+    def _collect(self) -> Iterator[Any]:
+        engine = self.engine
+        with engine.store.tx() as tx:
+            c = tx.c
+            vol = c.execute(
+                "SELECT COUNT(*), COALESCE(SUM(capacity_bytes), 0),"
+                " COALESCE(SUM(EXISTS (SELECT 1 FROM publications p WHERE p.volume_id = v.id)), 0),"
+                " COALESCE(SUM(staging_path IS NOT NULL"
+                "  AND NOT EXISTS (SELECT 1 FROM publications p WHERE p.volume_id = v.id)), 0)"
+                " FROM volumes v"
+            ).fetchone()
+            snaps = c.execute(
+                "SELECT COUNT(*), COALESCE(SUM(NOT EXISTS"
+                " (SELECT 1 FROM volumes v WHERE v.id = s.source_volume_id)), 0),"
+                " COALESCE(SUM(size_bytes), 0) FROM snapshots s"
+            ).fetchone()
+            layer_rows = c.execute(
+                "SELECT CASE WHEN active THEN 'active' WHEN name IS NOT NULL THEN 'base'"
+                " ELSE 'committed' END, COUNT(*), COALESCE(MAX(depth), 0) FROM layers GROUP BY 1"
+            ).fetchall()
+            staging = [
+                r[0] for r in c.execute("SELECT staging_path FROM volumes WHERE staging_path IS NOT NULL")
+            ]
+            targets = [r[0] for r in c.execute("SELECT target_path FROM publications")]
+            layer_ids = [r[0] for r in c.execute("SELECT id FROM layers")]
+        allocated = allocated_bytes(str(engine.layout.layers), layer_ids)
+
+        total, provisioned, published, staged = (int(x) for x in vol)
+        g = GaugeMetricFamily(f"{PREFIX}_volumes", "Volumes on this node by state", labels=["state"])
+        for state, n in zip(VOLUME_STATES, (total - published - staged, staged, published), strict=True):
+            g.add_metric([state], n)
+        yield g
+
+        g = GaugeMetricFamily(
+            f"{PREFIX}_snapshots",
+            "Snapshots on this node, by whether their source volume still exists",
+            labels=["state"],
+        )
+        g.add_metric(["source_present"], int(snaps[0]) - int(snaps[1]))
+        g.add_metric(["source_deleted"], int(snaps[1]))
+        yield g
+        yield GaugeMetricFamily(
+            f"{PREFIX}_snapshot_bytes", "Sum of the snapshots' reported size_bytes", value=int(snaps[2])
+        )
+
+        by_state = {state: (int(n), int(depth)) for state, n, depth in layer_rows}
+        g = GaugeMetricFamily(
+            f"{PREFIX}_layers",
+            "Layers by state: active (a volume's writable upper), committed (read-only, "
+            "shared by snapshots and clones), base (imported with 'overlay-csi layer import')",
+            labels=["state"],
+        )
+        for state in LAYER_STATES:
+            g.add_metric([state], by_state.get(state, (0, 0))[0])
+        yield g
+        yield GaugeMetricFamily(
+            f"{PREFIX}_layer_depth_max",
+            "Deepest layer chain; chains past --max-layer-depth are flattened",
+            value=max((d for _, d in by_state.values()), default=0),
+        )
+
+        yield GaugeMetricFamily(
+            f"{PREFIX}_provisioned_bytes",
+            "Sum of the capacities of the volumes on this node",
+            value=provisioned,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_allocated_bytes",
+            "Bytes the layer images really occupy on the backing file system",
+            value=allocated,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_thin_provisioning_ratio",
+            "provisioned_bytes / allocated_bytes (0 when nothing is allocated)",
+            value=provisioned / allocated if allocated else 0.0,
+        )
+        st = os.statvfs(engine.layout.root)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_backing_size_bytes",
+            "Size of the file system holding the state dir",
+            value=st.f_blocks * st.f_frsize,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_backing_free_bytes",
+            "Bytes still available to the driver on the state dir's file system",
+            value=st.f_bavail * st.f_frsize,
+        )
+
+        counts = count_mounts(str(engine.layout.layers), staging, targets)
+        g = GaugeMetricFamily(
+            f"{PREFIX}_mounts",
+            "Mounts this driver holds: stage (a volume's overlay), publish (its bind mount "
+            "in a pod), layer (a layer image's loop mount)",
+            labels=["kind"],
+        )
+        for kind in MOUNT_KINDS:
+            g.add_metric([kind], counts[kind])
+        yield g
+        yield GaugeMetricFamily(
+            f"{PREFIX}_loop_devices",
+            "Loop devices backed by files in the state dir",
+            value=count_loop_devices(str(engine.layout.root)),
+        )
+        info = GaugeMetricFamily(
+            f"{PREFIX}_build_info", "The driver's version, name and node", labels=list(self.labels)
+        )
+        info.add_metric(list(self.labels.values()), 1)
+        yield info
+        yield GaugeMetricFamily(
+            f"{PREFIX}_collector_up", "1 when the last state collection succeeded", value=1
+        )
+
+
+def allocated_bytes(layers_dir: str, layer_ids: list[str]) -> int:
+    """What ``Engine.disk_usage`` reports (the blocks of every layer image the store
+    knows), without building Paths: 6 ms instead of 60 ms for 3,000 layers."""
+    total = 0
+    for layer_id in layer_ids:
+        try:
+            total += os.stat(f"{layers_dir}/{layer_id}/image").st_blocks * 512
+        except FileNotFoundError:
+            continue
+    return total
+
+
+def count_mounts(layers_dir: str, staging: list[str], targets: list[str]) -> dict[str, int]:
+    """Which of the store's staging and target paths are mounted, and how many
+    layer images are loop-mounted under ``layers_dir`` (one mount table read)."""
+    table = host.mounts()
+    mounted = {m.target for m in table}
+
+    def live(paths: list[str]) -> int:
+        n = 0
+        for p in paths:
+            if os.path.normpath(p) in mounted or os.path.realpath(p) in mounted:
+                n += 1
+        return n
+
+    base = os.path.realpath(layers_dir) + "/"
+    return {
+        "stage": live(staging),
+        "publish": live(targets),
+        "layer": sum(1 for m in table if m.target.startswith(base) and m.target.endswith("/mnt")),
+    }
+
+
+def count_loop_devices(state_dir: str) -> int:
+    """Loop devices whose backing file is under ``state_dir`` (reads /sys, no losetup)."""
+    base = os.path.realpath(state_dir) + "/"
+    n = 0
+    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(path) as f:
+                if f.read().strip().startswith(base):
+                    n += 1
+        except OSError:  # detached while we looked
+            continue
+    return n
+
+
+class InFlightInterceptor(grpc.ServerInterceptor):
+    """Counts unary calls while their handler runs."""
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.gauge = gauge
+
+    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+        gauge = self.gauge.labels(method)
+
+        def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
+            gauge.inc()
+            try:
+                return inner(request, context)
+            finally:
+                gauge.dec()
+
+        return grpc.unary_unary_rpc_method_handler(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+# service.rpc's observer list is process-wide and append-only: register one
+# dispatcher once and fan out to the live Metrics instances (tests run several
+# servers in one process; in production there is one).
+_live: list[Metrics] = []
+_live_lock = threading.Lock()
+_registered = False
+
+
+def _dispatch(method: str, code: str, seconds: float) -> None:
+    for m in list(_live):
+        m.observe(method, code, seconds)
+
+
+class Metrics:
+    """The registry of one server, its interceptor and its HTTP endpoint."""
+
+    def __init__(self, engine: Engine, driver_name: str, node_id: str, version: str) -> None:
+        global _registered
+        disable_created_metrics()  # no *_created series: they double what is scraped
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            f"{PREFIX}_rpc_requests",
+            "CSI calls handled, by method and gRPC status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            f"{PREFIX}_rpc_duration_seconds",
+            "Time to handle a CSI call, by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_rpc_in_flight",
+            "CSI calls being handled now, by method",
+            ["method"],
+            registry=self.registry,
+        )
+        self.registry.register(
+            StateCollector(engine, {"version": version, "driver_name": driver_name, "node_id": node_id})
+        )
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self._httpd: Any = None
+        self._thread: threading.Thread | None = None
+        with _live_lock:
+            if not _registered:
+                rpc.add_observer(_dispatch)
+                _registered = True
+            _live.append(self)
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code).inc()
+        self.latency.labels(method).observe(seconds)
+
+    def interceptors(self) -> list[grpc.ServerInterceptor]:
+        return [InFlightInterceptor(self.in_flight)]
+
+    def serve(self, address: str) -> tuple[str, int]:
+        """Start the HTTP endpoint (any path answers); return the bound (host, port)."""
+        hostname, port = parse_address(address)
+        self._httpd, self._thread = start_http_server(port, hostname, registry=self.registry)
+        bound = self._httpd.server_address
+        return bound[0], bound[1]
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1] if self._httpd else 0
+
+    def close(self) -> None:
+        with _live_lock:
+            if self in _live:
+                _live.remove(self)
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
