@@ -9,7 +9,8 @@ want_test=0
 
 need=()
 for pair in mount:mount losetup:mount fsfreeze:util-linux mkfs.ext4:e2fsprogs resize2fs:e2fsprogs \
-            e2fsck:e2fsprogs unshare:util-linux findmnt:util-linux; do
+            e2fsck:e2fsprogs tune2fs:e2fsprogs mkfs.xfs:xfsprogs xfs_growfs:xfsprogs blockdev:util-linux \
+            unshare:util-linux findmnt:util-linux; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,8 +20,9 @@ Mode = csi.VolumeCapability.AccessMode
 
 
 def block_cap(mode: int = Mode.SINGLE_NODE_WRITER) -> csi.VolumeCapability:
-    return csi.VolumeCapability(block=csi.VolumeCapability.BlockVolume(),
-                                access_mode=csi.VolumeCapability.AccessMode(mode=mode))
+    return csi.VolumeCapability(
+        block=csi.VolumeCapability.BlockVolume(), access_mode=csi.VolumeCapability.AccessMode(mode=mode)
+    )
 
 
 def code_of(call, *args, **kwargs) -> grpc.StatusCode:
@@ -30,8 +32,11 @@ def code_of(call, *args, **kwargs) -> grpc.StatusCode:
 
 
 def device_size(path: Path) -> int:
-    return int(subprocess.run(["blockdev", "--getsize64", str(path)], capture_output=True,
-                              text=True, check=True).stdout)
+    return int(
+        subprocess.run(
+            ["blockdev", "--getsize64", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+    )
 
 
 def pwrite(path: Path, offset: int, data: bytes) -> None:
@@ -51,8 +56,19 @@ def pread(path: Path, offset: int, n: int) -> bytes:
         os.close(fd)
 
 
-def publish_block(d: Driver, vid: str, name: str, readonly: bool = False,
-                  mode: int = Mode.SINGLE_NODE_WRITER) -> tuple[Path, Path]:
+def reflink_works(directory: Path) -> bool:
+    a, b = directory / ".reflink-probe", directory / ".reflink-probe2"
+    a.write_bytes(b"x")
+    try:
+        return host.reflink(a, b)
+    finally:
+        a.unlink()
+        b.unlink(missing_ok=True)
+
+
+def publish_block(
+    d: Driver, vid: str, name: str, readonly: bool = False, mode: int = Mode.SINGLE_NODE_WRITER
+) -> tuple[Path, Path]:
     staging, _ = d.paths(name)
     target = d.kubelet / "volumeDevices" / "publish" / name / "pod-uid"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -76,11 +92,18 @@ def test_block_lifecycle_snapshot_clone_expand(driver: Driver):
     assert device_size(target) == 64 * MiB
     pwrite(target, 10 * MiB, b"block-data")
     assert pread(target, 10 * MiB, 10) == b"block-data"
-
+    if not reflink_works(driver.state):  # an in-use block volume is never copied torn
+        assert code_of(c.create_snapshot, "blk-live", vol.volume_id) == grpc.StatusCode.FAILED_PRECONDITION
+    unpublish_block(driver, vol.volume_id, staging, target)
     snap = c.create_snapshot("blk-snap", vol.volume_id)
+    assert snap.size_bytes == 64 * MiB, "a block snapshot restores the whole device"
+    staging, target = publish_block(driver, vol.volume_id, "blk")
     pwrite(target, 10 * MiB, b"after-snap")
-    c.controller.ControllerExpandVolume(csi.ControllerExpandVolumeRequest(
-        volume_id=vol.volume_id, capacity_range=csi.CapacityRange(required_bytes=96 * MiB)))
+    c.controller.ControllerExpandVolume(
+        csi.ControllerExpandVolumeRequest(
+            volume_id=vol.volume_id, capacity_range=csi.CapacityRange(required_bytes=96 * MiB)
+        )
+    )
     assert device_size(target) == 96 * MiB, "the pod sees the new size online"
     assert pread(target, 10 * MiB, 10) == b"after-snap"
     unpublish_block(driver, vol.volume_id, staging, target)
@@ -89,20 +112,27 @@ def test_block_lifecycle_snapshot_clone_expand(driver: Driver):
 
     restored = c.create_volume("blk-restore", 128 * MiB, snapshot=snap.snapshot_id, cap=block_cap())
     clone = c.create_volume("blk-clone", 96 * MiB, volume=vol.volume_id, cap=block_cap())
-    for vid, name, want, size in ((restored.volume_id, "r", b"block-data", 128 * MiB),
-                                  (clone.volume_id, "c", b"after-snap", 96 * MiB)):
+    for vid, name, want, size in (
+        (restored.volume_id, "r", b"block-data", 128 * MiB),
+        (clone.volume_id, "c", b"after-snap", 96 * MiB),
+    ):
         staging, target = publish_block(driver, vid, name)
         assert pread(target, 10 * MiB, 10) == want
         assert device_size(target) == size
         unpublish_block(driver, vid, staging, target)
-    assert code_of(c.create_volume, "as-fs", 64 * MiB, snapshot=snap.snapshot_id) == \
-        grpc.StatusCode.INVALID_ARGUMENT
-    assert code_of(c.create_volume, "as-blk", 64 * MiB, volume=vol.volume_id) == \
-        grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        code_of(c.create_volume, "as-fs", 64 * MiB, snapshot=snap.snapshot_id)
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        code_of(c.create_volume, "as-blk", 64 * MiB, volume=vol.volume_id) == grpc.StatusCode.INVALID_ARGUMENT
+    )
     fs_vol = c.create_volume("fs", 16 * MiB)
     fs_snap = c.create_snapshot("fs-snap", fs_vol.volume_id)
-    assert code_of(c.create_volume, "fs-as-blk", 16 * MiB, snapshot=fs_snap.snapshot_id,
-                   cap=block_cap()) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        code_of(c.create_volume, "fs-as-blk", 16 * MiB, snapshot=fs_snap.snapshot_id, cap=block_cap())
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
     for vid in (vol.volume_id, restored.volume_id, clone.volume_id, fs_vol.volume_id):
         c.delete_volume(vid)
     c.delete_snapshot(snap.snapshot_id)
@@ -142,6 +172,42 @@ def test_single_node_single_writer(driver: Driver):
     c.publish(vid, staging, other, cap=cap)
     c.unpublish(vid, other)
     c.unstage(vid, staging)
+
+
+@pytest.mark.skipif(not shutil.which("mkfs.xfs"), reason="xfsprogs is not installed")
+def test_in_use_block_snapshot_on_a_reflink_state_dir(tmp_path: Path):
+    """On xfs (reflink), an in-use block volume is snapshotted and cloned at one instant."""
+    if MOUNT_SKIP:
+        pytest.skip(MOUNT_SKIP)
+    image, root = tmp_path / "xfs.img", tmp_path / "xfs"
+    host.create_sparse(image, 2 << 30)
+    host.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)])
+    root.mkdir()
+    host.mount(str(image), root, "xfs", ["loop"])
+    try:
+        d = make_driver(root)
+        try:
+            c = d.client
+            vid = c.create_volume("live", 64 * MiB, cap=block_cap()).volume_id
+            staging, target = publish_block(d, vid, "live")
+            pwrite(target, 5 * MiB, b"in-use")
+            snap = c.create_snapshot("live-snap", vid).snapshot_id
+            clone = c.create_volume("live-clone", 64 * MiB, volume=vid, cap=block_cap()).volume_id
+            pwrite(target, 5 * MiB, b"later!")
+            for src, name in (
+                (c.create_volume("r", 64 * MiB, snapshot=snap, cap=block_cap()).volume_id, "r"),
+                (clone, "c"),
+            ):
+                s2, t2 = publish_block(d, src, name)
+                assert pread(t2, 5 * MiB, 6) == b"in-use"
+                unpublish_block(d, src, s2, t2)
+            unpublish_block(d, vid, staging, target)
+        finally:
+            d.stop()
+            cleanup(root)
+    finally:
+        host.umount(root)
+    assert not cleanup(tmp_path)[1]
 
 
 def test_block_loop_reattached_after_restart(tmp_path: Path):

@@ -16,8 +16,8 @@ from pathlib import Path
 from csi_driver.engine import host
 from csi_driver.engine.core import VolumeStats
 from csi_driver.engine.modify import ModifyOps
-from csi_driver.errors import AlreadyExists, FailedPrecondition, ResourceExhausted
-from csi_driver.store import Layer, Publication, Volume
+from csi_driver.errors import AlreadyExists, FailedPrecondition, OutOfRange, ResourceExhausted
+from csi_driver.store import Publication, Volume
 
 log = logging.getLogger(__name__)
 
@@ -25,24 +25,52 @@ BLOCK = "block"
 
 
 class BlockOps(ModifyOps):
-    def _block_build(self, dest: Path, capacity: int, source: Path | None) -> None:
-        """A new block image at ``dest``: empty, or a sparse copy of ``source``."""
+    def _block_build(self, dest: Path, capacity: int, source: Volume | Path | None) -> None:
+        """A new block image at ``dest``: empty, or a copy of a snapshot's image
+        (a path) or of a volume's current data."""
         if source is None:
             host.create_sparse(dest, capacity)
             return
-        host.copy_sparse(source, dest)
+        if isinstance(source, Path):
+            if not host.reflink(source, dest):
+                host.copy_sparse(source, dest)
+        else:
+            self._block_capture(source, dest)
         if os.path.getsize(dest) < capacity:
             os.truncate(dest, capacity)
 
-    def _block_copy_layer(self, v: Volume, scratch: Path) -> Layer:
-        """A committed layer holding a copy of the block volume's current data."""
-        copy_dir = scratch / "copy"
-        copy_dir.mkdir()
+    @staticmethod
+    def _block_aligned(capacity: int, limit: int) -> int:
+        """A loop device is whole 512-byte sectors; keep block sizes in 4 KiB blocks."""
+        aligned = (capacity + 4095) // 4096 * 4096
+        if limit and aligned > limit:
+            raise OutOfRange(
+                f"a block volume is whole 4 KiB blocks; {capacity} bytes round to {aligned}, "
+                f"above limit_bytes {limit}"
+            )
+        return aligned
+
+    def _block_capture(self, v: Volume, dest: Path) -> None:
+        """Copy a block volume's data as of one instant.
+
+        A detached volume's image does not change, so any copy is exact. An
+        attached one is written to while we read; only a reflink (one atomic
+        clone of the file, after flushing the device) is a point-in-time copy,
+        and without one we refuse rather than hand out a torn image.
+        """
         image = self.layout.image(v.upper)
-        for device in self._block_devices(v):
+        devices = self._block_devices(v)
+        for device in devices:
             host.run(["blockdev", "--flushbufs", device], check=False)
-        host.copy_sparse(image, copy_dir / "image")
-        return self._add_copied_layer(copy_dir, None, BLOCK, os.path.getsize(image))
+        if host.reflink(image, dest):
+            return
+        if devices:
+            raise FailedPrecondition(
+                f"volume {v.id} is an in-use block volume: a consistent copy needs reflink on the "
+                "state dir's file system (xfs or btrfs); unpublish and unstage it first, or move the "
+                "state dir to such a file system"
+            )
+        host.copy_sparse(image, dest)
 
     def _is_staged(self, v: Volume) -> bool:
         """The kernel, not the record, says whether a volume is in use."""
@@ -121,7 +149,11 @@ class BlockOps(ModifyOps):
             raise AlreadyExists(f"{target_path} is already published with other arguments")
         self._check_single_writer(v, target_path, readonly, single_writer)
         if readonly:  # a read-only bind mount does not stop writes to a device node
-            device = host.loop_attach(self.layout.image(v.upper), readonly=True)
+            earlier = pub.options.get("device") if pub and pub.volume_id == v.id else None
+            if self._block_device_ok(v, earlier):  # an attempt cut short by a crash: reuse its device
+                device = earlier
+            else:
+                device = host.loop_attach(self.layout.image(v.upper), readonly=True)
         with self.store.tx() as tx:
             tx.add_publication(
                 Publication(v.id, target_path, readonly, {"device": device, "single_writer": single_writer})
@@ -145,7 +177,8 @@ class BlockOps(ModifyOps):
         if pub and pub.readonly and self._block_device_ok(v, pub.options.get("device")):
             host.loop_detach(pub.options["device"])
         target = Path(target_path)
-        if target.is_file() and not target.is_symlink():
+        # only the empty file this driver created as the mount point, never a caller's file
+        if pub is not None and target.is_file() and not target.is_symlink() and target.stat().st_size == 0:
             target.unlink()
         with self.store.tx() as tx:
             tx.delete_publication(v.id, target_path)

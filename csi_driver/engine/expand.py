@@ -28,12 +28,20 @@ class ExpandOps(BlockOps):
         use, returns True: the node must grow the mounted file system.
         """
         v = self.get_volume(volume_id)
+        if limit and limit < v.capacity_bytes:
+            raise OutOfRange(
+                f"volume {volume_id} has {v.capacity_bytes} bytes, more than limit_bytes {limit}; "
+                "shrinking is not supported"
+            )
+        if required <= v.capacity_bytes:
+            required = v.capacity_bytes  # already that large: done (the spec's idempotent answer)
         capacity = self.resolve_capacity(required, limit, v.capacity_bytes)
         if capacity < v.capacity_bytes:
             raise OutOfRange(
                 f"volume {volume_id} has {v.capacity_bytes} bytes; shrinking to {capacity} is not supported"
             )
         if v.access_type == BLOCK:
+            capacity = self._block_aligned(capacity, limit)
             self._block_grow(v, capacity)
             with self.store.tx() as tx:
                 tx.update_layer(v.upper, image_bytes=capacity)

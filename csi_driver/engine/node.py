@@ -137,6 +137,7 @@ class NodeOps(BlockOps):
                 and pub.readonly == readonly
                 and self._overlay_is(target_path, v)
             ):
+                self._settle_bind(target_path, readonly, mount_flags or [])  # a crash may have cut it short
                 return
             raise AlreadyExists(f"{target_path} is already published with other arguments")
         self._check_single_writer(v, target_path, readonly, single_writer)
@@ -151,10 +152,25 @@ class NodeOps(BlockOps):
             )
         self._step("publish.recorded")
         Path(target_path).mkdir(parents=True, exist_ok=True)
-        host.bind_mount(staging_path, target_path, readonly=readonly)
-        if mount_flags:
-            host.run(["mount", "-o", "remount,bind," + ",".join(mount_flags), target_path])
+        host.bind_mount(staging_path, target_path)
         self._step("publish.mounted")
+        self._settle_bind(target_path, readonly, mount_flags or [])
+
+    @staticmethod
+    def _settle_bind(target_path: str, readonly: bool, mount_flags: list[str]) -> None:
+        """Make a bind mount's per-mount flags (ro, noexec, ...) what was asked."""
+        entry = host.mount_at(target_path)
+        have = set(entry.options.split(",")) if entry else set()
+        want = (["ro"] if readonly else []) + list(mount_flags)
+        if any(flag not in have for flag in want):
+            host.run(
+                [
+                    "mount",
+                    "-o",
+                    "remount,bind," + ",".join(["ro" if readonly else "rw", *mount_flags]),
+                    target_path,
+                ]
+            )
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
         v = self.get_volume(volume_id)

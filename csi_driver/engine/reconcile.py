@@ -34,7 +34,6 @@ class Report:
 def reconcile(engine: Engine) -> Report:
     rep = Report()
     layout = engine.layout
-    root = str(layout.root)
 
     # 1. scratch builds never survive a restart
     for entry in sorted(layout.tmp.iterdir()):
@@ -67,22 +66,20 @@ def reconcile(engine: Engine) -> Report:
         if layout.layer_dir(layer.id).exists():
             engine._link(layer)
 
-    # 3. adopt staged volumes whose overlay survived; forget mounts nobody records
-    recorded = {p.target_path for p in pubs} | {v.staging_path for v in volumes if v.staging_path}
+    # 3. adopt staged volumes whose overlay survived. An overlay of ours whose
+    #    volume is not staged by the record is debris, and so is every bind of it;
+    #    an overlay of a staged volume is never touched, wherever it is mounted
+    #    (kubelet's subPath binds, paths reached through symlinks).
     for v in volumes:
         if v.staging_path and engine._overlay_is(v.staging_path, v):
             engine._hold_layers(v)
             rep.adopted.append(v.id)
-    for m in host.mounts():
-        if (
-            m.fstype == "overlay"
-            and "upperdir=layers/" in m.super_options
-            and m.target not in recorded
-            and not m.target.startswith(root + "/")
-        ):
-            if _ours(engine, m.super_options):
-                host.umount(m.target)
-                rep.unmounted.append(m.target)
+    staged_uppers = {v.upper for v in volumes if v.staging_path}
+    for m in sorted(host.mounts(), key=lambda m: m.target.count("/"), reverse=True):
+        upper = _upper_of(m) if m.fstype == "overlay" else None
+        if upper and upper in layers and upper not in staged_uppers:
+            host.umount(m.target)
+            rep.unmounted.append(m.target)
 
     # ephemeral volumes' private staging dirs whose volume is gone
     for entry in sorted(layout.ephemeral.iterdir()):
@@ -115,10 +112,11 @@ def reconcile(engine: Engine) -> Report:
     return rep
 
 
-def _ours(engine: Engine, super_options: str) -> bool:
-    """True if an overlay's upperdir is one of our layers (relative options)."""
-    for opt in super_options.split(","):
+def _upper_of(m: host.MountEntry) -> str | None:
+    """The layer id of an overlay's upper, from its relative upperdir option."""
+    for opt in m.super_options.split(","):
         if opt.startswith("upperdir="):
             parts = opt[len("upperdir=") :].split("/")
-            return len(parts) >= 2 and parts[0] == "layers" and (engine.layout.layers / parts[1]).exists()
-    return False
+            if len(parts) >= 2 and parts[0] == "layers" and ID_RE.match(parts[1]):
+                return parts[1]
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -41,28 +42,35 @@ class SnapshotOps(BlockOps):
         Detached: the upper itself is committed (O(1)) and the volume continues
         on a fresh upper. In use: every in-use upper's file system is frozen at
         once, the images are copied (only allocated extents), then all thawed,
-        so a group is crash-consistent across its members.
+        so a group is crash-consistent across its members. Block members are
+        captured inside the same frozen window.
         """
         live = [v for v in vols if v.access_type != BLOCK and self._upper_in_use(v)]
+        blocks = [v for v in vols if v.access_type == BLOCK]
         copies: dict[str, Path] = {}
         frozen: list[Path] = []
         try:
             for v in live:
                 mnt = self.layout.mnt(v.upper)
+                frozen.append(mnt)  # before freezing: a timed-out fsfreeze may have frozen it
                 host.freeze(mnt)
-                frozen.append(mnt)
             self._step("snapshot.frozen")
             for v in live:
                 copies[v.id] = scratch / f"copy-{v.id}"
                 copies[v.id].mkdir()
                 host.copy_sparse(self.layout.image(v.upper), copies[v.id] / "image")
+            for v in blocks:
+                copies[v.id] = scratch / f"copy-{v.id}"
+                copies[v.id].mkdir()
+                self._block_capture(v, copies[v.id] / "image")
         finally:
             for mnt in frozen:
                 host.thaw(mnt)
         out: list[Layer] = []
         for v in vols:
             if v.access_type == BLOCK:
-                out.append(self._block_copy_layer(v, scratch))
+                size = os.path.getsize(copies[v.id] / "image")
+                out.append(self._add_copied_layer(copies[v.id], None, BLOCK, size))
             elif v.id in copies:
                 out.append(self._install_copy(v, copies[v.id]))
             else:
@@ -165,7 +173,12 @@ class SnapshotOps(BlockOps):
         self._discard_layers(gone)
 
     def _record_snapshot(self, tx: Tx, name: str, v: Volume, layer: Layer, group_id: str = "") -> Snapshot:
-        size = min(v.capacity_bytes, sum(x.used_bytes for x in tx.chain(layer.id)))
+        # a block snapshot restores the whole device; a file system one what it holds
+        size = (
+            v.capacity_bytes
+            if v.access_type == BLOCK
+            else min(v.capacity_bytes, sum(x.used_bytes for x in tx.chain(layer.id)))
+        )
         return tx.add_snapshot(
             Snapshot(
                 seq=0,

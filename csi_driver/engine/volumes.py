@@ -39,6 +39,8 @@ class VolumeOps(BlockOps):
             and v.source_id == spec.source_id
             and v.parameters == spec.parameters
             and v.ephemeral == spec.ephemeral
+            and v.fs_type == (BLOCK if spec.access_type == BLOCK else spec.fs_type or self.config.fs_type)
+            and (not spec.mutable or v.mutable == spec.mutable)
         )
 
     def create_volume(self, spec: VolumeSpec) -> Volume:
@@ -52,6 +54,8 @@ class VolumeOps(BlockOps):
                 raise AlreadyExists(f"volume {spec.name!r} exists with different arguments")
             parent, default_cap, min_cap = self._source_parent(tx, spec)
         capacity = self.resolve_capacity(spec.required_bytes, spec.limit_bytes, default_cap)
+        if block:
+            capacity = self._block_aligned(capacity, spec.limit_bytes)
         if capacity < min_cap:
             raise OutOfRange(f"{capacity} bytes is smaller than the source's {min_cap} bytes")
         if capacity > self.free_bytes():
@@ -115,10 +119,10 @@ class VolumeOps(BlockOps):
         self._step("create.done")
         return vol
 
-    def _block_source(self, parent: Layer | None, spec: VolumeSpec) -> Path | None:
-        """The image a new block volume copies: a snapshot's layer or a volume's upper."""
+    def _block_source(self, parent: Layer | None, spec: VolumeSpec) -> Volume | Path | None:
+        """What a new block volume copies: a snapshot layer's image or a volume."""
         if spec.source_kind == "volume":
-            return self.layout.image(self.get_volume(spec.source_id).upper)
+            return self.get_volume(spec.source_id)
         return self.layout.image(parent.id) if parent is not None else None
 
     def _source_parent(self, tx: Tx, spec: VolumeSpec) -> tuple[Layer | None, int, int]:
