@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS layers (
     depth INTEGER NOT NULL,
     image_bytes INTEGER NOT NULL,
     used_bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    base_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS volumes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -101,8 +102,9 @@ class Layer:
     fs_type: str
     depth: int
     image_bytes: int
-    used_bytes: int
+    used_bytes: int  # committed: the data it holds; active: 0
     created_at: float
+    base_bytes: int = 0  # what the empty file system itself uses (journal, tables)
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,7 @@ class Tx:
     def add_layer(self, layer: Layer) -> None:
         self.c.execute(
             "INSERT INTO layers (id,parent,link,name,active,fs_type,depth,image_bytes,used_bytes,"
-            "created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "created_at,base_bytes) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 layer.id,
                 layer.parent,
@@ -207,6 +209,7 @@ class Tx:
                 layer.image_bytes,
                 layer.used_bytes,
                 layer.created_at,
+                layer.base_bytes,
             ),
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import subprocess
@@ -315,3 +316,43 @@ def test_base_layers(driver: Driver, tmp_path: Path):
     driver.engine.delete_named_layer("tarred")
     assert layer_dirs(driver) == []
     assert not host.mounts_under(driver.state)
+
+
+def fill(path: Path, mib: int) -> int:
+    """Write up to ``mib`` MiB; return how many MiB fit before ENOSPC."""
+    chunk = b"z" * MiB
+    written = 0
+    try:
+        with open(path, "wb") as f:
+            for _ in range(mib):
+                f.write(chunk)
+                f.flush()
+                written += 1
+            os.fsync(f.fileno())
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+        return written - 1
+    return written
+
+
+def test_capacity_bounds_the_volume_across_snapshots(driver: Driver):
+    """Snapshots must not reset the room a volume has: its own layers count."""
+    c = driver.client
+    vid = c.create_volume("bounded", 64 * MiB).volume_id
+    staging, _ = driver.paths("bounded")
+    c.stage(vid, staging)
+    assert fill(staging / "f1", 40) == 40
+    c.unstage(vid, staging)
+    s1 = c.create_snapshot("s1", vid).snapshot_id  # detached: the upper is committed
+    assert 40 * MiB <= driver.engine.get_snapshot(s1).size_bytes <= 44 * MiB
+    c.stage(vid, staging)
+    assert fill(staging / "f2", 40) < 30, "40 MiB are already in the volume's layers"
+    (staging / "f2").unlink()
+    (staging / "f1").unlink()
+    c.unstage(vid, staging)
+    c.create_snapshot("s2", vid)  # a chain holding over half the capacity is flattened
+    c.stage(vid, staging)
+    assert fill(staging / "f3", 40) == 40, "deleted data gave its room back"
+    c.unstage(vid, staging)
+    r = c.create_volume("r1", 64 * MiB, snapshot=s1).volume_id
+    assert set(read(driver, r)) == {"f1"}

@@ -39,7 +39,7 @@ class BaseLayerOps(EngineCore):
             else:
                 populate_from_tar(source, root / "upper")
             try:
-                used = sum(f.stat().st_size for f in (root / "upper").rglob("*") if f.is_file())
+                used = host.tree_bytes(root / "upper")
                 size = image_size_for(used + used // 4 + 64 * MiB)
                 layer_dir = scratch / "layer"
                 layer_dir.mkdir()
@@ -51,7 +51,7 @@ class BaseLayerOps(EngineCore):
                 active=False,
                 fs_type="ext4",
                 image_bytes=size,
-                used_bytes=host.allocated_bytes(layer_dir / "image"),
+                used_bytes=used,
                 name=name,
             )
             with self.store.tx() as tx:

@@ -154,15 +154,18 @@ class EngineCore:
         self._discard_layers(gone)
 
     def _add_copied_layer(
-        self, copy_dir: Path, parent: Layer | None, fs_type: str, image_bytes: int
+        self, copy_dir: Path, parent: Layer | None, fs_type: str, image_bytes: int, base_bytes: int = 0
     ) -> Layer:
-        """Record the image copied into ``copy_dir`` as a committed layer over ``parent``."""
+        """Record the image copied into ``copy_dir`` as a committed layer over ``parent``;
+        ``base_bytes`` is what the copied file system used when empty."""
+        image = copy_dir / "image"
+        data = host.allocated_bytes(image) if fs_type == "block" else host.fs_used_bytes(image, fs_type)
         layer = self._new_layer(
             parent,
             active=False,
             fs_type=fs_type,
             image_bytes=image_bytes,
-            used_bytes=host.allocated_bytes(copy_dir / "image"),
+            used_bytes=max(0, data - base_bytes),
         )
         with self.store.tx() as tx:
             tx.add_layer(layer)
@@ -219,6 +222,7 @@ class EngineCore:
         fs_type: str,
         image_bytes: int,
         used_bytes: int = 0,
+        base_bytes: int = 0,
         name: str | None = None,
         layer_id: str | None = None,
     ) -> Layer:
@@ -233,14 +237,42 @@ class EngineCore:
             image_bytes=image_bytes,
             used_bytes=used_bytes,
             created_at=time.time(),
+            base_bytes=base_bytes,
         )
+
+    def _chain_data(self, top: Layer | None) -> int:
+        """The data a volume on this committed chain has written into it.
+
+        Named base layers are shared images, like a container's image layers:
+        they do not count against a volume's capacity; its own layers do.
+        """
+        if top is None:
+            return 0
+        chain = [top]  # top may be a flattened layer not stored yet
+        if top.parent:
+            with self.store.tx() as tx:
+                chain += tx.chain(top.parent)
+        return sum(x.used_bytes for x in chain if not x.active and x.name is None)
+
+    def _parent_of_upper(self, v: Volume) -> Layer | None:
+        with self.store.tx() as tx:
+            upper = tx.layer(v.upper)
+            return tx.layer(upper.parent) if upper and upper.parent else None
+
+    def _parent(self, layer: Layer) -> Layer | None:
+        with self.store.tx() as tx:
+            return tx.layer(layer.parent) if layer.parent else None
+
+    def _upper_size(self, capacity: int, parent: Layer | None, fs_type: str) -> int:
+        """The image of an upper over ``parent``: room for what the volume's capacity
+        leaves after the data its layers already hold, so the volume as a whole,
+        not each generation of it, is bounded by its capacity."""
+        return image_size_for(max(capacity - self._chain_data(parent), self.config.min_capacity), fs_type)
 
     def _flatten(self, top: Layer, scratch: Path) -> Layer:
         """Build in ``scratch`` one committed layer holding the merged view of ``top``'s chain."""
         with self.store.tx() as tx:
             chain = tx.chain(top.id)
-        used = sum(layer.used_bytes for layer in chain)
-        size = image_size_for(max(max(x.image_bytes for x in chain), used + used // 8 + 64 * MiB))
         root = scratch / "root"
         for layer in chain:
             self.mounts.acquire(layer.id, layer.fs_type, readonly=True)
@@ -248,14 +280,16 @@ class EngineCore:
             flatten_into(self.layout, [x.link for x in chain], root)
             try:
                 (root / "work").mkdir(exist_ok=True)
+                data = host.tree_bytes(root / "upper")  # base layers' data is shared, not the volume's
+                data = max(0, data - sum(x.used_bytes for x in chain if x.name is not None))
+                size = image_size_for(max(max(x.image_bytes for x in chain), data + data // 4 + 64 * MiB))
                 build_image(scratch / "image", size, "ext4", populate=root)
             finally:
                 host.umount(root / "upper")
         finally:
             for layer in chain:
                 self.mounts.release(layer.id)
-        flat = self._new_layer(None, active=False, fs_type="ext4", image_bytes=size)
-        return Layer(**{**flat.__dict__, "used_bytes": host.allocated_bytes(scratch / "image")})
+        return self._new_layer(None, active=False, fs_type="ext4", image_bytes=size, used_bytes=data)
 
     def _bounded_parent(self, parent: Layer | None, scratch: Path) -> tuple[Layer | None, Layer | None]:
         """Return (parent to use, new flattened layer to insert or None)."""

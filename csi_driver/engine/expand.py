@@ -7,9 +7,6 @@ import os
 
 from csi_driver.engine import host
 from csi_driver.engine.block import BLOCK, BlockOps
-from csi_driver.engine.layers import (
-    image_size_for,
-)
 from csi_driver.errors import (
     CommandFailed,
     FailedPrecondition,
@@ -50,7 +47,7 @@ class ExpandOps(BlockOps):
         with self.store.tx() as tx:
             upper = tx.layer(v.upper)
             assert upper is not None
-        size = image_size_for(capacity, upper.fs_type)
+        size = self._upper_size(capacity, self._parent(upper), upper.fs_type)
         image = self.layout.image(upper.id)
         if size > os.path.getsize(image):
             os.truncate(image, size)
@@ -87,8 +84,8 @@ class ExpandOps(BlockOps):
             before = tx.layer(v.upper)  # to undo the record if the file system cannot grow
             assert before is not None
         grown_from = None
-        if required > v.capacity_bytes or os.path.getsize(self.layout.image(v.upper)) < image_size_for(
-            v.capacity_bytes, v.fs_type
+        if required > v.capacity_bytes or os.path.getsize(self.layout.image(v.upper)) < self._upper_size(
+            v.capacity_bytes, self._parent(before), v.fs_type
         ):
             grown_from = v.capacity_bytes
             self.expand(volume_id, required, limit)

@@ -43,7 +43,7 @@ def image_size_for(capacity: int, fs_type: str = "ext4") -> int:
     return (size + MiB - 1) // MiB * MiB
 
 
-def build_image(dest: Path, size: int, fs_type: str, populate: Path | None = None) -> None:
+def build_image(dest: Path, size: int, fs_type: str, populate: Path | None = None) -> int:
     """A new sparse image at ``dest`` with empty ``upper/`` and ``work/`` dirs
     (or with ``populate``'s tree in it)."""
     host.create_sparse(dest, size)
@@ -63,6 +63,7 @@ def build_image(dest: Path, size: int, fs_type: str, populate: Path | None = Non
             host.umount(mnt)
     else:
         host.mkfs(dest, "ext4", populate=populate, journal_mib=journal_bytes(size) // MiB)
+    return host.fs_used_bytes(dest, fs_type)
 
 
 def mount_options(fs_type: str, readonly: bool) -> list[str]:

@@ -243,11 +243,14 @@ class NodeOps(BlockOps):
         if condition and not host.is_mounted(source):
             return VolumeStats(0, 0, 0, 0, 0, 0, True, condition)
         st = os.statvfs(source)
-        total = st.f_blocks * st.f_frsize
+        # the volume is its layers' data plus its upper: report it against its capacity
+        held = self._chain_data(self._parent_of_upper(v))
+        used = held + (st.f_blocks - st.f_bfree) * st.f_frsize
+        total = max(v.capacity_bytes, used)
         return VolumeStats(
             total,
-            total - st.f_bfree * st.f_frsize,
-            st.f_bavail * st.f_frsize,
+            used,
+            min(st.f_bavail * st.f_frsize, total - used),
             st.f_files,
             st.f_files - st.f_ffree,
             st.f_favail,

@@ -12,6 +12,7 @@ from csi_driver.engine.block import BLOCK, BlockOps
 from csi_driver.engine.core import GROUP_PREFIX, SNAPSHOT_PREFIX
 from csi_driver.engine.layers import (
     build_image,
+    image_size_for,
     make_clean,
 )
 from csi_driver.engine.layout import new_id
@@ -82,49 +83,50 @@ class SnapshotOps(BlockOps):
             upper = tx.layer(v.upper)
             assert upper is not None
             parent = tx.layer(upper.parent) if upper.parent else None
-        return self._add_copied_layer(copy_dir, parent, upper.fs_type, upper.image_bytes)
+        return self._add_copied_layer(copy_dir, parent, upper.fs_type, upper.image_bytes, upper.base_bytes)
 
     def _commit_upper(self, v: Volume, scratch: Path) -> Layer:
-        """Commit a detached volume's upper in place; the volume gets a fresh one."""
-        volume_id = v.id
+        """Commit a detached volume's upper in place; the volume gets a fresh one.
+
+        The fresh upper has room for what the capacity leaves after the data in
+        the volume's layers. A chain at the depth cap, or one whose layers hold
+        over half the capacity (overwritten or deleted data may hide in them),
+        is first flattened into one layer, which gives that room back.
+        """
         with self.store.tx() as tx:
             upper = tx.layer(v.upper)
             assert upper is not None
+        image = self.layout.image(upper.id)
+        make_clean(image, upper.fs_type)
+        data = max(0, host.fs_used_bytes(image, upper.fs_type) - upper.base_bytes)
+        committed = Layer(**{**upper.__dict__, "active": 0, "depth": upper.depth + 1, "used_bytes": data})
+        held = data + self._chain_data(self._parent(upper))
+        base, flat = committed, None
+        if committed.depth >= self.config.max_depth or (
+            committed.depth >= 2 and held > v.capacity_bytes // 2
+        ):
+            flat_dir = scratch / f"flat-{v.id}"
+            flat_dir.mkdir()
+            flat = base = self._flatten(upper, flat_dir)
+            held = flat.used_bytes
         fresh_dir = scratch / f"fresh-{v.id}"
         fresh_dir.mkdir()
-        make_clean(self.layout.image(upper.id), upper.fs_type)
-        build_image(fresh_dir / "image", upper.image_bytes, upper.fs_type)
-        committed = Layer(
-            **{
-                **upper.__dict__,
-                "active": 0,
-                "depth": upper.depth + 1,
-                "used_bytes": host.allocated_bytes(self.layout.image(upper.id)),
-            }
-        )
-        fresh = self._new_layer(committed, active=True, fs_type=upper.fs_type, image_bytes=upper.image_bytes)
+        size = image_size_for(max(v.capacity_bytes - held, self.config.min_capacity), upper.fs_type)
+        empty = build_image(fresh_dir / "image", size, upper.fs_type)
+        fresh = self._new_layer(base, active=True, fs_type=upper.fs_type, image_bytes=size, base_bytes=empty)
         with self.store.tx() as tx:
-            tx.update_layer(upper.id, active=0, depth=committed.depth, used_bytes=committed.used_bytes)
+            tx.update_layer(upper.id, active=0, depth=committed.depth, used_bytes=data)
+            if flat is not None:
+                tx.add_layer(flat)
+                self._install(flat_dir, flat.id)
             tx.add_layer(fresh)
-            tx.update_volume(volume_id, upper=fresh.id)
+            tx.update_volume(v.id, upper=fresh.id)
             self._install(fresh_dir, fresh.id)
             self._step("snapshot.committed")
-        self._link(fresh)
-        if committed.depth >= self.config.max_depth:
-            self._rebase_on_flat(fresh, committed, scratch)
+        for layer in (flat, fresh):
+            if layer is not None:
+                self._link(layer)
         return committed
-
-    def _rebase_on_flat(self, fresh: Layer, committed: Layer, scratch: Path) -> None:
-        """Keep a volume snapshotted again and again mountable: its (still empty)
-        upper moves onto one flattened copy of the deep chain."""
-        flat_dir = scratch / f"flat-{fresh.id}"
-        flat_dir.mkdir()
-        flat = self._flatten(committed, flat_dir)
-        with self.store.tx() as tx:
-            tx.add_layer(flat)
-            tx.update_layer(fresh.id, parent=flat.id, depth=flat.depth)
-            self._install(flat_dir, flat.id)
-        self._link(flat)
 
     def create_group_snapshot(self, name: str, volume_ids: list[str]) -> tuple[dict, list[Snapshot]]:
         """Snapshots of several volumes taken at one instant (all frozen together)."""

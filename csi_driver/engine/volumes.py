@@ -11,7 +11,6 @@ from csi_driver.engine.block import BLOCK, BlockOps
 from csi_driver.engine.core import VOLUME_PREFIX, VolumeSpec
 from csi_driver.engine.layers import (
     build_image,
-    image_size_for,
 )
 from csi_driver.engine.layout import new_id
 from csi_driver.errors import (
@@ -65,7 +64,7 @@ class VolumeOps(BlockOps):
         with self._scratch() as scratch:
             upper_dir = scratch / "upper"
             upper_dir.mkdir()
-            flat = None
+            flat, empty = None, 0
             if block:
                 size = capacity
                 self._block_build(upper_dir / "image", capacity, self._block_source(parent, spec))
@@ -75,10 +74,10 @@ class VolumeOps(BlockOps):
                     parent = self._share_volume(spec.source_id, scratch)
                 parent, flat = self._bounded_parent(parent, scratch)
                 self._step("create.flattened")
-                size = image_size_for(capacity, fs_type)
-                build_image(upper_dir / "image", size, fs_type)
+                size = self._upper_size(capacity, parent, fs_type)
+                empty = build_image(upper_dir / "image", size, fs_type)
             self._step("create.built")
-            upper = self._new_layer(parent, active=True, fs_type=fs_type, image_bytes=size)
+            upper = self._new_layer(parent, active=True, fs_type=fs_type, image_bytes=size, base_bytes=empty)
             with self.store.tx() as tx:
                 if parent is not None and tx.layer(parent.id) is None and flat is None:
                     raise NotFound(f"source {spec.source_id} was deleted while restoring")
