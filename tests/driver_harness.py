@@ -142,3 +142,315 @@ class DriverProcess:
         assert self.proc is not None
         self.proc.terminate()
         return self.proc.wait(timeout=60)
+
+
+# ---- state invariants (crash, restart, concurrency and hostile-input tests) ----
+
+SPEC_ERROR_CODES = frozenset(
+    {
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "FAILED_PRECONDITION",
+        "OUT_OF_RANGE",
+        "ABORTED",
+        "RESOURCE_EXHAUSTED",
+    }
+)
+
+
+def store_dump(state: Path) -> dict[str, list[dict]]:
+    """Every row of every table of ``state/state.db``, opened read-only (the driver
+    may be running); rows sorted so two dumps compare equal iff nothing changed."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{state / 'state.db'}?mode=ro", uri=True, timeout=30)
+    conn.row_factory = sqlite3.Row
+    try:
+        tables = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+            )
+        ]
+        return {t: sorted((dict(r) for r in conn.execute(f"SELECT * FROM {t}")), key=repr) for t in tables}
+    finally:
+        conn.close()
+
+
+def disk_dump(state: Path) -> dict[str, list[str]]:
+    """What the state dir holds on disk (layer dirs, links, scratch)."""
+    return {
+        d: sorted(p.name for p in (state / d).iterdir()) if (state / d).is_dir() else []
+        for d in ("layers", "l", "tmp")
+    }
+
+
+def _overlay_upper(super_options: str) -> str | None:
+    for opt in super_options.split(","):
+        if opt.startswith("upperdir=layers/"):
+            return opt[len("upperdir=layers/") :].split("/")[0]
+    return None
+
+
+def invariant_problems(
+    state: Path, client=None, *, root: Path | None = None, quiescent: bool = True
+) -> list[str]:
+    """Everything that is wrong with a state dir; [] when the store, the disk, the
+    mount table, the loop devices and (with ``client``) the driver's answers agree.
+
+    ``root``: the test's temp dir; overlays of our layers mounted below it must be
+    recorded staging paths or targets. ``quiescent``: no call is in flight, so
+    scratch must be empty and every staged volume must hold exactly its layers.
+    """
+    from csi_driver.engine import host
+
+    state = state.resolve()
+    import json
+
+    problems: list[str] = []
+    dump = store_dump(state)
+    layers = {x["id"]: x for x in dump["layers"]}
+    volumes = {x["id"]: x for x in dump["volumes"]}
+    snapshots = {x["id"]: x for x in dump["snapshots"]}
+    pubs = dump["publications"]
+
+    # -- the store agrees with itself
+    def chain(top: str) -> list[str]:
+        out: list[str] = []
+        while top:
+            if top in out or top not in layers:
+                problems.append(f"layer chain broken at {top} (from {out[:1]})")
+                return out
+            out.append(top)
+            top = layers[top]["parent"]
+        return out
+
+    uppers = [v["upper"] for v in volumes.values()]
+    if len(uppers) != len(set(uppers)):
+        problems.append("two volumes share one upper layer")
+    for v in volumes.values():
+        if v["upper"] not in layers or not layers[v["upper"]]["active"]:
+            problems.append(f"volume {v['id']} has no active upper layer {v['upper']}")
+        chain(v["upper"])
+    for s in snapshots.values():
+        if s["layer"] not in layers or layers[s["layer"]]["active"]:
+            problems.append(f"snapshot {s['id']} has no committed layer {s['layer']}")
+        chain(s["layer"])
+    for p in pubs:
+        if p["volume_id"] not in volumes:
+            problems.append(f"publication {p['target_path']} of unknown volume {p['volume_id']}")
+    referenced = set(uppers) | {s["layer"] for s in snapshots.values()}
+    referenced |= {x["parent"] for x in layers.values() if x["parent"]}
+    for x in layers.values():
+        if x["id"] not in referenced and not x["name"]:
+            problems.append(f"layer {x['id']} is referenced by nothing and was not reclaimed")
+
+    # -- the disk agrees with the store
+    for x in layers.values():
+        image = state / "layers" / x["id"] / "image"
+        if not image.is_file():
+            problems.append(f"layer {x['id']} has no image on disk")
+        link = state / "l" / x["link"]
+        if not link.is_symlink() or os.readlink(link) != f"../layers/{x['id']}/mnt/upper":
+            problems.append(f"layer {x['id']} has no link l/{x['link']}")
+    for entry in (state / "layers").iterdir():
+        if entry.name not in layers:
+            problems.append(f"layers/{entry.name} is not a layer the store knows")
+    links = {x["link"]: x["id"] for x in layers.values()}
+    for entry in (state / "l").iterdir():
+        if entry.name not in links:
+            problems.append(f"l/{entry.name} is a link the store does not know")
+        elif not (state / "layers" / links[entry.name]).is_dir():
+            problems.append(f"l/{entry.name} dangles")
+    if quiescent and any((state / "tmp").iterdir()):
+        problems.append(f"scratch left in tmp/: {sorted(p.name for p in (state / 'tmp').iterdir())}")
+    if not (state / "empty").is_dir() or any((state / "empty").iterdir()):
+        problems.append("state/empty is missing or not empty")
+
+    # -- mounts: layer mounts only for staged volumes, overlays only where recorded
+    mounts = host.mounts()
+    by_target: dict[str, list] = {}
+    for m in mounts:
+        by_target.setdefault(m.target, []).append(m)
+    staged_layers: dict[str, bool] = {}  # layer id -> read-write
+    recorded: dict[str, str] = {}  # path -> volume id
+    for v in volumes.values():
+        if v["staging_path"]:
+            recorded[v["staging_path"]] = v["id"]
+            top = by_target.get(os.path.realpath(v["staging_path"]), [None])[-1]
+            if top is not None and _overlay_upper(top.super_options) == v["upper"]:
+                for i, layer_id in enumerate(chain(v["upper"])):
+                    staged_layers[layer_id] = i == 0
+    for p in pubs:
+        recorded[p["target_path"]] = p["volume_id"]
+    layer_root = str(state / "layers") + "/"
+    for m in host.mounts_under(state):
+        rel = m.target[len(layer_root) :].split("/") if m.target.startswith(layer_root) else []
+        if m.target in recorded and m.target.startswith(f"{state}/ephemeral/"):
+            continue  # an inline volume's private staging path
+        if len(rel) != 2 or rel[1] != "mnt":
+            problems.append(f"stray mount under the state dir: {m.target} ({m.fstype})")
+        elif rel[0] not in staged_layers and quiescent:
+            problems.append(f"layer {rel[0]} is mounted but no staged volume uses it")
+        elif len(by_target[m.target]) > 1:
+            problems.append(f"{len(by_target[m.target])} mounts stacked at {m.target}")
+        elif rel[0] in staged_layers and ("rw" in m.options.split(",")) != staged_layers[rel[0]]:
+            problems.append(f"layer {rel[0]} mounted {m.options.split(',')[0]}, expected the opposite")
+    if quiescent:
+        for layer_id in staged_layers:
+            if not any(m.target == f"{layer_root}{layer_id}/mnt" for m in mounts):
+                problems.append(f"layer {layer_id} of a staged volume is not mounted")
+    for m in mounts:
+        upper = _overlay_upper(m.super_options) if m.fstype == "overlay" else None
+        if upper is None:
+            continue
+        if upper not in layers:
+            if root is not None and m.target.startswith(str(root) + "/"):
+                problems.append(f"overlay at {m.target} has an upper the store does not know")
+            continue
+        owner = recorded.get(m.target)
+        if owner is None or volumes[owner]["upper"] != upper:
+            problems.append(f"overlay of layer {upper} at {m.target} is no recorded staging path or target")
+
+    # -- loop devices: each backs a mounted image of a known layer, or is a block volume's device
+    sources = {m.source for m in mounts}
+    devices = {}  # device -> the upper layer of the block volume it was attached for
+    for v in volumes.values():
+        opts = json.loads(v["stage_options"] or "{}")
+        if v["access_type"] == "block" and v["staging_path"] and opts.get("device"):
+            devices[opts["device"]] = v["upper"]
+    for p in pubs:
+        opts = json.loads(p["options"] or "{}")
+        if opts.get("device") and p["volume_id"] in volumes:
+            devices[opts["device"]] = volumes[p["volume_id"]]["upper"]
+    for dev, backing in host.loop_devices().items():
+        if not backing.startswith(str(state) + "/"):
+            continue
+        parts = backing[len(str(state)) + 1 :].split("/")
+        if dev in devices:
+            if backing != str(state / "layers" / devices[dev] / "image"):
+                problems.append(f"block device {dev} is backed by {backing}, not its volume's image")
+        elif dev not in sources:
+            problems.append(f"loop device {dev} ({backing}) is attached but not mounted")
+        elif len(parts) != 3 or parts[0] != "layers" or parts[1] not in layers or parts[2] != "image":
+            problems.append(f"loop device {dev} is backed by {backing}, not a known layer image")
+
+    # -- the driver reports what is on disk
+    if client is not None:
+        problems += _answers_problems(client, volumes, snapshots)
+    return problems
+
+
+def _answers_problems(client, volumes: dict, snapshots: dict) -> list[str]:
+    from csi_driver.proto import csi_pb2 as csi
+
+    problems: list[str] = []
+    listed: dict[str, int] = {}
+    token = ""
+    while True:
+        page = client.controller.ListVolumes(csi.ListVolumesRequest(max_entries=3, starting_token=token))
+        listed.update({e.volume.volume_id: e.volume.capacity_bytes for e in page.entries})
+        token = page.next_token
+        if not token:
+            break
+    if listed != {v["id"]: v["capacity_bytes"] for v in volumes.values()}:
+        problems.append(f"ListVolumes {sorted(listed)} != store {sorted(volumes)}")
+    snaps: set[str] = set()
+    token = ""
+    while True:
+        page = client.controller.ListSnapshots(csi.ListSnapshotsRequest(max_entries=3, starting_token=token))
+        snaps |= {e.snapshot.snapshot_id for e in page.entries}
+        token = page.next_token
+        if not token:
+            break
+    if snaps != set(snapshots):
+        problems.append(f"ListSnapshots {sorted(snaps)} != store {sorted(snapshots)}")
+    for vid in volumes:
+        client.controller.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=vid))
+    for sid in snapshots:
+        client.controller.GetSnapshot(csi.GetSnapshotRequest(snapshot_id=sid))
+    return problems
+
+
+def assert_invariants(state: Path, client=None, **kw) -> None:
+    problems = invariant_problems(state, client, **kw)
+    assert not problems, "invariants violated:\n  " + "\n  ".join(problems)
+
+
+def read_files(
+    client, state: Path, volume_id: str, scratch: Path, block_bytes: int = 65536
+) -> dict[str, bytes]:
+    """The top-level files of a volume (a block volume: {"block": its first bytes}),
+    read through a stage: its own when staged, else a temporary one undone afterwards."""
+    import json
+
+    from csi_driver.engine import host
+    from csi_driver.proto import csi_pb2 as csi
+
+    vol = {v["id"]: v for v in store_dump(state)["volumes"]}[volume_id]
+    block = vol["access_type"] == "block"
+    path = vol["staging_path"]
+    device = json.loads(vol["stage_options"] or "{}").get("device")
+    live = device in host.loop_devices() if block else path is not None and host.is_mounted(path)
+    own = path is None or not live
+    cap = None
+    if block:
+        mode = csi.VolumeCapability.AccessMode(mode=csi.VolumeCapability.AccessMode.SINGLE_NODE_WRITER)
+        cap = csi.VolumeCapability(block=csi.VolumeCapability.BlockVolume(), access_mode=mode)
+    if own:
+        path = str(scratch / f"read-{volume_id}")
+        Path(path).mkdir(parents=True, exist_ok=True)
+        client.stage(volume_id, path, cap)
+    try:
+        if block:
+            vol = {v["id"]: v for v in store_dump(state)["volumes"]}[volume_id]
+            with open(json.loads(vol["stage_options"])["device"], "rb") as f:
+                return {"block": f.read(block_bytes)}
+        return {f.name: f.read_bytes() for f in Path(path).iterdir() if f.is_file() and not f.is_symlink()}
+    finally:
+        if own:
+            client.unstage(volume_id, path)
+            Path(path).rmdir()
+
+
+def teardown_all(client, state: Path) -> None:
+    """Unpublish, unstage and delete everything through the driver, then check
+    that nothing is left: no layer, link, mount or loop device."""
+    for p in store_dump(state)["publications"]:
+        client.unpublish(p["volume_id"], p["target_path"])  # an inline volume goes with it
+    dump = store_dump(state)
+    for v in dump["volumes"]:
+        if v["staging_path"]:
+            client.unstage(v["id"], v["staging_path"])
+    for s in dump["snapshots"]:
+        client.delete_snapshot(s["id"])
+    for v in dump["volumes"]:
+        client.delete_volume(v["id"])
+    left = disk_dump(state)
+    mounts, loops = leftovers(state)
+    assert left == {"layers": [], "l": [], "tmp": []} and not mounts and not loops, (
+        f"teardown left {left}, mounts {mounts}, loop devices {loops}"
+    )
+
+
+def unfrozen_problems(state: Path, timeout: float = 10) -> list[str]:
+    """Write and sync a file on every staged volume (a frozen upper would hang)."""
+    from csi_driver.engine import host
+
+    problems = []
+    for v in store_dump(state)["volumes"]:
+        path = v["staging_path"]
+        if not path or not host.is_mounted(path):
+            continue
+        probe = Path(path) / ".overlay-csi-probe"
+        try:
+            subprocess.run(["sh", "-c", 'echo ok > "$1" && sync "$1" && rm "$1"', "-", str(probe)],
+                           timeout=timeout, check=True)
+        except subprocess.TimeoutExpired:
+            problems.append(f"volume {v['id']} at {path} does not take writes (frozen upper?)")
+            for m in host.mounts_under(state / "layers"):
+                host.thaw(Path(m.target))
+        except subprocess.CalledProcessError as e:
+            problems.append(f"volume {v['id']} at {path} refuses writes: {e}")
+    return problems

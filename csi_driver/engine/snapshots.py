@@ -89,9 +89,9 @@ class SnapshotOps(BlockOps):
         """Commit a detached volume's upper in place; the volume gets a fresh one.
 
         The fresh upper has room for what the capacity leaves after the data in
-        the volume's layers. A chain at the depth cap, or one whose layers hold
-        over half the capacity (overwritten or deleted data may hide in them),
-        is first flattened into one layer, which gives that room back.
+        the volume's layers. A chain at the depth cap, or one that would leave
+        under a quarter of the capacity (overwritten or deleted data may hide in
+        its layers), is first flattened into one layer, giving that room back.
         """
         with self.store.tx() as tx:
             upper = tx.layer(v.upper)
@@ -103,7 +103,7 @@ class SnapshotOps(BlockOps):
         held = data + self._chain_data(self._parent(upper))
         base, flat = committed, None
         if committed.depth >= self.config.max_depth or (
-            committed.depth >= 2 and held > v.capacity_bytes // 2
+            committed.depth >= 2 and v.capacity_bytes - held < v.capacity_bytes // 4
         ):
             flat_dir = scratch / f"flat-{v.id}"
             flat_dir.mkdir()
