@@ -153,6 +153,14 @@ class EngineCore:
             gone = tx.collect_garbage() if orphans else []
         self._discard_layers(gone)
 
+    def _collect_if_orphan(self, layer_id: str) -> None:
+        """A source deleted while we built on it is reclaimed once we let go of it."""
+        with self.store.tx() as tx:
+            layer = tx.layer(layer_id)
+            orphan = layer is not None and layer.name is None and tx.layer_users(layer_id) == 0
+            gone = tx.collect_garbage() if orphan else []
+        self._discard_layers(gone)
+
     def _add_copied_layer(
         self, copy_dir: Path, parent: Layer | None, fs_type: str, image_bytes: int, base_bytes: int = 0
     ) -> Layer:

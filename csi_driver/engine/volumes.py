@@ -52,6 +52,19 @@ class VolumeOps(BlockOps):
                     return existing
                 raise AlreadyExists(f"volume {spec.name!r} exists with different arguments")
             parent, default_cap, min_cap = self._source_parent(tx, spec)
+            if parent is not None:
+                self.store.pin(parent.id)  # no concurrent delete may collect what we build on
+        try:
+            return self._create_on(spec, parent, default_cap, min_cap, fs_type)
+        finally:
+            if parent is not None:
+                self.store.unpin(parent.id)
+                self._collect_if_orphan(parent.id)
+
+    def _create_on(
+        self, spec: VolumeSpec, parent: Layer | None, default_cap: int, min_cap: int, fs_type: str
+    ) -> Volume:
+        block = spec.access_type == BLOCK
         capacity = self.resolve_capacity(spec.required_bytes, spec.limit_bytes, default_cap)
         if block:
             capacity = self._block_aligned(capacity, spec.limit_bytes)
