@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="controller-expand: serve only ControllerExpandVolume for a central resizer",
     )
     s.add_argument(
+        "--kubelet-dir",
+        default="",
+        help="refuse staging/target paths that do not resolve under this dir, e.g. /var/lib/kubelet "
+        "(default: no confinement)",
+    )
+    s.add_argument(
         "--metrics-address",
         default="",
         metavar="HOST:PORT",
@@ -101,6 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
         default_fs_type=args.default_fs_type,
         hidden_capabilities=tuple(args.hide_capability),
         mode=args.mode,
+        kubelet_dir=args.kubelet_dir,
         metrics_address=args.metrics_address,
     )
     try:

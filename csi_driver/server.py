@@ -49,6 +49,7 @@ class ServeOptions:
     hidden_capabilities: tuple[str, ...] = ()
     mode: str = "all"  # or "controller-expand"
     drain_seconds: float = 30.0
+    kubelet_dir: str = ""  # confine node paths under it ("" = anywhere)
     metrics_address: str = ""  # HOST:PORT for Prometheus metrics; "" = off
 
 
@@ -100,6 +101,7 @@ class Server:
             version=__version__,
             max_volumes_per_node=opts.max_volumes_per_node,
             hidden_capabilities=frozenset(opts.hidden_capabilities),
+            kubelet_dir=opts.kubelet_dir,
         )
         self.metrics = None
         if opts.metrics_address:

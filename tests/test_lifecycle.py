@@ -268,3 +268,25 @@ def test_identity(driver: Driver):
     assert services == {csi.PluginCapability.Service.CONTROLLER_SERVICE,
                         csi.PluginCapability.Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
                         csi.PluginCapability.Service.GROUP_CONTROLLER_SERVICE}
+
+
+def test_kubelet_dir_confines_node_paths(tmp_path: Path):
+    """With --kubelet-dir, a path whose parent is a symlink out of it is refused."""
+    from driver_harness import cleanup, make_driver
+
+    d = make_driver(tmp_path, kubelet_dir=str(tmp_path / "kubelet"))
+    try:
+        c = d.client
+        vol = c.create_volume("confined", 16 * MiB)
+        escape = tmp_path / "kubelet" / "escape"
+        outside = tmp_path / "elsewhere"
+        outside.mkdir()
+        escape.symlink_to(outside)
+        assert code_of(c.stage, vol.volume_id, escape / "globalmount") == grpc.StatusCode.INVALID_ARGUMENT
+        assert not (outside / "globalmount").exists(), "a refused call writes nothing"
+        staging, target = d.paths("confined")
+        c.stage(vol.volume_id, staging)
+        c.unstage(vol.volume_id, staging)
+    finally:
+        d.stop()
+        cleanup(tmp_path)

@@ -18,6 +18,7 @@ class DriverContext:
     version: str
     max_volumes_per_node: int = 0
     hidden_capabilities: frozenset[str] = frozenset()
+    kubelet_dir: str = ""  # when set, node paths must resolve under it
     locks: KeyedLocks = field(default_factory=KeyedLocks)
     ready: bool = True
 

@@ -28,7 +28,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.locks = ctx.locks
 
     def _path(self, value: str, what: str) -> str:
-        return v.outside_state(v.path(value, what), self.engine.layout.root, what)
+        checked = v.outside_state(v.path(value, what), self.engine.layout.root, what)
+        return v.inside(checked, self.ctx.kubelet_dir, what)
 
     def _volume(self, volume_id: str):
         if not v.known_id(volume_id, v.VOLUME_ID_RE, "volume_id"):

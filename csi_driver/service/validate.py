@@ -112,6 +112,16 @@ def outside_state(path: str, state_dir: str | os.PathLike, what: str) -> str:
     return path
 
 
+def inside(path: str, root: str, what: str) -> str:
+    """With ``--kubelet-dir``, node paths must resolve (symlinks followed) under it,
+    so a symlinked parent cannot lead a mount or a delete elsewhere on the host."""
+    if root:
+        real, base = os.path.realpath(path), os.path.realpath(root)
+        if real != base and not real.startswith(base.rstrip("/") + "/"):
+            raise InvalidArgument(f"{what} must be under the kubelet dir {root}")
+    return path
+
+
 def string_map(m: dict[str, str], what: str) -> dict[str, str]:
     if len(m) > MAX_MAP_ENTRIES:
         raise InvalidArgument(f"{what} has more than {MAX_MAP_ENTRIES} entries")
