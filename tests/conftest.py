@@ -7,17 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from driver_harness import MOUNT_SKIP, Driver, cleanup
+from driver_harness import Driver, serving
 
 
 @pytest.fixture
 def driver(tmp_path: Path) -> Iterator[Driver]:
-    if MOUNT_SKIP:
-        pytest.skip(MOUNT_SKIP)
-    d = Driver(tmp_path)
-    try:
+    with serving(tmp_path) as d:
         yield d
-    finally:
-        d.stop()
-        mounts, loops = cleanup(tmp_path)
-    assert not mounts and not loops, f"test leaked mounts {mounts} or loop devices {loops}"

@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -454,3 +456,18 @@ def unfrozen_problems(state: Path, timeout: float = 10) -> list[str]:
         except subprocess.CalledProcessError as e:
             problems.append(f"volume {v['id']} at {path} refuses writes: {e}")
     return problems
+
+
+@contextmanager
+def serving(root: Path, **opts) -> Iterator[Driver]:
+    """A real in-process driver under ``root``; on exit, stop it and fail on any
+    mount or loop device left behind (after tearing them down)."""
+    if MOUNT_SKIP:
+        pytest.skip(MOUNT_SKIP)
+    d = Driver(root, **opts)
+    try:
+        yield d
+    finally:
+        d.stop()
+        mounts, loops = cleanup(root)
+    assert not mounts and not loops, f"test leaked mounts {mounts} or loop devices {loops}"

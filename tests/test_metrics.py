@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from csi_driver.proto import csi_pb2 as csi
-from driver_harness import MOUNT_SKIP, Driver, DriverProcess, cleanup
+from driver_harness import MOUNT_SKIP, Driver, DriverProcess, serving
 
 MiB = 1 << 20
 Labels = tuple[tuple[str, str], ...]
@@ -25,15 +25,8 @@ Labels = tuple[tuple[str, str], ...]
 
 @pytest.fixture
 def mdriver(tmp_path: Path) -> Iterator[Driver]:
-    if MOUNT_SKIP:
-        pytest.skip(MOUNT_SKIP)
-    d = Driver(tmp_path, metrics_address="127.0.0.1:0")
-    try:
+    with serving(tmp_path, metrics_address="127.0.0.1:0") as d:
         yield d
-    finally:
-        d.stop()
-        mounts, loops = cleanup(tmp_path)
-    assert not mounts and not loops, f"test leaked mounts {mounts} or loop devices {loops}"
 
 
 def scrape(port: int) -> dict[tuple[str, Labels], float]:

@@ -31,6 +31,15 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         checked = v.outside_state(v.path(value, what), self.engine.layout.root, what)
         return v.inside(checked, self.ctx.kubelet_dir, what)
 
+    @staticmethod
+    def _capability(request) -> v.Capability:
+        """The bounded contexts and the one capability of a stage or publish request."""
+        v.string_map(dict(request.volume_context), "volume_context")
+        v.string_map(dict(request.publish_context), "publish_context")
+        if not request.HasField("volume_capability"):
+            raise InvalidArgument("volume_capability is required")
+        return v.capability(request.volume_capability)
+
     def _volume(self, volume_id: str):
         if not v.known_id(volume_id, v.VOLUME_ID_RE, "volume_id"):
             ephemeral = self.engine.ephemeral_volume(volume_id)
@@ -43,11 +52,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodeStageVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
         staging = self._path(request.staging_target_path, "staging_target_path")
-        v.string_map(dict(request.volume_context), "volume_context")
-        v.string_map(dict(request.publish_context), "publish_context")
-        if not request.HasField("volume_capability"):
-            raise InvalidArgument("volume_capability is required")
-        cap = v.capability(request.volume_capability)
+        cap = self._capability(request)
         vol = self._volume(request.volume_id)
         if cap.access_type != vol.access_type:
             raise InvalidArgument(f"volume {vol.id} is a {vol.access_type} volume")
@@ -66,11 +71,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodePublishVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
         target = self._path(request.target_path, "target_path")
-        v.string_map(dict(request.volume_context), "volume_context")
-        v.string_map(dict(request.publish_context), "publish_context")
-        if not request.HasField("volume_capability"):
-            raise InvalidArgument("volume_capability is required")
-        cap = v.capability(request.volume_capability)
+        cap = self._capability(request)
         readonly = request.readonly or cap.mode in v.READONLY_MODES or "ro" in cap.mount_flags
         flags = [f for f in cap.mount_flags if f not in ("ro", "rw")]
         if request.volume_context.get(v.EPHEMERAL_KEY) == "true":
