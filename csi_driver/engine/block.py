@@ -121,6 +121,8 @@ class BlockOps(ModifyOps):
         self._step("stage.mounted")
 
     def _block_unstage(self, v: Volume, staging_path: str) -> None:
+        if v.staging_path and v.staging_path != staging_path:
+            return  # not staged there: nothing to undo, and the real staging stays
         device = v.stage_options.get("device")
         if self._block_device_ok(v, device):
             host.loop_detach(device)
