@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver import doctor
 from csi_driver.cli import main
+from csi_driver.doctor.procfs import CAP_SYS_RESOURCE, has_cap
 from driver_harness import MOUNT_SKIP, REPO, Driver, needs_mounts
 
 MiB = 1 << 20
@@ -53,7 +53,7 @@ def test_this_host_passes_with_a_real_probe(capsys, tmp_path: Path):
         assert checks[name]["status"] == "OK", checks[name]  # fmt: skip
     assert "freeze and thaw work" in checks["fsfreeze"]["message"] or checks["fsfreeze"]["status"] == "OK"
     assert checks["reflink"]["status"] in ("OK", "WARN")
-    expected = "OK" if doctor.has_cap(doctor.CAP_SYS_RESOURCE) else "WARN"
+    expected = "OK" if has_cap(CAP_SYS_RESOURCE) else "WARN"
     assert checks["cap_sys_resource"]["status"] == expected
     assert report["summary"]["FAIL"] == 0
     assert not state.exists(), "doctor creates nothing where the state dir will be"

@@ -1,38 +1,23 @@
-"""overlay-csi serve|demo|doctor, and the operator commands info|volume|snapshot|node|layer."""
+"""``overlay-csi serve``: run the CSI driver (as root; it mounts file systems)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import re
 import socket
-import sys
 from pathlib import Path
+from typing import Any
 
-from csi_driver import __version__, logs
+from csi_driver import logs
+from csi_driver.cli.args import DEFAULT_ENDPOINT, DEFAULT_STATE_DIR, parse_size
 
-DEFAULT_STATE_DIR = "/var/lib/overlay-csi"
 DEFAULT_DRIVER_NAME = "overlay.csi.dev"
-_SIZE_RE = re.compile(r"^(\d+)([KMGTP]i?)?B?$", re.IGNORECASE)
 
 
-def parse_size(text: str) -> int:
-    """'10Gi', '512M', '1073741824' -> bytes (binary units either way)."""
-    m = _SIZE_RE.match(text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
-    n, unit = int(m.group(1)), (m.group(2) or "").upper().rstrip("I")
-    return n << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}[unit]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="overlay-csi", description=__doc__)
-    p.add_argument("--version", action="version", version=f"overlay-csi {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def add_parser(sub: Any) -> None:
     s = sub.add_parser("serve", help="run the CSI driver")
-    s.add_argument("--endpoint", default="unix:///csi/csi.sock")
+    s.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
     s.add_argument("--node-id", default=socket.gethostname())
     s.add_argument("--state-dir", default=DEFAULT_STATE_DIR, type=Path)
     s.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
@@ -77,19 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics over HTTP here, e.g. :9808 (default: off)",
     )
 
-    d = sub.add_parser("demo", help="a live demo of a volume's life (needs root)")
-    d.add_argument("--state-dir", type=Path, default=None, help="default: a temp dir")
-    d.add_argument("--size", type=parse_size, default=1 << 30)
-    d.add_argument("--in-namespace", action="store_true", help=argparse.SUPPRESS)
 
-    from csi_driver import client_cli, doctor
-
-    client_cli.add_parsers(sub, DEFAULT_STATE_DIR, parse_size)  # info volume snapshot node layer
-    doctor.add_parser(sub, DEFAULT_STATE_DIR)
-    return p
-
-
-def _serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from csi_driver.server import AlreadyRunning, ServeOptions, Server
 
     logs.setup(logs.level_from(args.log_level, args.verbosity), args.log_format)
@@ -117,26 +91,3 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     server.serve_forever()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "demo":
-        from csi_driver.demo import run_demo
-
-        return run_demo(args)
-    if args.command == "doctor":
-        from csi_driver.doctor import run as run_doctor
-
-        return run_doctor(args)
-    from csi_driver import client_cli
-
-    if args.command in client_cli.COMMANDS:
-        return client_cli.run(args)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

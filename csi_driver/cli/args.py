@@ -1,0 +1,89 @@
+"""Argument types and option groups the commands share: sizes, ``KEY=VALUE``
+pairs, the options every socket command takes (``--endpoint``, ``--json``,
+``--timeout``) and the options that make a volume capability."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+from csi_driver.cli.output import CliError
+from csi_driver.client import mount_capability
+from csi_driver.proto import csi_pb2 as csi
+
+DEFAULT_STATE_DIR = "/var/lib/overlay-csi"
+DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
+_SIZE_RE = re.compile(r"^(\d+)([KMGTP]i?)?B?$", re.IGNORECASE)
+
+AccessMode = csi.VolumeCapability.AccessMode
+ACCESS_MODES = {
+    AccessMode.Mode.Name(m).lower().replace("_", "-"): m
+    for m in AccessMode.Mode.values()
+    if m != AccessMode.UNKNOWN
+}
+
+
+def parse_size(text: str) -> int:
+    """'10Gi', '512M', '1073741824' -> bytes (binary units either way)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    n, unit = int(m.group(1)), (m.group(2) or "").upper().rstrip("I")
+    return n << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}[unit]
+
+
+def parse_kv(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError("INVALID_ARGUMENT", f"{what} {item!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def client_options() -> argparse.ArgumentParser:
+    """The parent parser of every command that talks to the driver's socket."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--endpoint",
+        default=os.environ.get("CSI_ENDPOINT", DEFAULT_ENDPOINT),
+        help="the driver's socket (default: $CSI_ENDPOINT or %(default)s)",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    common.add_argument("--timeout", type=float, default=300, help="seconds per call (default %(default)s)")
+    return common
+
+
+def add_command(
+    sub: Any,
+    name: str,
+    handler: Callable[..., int],
+    help: str,
+    parent: argparse.ArgumentParser,
+    **defaults: Any,
+) -> argparse.ArgumentParser:
+    """A leaf command under ``sub`` that ``runner.run`` calls as ``handler``."""
+    p = sub.add_parser(name, help=help, parents=[parent])
+    p.set_defaults(handler=handler, **defaults)
+    return p
+
+
+def add_capability_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fs-type", default="", help="ext4 or xfs (default: the driver's)")
+    p.add_argument("--mount-flag", action="append", default=[], metavar="FLAG")
+    p.add_argument("--block", action="store_true", help="a raw block volume")
+    p.add_argument("--access-mode", default="single-node-writer", choices=sorted(ACCESS_MODES))
+
+
+def capability(args: argparse.Namespace) -> csi.VolumeCapability:
+    """The volume capability the options of ``add_capability_options`` describe."""
+    mode = ACCESS_MODES[args.access_mode]
+    if args.block:
+        return csi.VolumeCapability(
+            block=csi.VolumeCapability.BlockVolume(), access_mode=AccessMode(mode=mode)
+        )
+    return mount_capability(mode, args.fs_type, list(args.mount_flag))

@@ -1,0 +1,231 @@
+"""``overlay-csi layer import|list|inspect|delete``: the node's shared base
+layers. These work on the state dir directly (layers have no CSI call), so
+they need no running driver; ``import`` reports progress on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from csi_driver.cli.args import DEFAULT_STATE_DIR, add_command
+from csi_driver.cli.import_progress import ImportProgress
+from csi_driver.cli.output import CliError, emit, fields, fmt_bytes, fmt_time, table
+
+
+def _layer_engine(args: argparse.Namespace, create: bool = False) -> Any:
+    from csi_driver import logs
+    from csi_driver.engine.engine import Engine, EngineConfig
+
+    if not create and not (args.state_dir / "state.db").exists():
+        raise CliError("NOT_FOUND", f"no overlay-csi state in {args.state_dir} (wrong --state-dir?)")
+    import logging
+
+    logs.setup(logging.WARNING)
+    return Engine(EngineConfig(state_dir=args.state_dir, node_id=os.uname().nodename))
+
+
+def _layer_dict(x: Any, disk: int) -> dict[str, Any]:
+    return {
+        "id": x.id,
+        "name": x.name,
+        "parent": x.parent,
+        "state": "active" if x.active else ("base" if x.name else "committed"),
+        "fs_type": x.fs_type,
+        "depth": x.depth,
+        "image_bytes": x.image_bytes,
+        "allocated_bytes": disk,
+        "created": fmt_time(x.created_at),
+    }
+
+
+def cmd_layer_import(args: argparse.Namespace) -> int:
+    from csi_driver.service.validate import LAYER_NAME_RE
+
+    if not LAYER_NAME_RE.match(args.name):
+        raise CliError(
+            "INVALID_ARGUMENT", "layer names are [a-zA-Z0-9._-], at most 63, starting alphanumeric"
+        )
+    if not args.path.exists():
+        raise CliError("NOT_FOUND", f"{args.path} does not exist")
+    engine = _layer_engine(args, create=True)
+    progress = None
+    if not args.no_progress:
+        interval = args.progress_interval or (1.0 if sys.stderr.isatty() else 5.0)
+        progress = ImportProgress(args.path, engine.layout.tmp, interval, sys.stderr)
+        progress.start()
+    start = time.monotonic()
+    try:
+        layer = engine.import_layer(args.name, args.path)
+    finally:
+        if progress:
+            progress.stop()
+        engine.close()
+    took = time.monotonic() - start
+    d = _layer_dict(layer, layer.used_bytes)
+    d["seconds"] = round(took, 3)
+    return emit(
+        args,
+        d,
+        lambda: (
+            f"imported {args.name}: layer {layer.id}, {fmt_bytes(layer.used_bytes)} on disk in {took:.1f}s"
+        ),
+    )
+
+
+def cmd_layer_list(args: argparse.Namespace) -> int:
+    from csi_driver.engine import host
+
+    engine = _layer_engine(args)
+    try:
+        layers = engine.layers()
+        rows = [_layer_dict(x, host.allocated_bytes(engine.layout.image(x.id))) for x in layers]
+    finally:
+        engine.close()
+    return emit(
+        args,
+        rows,
+        lambda: table(
+            ["NAME", "ID", "PARENT", "DEPTH", "STATE", "FS", "IMAGE", "ON DISK"],
+            [
+                [
+                    r["name"] or "-",
+                    r["id"],
+                    (r["parent"] or "-")[:12],
+                    r["depth"],
+                    r["state"],
+                    r["fs_type"],
+                    fmt_bytes(r["image_bytes"]),
+                    fmt_bytes(r["allocated_bytes"]),
+                ]
+                for r in rows
+            ],
+        ),
+    )
+
+
+def cmd_layer_inspect(args: argparse.Namespace) -> int:
+    from csi_driver.engine import host
+
+    engine = _layer_engine(args)
+    try:
+        with engine.store.tx() as tx:
+            layer = tx.layer_by_name(args.layer)
+            if layer is None and len(args.layer) == 32:
+                layer = tx.layer(args.layer)
+            if layer is None:
+                raise CliError("NOT_FOUND", f"layer {args.layer!r} does not exist (by name or id)")
+            chain = tx.chain(layer.id)
+            # every layer stacked on this one, then who uses those
+            above = (
+                "WITH RECURSIVE d(id) AS (SELECT ? UNION SELECT l.id FROM layers l JOIN d ON l.parent = d.id)"
+            )
+            volumes = [
+                r[0]
+                for r in tx.c.execute(
+                    above + " SELECT v.id FROM volumes v WHERE v.upper IN d ORDER BY v.seq", (layer.id,)
+                )
+            ]
+            snapshots = [
+                r[0]
+                for r in tx.c.execute(
+                    above + " SELECT s.id FROM snapshots s WHERE s.layer IN d ORDER BY s.seq", (layer.id,)
+                )
+            ]
+            children = [r[0] for r in tx.c.execute("SELECT id FROM layers WHERE parent=?", (layer.id,))]
+            owner = tx.c.execute("SELECT id FROM volumes WHERE upper=?", (layer.id,)).fetchone()
+        mount = host.mount_at(engine.layout.mnt(layer.id))
+        disk = host.allocated_bytes(engine.layout.image(layer.id))
+        link = engine.layout.link(layer.link)
+    finally:
+        engine.close()
+    d = _layer_dict(layer, disk)
+    d.update(
+        {
+            "link": str(link),
+            "image": str(engine.layout.image(layer.id)),
+            "chain": [x.id for x in chain],
+            "children": children,
+            "volume": owner[0] if owner else None,
+            "volumes": volumes,
+            "snapshots": snapshots,
+            "mounted": (
+                {"target": mount.target, "device": mount.source, "options": mount.options} if mount else None
+            ),
+        }
+    )
+
+    def human() -> str:
+        return fields(
+            [
+                ("name", d["name"] or "-"),
+                ("id", d["id"]),
+                ("state", d["state"] + (f" (upper of {d['volume']})" if d["volume"] else "")),
+                ("file system", d["fs_type"]),
+                ("depth", d["depth"]),
+                ("chain", " <- ".join(x[:12] for x in d["chain"])),
+                ("image", f"{d['image']} ({fmt_bytes(d['image_bytes'])} virtual, {fmt_bytes(disk)} on disk)"),
+                ("link", d["link"]),
+                ("mounted", f"{mount.source} at {mount.target} ({mount.options})" if mount else "no"),
+                ("created", d["created"]),
+                ("children", len(children)),
+                (
+                    "volumes",
+                    f"{len(volumes)}"
+                    + (": " + ", ".join(volumes[:10]) if volumes else "")
+                    + (" ..." if len(volumes) > 10 else ""),
+                ),
+                (
+                    "snapshots",
+                    f"{len(snapshots)}"
+                    + (": " + ", ".join(snapshots[:10]) if snapshots else "")
+                    + (" ..." if len(snapshots) > 10 else ""),
+                ),
+            ]
+        )
+
+    return emit(args, d, human)
+
+
+def cmd_layer_delete(args: argparse.Namespace) -> int:
+    engine = _layer_engine(args)
+    try:
+        engine.delete_named_layer(args.name)
+    finally:
+        engine.close()
+    return emit(
+        args,
+        {"deleted": args.name},
+        lambda: f"deleted {args.name} (its blocks are freed once no volume or snapshot uses them)",
+    )
+
+
+def add_parser(sub: Any) -> None:
+    lay_common = argparse.ArgumentParser(add_help=False)
+    lay_common.add_argument("--state-dir", default=Path(DEFAULT_STATE_DIR), type=Path)
+    lay_common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    lay = sub.add_parser("layer", help="shared base layers on this node (works on the state dir)")
+    lsub = lay.add_subparsers(dest="layer_command", required=True)
+
+    def layer_command(name: str, handler: Callable[..., int], help: str) -> argparse.ArgumentParser:
+        return add_command(lsub, name, handler, help, lay_common, local=True)  # local: no socket
+
+    p = layer_command("import", cmd_layer_import, "import a directory or tar archive as a named layer")
+    p.add_argument("name")
+    p.add_argument("path", type=Path)
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--progress-interval",
+        type=float,
+        default=0,
+        help="seconds between progress lines (default 1, 5 if not a tty)",
+    )
+    layer_command("list", cmd_layer_list, "list layers")
+    p = layer_command("inspect", cmd_layer_inspect, "one layer: chain, image, mount and who uses it")
+    p.add_argument("layer", help="a layer name or id")
+    p = layer_command("delete", cmd_layer_delete, "forget a named layer (reclaimed once unused)")
+    p.add_argument("name")
