@@ -29,6 +29,23 @@ def _layer_engine(args: argparse.Namespace, create: bool = False) -> Any:
     return Engine(EngineConfig(state_dir=args.state_dir, node_id=os.uname().nodename))
 
 
+def _driver_serving(state_dir: Path) -> bool:
+    """Whether a driver holds the state dir's lock (then it does the reclaiming)."""
+    import fcntl
+
+    try:
+        fd = os.open(state_dir / "lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _layer_dict(x: Any, disk: int) -> dict[str, Any]:
     return {
         "id": x.id,
@@ -194,7 +211,7 @@ def cmd_layer_inspect(args: argparse.Namespace) -> int:
 def cmd_layer_delete(args: argparse.Namespace) -> int:
     engine = _layer_engine(args)
     try:
-        engine.delete_named_layer(args.name)
+        engine.delete_named_layer(args.name, collect=not _driver_serving(args.state_dir))
     finally:
         engine.close()
     return emit(

@@ -60,11 +60,14 @@ class BaseLayerOps(EngineCore):
             self._link(layer)
         return layer
 
-    def delete_named_layer(self, name: str) -> None:
+    def delete_named_layer(self, name: str, collect: bool = True) -> None:
+        """Forget a layer's name; its blocks go once nothing uses it. ``collect``
+        False leaves the reclaim to the serving driver (its next delete or restart),
+        whose in-flight operations this process cannot see."""
         with self.store.tx() as tx:
             layer = tx.layer_by_name(name)
             if layer is None:
                 raise NotFound(f"layer {name!r} does not exist")
             tx.update_layer(layer.id, name=None)
-            gone = tx.collect_garbage()
+            gone = tx.collect_garbage() if collect else []
         self._discard_layers(gone)
