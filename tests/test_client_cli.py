@@ -265,3 +265,17 @@ def test_info_on_a_controller_expand_instance(tmp_path: Path, capsys: pytest.Cap
     finally:
         d.stop()
         cleanup(tmp_path)
+
+
+def test_layer_delete_while_serving_leaves_reclaim_to_the_driver(cli: Cli, driver: Driver, tmp_path: Path):
+    """The CLI cannot see the serving driver's in-flight pins, so it only forgets the
+    name; the driver reclaims the layer at its next delete."""
+    src = tmp_path / "tree"
+    src.mkdir()
+    (src / "f").write_text("x")
+    layer = cli.json("layer", "import", "unused", str(src), "--no-progress")
+    cli.ok("layer", "delete", "unused")
+    assert (driver.engine.layout.layers / layer["id"]).exists(), "not collected behind the driver's back"
+    vol = driver.client.create_volume("other", 16 << 20).volume_id
+    driver.client.delete_volume(vol)
+    assert not (driver.engine.layout.layers / layer["id"]).exists(), "the driver reclaims it"
