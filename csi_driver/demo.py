@@ -130,11 +130,11 @@ def _demo(work: Path, state: Path, size: int) -> int:
             client.stage(vid, path)
             got = (path / "hello.txt").read_text()
             same = (path / "data.bin").read_bytes() == payload
-            df = os.statvfs(path)
+            usage = client.stats(vid, path).usage[0]  # what kubelet reports for the PVC
             _say(
                 f"   {name}: hello.txt = {got.strip()!r} ({'ok' if got == want else 'WRONG'}), "
-                f"data.bin {'identical' if same else 'DIFFERENT'}, df size "
-                f"{df.f_blocks * df.f_frsize / 2**30:.2f} GiB"
+                f"data.bin {'identical' if same else 'DIFFERENT'}, "
+                f"{usage.used / MiB:.0f} MiB used of {usage.total / 2**30:.2f} GiB"
             )
             client.unstage(vid, path)
 
