@@ -272,10 +272,13 @@ class EngineCore:
             return tx.layer(layer.parent) if layer.parent else None
 
     def _upper_size(self, capacity: int, parent: Layer | None, fs_type: str) -> int:
-        """The image of an upper over ``parent``: room for what the volume's capacity
-        leaves after the data its layers already hold, so the volume as a whole,
-        not each generation of it, is bounded by its capacity."""
-        return image_size_for(max(capacity - self._chain_data(parent), self.config.min_capacity), fs_type)
+        """The image of an upper over ``parent``: the volume's full capacity.
+
+        Not less: overlayfs copies a whole file up before the first write to it,
+        so a volume must be able to hold any file of its layers again in its
+        upper. What the layers already hold is reported in the volume's stats.
+        """
+        return image_size_for(capacity, fs_type)
 
     def _flatten(self, top: Layer, scratch: Path) -> Layer:
         """Build in ``scratch`` one committed layer holding the merged view of ``top``'s chain."""
@@ -288,10 +291,11 @@ class EngineCore:
             flatten_into(self.layout, [x.link for x in chain], root)
             try:
                 (root / "work").mkdir(exist_ok=True)
-                data = host.tree_bytes(root / "upper")  # base layers' data is shared, not the volume's
-                data = max(0, data - sum(x.used_bytes for x in chain if x.name is not None))
-                size = image_size_for(max(max(x.image_bytes for x in chain), data + data // 4 + 64 * MiB))
+                tree = host.tree_bytes(root / "upper")
+                size = image_size_for(tree + tree // 4 + 64 * MiB)  # from the tree: no compounding
                 build_image(scratch / "image", size, "ext4", populate=root)
+                # base layers' data is shared, not the volume's own
+                data = max(0, tree - sum(x.used_bytes for x in chain if x.name is not None))
             finally:
                 host.umount(root / "upper")
         finally:

@@ -243,14 +243,15 @@ class NodeOps(BlockOps):
         if condition and not host.is_mounted(source):
             return VolumeStats(0, 0, 0, 0, 0, 0, True, condition)
         st = os.statvfs(source)
-        # the volume is its layers' data plus its upper: report it against its capacity
+        # used: the data in the volume's own layers plus its upper, against its capacity;
+        # available: what the upper can still take (it always has the full capacity,
+        # so files of the layers can be copied up). Used above total is reported as is.
         held = self._chain_data(self._parent_of_upper(v))
         used = held + (st.f_blocks - st.f_bfree) * st.f_frsize
-        total = max(v.capacity_bytes, used)
         return VolumeStats(
-            total,
+            v.capacity_bytes,
             used,
-            min(st.f_bavail * st.f_frsize, total - used),
+            st.f_bavail * st.f_frsize,
             st.f_files,
             st.f_files - st.f_ffree,
             st.f_favail,

@@ -12,7 +12,6 @@ from csi_driver.engine.block import BLOCK, BlockOps
 from csi_driver.engine.core import GROUP_PREFIX, SNAPSHOT_PREFIX
 from csi_driver.engine.layers import (
     build_image,
-    image_size_for,
     make_clean,
 )
 from csi_driver.engine.layout import new_id
@@ -88,10 +87,9 @@ class SnapshotOps(BlockOps):
     def _commit_upper(self, v: Volume, scratch: Path) -> Layer:
         """Commit a detached volume's upper in place; the volume gets a fresh one.
 
-        The fresh upper has room for what the capacity leaves after the data in
-        the volume's layers. A chain at the depth cap, or one that would leave
-        under a quarter of the capacity (overwritten or deleted data may hide in
-        its layers), is first flattened into one layer, giving that room back.
+        A chain at the depth cap is flattened into one layer, and then that
+        layer, not the deep chain, is what the snapshot (or clone) refers to, so
+        it is referenced (and pinned) from the moment it is installed.
         """
         with self.store.tx() as tx:
             upper = tx.layer(v.upper)
@@ -100,18 +98,14 @@ class SnapshotOps(BlockOps):
         make_clean(image, upper.fs_type)
         data = max(0, host.fs_used_bytes(image, upper.fs_type) - upper.base_bytes)
         committed = Layer(**{**upper.__dict__, "active": 0, "depth": upper.depth + 1, "used_bytes": data})
-        held = data + self._chain_data(self._parent(upper))
         base, flat = committed, None
-        if committed.depth >= self.config.max_depth or (
-            committed.depth >= 2 and v.capacity_bytes - held < v.capacity_bytes // 4
-        ):
+        if committed.depth >= self.config.max_depth:
             flat_dir = scratch / f"flat-{v.id}"
             flat_dir.mkdir()
             flat = base = self._flatten(upper, flat_dir)
-            held = flat.used_bytes
         fresh_dir = scratch / f"fresh-{v.id}"
         fresh_dir.mkdir()
-        size = image_size_for(max(v.capacity_bytes - held, self.config.min_capacity), upper.fs_type)
+        size = self._upper_size(v.capacity_bytes, base, upper.fs_type)
         empty = build_image(fresh_dir / "image", size, upper.fs_type)
         fresh = self._new_layer(base, active=True, fs_type=upper.fs_type, image_bytes=size, base_bytes=empty)
         with self.store.tx() as tx:
@@ -122,11 +116,13 @@ class SnapshotOps(BlockOps):
             tx.add_layer(fresh)
             tx.update_volume(v.id, upper=fresh.id)
             self._install(fresh_dir, fresh.id)
+            gone = tx.collect_garbage() if flat is not None else []  # the deep chain, unless shared
             self._step("snapshot.committed")
+        self._discard_layers(gone)
         for layer in (flat, fresh):
             if layer is not None:
                 self._link(layer)
-        return committed
+        return base
 
     def create_group_snapshot(self, name: str, volume_ids: list[str]) -> tuple[dict, list[Snapshot]]:
         """Snapshots of several volumes taken at one instant (all frozen together)."""
