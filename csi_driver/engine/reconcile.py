@@ -16,6 +16,7 @@ from csi_driver.engine import host
 from csi_driver.engine.engine import Engine
 from csi_driver.engine.layers import remove_tree
 from csi_driver.engine.layout import ID_RE
+from csi_driver.errors import CommandFailed
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class Report:
     adopted: list[str] = field(default_factory=list)
     collected: list[str] = field(default_factory=list)
     missing_images: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
 
 def reconcile(engine: Engine) -> Report:
@@ -37,7 +39,7 @@ def reconcile(engine: Engine) -> Report:
 
     # 1. scratch builds never survive a restart
     for entry in sorted(layout.tmp.iterdir()):
-        remove_tree(entry)
+        _settle(remove_tree, entry, rep)
         rep.removed_dirs.append(str(entry))
 
     with engine.store.tx() as tx:
@@ -55,7 +57,7 @@ def reconcile(engine: Engine) -> Report:
     # 2. layer dirs and links the store does not know
     for entry in sorted(layout.layers.iterdir()):
         if entry.name not in layers or not ID_RE.match(entry.name):
-            remove_tree(entry)
+            _settle(remove_tree, entry, rep)
             rep.removed_dirs.append(str(entry))
     known_links = {x.link for x in layers.values()}
     for entry in sorted(layout.links.iterdir()):
@@ -78,13 +80,13 @@ def reconcile(engine: Engine) -> Report:
     for m in sorted(host.mounts(), key=lambda m: m.target.count("/"), reverse=True):
         upper = _upper_of(m) if m.fstype == "overlay" else None
         if upper and upper in layers and upper not in staged_uppers:
-            host.umount(m.target)
+            _settle(host.umount, m.target, rep)
             rep.unmounted.append(m.target)
 
     # ephemeral volumes' private staging dirs whose volume is gone
     for entry in sorted(layout.ephemeral.iterdir()):
         if entry.name not in {v.id for v in volumes}:
-            remove_tree(entry)
+            _settle(remove_tree, entry, rep)
             rep.removed_dirs.append(str(entry))
 
     # 4. a crash while a snapshot copy held an upper frozen must not leave it frozen;
@@ -95,7 +97,7 @@ def reconcile(engine: Engine) -> Report:
     for m in host.mounts_under(layout.layers):
         parts = os.path.relpath(m.target, layout.layers).split("/")
         if len(parts) == 2 and parts[1] == "mnt" and parts[0] not in in_use:
-            host.umount(m.target)
+            _settle(host.umount, m.target, rep)
             rep.unmounted.append(m.target)
     mounted_sources = {m.source for m in host.mounts()}
     keep = {v.stage_options.get("device") for v in volumes if v.staging_path}
@@ -110,6 +112,16 @@ def reconcile(engine: Engine) -> Report:
             host.loop_detach(device)
             rep.detached.append(device)
     return rep
+
+
+def _settle(action, target, rep: Report) -> None:
+    """One repair; a busy mount or dir is logged and left for the next start
+    rather than stopping the driver from serving what is healthy."""
+    try:
+        action(target)
+    except (CommandFailed, OSError) as e:
+        log.error("reconcile could not clean %s: %s", target, e)
+        rep.failed.append(str(target))
 
 
 def _upper_of(m: host.MountEntry) -> str | None:
