@@ -16,6 +16,7 @@ import grpc
 
 from csi_driver import __version__
 from csi_driver.engine.engine import Engine, EngineConfig
+from csi_driver.engine.layout import Layout
 from csi_driver.engine.reconcile import reconcile
 from csi_driver.proto import csi_pb2_grpc
 from csi_driver.service.context import DriverContext
@@ -64,12 +65,13 @@ def socket_path(endpoint: str) -> Path:
 def lock_state_dir(state_dir: Path) -> int:
     """Hold an exclusive lock on the state dir for the process lifetime."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    lock = Layout(state_dir).lockfile
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
         os.close(fd)
-        pid = (state_dir / "lock").read_text().strip() or "?"
+        pid = lock.read_text().strip() or "?"
         raise AlreadyRunning(
             f"another overlay-csi (pid {pid}) is serving state dir {state_dir}; refusing to start"
         ) from e

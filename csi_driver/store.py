@@ -236,9 +236,6 @@ class Tx:
         cols = ", ".join(f"{k}=?" for k in changes)
         self.c.execute(f"UPDATE layers SET {cols} WHERE id=?", (*changes.values(), layer_id))
 
-    def delete_layer(self, layer_id: str) -> None:
-        self.c.execute("DELETE FROM layers WHERE id=?", (layer_id,))
-
     def layer_users(self, layer_id: str) -> int:
         row = self.c.execute(
             "SELECT (SELECT COUNT(*) FROM volumes WHERE upper=?)"
@@ -276,9 +273,6 @@ class Tx:
             "SELECT COUNT(*) FROM attachments WHERE node_id=? AND volume_id!=?", (node_id, except_id)
         ).fetchone()
         return int(row[0])
-
-    def count_volumes(self) -> int:
-        return int(self.c.execute("SELECT COUNT(*) FROM volumes").fetchone()[0])
 
     def add_volume(self, v: Volume) -> Volume:
         cur = self.c.execute(

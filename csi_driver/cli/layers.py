@@ -15,6 +15,7 @@ from typing import Any
 from csi_driver.cli.args import DEFAULT_STATE_DIR, add_command
 from csi_driver.cli.import_progress import ImportProgress
 from csi_driver.cli.output import CliError, emit, fields, fmt_bytes, fmt_time, table
+from csi_driver.engine.layout import Layout
 
 
 def _layer_engine(args: argparse.Namespace, create: bool = False) -> Any:
@@ -34,7 +35,7 @@ def _driver_serving(state_dir: Path) -> bool:
     import fcntl
 
     try:
-        fd = os.open(state_dir / "lock", os.O_RDONLY)
+        fd = os.open(Layout(state_dir).lockfile, os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:

@@ -319,10 +319,6 @@ class EngineCore:
             raise NotFound(f"volume {volume_id} does not exist")
         return v
 
-    def find_volume(self, volume_id: str) -> Volume | None:
-        with self.store.tx() as tx:
-            return tx.volume(volume_id)
-
     def list_volumes(self, after_seq: int, limit: int) -> list[Volume]:
         with self.store.tx() as tx:
             return tx.volumes(after_seq, limit)

@@ -219,17 +219,6 @@ def tree_bytes(root: Path) -> int:
     return total
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# ---- filesystems -----------------------------------------------------------
-
-
 def mkfs(image: Path, fstype: str, populate: Path | None = None, journal_mib: int = 0) -> None:
     """Make a file system in a sparse image without writing its empty tables."""
     if fstype == "ext4":
