@@ -354,3 +354,13 @@ def test_a_volume_can_rewrite_its_layers_files_after_snapshots(driver: Driver):
         assert usage.total == 64 * MiB and usage.used >= 80 * MiB - MiB, "stats count layers and upper"
     finally:
         c.unstage(vid, staging)
+
+
+def test_growth_is_not_counted_as_data(driver: Driver):
+    """The metadata a file system gains when it grows is never reported as written data."""
+    c = driver.client
+    vid = c.create_volume("grown", 64 * MiB).volume_id
+    c.controller.ControllerExpandVolume(csi.ControllerExpandVolumeRequest(
+        volume_id=vid, capacity_range=csi.CapacityRange(required_bytes=4 << 30)))
+    snap = c.create_snapshot("after-growth", vid)
+    assert snap.size_bytes < MiB, f"an empty volume's snapshot holds {snap.size_bytes} bytes"

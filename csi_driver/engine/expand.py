@@ -62,15 +62,27 @@ class ExpandOps(BlockOps):
 
     def _grow_offline(self, upper: Layer) -> None:
         image = self.layout.image(upper.id)
+        before = host.fs_used_bytes(image, upper.fs_type)
         if upper.fs_type == "ext4":
             host.run(["e2fsck", "-f", "-p", str(image)], check=False)
             host.run(["resize2fs", str(image)])
-            return
-        self.mounts.acquire(upper.id, upper.fs_type, readonly=False)
-        try:
-            host.grow_fs(upper.fs_type, "", self.layout.mnt(upper.id))
-        finally:
-            self.mounts.release(upper.id)
+        else:
+            self.mounts.acquire(upper.id, upper.fs_type, readonly=False)
+            try:
+                host.grow_fs(upper.fs_type, "", self.layout.mnt(upper.id))
+            finally:
+                self.mounts.release(upper.id)
+        # nothing is written offline but the new groups' metadata (inode tables, bitmaps)
+        self._count_as_empty(upper, host.fs_used_bytes(image, upper.fs_type) - before)
+
+    def _count_as_empty(self, upper: Layer, metadata: int) -> None:
+        """A grown file system's new metadata is part of its empty baseline, never
+        data, or the volume's next snapshot would count it as written."""
+        if metadata > 0:
+            with self.store.tx() as tx:
+                current = tx.layer(upper.id)
+                if current is not None:
+                    tx.update_layer(upper.id, base_bytes=current.base_bytes + metadata)
 
     def expand_node(self, volume_id: str, required: int, limit: int = 0) -> int:
         """Grow the file system the pod sees (node side), online when mounted."""
@@ -99,6 +111,7 @@ class ExpandOps(BlockOps):
             self._grow_offline(upper)
             return v.capacity_bytes
         host.loop_refresh(device)
+        fs_before = os.statvfs(mnt)
         try:
             host.grow_fs(upper.fs_type, device, mnt)
         except CommandFailed as e:
@@ -112,4 +125,9 @@ class ExpandOps(BlockOps):
                     "privileged (the Helm chart does), or use fsType xfs, which grows online without it"
                 ) from e
             raise
+        # mounted, the superblock on disk lags: estimate the new groups' metadata from
+        # how many blocks the file system grew by (256-byte inodes per 16 KiB, as made)
+        fs_after = os.statvfs(mnt)
+        grown = (fs_after.f_blocks - fs_before.f_blocks) * fs_after.f_frsize
+        self._count_as_empty(upper, grown // 64 if upper.fs_type == "ext4" else 0)
         return v.capacity_bytes
