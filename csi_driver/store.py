@@ -214,9 +214,9 @@ class Tx:
         )
 
     def unreferenced_layers(self) -> list[Layer]:
-        """Unnamed layers nothing points at (volume, snapshot or child layer)."""
+        """Unnamed (or retired base) layers nothing points at (volume, snapshot or child)."""
         rows = self.c.execute(
-            "SELECT * FROM layers l WHERE l.name IS NULL"
+            "SELECT * FROM layers l WHERE (l.name IS NULL OR l.name LIKE 'retired:%')"
             " AND NOT EXISTS (SELECT 1 FROM volumes v WHERE v.upper=l.id)"
             " AND NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.layer=l.id)"
             " AND NOT EXISTS (SELECT 1 FROM layers c WHERE c.parent=l.id)"

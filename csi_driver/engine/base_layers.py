@@ -68,6 +68,8 @@ class BaseLayerOps(EngineCore):
             layer = tx.layer_by_name(name)
             if layer is None:
                 raise NotFound(f"layer {name!r} does not exist")
-            tx.update_layer(layer.id, name=None)
+            # still a shared base for the volumes on it (never their own data), but
+            # nameless to users and reclaimed once unused; ':' is not valid in a name
+            tx.update_layer(layer.id, name=f"retired:{layer.id}")
             gone = tx.collect_garbage() if collect else []
         self._discard_layers(gone)

@@ -157,7 +157,8 @@ class EngineCore:
         """A source deleted while we built on it is reclaimed once we let go of it."""
         with self.store.tx() as tx:
             layer = tx.layer(layer_id)
-            orphan = layer is not None and layer.name is None and tx.layer_users(layer_id) == 0
+            collectable = layer is not None and (layer.name is None or layer.name.startswith("retired:"))
+            orphan = collectable and tx.layer_users(layer_id) == 0
             gone = tx.collect_garbage() if orphan else []
         self._discard_layers(gone)
 
