@@ -59,7 +59,7 @@ class BlockOps(ModifyOps):
         and without one we refuse rather than hand out a torn image.
         """
         image = self.layout.image(v.upper)
-        devices = self._block_devices(v)
+        devices = self._loop_devices_of(v)
         for device in devices:
             host.run(["blockdev", "--flushbufs", device], check=False)
         if host.reflink(image, dest):
@@ -92,10 +92,6 @@ class BlockOps(ModifyOps):
                 raise ResourceExhausted(
                     f"node {self.config.node_id} already has its maximum of {limit} volumes in use"
                 )
-
-    def _block_devices(self, v: Volume) -> list[str]:
-        image = str(self.layout.image(v.upper))
-        return [d for d, f in host.loop_devices().items() if f == image]
 
     def _block_device_ok(self, v: Volume, device: str | None) -> bool:
         return bool(device) and host.loop_devices().get(device) == str(self.layout.image(v.upper))
@@ -203,7 +199,7 @@ class BlockOps(ModifyOps):
         image = self.layout.image(v.upper)
         if size > os.path.getsize(image):
             os.truncate(image, size)
-        for device in self._block_devices(v):
+        for device in self._loop_devices_of(v):
             host.loop_refresh(device)
 
     def _check_single_writer(self, v: Volume, target_path: str, readonly: bool, single_writer: bool) -> None:

@@ -268,12 +268,14 @@ class EngineCore:
             upper = tx.layer(v.upper)
             return tx.layer(upper.parent) if upper and upper.parent else None
 
-    def _parent(self, layer: Layer) -> Layer | None:
-        with self.store.tx() as tx:
-            return tx.layer(layer.parent) if layer.parent else None
+    def _loop_devices_of(self, v: Volume) -> list[str]:
+        """Loop devices attached to the volume's upper image."""
+        image = str(self.layout.image(v.upper))
+        return [d for d, f in host.loop_devices().items() if f == image]
 
-    def _upper_size(self, capacity: int, parent: Layer | None, fs_type: str) -> int:
-        """The image of an upper over ``parent``: the volume's full capacity.
+    @staticmethod
+    def _upper_size(capacity: int, fs_type: str) -> int:
+        """The image of a volume's upper: the volume's full capacity.
 
         Not less: overlayfs copies a whole file up before the first write to it,
         so a volume must be able to hold any file of its layers again in its

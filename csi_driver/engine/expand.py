@@ -47,7 +47,7 @@ class ExpandOps(BlockOps):
         with self.store.tx() as tx:
             upper = tx.layer(v.upper)
             assert upper is not None
-        size = self._upper_size(capacity, self._parent(upper), upper.fs_type)
+        size = self._upper_size(capacity, upper.fs_type)
         image = self.layout.image(upper.id)
         if size > os.path.getsize(image):
             os.truncate(image, size)
@@ -97,7 +97,7 @@ class ExpandOps(BlockOps):
             assert before is not None
         grown_from = None
         if required > v.capacity_bytes or os.path.getsize(self.layout.image(v.upper)) < self._upper_size(
-            v.capacity_bytes, self._parent(before), v.fs_type
+            v.capacity_bytes, v.fs_type
         ):
             grown_from = v.capacity_bytes
             self.expand(volume_id, required, limit)

@@ -62,9 +62,8 @@ class ModifyOps(EngineCore):
         m = v.mutable
         if not m:
             return
-        image = str(self.layout.image(v.upper))
         if "readAheadKiB" in m:
-            for device in [d for d, f in host.loop_devices().items() if f == image]:
+            for device in self._loop_devices_of(v):
                 host.run(["blockdev", "--setra", str(int(m["readAheadKiB"]) * 2), device])
         if v.access_type == "block":
             return

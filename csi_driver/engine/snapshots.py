@@ -105,7 +105,7 @@ class SnapshotOps(BlockOps):
             flat = base = self._flatten(upper, flat_dir)
         fresh_dir = scratch / f"fresh-{v.id}"
         fresh_dir.mkdir()
-        size = self._upper_size(v.capacity_bytes, base, upper.fs_type)
+        size = self._upper_size(v.capacity_bytes, upper.fs_type)
         empty = build_image(fresh_dir / "image", size, upper.fs_type)
         fresh = self._new_layer(base, active=True, fs_type=upper.fs_type, image_bytes=size, base_bytes=empty)
         with self.store.tx() as tx:

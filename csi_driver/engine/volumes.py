@@ -87,7 +87,7 @@ class VolumeOps(BlockOps):
                     parent = self._share_volume(spec.source_id, scratch)
                 parent, flat = self._bounded_parent(parent, scratch)
                 self._step("create.flattened")
-                size = self._upper_size(capacity, parent, fs_type)
+                size = self._upper_size(capacity, fs_type)
                 empty = build_image(upper_dir / "image", size, fs_type)
             self._step("create.built")
             upper = self._new_layer(parent, active=True, fs_type=fs_type, image_bytes=size, base_bytes=empty)
