@@ -13,6 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from csi_driver.engine import loopdev
 from csi_driver.errors import CommandFailed
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ def mkfs(image: Path, fstype: str, populate: Path | None = None, journal_mib: in
             argv += ["-J", f"size={journal_mib}"]
         run(argv + [str(image)])
     elif fstype == "xfs":
-        run(["mkfs.xfs", "-q", "-f", "-K", str(image)])
+        run(["mkfs.xfs", "-q", "-f", "-K", "-s", f"size={loopdev.FS_SECTOR}", str(image)])
     else:
         raise ValueError(f"unsupported fs type {fstype}")
 
@@ -286,10 +287,17 @@ def file_id(path: Path) -> tuple[int, int, int] | None:
 
 
 def loop_attach(image: Path, readonly: bool = False) -> str:
-    argv = ["losetup", "--find", "--show", "--direct-io=off"]
-    if readonly:
-        argv.append("--read-only")
-    return run(argv + [str(image)]).stdout.strip()
+    """A direct-I/O loop device for a raw block volume; it stays until detached."""
+    return loopdev.attach(image, readonly=readonly)
+
+
+def mount_image(image: Path, target: str | Path, fstype: str, options: list[str], readonly: bool) -> None:
+    """Mount a file-system image through a direct-I/O loop device that goes away
+    with the mount (as ``mount -o loop`` would, but without a second page cache)."""
+    with loopdev.attached(
+        image, readonly=readonly, sector_size=loopdev.sector_size_of(image), autoclear=True
+    ) as device:
+        mount(device, target, fstype, options)
 
 
 def loop_detach(device: str) -> None:

@@ -55,7 +55,7 @@ def build_image(dest: Path, size: int, fs_type: str, populate: Path | None = Non
         host.mkfs(dest, "xfs")
         mnt = dest.parent / "skel-mnt"
         mnt.mkdir(exist_ok=True)
-        host.mount(str(dest), mnt, "xfs", ["loop", "nouuid"])
+        host.mount_image(dest, mnt, "xfs", ["nouuid"], readonly=False)
         try:
             for name in ("upper", "work"):
                 (mnt / name).mkdir(exist_ok=True)
@@ -66,14 +66,26 @@ def build_image(dest: Path, size: int, fs_type: str, populate: Path | None = Non
     return host.fs_used_bytes(dest, fs_type)
 
 
+#: An fsync in a volume is a journal commit of the upper's ext4, and the loop
+#: device turns each cache flush of that commit into an fsync of the image file on
+#: the host. A synchronous commit flushes twice (before and after its commit
+#: block); an asynchronous one writes the commit block with a checksum and flushes
+#: once, which doubles fsync'd write rates and keeps every acknowledged byte (the
+#: flush still comes before fsync returns; a torn commit fails its checksum and is
+#: not replayed). The kernel allows it only with data=writeback, which here only
+#: drops ordering for data that was never fsync'd: new blocks are allocated
+#: unwritten (dioread_nolock), so a crash cannot show stale blocks.
+EXT4_RW = ["noinit_itable", "data=writeback", "journal_async_commit"]
+
+
 def mount_options(fs_type: str, readonly: bool) -> list[str]:
-    opts = ["loop", "ro" if readonly else "rw"]
+    opts = ["ro" if readonly else "rw"]
     if fs_type == "xfs":
         opts.append("nouuid")
         if readonly:
             opts.append("norecovery")
     else:
-        opts.append("noinit_itable")
+        opts += ["noinit_itable"] if readonly else EXT4_RW
     if not readonly:
         opts.append("discard")  # freed blocks become holes again: thin stays thin
     return opts
@@ -97,7 +109,8 @@ class LayerMounts:
         with self._locks.hold(layer_id):
             if not host.is_mounted(mnt):
                 mnt.mkdir(exist_ok=True)
-                host.mount(str(self.layout.image(layer_id)), mnt, fs_type, mount_options(fs_type, readonly))
+                image = self.layout.image(layer_id)
+                host.mount_image(image, mnt, fs_type, mount_options(fs_type, readonly), readonly)
             with self._guard:
                 self._counts[layer_id] = self._counts.get(layer_id, 0) + 1
         return mnt
@@ -138,7 +151,7 @@ def make_clean(image: Path, fs_type: str) -> None:
     elif fs_type == "xfs":  # mounting read-write once replays the log
         mnt = image.parent / "mnt"
         mnt.mkdir(exist_ok=True)
-        host.mount(str(image), mnt, "xfs", mount_options("xfs", readonly=False))
+        host.mount_image(image, mnt, "xfs", mount_options("xfs", readonly=False), readonly=False)
         host.umount(mnt)
 
 
