@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what overlay-csi needs on a Debian/Ubuntu host: the host tools the node
 # plugin calls, and a virtualenv (.venv) with the package. `--test` adds the test
-# tools (pytest, ruff, helm for the chart tests, fio for the data-path bench). Safe to run again.
+# tools (pytest, ruff, helm for the chart tests, fio for the data-path bench,
+# podman and debootstrap for the image test). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
@@ -17,6 +18,9 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ "$want_test" = 1 ]; then
     command -v npm >/dev/null 2>&1 || need+=(npm)
     command -v fio >/dev/null 2>&1 || need+=(fio)  # bench/data_path.py and its smoke test
+    # tests/image: build the image with podman on a base made by debootstrap
+    command -v podman >/dev/null 2>&1 || need+=(podman)
+    command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 fi
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then echo "run as root to install: ${need[*]}" >&2; exit 1; fi

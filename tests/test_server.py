@@ -67,3 +67,18 @@ def test_sigterm_drains_in_flight_calls(tmp_path: Path):
     finally:
         assert d2.terminate() == 0
         cleanup(tmp_path)
+
+
+def test_metrics_without_the_extra_say_what_to_install(tmp_path: Path):
+    """No traceback: one line naming the extra, exit 2, nothing started."""
+    code = ("import sys; sys.modules['prometheus_client'] = None\n"
+            "from csi_driver.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "serve", "--endpoint", f"unix://{tmp_path}/csi.sock",
+         "--state-dir", str(tmp_path / "state"), "--metrics-address", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "pip install 'overlay-csi[metrics]'" in proc.stderr
+    assert not (tmp_path / "csi.sock").exists() and not (tmp_path / "state").exists()

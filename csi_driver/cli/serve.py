@@ -63,12 +63,23 @@ def add_parser(sub: Any) -> None:
     )
 
 
+def _metrics_installed() -> bool:
+    try:
+        import prometheus_client  # noqa: F401 - the 'metrics' extra
+    except ImportError:
+        return False
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     from csi_driver.server import AlreadyRunning, ServeOptions, Server
 
     logs.setup(logs.level_from(args.log_level, args.verbosity), args.log_format)
     if os.geteuid() != 0:
         logging.error("overlay-csi serve needs root (it mounts file systems)")
+        return 2
+    if args.metrics_address and not _metrics_installed():
+        logging.error("--metrics-address needs prometheus-client: pip install 'overlay-csi[metrics]'")
         return 2
     opts = ServeOptions(
         endpoint=args.endpoint,

