@@ -1,0 +1,1 @@
+"""Layer storage: layers as OCI image-layer tars and back."""
