@@ -7,7 +7,8 @@
 #
 # Stage 1 builds wheels for the package and all its dependencies; stage 2
 # installs them with no network access to an index and adds the host tools
-# the node plugin runs.
+# the node plugin runs. Nothing the driver does not run stays: no wheels, no apt
+# caches, no pip or setuptools (the installer is removed after installing).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -43,6 +44,7 @@ RUN apt-get update \
         util-linux \
         e2fsprogs \
         xfsprogs \
+    && apt-get clean \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -51,7 +53,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels "overlay-csi[metrics]" \
-    && overlay-csi --help >/dev/null
+    && overlay-csi --help >/dev/null \
+    && python -m pip uninstall --yes --quiet pip setuptools
 
 # The node plugin needs root (mounts, loop devices); the chart runs it
 # privileged. The controller-expand companion runs unprivileged.

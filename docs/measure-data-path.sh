@@ -1,6 +1,7 @@
 #!/bin/bash
-# The data-path figures of docs/comparison.md: an overlay-csi volume against a
-# plain directory on the same disk (what local-path-provisioner gives a pod).
+# The capacity, host-disk and RPC-duration figures of docs/comparison.md: an
+# overlay-csi volume against a plain directory on the same disk (what
+# local-path-provisioner gives a pod). Throughput: python -m bench.data_path.
 # From the repository root, as root (the mounts vanish with the namespace):
 #   PY=.venv/bin/python unshare -m --propagation private bash docs/measure-data-path.sh
 set -e
@@ -21,15 +22,10 @@ os.sync(); print(f"{time.perf_counter()-t:.2f} s")' "$1"; }
 VID=$(overlay_csi volume create m --size 2Gi --json | id_of)
 overlay_csi node stage $VID $W/stg >/dev/null; overlay_csi node publish $VID $W/stg $W/tgt >/dev/null
 mkdir -p $W/plain
-echo "== write 1 GiB, fsync:  volume | plain dir"
-dd if=/dev/zero of=$W/tgt/f bs=1M count=1024 conv=fsync 2>&1 | tail -1
-dd if=/dev/zero of=$W/plain/f bs=1M count=1024 conv=fsync 2>&1 | tail -1
-sync; echo 3 > /proc/sys/vm/drop_caches
-echo "== read 1 GiB, cold cache:  volume | plain dir"
-dd if=$W/tgt/f of=/dev/null bs=1M 2>&1 | tail -1
-dd if=$W/plain/f of=/dev/null bs=1M 2>&1 | tail -1
-echo "== 20,000 files of 4 KiB + sync:  volume | plain dir"
-files $W/tgt/many; files $W/plain/many
+# the same data on both sides (the throughput figures come from bench/data_path.py)
+dd if=/dev/zero of=$W/tgt/f bs=1M count=1024 conv=fsync status=none
+dd if=/dev/zero of=$W/plain/f bs=1M count=1024 conv=fsync status=none
+files $W/tgt/many >/dev/null; files $W/plain/many >/dev/null
 echo "== host disk: volume image (apparent | allocated) | plain dir"
 du -sh --apparent-size $W/state/layers/*/image; du -sh $W/state/layers/*/image; du -sh $W/plain
 echo "== fill the 2 GiB volume past its size:  volume | plain dir"

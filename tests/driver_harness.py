@@ -50,6 +50,27 @@ if not MOUNT_SKIP and os.environ.get("OVERLAY_CSI_TEST_NS") != str(os.getpid()):
 
 needs_mounts = pytest.mark.skipif(bool(MOUNT_SKIP), reason=MOUNT_SKIP or "ok")
 
+CAP_SYS_RESOURCE = 24
+FULL_UID_MAP = ["0", "0", "4294967295"]
+
+
+def online_ext4_growth_missing() -> str:
+    """'' when this process (and so the in-process driver) can grow a mounted ext4; else
+    exactly what a privileged node must show instead. EXT4_IOC_RESIZE_FS checks
+    capable(CAP_SYS_RESOURCE) against the initial user namespace, so the capability must be
+    effective and the process must not be in a child user namespace."""
+    status = Path("/proc/self/status").read_text()
+    cap_eff = int(next(x for x in status.splitlines() if x.startswith("CapEff:")).split()[1], 16)
+    uid_map = Path("/proc/self/uid_map").read_text().split()
+    if cap_eff >> CAP_SYS_RESOURCE & 1 and uid_map == FULL_UID_MAP:
+        return ""
+    return (
+        "online ext4 growth needs CAP_SYS_RESOURCE in the initial user namespace; a privileged "
+        "node plugin shows bit 24 (0x1000000) set in the CapEff line of /proc/self/status "
+        "(e.g. 'CapEff: 000001ffffffffff') and '0 0 4294967295' in /proc/self/uid_map; here CapEff "
+        f"is {cap_eff:016x} and uid_map is {' '.join(uid_map)!r}"
+    )
+
 
 def leftovers(root: Path) -> tuple[list[str], list[str]]:
     """Mounts below ``root`` and loop devices backed by files below it."""

@@ -88,7 +88,10 @@ def test_block_lifecycle_snapshot_clone_expand(driver: Driver):
     assert vol.capacity_bytes == 64 * MiB
     assert driver.engine.disk_usage() < MiB, "a block volume is sparse"
     staging, target = publish_block(driver, vol.volume_id, "blk")
-    assert target.is_block_device() or os.path.exists(target)
+    assert target.is_block_device(), "the publish path is a block device node"
+    image = driver.engine.layout.image(driver.engine.get_volume(vol.volume_id).upper)
+    backing = {os.stat(dev).st_rdev: f for dev, f in host.loop_devices().items()}
+    assert backing.get(os.stat(target).st_rdev) == str(image), "a loop device of the volume's image"
     assert device_size(target) == 64 * MiB
     pwrite(target, 10 * MiB, b"block-data")
     assert pread(target, 10 * MiB, 10) == b"block-data"

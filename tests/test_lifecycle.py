@@ -139,6 +139,123 @@ def test_max_volume_size_and_count(tmp_path: Path):
         cleanup(tmp_path)
 
 
+def test_attach_limit_at_controller_publish(tmp_path: Path):
+    """--max-volumes-per-node is enforced at ControllerPublishVolume too: a third attachment to
+    the node is RESOURCE_EXHAUSTED and not recorded; a repeat of an existing one is not a new
+    volume; once one is unpublished the third fits."""
+    from driver_harness import cleanup, make_driver, store_dump
+
+    d = make_driver(tmp_path, max_volumes_per_node=2)
+    try:
+        c = d.client
+        vols = [c.create_volume(n, 10 * MiB).volume_id for n in "abc"]
+
+        def attach(vid: str, readonly: bool = False):
+            return c.controller.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
+                volume_id=vid, node_id="node-1", volume_capability=mount_capability(), readonly=readonly))
+
+        def attached() -> list[str]:
+            return sorted(r["volume_id"] for r in store_dump(d.state)["attachments"])
+
+        def published_nodes(vid: str) -> list[str]:
+            got = c.controller.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=vid))
+            return list(got.status.published_node_ids)
+
+        attach(vols[0])
+        attach(vols[1])
+        attach(vols[1])  # a repeat is not a new volume
+        assert attached() == sorted(vols[:2])
+        assert code_of(attach, vols[2]) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert attached() == sorted(vols[:2]), "a refused attach is not recorded"
+        assert published_nodes(vols[2]) == []
+        c.controller.ControllerUnpublishVolume(
+            csi.ControllerUnpublishVolumeRequest(volume_id=vols[0], node_id="node-1"))
+        assert published_nodes(vols[0]) == []
+        attach(vols[2])
+        assert published_nodes(vols[2]) == ["node-1"]
+        assert attached() == sorted(vols[1:])
+        for vid in vols[1:]:
+            c.controller.ControllerUnpublishVolume(
+                csi.ControllerUnpublishVolumeRequest(volume_id=vid, node_id="node-1"))
+        assert attached() == []
+    finally:
+        d.stop()
+        cleanup(tmp_path)
+
+
+def test_growth_past_the_nodes_storage_is_out_of_range(driver: Driver):
+    """An expansion the node cannot hold (up to sizes no file may have) is OUT_OF_RANGE at
+    the controller and at the node, and changes nothing; found by the randomized hostile suite
+    (it was INTERNAL: the image's truncate failed with EFBIG or OverflowError)."""
+    c = driver.client
+    vid = c.create_volume("g", 16 * MiB).volume_id
+    staging, target = driver.paths("g")
+    for size in (driver.engine.free_bytes() + 32 * MiB, 1 << 62, (1 << 63) - 1):
+        grow = csi.CapacityRange(required_bytes=size)
+        req = csi.ControllerExpandVolumeRequest(volume_id=vid, capacity_range=grow)
+        assert code_of(c.controller.ControllerExpandVolume, req) == grpc.StatusCode.OUT_OF_RANGE, size
+    c.stage(vid, staging)
+    for size in (1 << 62, (1 << 63) - 1):
+        req = csi.NodeExpandVolumeRequest(volume_id=vid, volume_path=str(staging),
+                                          capacity_range=csi.CapacityRange(required_bytes=size))
+        assert code_of(c.node.NodeExpandVolume, req) == grpc.StatusCode.OUT_OF_RANGE, size
+    got = c.controller.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=vid))
+    assert got.volume.capacity_bytes == 16 * MiB
+    image = driver.engine.layout.image(driver.engine.get_volume(vid).upper)
+    assert image.stat().st_size < 64 * MiB, "the image was not grown"
+    c.unstage(vid, staging)
+    c.delete_volume(vid)
+
+
+def test_node_paths_with_control_characters_are_refused(driver: Driver):
+    """A staging or target path with a control character is INVALID_ARGUMENT and nothing is
+    mounted: a mount at a path with a carriage return splits its /proc/self/mountinfo line
+    for line readers, and every later call crashed (found by the randomized hostile suite)."""
+    c = driver.client
+    vid = c.create_volume("ctl", 16 * MiB).volume_id
+    staging, _ = driver.paths("ctl")
+    for bad in ("\r", "\n", "\t", "\x1b", "\x7f"):
+        odd = driver.kubelet / f"odd{bad}dir"
+        assert code_of(c.stage, vid, odd) == grpc.StatusCode.INVALID_ARGUMENT, repr(bad)
+    c.stage(vid, staging)
+    target = driver.kubelet / "pods" / "p\rq" / "mount"
+    assert code_of(c.publish, vid, staging, target) == grpc.StatusCode.INVALID_ARGUMENT
+    assert [m.target for m in host.mounts_under(driver.kubelet)] == [str(staging)]
+    c.unstage(vid, staging)
+    c.delete_volume(vid)
+
+
+def test_refused_inline_publish_leaves_no_volume(driver: Driver):
+    """An inline (ephemeral) NodePublishVolume at a target another volume is published at is
+    ALREADY_EXISTS and changes nothing: the inline volume it made for the pod is gone again,
+    not left staged where nothing would ever delete it (found by the randomized hostile
+    suite). A later publish of the same handle at a free target works."""
+    from driver_harness import disk_dump, leftovers, store_dump
+
+    c = driver.client
+    vid = c.create_volume("taken", 16 * MiB).volume_id
+    staging, target = driver.paths("taken")
+    c.stage(vid, staging)
+    c.publish(vid, staging, target)
+    before = store_dump(driver.state), disk_dump(driver.state), leftovers(driver.state)
+    inline = csi.NodePublishVolumeRequest(
+        volume_id="csi-inline", target_path=str(target), volume_capability=mount_capability(),
+        volume_context={"csi.storage.k8s.io/ephemeral": "true", "size": "16Mi"})
+    assert code_of(c.node.NodePublishVolume, inline) == grpc.StatusCode.ALREADY_EXISTS
+    assert (store_dump(driver.state), disk_dump(driver.state), leftovers(driver.state)) == before
+    assert not any((driver.state / "ephemeral").iterdir())
+    free = driver.kubelet / "pods" / "inline" / "mount"
+    free.parent.mkdir(parents=True)
+    inline.target_path = str(free)
+    c.node.NodePublishVolume(inline)
+    assert host.mount_at(free).fstype == "overlay"
+    c.unpublish("csi-inline", free)
+    assert store_dump(driver.state)["volumes"] == before[0]["volumes"], "unpublish deletes the inline volume"
+    c.unpublish(vid, target)
+    c.unstage(vid, staging)
+    c.delete_volume(vid)
+
+
 def test_topology_that_excludes_this_node(driver: Driver):
     req = csi.CreateVolumeRequest(name="topo", volume_capabilities=[mount_capability()])
     req.accessibility_requirements.requisite.add().segments["topology.overlay.csi.dev/node"] = "node-2"

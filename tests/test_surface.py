@@ -14,7 +14,7 @@ import pytest
 from csi_driver.client import mount_capability
 from csi_driver.engine import host
 from csi_driver.proto import csi_pb2 as csi
-from driver_harness import Driver
+from driver_harness import Driver, online_ext4_growth_missing
 
 MiB = 1 << 20
 Mode = csi.VolumeCapability.AccessMode
@@ -27,11 +27,7 @@ def code_of(call, *args, **kwargs) -> grpc.StatusCode:
     return e.value.code()
 
 
-def has_cap_sys_resource() -> bool:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return bool(int(line.split()[1], 16) >> 24 & 1)
-    return False
+EXT4_GROWTH_MISSING = online_ext4_growth_missing()
 
 
 def staged(d: Driver, name: str, size: int = 64 * MiB, cap=None, **kw) -> tuple[str, Path, Path]:
@@ -266,31 +262,34 @@ def test_offline_expansion_ext4(driver: Driver):
     c.unstage(vid, staging)
 
 
-@pytest.mark.skipif(
-    not has_cap_sys_resource(),
-    reason="online ext4 resize needs CAP_SYS_RESOURCE, "
-    "which this machine's bounding set lacks (a privileged pod has it)",
-)
+@pytest.mark.skipif(bool(EXT4_GROWTH_MISSING), reason=EXT4_GROWTH_MISSING or "ok")
 def test_online_expansion_ext4(driver: Driver):
+    """Runs where online_ext4_growth_missing() is '' (a privileged node plugin): the mounted
+    ext4 grows while the pod keeps its data, and the driver reports the new size."""
     vid, staging, target = staged(driver, "grow-online", 64 * MiB)
+    (target / "keep").write_bytes(b"k" * MiB)
     driver.client.controller.ControllerExpandVolume(
         csi.ControllerExpandVolumeRequest(
             volume_id=vid, capacity_range=csi.CapacityRange(required_bytes=256 * MiB)
         )
     )
-    driver.client.node.NodeExpandVolume(
+    resp = driver.client.node.NodeExpandVolume(
         csi.NodeExpandVolumeRequest(
             volume_id=vid, volume_path=str(target), capacity_range=csi.CapacityRange(required_bytes=256 * MiB)
         )
     )
+    assert resp.capacity_bytes >= 256 * MiB
     st = os.statvfs(target)
     assert st.f_bavail * st.f_frsize >= 256 * MiB
+    assert (target / "keep").read_bytes() == b"k" * MiB
+    got = driver.client.controller.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=vid))
+    assert got.volume.capacity_bytes == resp.capacity_bytes
     teardown(driver, vid, staging, target)
 
 
 def test_online_ext4_without_capability_is_a_clear_precondition(driver: Driver):
-    if has_cap_sys_resource():
-        pytest.skip("this machine can resize ext4 online")
+    if not EXT4_GROWTH_MISSING:
+        pytest.skip("this machine can grow ext4 online (test_online_expansion_ext4 runs instead)")
     vid, staging, target = staged(driver, "no-cap", 64 * MiB)
     driver.client.controller.ControllerExpandVolume(
         csi.ControllerExpandVolumeRequest(
@@ -306,6 +305,27 @@ def test_online_ext4_without_capability_is_a_clear_precondition(driver: Driver):
             )
         )
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "CAP_SYS_RESOURCE" in e.value.details()
+    teardown(driver, vid, staging, target)
+
+
+def test_refused_online_ext4_growth_changes_nothing(driver: Driver):
+    if not EXT4_GROWTH_MISSING:
+        pytest.skip("this machine can grow ext4 online (test_online_expansion_ext4 runs instead)")
+    vid, staging, target = staged(driver, "no-cap-node", 64 * MiB)
+    image = driver.engine.layout.image(driver.engine.get_volume(vid).upper)
+    size = image.stat().st_size
+
+    def node_expand(required: int) -> csi.NodeExpandVolumeResponse:
+        return driver.client.node.NodeExpandVolume(csi.NodeExpandVolumeRequest(
+            volume_id=vid, volume_path=str(target),
+            capacity_range=csi.CapacityRange(required_bytes=required)))
+
+    with pytest.raises(grpc.RpcError) as e:
+        node_expand(128 * MiB)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert image.stat().st_size == size, "the image stays at the size its file system has"
+    assert driver.engine.get_volume(vid).capacity_bytes == 64 * MiB
+    assert node_expand(64 * MiB).capacity_bytes == 64 * MiB  # nothing left half-grown to trip over
     teardown(driver, vid, staging, target)
 
 

@@ -6,6 +6,9 @@ as the volume's name and stage it privately under ``ephemeral/<volume id>``.
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 from csi_driver.engine.core import EngineCore, VolumeSpec
 from csi_driver.store import Volume
 
@@ -29,16 +32,33 @@ class EphemeralOps(EngineCore):
         mount_flags: list[str],
         group: str = "",
     ) -> Volume:
-        """Create (idempotently, by handle), stage privately and publish."""
+        """Create (idempotently, by handle), stage privately and publish.
+
+        A refused publish changes nothing: a volume this call created is deleted again."""
+        created = self.ephemeral_volume(handle) is None
         v = self.create_volume(
             VolumeSpec(**{**spec.__dict__, "name": EPHEMERAL_PREFIX + handle, "ephemeral": True})
         )
         staging = self._ephemeral_staging(v)
-        self.stage(v.id, staging, mount_flags)
-        self.publish(v.id, staging, target_path, readonly, mount_flags)
-        if group:
-            self.set_mount_group(v.id, group, readonly)
+        try:
+            self.stage(v.id, staging, mount_flags)
+            self.publish(v.id, staging, target_path, readonly, mount_flags)
+            if group:
+                self.set_mount_group(v.id, group, readonly)
+        except Exception:
+            if created:
+                self._forget_ephemeral(v, staging)
+            raise
         return v
+
+    def _forget_ephemeral(self, v: Volume, staging: str) -> None:
+        with self.store.tx() as tx:
+            if tx.publications(v.id):
+                return  # published after all (a retry raced in): kept
+        self.unstage(v.id, staging)
+        self.delete_volume(v.id)
+        with contextlib.suppress(OSError):
+            Path(staging).rmdir()
 
     def unpublish_ephemeral(self, v: Volume, target_path: str) -> None:
         self.unpublish(v.id, target_path)
@@ -49,7 +69,5 @@ class EphemeralOps(EngineCore):
         staging = self._ephemeral_staging(v)
         self.unstage(v.id, staging)
         self.delete_volume(v.id)
-        try:
+        with contextlib.suppress(OSError):
             (self.layout.ephemeral / v.id).rmdir()
-        except OSError:
-            pass

@@ -96,6 +96,7 @@ class ExpandOps(BlockOps):
             before = tx.layer(v.upper)  # to undo the record if the file system cannot grow
             assert before is not None
         grown_from = None
+        image_before = os.path.getsize(self.layout.image(v.upper))
         if required > v.capacity_bytes or os.path.getsize(self.layout.image(v.upper)) < self._upper_size(
             v.capacity_bytes, v.fs_type
         ):
@@ -119,6 +120,8 @@ class ExpandOps(BlockOps):
                 with self.store.tx() as tx:
                     tx.update_layer(upper.id, image_bytes=before.image_bytes)
                     tx.update_volume(volume_id, capacity_bytes=grown_from)
+                os.truncate(self.layout.image(upper.id), image_before)  # the fs never reached past it
+                host.loop_refresh(device)
             if "Permission denied" in e.stderr or "Operation not permitted" in e.stderr:
                 raise FailedPrecondition(
                     "growing a mounted ext4 file system needs CAP_SYS_RESOURCE: run the node plugin "

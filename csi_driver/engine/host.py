@@ -51,7 +51,8 @@ def _unescape(field: str) -> str:
 def mounts() -> list[MountEntry]:
     """The calling process's mount table (/proc/self/mountinfo)."""
     out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+    # newline="\n": a mount path may hold a carriage return, which must not split its line
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
         for line in f:
             left, _, right = line.rstrip("\n").partition(" - ")
             a = left.split(" ")

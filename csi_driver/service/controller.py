@@ -255,6 +255,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if request.HasField("volume_capability"):
             v.capability(request.volume_capability)
         vol = self._existing(request.volume_id)
+        v.growth(vol.id, vol.capacity_bytes, request.capacity_range.required_bytes, self.engine.free_bytes())
         cap, node_needed = self.engine.expand(
             vol.id, request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         )

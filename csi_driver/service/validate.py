@@ -7,7 +7,7 @@ import re
 import shutil
 from dataclasses import dataclass
 
-from csi_driver.errors import InvalidArgument
+from csi_driver.errors import InvalidArgument, OutOfRange
 from csi_driver.proto import csi_pb2 as csi
 
 MAX_NAME = 256
@@ -91,6 +91,11 @@ def path(value: str, what: str) -> str:
     required(value, what)
     if len(value) > MAX_PATH or "\x00" in value:
         raise InvalidArgument(f"{what} is too long or contains NUL")
+    control = next((ch for ch in value if ch < " " or ch == "\x7f"), None)
+    if control is not None:
+        # kubelet never makes such paths, and a mount at one (a carriage return) breaks
+        # the line structure of /proc/self/mountinfo as the engine reads it
+        raise InvalidArgument(f"{what} must not contain {control!r}")
     if not os.path.isabs(value):
         raise InvalidArgument(f"{what} must be absolute")
     if ".." in value.split("/"):
@@ -202,3 +207,13 @@ def capabilities(caps: list[csi.VolumeCapability]) -> list[Capability]:
     if len({c.access_type for c in parsed}) > 1:
         raise InvalidArgument("a volume is either mount or block, not both")
     return parsed
+
+
+def growth(volume_id: str, current: int, required: int, free: int) -> None:
+    """An expansion must fit in the node's free space, as a new volume must: past it (up to
+    sizes no file can have) growing the image fails in the host, which is no answer."""
+    if required - current > free:
+        raise OutOfRange(
+            f"volume {volume_id} of {current} bytes cannot grow to {required}: {required - current} "
+            f"bytes do not fit in the {free} free bytes of the node's storage"
+        )

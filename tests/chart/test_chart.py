@@ -631,8 +631,10 @@ def test_replicated_resizer_needs_leader_election(helm):
 
 def test_snapshot_controller_ready_only_after_its_crd_retries(helm):
     out = helm.template("--set", "snapshotController.install=true").stdout
-    deploy = next(d for d in yaml.safe_load_all(out)
-                  if d and d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-snapshot-controller"))
+    deploy = next(
+        d for d in yaml.safe_load_all(out)
+        if d and d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-snapshot-controller")
+    )
     assert deploy["spec"]["minReadySeconds"] > 30  # --retry-crd-interval-max defaults to 30s
 
 

@@ -451,7 +451,19 @@ def test_clone(cluster, ns):
 def test_online_expansion(cluster, ns):
     create(cluster, ns, pvc("grow", "64Mi"))
     create(cluster, ns, pod("grow-pod", claim="grow"))
-    running(cluster, ns, "grow-pod")
+    node = running(cluster, ns, "grow-pod").spec.node_name
+    # what online ext4 growth needs and the unprivileged tests cannot show (see
+    # driver_harness.online_ext4_growth_missing): the node plugin has CAP_SYS_RESOURCE in the
+    # initial user namespace
+    node_plugins = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=node"
+    plugin = cluster.core.list_namespaced_pod(
+        NAMESPACE, label_selector=node_plugins, field_selector=f"spec.nodeName={node}").items[0]
+    name = plugin.metadata.name
+    status = sh(cluster, NAMESPACE, name, "cat /proc/self/status", container="overlay-csi")
+    cap_eff = int(next(x for x in status.splitlines() if x.startswith("CapEff:")).split()[1], 16)
+    assert cap_eff >> 24 & 1, f"the node plugin lacks CAP_SYS_RESOURCE: CapEff {cap_eff:016x}"
+    uid_map = sh(cluster, NAMESPACE, name, "cat /proc/self/uid_map", container="overlay-csi")
+    assert uid_map.split() == ["0", "0", "4294967295"], f"the node plugin is in a user namespace: {uid_map}"
     sh(cluster, ns, "grow-pod", "echo keep > /data/f && sync")
     before = kib_of(sh(cluster, ns, "grow-pod", "df -k /data"))
     cluster.core.patch_namespaced_persistent_volume_claim(

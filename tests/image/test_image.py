@@ -22,7 +22,7 @@ import pytest
 
 from csi_driver.client import Client
 from csi_driver.proto import csi_pb2 as csi
-from driver_harness import MOUNT_SKIP, cleanup
+from driver_harness import MOUNT_SKIP, cleanup, online_ext4_growth_missing
 
 SKIP = MOUNT_SKIP or imagebuild.missing_tools()
 pytestmark = pytest.mark.skipif(bool(SKIP), reason=SKIP or "ok")
@@ -100,9 +100,11 @@ def test_image_is_lean_and_holds_nothing_of_the_machine(image: imagebuild.BuiltI
     assert entry == ["overlay-csi"]
     assert (image_root / "opt/venv/bin/overlay-csi").exists()
     for absent in ("usr/bin/gcc", "usr/bin/cc", "root/.cache/pip", "wheels", "src", "etc/pip.conf",
-                   "var/lib/apt/lists/lock"):
+                   "var/lib/apt/lists/lock", "var/cache/apt/pkgcache.bin", "opt/venv/bin/pip"):
         assert not (image_root / absent).exists(), f"{absent} should not be in the image"
-    assert image.size_bytes < 450e6, f"{image.size_bytes / 1e6:.0f} MB"
+    assert not list((image_root / "var/cache/apt/archives").glob("*.deb"))
+    # Debian's python3 (~220 MB with the base) plus the tools and wheels: 289 MB when measured
+    assert image.size_bytes < 320e6, f"{image.size_bytes / 1e6:.0f} MB"
 
 
 def test_chart_node_pod_serves_a_pod_volume_through_the_hostpath_socket(image_root: Path, node: Node):
@@ -147,6 +149,10 @@ def test_doctor_inside_the_image(image_root: Path, node: Node):
     m = re.search(r"(\d+) OK, (\d+) WARN, (\d+) FAIL", out)
     assert m and m[3] == "0", out[-3000:]
     assert "probe_loop_mount   an ext4 image mounts read-write on a direct-I/O loop device" in out, out
+    # what online ext4 growth needs (driver_harness.online_ext4_growth_missing): the pod's doctor
+    # must see it exactly where the host grants it, so a privileged node shows OK here
+    want = "WARN  cap_sys_resource" if online_ext4_growth_missing() else "OK    cap_sys_resource"
+    assert want in out, out[-3000:]
 
 
 @pytest.mark.skipif(not SANITY, reason="no csi-sanity binary (set CSI_SANITY or put it on PATH)")

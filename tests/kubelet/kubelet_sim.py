@@ -833,6 +833,9 @@ class Kubelet:
         self.node_name = node_name
         self.csidriver = csidriver or CSIDriverObject()
         self.calls: list[tuple[str, object]] = []
+        # DelegateFSGroupToCSIDriver (GA in 1.26, always on since): with it off, as in older
+        # kubelets, kubelet never passes volume_mount_group and applies fsGroup itself
+        self.delegate_fs_group = True
 
     # -------- paths
     @property
@@ -908,7 +911,7 @@ class Kubelet:
         _save_volume_data(path.parent, {"volumeHandle": pv.handle, "driverName": pv.driver})
         if NodeRPC.STAGE_UNSTAGE_VOLUME not in caps:
             return path
-        group = fs_group if NodeRPC.VOLUME_MOUNT_GROUP in caps else None
+        group = fs_group if self.delegate_fs_group and NodeRPC.VOLUME_MOUNT_GROUP in caps else None
         req = csi.NodeStageVolumeRequest(
             volume_id=pv.handle,
             publish_context={},  # attachRequired: false, no VolumeAttachment
@@ -991,7 +994,7 @@ class Kubelet:
         parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         if self.csidriver.pod_info_on_mount:
             attrs.update(self.pod_info(pod, lifecycle == "Ephemeral"))
-        group_by_driver = NodeRPC.VOLUME_MOUNT_GROUP in caps
+        group_by_driver = self.delegate_fs_group and NodeRPC.VOLUME_MOUNT_GROUP in caps
         _save_volume_data(parent, {
             "specVolID": spec_name,
             "volumeHandle": handle,

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import os
 
-import pytest
-from kubelet_sim import NodeEnv, Pod, ProvisioningFailed
+from kubelet_sim import NodeEnv, Pod
 
 from csi_driver.engine import host
 from csi_driver.proto import csi_pb2 as csi
@@ -74,11 +73,10 @@ def test_block_volume_as_kubelet_maps_it(node: NodeEnv):
     """volumeMode: Block end to end: the provisioner's block capability, kubelet's staging
     dir and publish path (the driver creates the file), I/O through the published device,
     two pods, teardown with the staging dir left removable."""
-    try:
-        pvc, pv = node.provision("raw", 32 * MiB, volume_mode="Block")
-    except ProvisioningFailed as e:
-        pytest.xfail(f"driver refuses block CreateVolume as the provisioner sends it: {e}")
+    pvc, pv = node.provision("raw", 32 * MiB, volume_mode="Block")
     assert node.provisioner.calls[-1].volume_capabilities[0].HasField("block")
+    vol = node.driver.engine.get_volume(pv.handle)
+    assert vol.access_type == "block" and vol.capacity_bytes == pv.capacity >= 32 * MiB
     kubelet = node.kubelet
     staging = kubelet.set_up_device_block(pv)
     assert staging == kubelet.root / "plugins/kubernetes.io/csi/volumeDevices/staging" / pv.name

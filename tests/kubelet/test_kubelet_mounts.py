@@ -14,7 +14,6 @@ SetUp per pod, UnmountDevice after the last pod).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 
@@ -22,7 +21,6 @@ import grpc
 import pytest
 from kubelet_sim import (
     DRIVER_NAME,
-    PROVISIONER_ID_KEY,
     VOL_DATA_FILE,
     CSIDriverObject,
     NodeEnv,
@@ -35,6 +33,7 @@ from kubelet_sim import (
 
 from csi_driver.engine import host
 from csi_driver.proto import csi_pb2 as csi
+from driver_harness import store_dump
 
 MiB = 1 << 20
 Mode = csi.VolumeCapability.AccessMode
@@ -58,31 +57,33 @@ def test_paths_directories_and_requests(node: NodeEnv):
     assert len(sha) == 64
 
     kubelet.mount_device(pv)
-    req = last(node, "NodeStageVolume")
-    assert req.staging_target_path == str(staging)
-    assert dict(req.volume_context) == {PROVISIONER_ID_KEY: node.provisioner.identity}
-    assert req.volume_capability.access_mode.mode == Mode.SINGLE_NODE_MULTI_WRITER
-    assert json.loads((staging.parent / VOL_DATA_FILE).read_text()) == {
-        "volumeHandle": pv.handle, "driverName": DRIVER_NAME}
-    assert host.mount_at(staging).fstype == "overlay"
+    # what the driver did: its overlay of this volume at globalmount, over the volume's own
+    # upper (loop-mounted read-write), recorded as staged and reported as published
+    vol = node.driver.engine.get_volume(pv.handle)
+    assert vol.staging_path == str(staging)
+    staged = host.mount_at(staging)
+    assert staged.fstype == "overlay"
+    assert f"upperdir=layers/{vol.upper}/mnt/upper" in staged.super_options.split(",")
+    upper = host.mount_at(node.driver.engine.layout.mnt(vol.upper))
+    assert upper.fstype == "ext4" and "rw" in upper.options.split(",")
+    got = node.client.controller.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=pv.handle))
+    assert list(got.status.published_node_ids) == ["node-1"]
 
     pod = Pod("web", namespace="shop", service_account="web-sa")
     target = kubelet.target_path(pod.uid, pv.name)
     assert target == kubelet.root / "pods" / pod.uid / "volumes/kubernetes.io~csi" / pv.name / "mount"
     assert not target.exists()
     kubelet.set_up(pod, pv)
-    req = last(node, "NodePublishVolume")
-    assert req.target_path == str(target) and req.staging_target_path == str(staging)
-    assert dict(req.volume_context) == {
-        PROVISIONER_ID_KEY: node.provisioner.identity,
-        "csi.storage.k8s.io/pod.name": "web",
-        "csi.storage.k8s.io/pod.namespace": "shop",
-        "csi.storage.k8s.io/pod.uid": pod.uid,
-        "csi.storage.k8s.io/serviceAccount.name": "web-sa",
-        "csi.storage.k8s.io/ephemeral": "false",
-    }
-    assert json.loads((target.parent / VOL_DATA_FILE).read_text())["volumeHandle"] == pv.handle
-    assert host.is_mounted(target)
+    # the driver created the target and mounted the staged overlay there (one file system)
+    published = host.mount_at(target)
+    assert published.fstype == "overlay" and published.super_options == staged.super_options
+    assert os.stat(target).st_dev == os.stat(staging).st_dev
+    assert (target.stat().st_mode & 0o777) == (staging.stat().st_mode & 0o777)
+    pubs = store_dump(node.driver.state)["publications"]
+    assert [(p["volume_id"], p["target_path"]) for p in pubs] == [(pv.handle, str(target))]
+    usage = node.client.node.NodeGetVolumeStats(csi.NodeGetVolumeStatsRequest(
+        volume_id=pv.handle, volume_path=str(target))).usage
+    assert 28 * MiB <= usage[0].total <= 40 * MiB, "the volume's own size, not the host's"
     (target / "index.html").write_text("hi")
     assert (staging / "index.html").read_text() == "hi"
 
@@ -151,34 +152,49 @@ def test_read_only_pod_and_read_only_many(node: NodeEnv):
 
 
 @pytest.mark.parametrize(
-    ("policy", "fstype", "writable"),
-    [("File", "", True), ("ReadWriteOnceWithFSType", "ext4", True), ("ReadWriteOnceWithFSType", "", False)],
+    ("policy", "fstype", "delegate", "applied_by"),
+    [
+        ("File", "", True, "driver"),
+        ("ReadWriteOnceWithFSType", "", True, "driver"),  # kubelet delegates whatever the policy
+        ("File", "", False, "kubelet"),
+        ("ReadWriteOnceWithFSType", "ext4", False, "kubelet"),
+        ("ReadWriteOnceWithFSType", "", False, None),  # no fsType: kubelet skips fsGroup
+    ],
 )
-def test_fs_group(node: NodeEnv, policy: str, fstype: str, writable: bool):
-    """fsGroup: if the driver announces VOLUME_MOUNT_GROUP, kubelet passes
-    volume_mount_group in NodeStage/NodePublish and does nothing itself; otherwise
-    (csi_mounter.go supportsFSGroup) kubelet applies SetVolumeOwnership to the target after
-    NodePublish when fsGroupPolicy is File, or ReadWriteOnceWithFSType with an fsType and
-    RWO. The chart installs fsGroupPolicy File. A pod process (uid 1000, gid 1000,
-    supplemental group = fsGroup) must then be able to write, and new files get the group."""
+def test_fs_group(node: NodeEnv, policy: str, fstype: str, delegate: bool, applied_by: str | None):
+    """fsGroup: the driver announces VOLUME_MOUNT_GROUP, so kubelet (DelegateFSGroupToCSIDriver)
+    passes volume_mount_group in NodeStage/NodePublish and does nothing itself; the driver makes
+    the volume's root group-owned and setgid. A kubelet without delegation (csi_mounter.go
+    supportsFSGroup) applies SetVolumeOwnership to the target after NodePublish when
+    fsGroupPolicy is File, or ReadWriteOnceWithFSType with an fsType and RWO: a walk that must
+    work on the driver's overlay. A pod process (uid 1000, gid 1000, supplemental group =
+    fsGroup) can then write, and new files get the group; with neither, it cannot."""
     node.kubelet.csidriver = CSIDriverObject(fs_group_policy=policy)
+    node.kubelet.delegate_fs_group = delegate
     node.sc = StorageClass(parameters={"csi.storage.k8s.io/fstype": fstype} if fstype else {})
     pvc, pv = node.provision("grp", 32 * MiB)
+    earlier = Pod("earlier")  # a pod without fsGroup left a file behind
+    (node.start_pod(earlier, pv) / "old").write_text("x")
+    node.stop_pod(earlier, pv, last_user=False)
     pod = Pod("app", fs_group=2000)
     target = node.start_pod(pod, pv)
-    by_driver = NodeRPC.VOLUME_MOUNT_GROUP in node.kubelet.node_caps()
+    assert NodeRPC.VOLUME_MOUNT_GROUP in node.kubelet.node_caps()
     sent = last(node, "NodePublishVolume").volume_capability.mount.volume_mount_group
-    assert sent == ("2000" if by_driver else "")
-    if by_driver:
-        writable = True  # kubelet delegates whatever the fsGroupPolicy (csi_mounter.go SetUpAt)
+    assert sent == ("2000" if delegate else "")
     rc, out = run_as(1000, 1000, [2000], target, "echo hi > f && stat -c %g f")
-    if writable:
+    root, old = target.stat(), (target / "old").stat()
+    if applied_by is None:
+        assert rc != 0, "without fsGroup the pod's user cannot write the volume's root"
+        assert root.st_gid == 0 and not root.st_mode & stat.S_ISGID
+    else:
         assert rc == 0, out
         assert out == "2000", "new files belong to the fsGroup (setgid directory)"
-        st = target.stat()
-        assert st.st_gid == 2000 and st.st_mode & stat.S_ISGID
-    else:
-        assert rc != 0, "kubelet skips fsGroup without an fsType under ReadWriteOnceWithFSType"
+        assert root.st_gid == 2000 and root.st_mode & stat.S_ISGID
+        # kubelet walks every file; the driver changes only the root, which new files inherit
+        assert old.st_gid == (2000 if applied_by == "kubelet" else 0)
+    # the change is on the volume, not on one mount: the staging path shows the same
+    staged = node.kubelet.device_mount_path(pv).stat()
+    assert (staged.st_gid, staged.st_mode) == (root.st_gid, root.st_mode)
     node.stop_pod(pod, pv)
     node.provisioner.delete(pv)
 
@@ -305,10 +321,9 @@ def test_storage_class_mount_options_reach_the_mounts(node: NodeEnv):
     pvc, pv = node.provision("opts", 32 * MiB)
     pod = Pod("p")
     target = node.start_pod(pod, pv)
-    assert list(last(node, "NodeStageVolume").volume_capability.mount.mount_flags) == ["noatime", "nodev"]
-    assert list(last(node, "NodePublishVolume").volume_capability.mount.mount_flags) == ["noatime", "nodev"]
-    opts = host.mount_at(target).options.split(",")
-    assert "noatime" in opts and "nodev" in opts
+    for path in (node.kubelet.device_mount_path(pv), target):  # NodeStage's mount and NodePublish's
+        opts = host.mount_at(path).options.split(",")
+        assert "noatime" in opts and "nodev" in opts, (path, opts)
     node.stop_pod(pod, pv)
     node.provisioner.delete(pv)
 

@@ -30,6 +30,7 @@ from kubelet_sim import (
     VolumeSnapshot,
 )
 
+from csi_driver.engine import host
 from csi_driver.proto import csi_pb2 as csi
 
 MiB = 1 << 20
@@ -50,19 +51,22 @@ def test_wait_for_first_consumer_with_strict_topology(node: NodeEnv):
     node.sc = StorageClass(parameters={"csi.storage.k8s.io/fstype": "ext4"}, mount_options=["noatime"])
     pvc = PVC(name="data", namespace="team-a", request=48 * MiB)
     pv = node.provisioner.provision(pvc, node.sc, "node-1")
-    req = node.provisioner.calls[-1]
-    assert req.name == f"pvc-{pvc.uid}" == pv.name
-    assert dict(req.parameters) == {
+    # what the driver made of the request: a volume of the claim's name, with the file system
+    # asked for really made on its upper's image, the sidecar's metadata kept as parameters
+    vol = node.driver.engine.get_volume(pv.handle)
+    assert vol.name == f"pvc-{pvc.uid}" == pv.name
+    assert vol.access_type == "mount" and vol.fs_type == "ext4"
+    assert vol.parameters == {
         "csi.storage.k8s.io/pvc/name": "data",
         "csi.storage.k8s.io/pvc/namespace": "team-a",
         "csi.storage.k8s.io/pv/name": pv.name,
     }
-    assert [dict(t.segments) for t in req.accessibility_requirements.requisite] == [{TOPOLOGY_KEY: "node-1"}]
-    assert [dict(t.segments) for t in req.accessibility_requirements.preferred] == [{TOPOLOGY_KEY: "node-1"}]
-    assert req.volume_capabilities[0].access_mode.mode == Mode.SINGLE_NODE_MULTI_WRITER
-    assert req.volume_capabilities[0].mount.fs_type == "ext4"
-    assert list(req.volume_capabilities[0].mount.mount_flags) == ["noatime"]
-    assert not req.capacity_range.limit_bytes
+    with open(node.driver.engine.layout.image(vol.upper), "rb") as f:
+        f.seek(1024 + 0x38)
+        assert f.read(2) == b"\x53\xef", "the upper's image holds an ext4 superblock"
+    got = node.client.controller.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=pv.handle))
+    assert got.volume.capacity_bytes == vol.capacity_bytes == pv.capacity
+    assert [dict(t.segments) for t in got.volume.accessible_topology] == [{TOPOLOGY_KEY: "node-1"}]
     # the PV the provisioner writes
     assert pv.handle.startswith("vol-")
     assert pv.capacity >= pvc.request, "a reply below the request makes the provisioner delete the volume"
@@ -78,12 +82,12 @@ def test_wait_for_first_consumer_without_strict_topology(node: NodeEnv):
     prov = Provisioner(node.client, node.cluster, strict_topology=False)
     pvc = PVC(name="loose", request=16 * MiB)
     pv = prov.provision(pvc, node.sc, "node-1")
-    req = prov.calls[-1]
-    assert [t.segments[TOPOLOGY_KEY] for t in req.accessibility_requirements.requisite] == [
-        "node-0", "node-1", "node-2"]
-    assert [t.segments[TOPOLOGY_KEY] for t in req.accessibility_requirements.preferred] == [
-        "node-1", "node-2", "node-0"]
+    assert len(prov.calls[-1].accessibility_requirements.requisite) == 3, "three nodes were offered"
+    # the driver chose itself among them: its answer (the PV's affinity) and its own record
     assert pv.node_affinity == [{TOPOLOGY_KEY: "node-1"}]
+    got = node.client.controller.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=pv.handle))
+    assert [dict(t.segments) for t in got.volume.accessible_topology] == [{TOPOLOGY_KEY: "node-1"}]
+    assert node.driver.engine.get_volume(pv.handle).name == pv.name
 
 
 def test_a_claim_for_another_node_is_rescheduled(node: NodeEnv):
@@ -191,12 +195,24 @@ def test_final_errors_stop_the_provisioner(node: NodeEnv):
 
 def test_read_write_once_pod_and_read_only_many(node: NodeEnv):
     """ReadWriteOncePod maps to SINGLE_NODE_SINGLE_WRITER, ReadOnlyMany to
-    MULTI_NODE_READER_ONLY (csi-lib-utils accessmodes via getVolumeCapability)."""
+    MULTI_NODE_READER_ONLY (csi-lib-utils accessmodes via getVolumeCapability); the driver
+    then publishes the first to one pod only and mounts the second read-only."""
     pvc, pv = node.provision("rwop", 16 * MiB, access_modes=["ReadWriteOncePod"])
-    mode = node.provisioner.calls[-1].volume_capabilities[0].access_mode.mode
-    assert mode == Mode.SINGLE_NODE_SINGLE_WRITER
-    pvc, pv = node.provision("rox", 16 * MiB, access_modes=["ReadOnlyMany"])
-    assert node.provisioner.calls[-1].volume_capabilities[0].access_mode.mode == Mode.MULTI_NODE_READER_ONLY
+    # what the driver does with it: one pod, and a second publication is refused
+    first, second = Pod("first"), Pod("second")
+    node.start_pod(first, pv)
+    with pytest.raises(grpc.RpcError) as e:
+        node.kubelet.set_up(second, pv)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert not host.is_mounted(node.kubelet.target_path(second.uid, pv.name))
+    node.stop_pod(first, pv)
+    rox_pvc, rox = node.provision("rox", 16 * MiB, access_modes=["ReadOnlyMany"])
+    reader = Pod("reader")
+    target = node.start_pod(reader, rox)
+    assert "ro" in host.mount_at(target).options.split(","), "a ReadOnlyMany volume is mounted read-only"
+    node.stop_pod(reader, rox)
+    for v in (pv, rox):
+        node.provisioner.delete(v)
 
 
 def test_capacity_tracking_queries(node: NodeEnv):

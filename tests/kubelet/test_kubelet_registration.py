@@ -59,10 +59,15 @@ def test_capabilities_the_callers_look_for(node: NodeEnv):
     caps = node.kubelet.node_caps()
     for rpc in (NodeRPC.STAGE_UNSTAGE_VOLUME, NodeRPC.GET_VOLUME_STATS, NodeRPC.EXPAND_VOLUME):
         assert rpc in caps
-    assert node.kubelet.access_mode("ReadWriteOnce") in (
-        csi.VolumeCapability.AccessMode.SINGLE_NODE_MULTI_WRITER,
-        csi.VolumeCapability.AccessMode.SINGLE_NODE_WRITER,
-    )
+    # the driver announces SINGLE_NODE_MULTI_WRITER on both services, so both callers send
+    # the new modes; its answer decides the mapping, not the simulator
+    assert NodeRPC.SINGLE_NODE_MULTI_WRITER in caps
+    ctrl = node.client.controller.ControllerGetCapabilities(csi.ControllerGetCapabilitiesRequest())
+    ControllerRPC = csi.ControllerServiceCapability.RPC
+    assert ControllerRPC.SINGLE_NODE_MULTI_WRITER in {c.rpc.type for c in ctrl.capabilities}
+    Mode = csi.VolumeCapability.AccessMode
+    assert node.kubelet.access_mode("ReadWriteOnce") == Mode.SINGLE_NODE_MULTI_WRITER
+    assert node.kubelet.access_mode("ReadWriteOncePod") == Mode.SINGLE_NODE_SINGLE_WRITER
 
 
 def test_max_volumes_per_node_is_the_csinode_allocatable_count(make_node):

@@ -29,29 +29,26 @@ import pytest
 from kubelet_sim import PVC, NodeEnv, Pod, Resizer, Snapshotter, StorageClass, VolumeSnapshot
 
 from csi_driver.proto import csi_pb2 as csi
-from driver_harness import MOUNT_SKIP, Driver, cleanup
+from driver_harness import MOUNT_SKIP, Driver, cleanup, online_ext4_growth_missing, store_dump
 
 MiB = 1 << 20
 
 
-def has_cap_sys_resource() -> bool:
-    """resize2fs of a mounted ext4 needs CAP_SYS_RESOURCE (a privileged node plugin has it)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return bool(int(line.split()[1], 16) & (1 << 24))
-    return False
+EXT4_GROWTH_MISSING = online_ext4_growth_missing()
 
 
 def expand_on_node(node: NodeEnv, pod: Pod, pv) -> int | None:
-    """kubelet's NodeExpandVolume; without CAP_SYS_RESOURCE the driver must answer
-    FAILED_PRECONDITION, which kubelet (expander.go inUseError ->
+    """kubelet's NodeExpandVolume. Where online ext4 growth is possible it must succeed;
+    where it is not (EXT4_GROWTH_MISSING says why), the driver must answer
+    FAILED_PRECONDITION naming CAP_SYS_RESOURCE, which kubelet (expander.go inUseError ->
     operation_generator.go MarkForInUseExpansionError) records without failing the mount.
     Returns None in that case."""
     try:
         return node.kubelet.node_expand(pod, pv)
     except grpc.RpcError as e:
-        if has_cap_sys_resource() or e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        if not EXT4_GROWTH_MISSING or e.code() != grpc.StatusCode.FAILED_PRECONDITION:
             raise
+        assert "CAP_SYS_RESOURCE" in (e.details() or ""), e.details()
         return None
 
 
@@ -90,14 +87,15 @@ def test_snapshot_as_the_snapshotter_takes_it(node: NodeEnv):
     vs = VolumeSnapshot("nightly", namespace="default", source=pvc)
     content = node.snapshotter.create(vs, {"csi.storage.k8s.io/snapshotter-secret-name": "s",
                                            "csi.storage.k8s.io/snapshotter-secret-namespace": "ns"})
-    req = node.snapshotter.calls[0]
-    assert req.name == f"snapshot-{vs.uid}"
-    assert req.source_volume_id == pv.handle
-    assert dict(req.parameters) == {
-        "csi.storage.k8s.io/volumesnapshot/name": "nightly",
-        "csi.storage.k8s.io/volumesnapshot/namespace": "default",
-        "csi.storage.k8s.io/volumesnapshotcontent/name": f"snapcontent-{vs.uid}",
-    }
+    # what the driver holds: one snapshot of the claim's volume under the sidecar's name, its
+    # layer committed on disk, and the same answer to GetSnapshot
+    snaps = store_dump(node.driver.state)["snapshots"]
+    assert [(x["id"], x["name"], x["source_volume_id"]) for x in snaps] == [
+        (content.snapshot_handle, f"snapshot-{vs.uid}", pv.handle)]
+    assert node.driver.engine.layout.image(snaps[0]["layer"]).is_file()
+    got = node.client.controller.GetSnapshot(
+        csi.GetSnapshotRequest(snapshot_id=content.snapshot_handle)).snapshot
+    assert got.ready_to_use and got.source_volume_id == pv.handle and got.size_bytes == content.restore_size
     assert content.ready_to_use and content.snapshot_handle
     assert 0 < content.restore_size <= pvc.request
     assert content.creation_time_ns > 0
@@ -164,26 +162,29 @@ def test_online_expansion_with_the_central_resizer(node: NodeEnv, expand_control
     resizer = Resizer(expand_controller.client)
     assert not resizer.trivial
     size, node_needed = resizer.resize(pvc, before + 256 * MiB)
-    req = resizer.calls[-1]
-    assert req.volume_id == pv.handle and req.capacity_range.required_bytes == before + 256 * MiB
     assert node_needed and size >= before + 256 * MiB and pv.capacity == size
-    assert pvc.conditions == ["FileSystemResizePending"]
+    # the central instance cannot touch the node's volume: nothing has grown yet
+    vol = node.driver.engine.get_volume(pv.handle)
+    image = node.driver.engine.layout.image(vol.upper)
+    assert vol.capacity_bytes == 64 * MiB and fs_bytes(target) == before
 
     got = expand_on_node(node, pod, pv)
-    req = [r for n, r in node.kubelet.calls if n == "NodeExpandVolume"][-1]
-    assert req.volume_path == str(target)
-    assert req.staging_target_path == str(node.kubelet.device_mount_path(pv))
-    assert req.capacity_range.required_bytes == pv.capacity
     assert (target / "keep").read_text() == "me"
     if got is None:
         (target / "still").write_text("usable")  # the pod keeps running at the old size
+        assert fs_bytes(target) == before
         node.stop_pod(pod, pv)
         node.provisioner.delete(pv)
-        pytest.skip("online ext4 growth needs CAP_SYS_RESOURCE, which this host lacks; "
-                    "the driver answered FAILED_PRECONDITION as kubelet expects")
+        pytest.skip(EXT4_GROWTH_MISSING + "; the driver answered FAILED_PRECONDITION as kubelet expects")
     assert got >= before + 256 * MiB
     assert fs_bytes(target) >= before + 200 * MiB
-    assert pvc.conditions == [] and pvc.status_capacity == pv.capacity
+    # the node's driver records and reports the new size; the image really grew
+    got_vol = node.client.controller.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=pv.handle))
+    assert got_vol.volume.capacity_bytes == got == node.driver.engine.get_volume(pv.handle).capacity_bytes
+    assert image.stat().st_size >= pv.capacity
+    stats = node.client.node.NodeGetVolumeStats(
+        csi.NodeGetVolumeStatsRequest(volume_id=pv.handle, volume_path=str(target)))
+    assert stats.usage[0].total >= before + 200 * MiB
     # kubelet retries an expansion it could not record: same request, same answer
     assert node.kubelet.node_expand(pod, pv) == got
     node.stop_pod(pod, pv)
@@ -211,8 +212,7 @@ def test_offline_expansion_finishes_when_the_next_pod_mounts(
     if expand_on_node(node, pod, pv) is None:
         node.stop_pod(pod, pv)
         node.provisioner.delete(pv)
-        pytest.skip("online ext4 growth needs CAP_SYS_RESOURCE, which this host lacks; "
-                    "the driver answered FAILED_PRECONDITION as kubelet expects")
+        pytest.skip(EXT4_GROWTH_MISSING + "; the driver answered FAILED_PRECONDITION as kubelet expects")
     assert fs_bytes(target) >= new * 0.95
     node.stop_pod(pod, pv)
     node.provisioner.delete(pv)
