@@ -175,7 +175,7 @@ def write_file(path: Path, size: int) -> None:
 def fs_volume(client, t: Teardown, work: Path, kind: str, s: Settings) -> tuple[Path, Path]:
     """A published volume, and one restored from a snapshot whose lower layer holds lower.bin."""
     cap = mount_capability(fs_type=kind)
-    size = 2 * s.size + GiB
+    size = max(8 * GiB, 4 * s.size)  # as a pod's claim would be: mostly free (a full fs fragments)
     vol = client.create_volume(f"bench-{kind}", size, cap=cap).volume_id
     stg, tgt = work / f"{kind}-staging", work / f"{kind}-target"
     stg.mkdir()
@@ -257,7 +257,7 @@ def measure(client, teardown: Teardown, work: Path, s: Settings, args: argparse.
     kinds = args.kinds.split(",")
     plain = work / "plain"
     plain.mkdir()
-    fs = subprocess.run(["stat", "-f", "-c", "%T", str(work)], capture_output=True, text=True).stdout
+    fs = subprocess.run(["findmnt", "-no", "FSTYPE", "-T", str(work)], capture_output=True, text=True).stdout
     print(f"host file system: {work} ({fs.strip()}); data {args.size_mib} MiB, "
           f"{args.seconds} s per timed run", flush=True)
     if {"ext4", "xfs"} & set(kinds):
