@@ -6,7 +6,9 @@ reaches the image), the driver is SIGKILLed, every mount is forced away, and the
 volume is staged again by a new driver. Every record acknowledged by fsync must be
 there and the file system clean. Each fsync must also have reached the host: the
 upper's loop device must have passed on a flush (the loop driver turns a flush
-into an fsync of the image file) for every acknowledged record.
+into an fsync of the image file) for every acknowledged record. A raw block
+volume is held to the same: every fsync of its device a flush, every block there
+after a driver crash and a restage.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 
 from csi_driver.client import Client, mount_capability
 from csi_driver.engine import host
+from csi_driver.proto import csi_pb2 as csi
 from driver_harness import MOUNT_SKIP, DriverProcess, cleanup
 
 pytestmark = pytest.mark.skipif(bool(MOUNT_SKIP), reason=MOUNT_SKIP or "ok")
@@ -100,6 +103,55 @@ def test_fsynced_records_survive_a_power_cut_and_driver_crash(tmp_path: Path, fs
             c.unpublish(vid, target)
             c.unstage(vid, staging)
             _fs_check(image, fs_type)
+            c.delete_volume(vid)
+    finally:
+        drv.kill()
+        cleanup(tmp_path)
+
+
+def test_fsynced_blocks_of_a_block_volume_survive_a_driver_crash(tmp_path: Path):
+    """A raw block volume: every fsync of the pod's device reaches the host as a flush of
+    the loop device (an fsync of the image file), and the blocks are there after the
+    driver is SIGKILLed, its devices detached and the volume staged again."""
+    drv = DriverProcess(tmp_path)
+    drv.start()
+    cap = csi.VolumeCapability(
+        block=csi.VolumeCapability.BlockVolume(),
+        access_mode=csi.VolumeCapability.AccessMode(mode=csi.VolumeCapability.AccessMode.SINGLE_NODE_WRITER),
+    )
+    staging, target = tmp_path / "kubelet" / "staging", tmp_path / "kubelet" / "dev"
+    staging.mkdir(parents=True)
+    blocks = [os.urandom(4096) for _ in range(RECORDS)]
+    try:
+        with Client(drv.sock) as c:
+            vid = c.create_volume("durable-block", 64 * MiB, cap=cap).volume_id
+            c.stage(vid, staging, cap)
+            c.publish(vid, staging, target, cap=cap)
+        rdev = os.stat(target).st_rdev  # the published node is the loop device itself
+        device = "/dev/" + Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}").resolve().name
+        assert Path(f"/sys/block/{Path(device).name}/loop/dio").read_text().strip() == "1"
+        flushes_before = _flushes(device)
+        fd = os.open(target, os.O_WRONLY)
+        try:
+            for i, block in enumerate(blocks):
+                os.pwrite(fd, block, i * 4096)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        flushes = _flushes(device) - flushes_before
+        assert flushes >= RECORDS, f"{RECORDS} fsyncs reached the host as only {flushes} flushes"
+        drv.kill()
+        cleanup(tmp_path)  # the publish bind and every loop device, as a reboot would
+        assert not host.mounts_under(tmp_path)
+
+        drv.start()
+        with Client(drv.sock) as c:
+            c.stage(vid, staging, cap)
+            c.publish(vid, staging, target, cap=cap)
+            with open(target, "rb") as f:
+                assert [f.read(4096) for _ in blocks] == blocks
+            c.unpublish(vid, target)
+            c.unstage(vid, staging)
             c.delete_volume(vid)
     finally:
         drv.kill()
