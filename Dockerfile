@@ -53,8 +53,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels "overlay-csi[metrics]" \
-    && overlay-csi --help >/dev/null \
-    && python -m pip uninstall --yes --quiet pip setuptools
+    && python -m pip uninstall --yes --quiet pip setuptools \
+    && overlay-csi --help >/dev/null
 
 # The node plugin needs root (mounts, loop devices); the chart runs it
 # privileged. The controller-expand companion runs unprivileged.

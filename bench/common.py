@@ -41,4 +41,7 @@ def running_driver(**opts) -> Iterator[tuple[Server, Client, Path]]:
 
         for m in host.mounts_under(work):
             host.umount(m.target, lazy=True)
+        for device, backing in host.loop_devices().items():  # block volumes' devices stay otherwise
+            if backing.startswith(str(work) + "/"):
+                host.loop_detach(device)
         shutil.rmtree(work, ignore_errors=True)

@@ -24,8 +24,11 @@ from csi_driver.errors import CommandFailed
 CLONE_NEWNS = 0x00020000
 
 
-def _loop_mode(device: str) -> Check:
-    if loopdev.direct_io(device):
+def _loop_mode(device: str | None) -> Check:
+    mode = loopdev.direct_io(device) if device else None
+    if mode is None:
+        return Check("probe_loop_mount", OK, "an ext4 image mounts read-write (its loop device not found)")
+    if mode:
         return Check("probe_loop_mount", OK, "an ext4 image mounts read-write on a direct-I/O loop device")
     return Check(
         "probe_loop_mount",
@@ -65,7 +68,7 @@ def _probe_steps(work: Path) -> list[Check]:
             )
         ]
     try:
-        out.append(_loop_mode(host.device_of(mnt) or ""))
+        out.append(_loop_mode(host.device_of(mnt)))
         p = run(["fsfreeze", "--freeze", str(mnt)])
         if p.returncode:
             out.append(

@@ -7,10 +7,13 @@ as the volume's name and stage it privately under ``ephemeral/<volume id>``.
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 from csi_driver.engine.core import EngineCore, VolumeSpec
 from csi_driver.store import Volume
+
+log = logging.getLogger(__name__)
 
 EPHEMERAL_PREFIX = "ephemeral/"
 
@@ -47,7 +50,10 @@ class EphemeralOps(EngineCore):
                 self.set_mount_group(v.id, group, readonly)
         except Exception:
             if created:
-                self._forget_ephemeral(v, staging)
+                try:
+                    self._forget_ephemeral(v, staging)
+                except Exception:  # the refusal is the answer; a later unpublish or restart cleans up
+                    log.exception("could not delete inline volume %s after a refused publish", v.id)
             raise
         return v
 

@@ -84,6 +84,21 @@ class ExpandOps(BlockOps):
                 if current is not None:
                     tx.update_layer(upper.id, base_bytes=current.base_bytes + metadata)
 
+    def _undo_growth(
+        self, upper: Layer, before: Layer, volume_id: str, capacity: int, image_size: int, device: str
+    ) -> None:
+        """A refused online growth changes nothing: the record and the image go back to the
+        size the file system still has (only when it did not grow at all: a resize that
+        failed part-way may have reached past the old end)."""
+        with self.store.tx() as tx:
+            tx.update_layer(upper.id, image_bytes=before.image_bytes)
+            tx.update_volume(volume_id, capacity_bytes=capacity)
+        try:
+            os.truncate(self.layout.image(upper.id), image_size)
+            host.loop_refresh(device)
+        except (OSError, CommandFailed) as e:  # the refusal stays the answer
+            log.warning("could not shrink volume %s's image back after a refused growth: %s", volume_id, e)
+
     def expand_node(self, volume_id: str, required: int, limit: int = 0) -> int:
         """Grow the file system the pod sees (node side), online when mounted."""
         v = self.get_volume(volume_id)
@@ -116,12 +131,8 @@ class ExpandOps(BlockOps):
         try:
             host.grow_fs(upper.fs_type, device, mnt)
         except CommandFailed as e:
-            if grown_from is not None:  # a refused call changes nothing: the size stays what the fs has
-                with self.store.tx() as tx:
-                    tx.update_layer(upper.id, image_bytes=before.image_bytes)
-                    tx.update_volume(volume_id, capacity_bytes=grown_from)
-                os.truncate(self.layout.image(upper.id), image_before)  # the fs never reached past it
-                host.loop_refresh(device)
+            if grown_from is not None and os.statvfs(mnt).f_blocks == fs_before.f_blocks:
+                self._undo_growth(upper, before, volume_id, grown_from, image_before, device)
             if "Permission denied" in e.stderr or "Operation not permitted" in e.stderr:
                 raise FailedPrecondition(
                     "growing a mounted ext4 file system needs CAP_SYS_RESOURCE: run the node plugin "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi_driver.engine import loopdev
-from csi_driver.errors import CommandFailed
+from csi_driver.errors import CommandFailed, FailedPrecondition
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,9 @@ def loop_attach(image: Path, readonly: bool = False) -> str:
 def mount_image(image: Path, target: str | Path, fstype: str, options: list[str], readonly: bool) -> None:
     """Mount a file-system image through a direct-I/O loop device that goes away
     with the mount (as ``mount -o loop`` would, but without a second page cache)."""
+    if not readonly and (other := loopdev.attached_read_write(image)):
+        # two writers of one file system would corrupt it (libmount refuses this too)
+        raise FailedPrecondition(f"{image} is already attached read-write to {other}")
     with loopdev.attached(
         image, readonly=readonly, sector_size=loopdev.sector_size_of(image), autoclear=True
     ) as device:

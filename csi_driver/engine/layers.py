@@ -70,11 +70,12 @@ def build_image(dest: Path, size: int, fs_type: str, populate: Path | None = Non
 #: device turns each cache flush of that commit into an fsync of the image file on
 #: the host. A synchronous commit flushes twice (before and after its commit
 #: block); an asynchronous one writes the commit block with a checksum and flushes
-#: once, which doubles fsync'd write rates and keeps every acknowledged byte (the
-#: flush still comes before fsync returns; a torn commit fails its checksum and is
-#: not replayed). The kernel allows it only with data=writeback, which here only
-#: drops ordering for data that was never fsync'd: new blocks are allocated
-#: unwritten (dioread_nolock), so a crash cannot show stale blocks.
+#: once, which lifts fsync'd write rates by about half and keeps every acknowledged
+#: byte: the flush completes before fsync returns, and a torn commit fails its
+#: checksum and is not replayed. The kernel allows it only with data=writeback,
+#: and the trade is writeback's: after a power cut, data written but never
+#: fsync'd may show zeros or older contents of the same volume (never another's:
+#: each volume has its own image, whose unwritten parts are holes).
 EXT4_RW = ["noinit_itable", "data=writeback", "journal_async_commit"]
 
 

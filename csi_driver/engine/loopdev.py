@@ -8,9 +8,10 @@ O_DIRECT: one cache, and the disk's own speed. ``mount -o loop`` cannot ask for
 it, and ``losetup`` cannot set autoclear, which frees a mount's device when the
 mount goes (what ``mount -o loop`` does). One ioctl does all of it atomically.
 
-Direct I/O needs the loop's logical block size to be a multiple of the backing
-device's; where the kernel refuses it, the device is set up buffered instead,
-which is correct, only slower (``doctor`` reports the mode).
+Direct I/O needs a backing file system that can do O_DIRECT at the loop's
+logical block size; where it cannot, the kernel sets the device up buffered
+instead, which is correct, only slower: the driver logs it and ``doctor``
+reports the mode.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+from csi_driver.errors import DriverError, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -99,33 +102,56 @@ def attached(
 def _claim(image_fd: int, name: bytes, sector_size: int, flags: int) -> tuple[str, int]:
     """Configure a free device; another process may take the one we were offered."""
     for _ in range(64):
-        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise ResourceExhausted(f"no loop devices: /dev/loop-control cannot be opened ({e})") from e
         try:
             number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+        except OSError as e:
+            raise ResourceExhausted(f"no free loop device ({e})") from e
         finally:
             os.close(control)
         device = f"/dev/loop{number}"
         device_fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
         try:
-            try:
-                _configure(device_fd, image_fd, name, sector_size, flags)
-            except OSError as e:
-                if e.errno != errno.EINVAL or not flags & LO_FLAGS_DIRECT_IO:
-                    raise
-                log.warning("direct I/O refused for %s (%s); attaching buffered", name.decode(), e)
-                _configure(device_fd, image_fd, name, sector_size, flags & ~LO_FLAGS_DIRECT_IO)
-            return device, device_fd
+            _configure(device_fd, image_fd, name, sector_size, flags)
         except OSError as e:
             os.close(device_fd)
-            if e.errno != errno.EBUSY:
-                raise
-    raise OSError(errno.EBUSY, "no free loop device could be claimed")
+            if e.errno == errno.EBUSY:
+                continue
+            if e.errno in (errno.EINVAL, errno.ENOTTY):
+                raise DriverError(
+                    f"the kernel refused LOOP_CONFIGURE for {name.decode(errors='replace')} ({e}); "
+                    "loop devices need Linux 5.8 or newer"
+                ) from e
+            raise
+        if flags & LO_FLAGS_DIRECT_IO and direct_io(device) is False:
+            # the kernel falls back to buffered I/O quietly where the backing file cannot do O_DIRECT
+            log.warning("direct I/O refused for %s; %s runs buffered", name.decode(errors="replace"), device)
+        return device, device_fd
+    raise ResourceExhausted("no free loop device could be claimed (64 tries)")
 
 
 def attach(image: Path, *, readonly: bool = False, sector_size: int = BLOCK_SECTOR) -> str:
     """A loop device that stays until ``detach`` (a published block volume)."""
     with attached(image, readonly=readonly, sector_size=sector_size) as device:
         return device
+
+
+def attached_read_write(image: Path) -> str | None:
+    """A loop device that already has ``image`` attached read-write, if any (from sysfs,
+    without running a tool): what libmount checks before ``mount -o loop``."""
+    target = os.path.realpath(image)
+    for loop in Path("/sys/block").glob("loop*"):
+        try:
+            backing = (loop / "loop" / "backing_file").read_text().strip()
+            readonly = (loop / "ro").read_text().strip() == "1"
+        except OSError:
+            continue  # not attached, or detached meanwhile
+        if backing == target and not readonly:
+            return f"/dev/{loop.name}"
+    return None
 
 
 def direct_io(device: str) -> bool | None:

@@ -1,14 +1,16 @@
 """Data acknowledged by fsync inside a volume survives a crash of everything.
 
-The upper's file system is stopped the way a power cut stops it (the kernel's
-shutdown ioctl without a log flush, as fstests' godown does: nothing more
-reaches the image), the driver is SIGKILLed, every mount is forced away, and the
-volume is staged again by a new driver. Every record acknowledged by fsync must be
-there and the file system clean. Each fsync must also have reached the host: the
-upper's loop device must have passed on a flush (the loop driver turns a flush
-into an fsync of the image file) for every acknowledged record. A raw block
-volume is held to the same: every fsync of its device a flush, every block there
-after a driver crash and a restage.
+Two halves. Each fsync must reach the host: the upper's loop device must pass on
+a flush (the loop driver turns a flush into an fsync of the image file) for every
+acknowledged record; this is what makes it durable on the host's disk. And what
+the volume's own file system has committed must be enough: it is stopped the way
+a power cut stops it (the kernel's shutdown ioctl without a log flush, as fstests'
+godown does: nothing more reaches the image), the driver is SIGKILLed, every mount
+is forced away, and a new driver stages the volume again; every record
+acknowledged by fsync must be there and the file system clean. (The host's own
+disk cache is not cut here: the flush count stands for that half.) A raw block
+volume is held to the same flush count, and its blocks must be there after a
+driver crash, detached devices and a restage.
 """
 
 from __future__ import annotations

@@ -59,9 +59,6 @@ class Node:
         self.root = root
         self.kubelet = root / "kubelet"
         self.state = root / "state"
-        for path in (self.kubelet, self.state):
-            nodepod.share(path)
-        (self.kubelet / "plugins_registry").mkdir()
         self.pod = nodepod.render(
             {"kubeletDir": str(self.kubelet), "node.stateDir": str(self.state),
              "image.repository": "localhost/overlay-csi", "image.tag": "ci"},
@@ -69,6 +66,11 @@ class Node:
             image_env=imagebuild.environment(REF),
         )
         self.socket = self.kubelet / "plugins" / DRIVER / "csi.sock"
+
+    def share(self) -> None:
+        for path in (self.kubelet, self.state):
+            nodepod.share(path)
+        (self.kubelet / "plugins_registry").mkdir()
 
     def staging(self, pv: str) -> Path:
         return self.kubelet / "plugins" / "kubernetes.io" / "csi" / DRIVER / pv / "globalmount"
@@ -86,6 +88,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
     n = Node(tmp_path)
     leaks: list[str] = []
     try:
+        n.share()
         yield n
     finally:
         leaks = n.close()
