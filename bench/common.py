@@ -41,7 +41,6 @@ def running_driver(**opts) -> Iterator[tuple[Server, Client, Path]]:
 
         for m in host.mounts_under(work):
             host.umount(m.target, lazy=True)
-        for device, backing in host.loop_devices().items():  # block volumes' devices stay otherwise
-            if backing.startswith(str(work) + "/"):
-                host.loop_detach(device)
+        for device in host.loops_under(work):  # block volumes' devices stay otherwise
+            host.loop_detach(device)
         shutil.rmtree(work, ignore_errors=True)

@@ -77,8 +77,7 @@ def leftovers(root: Path) -> tuple[list[str], list[str]]:
     from csi_driver.engine import host
 
     mounts = [m.target for m in host.mounts_under(root)]
-    loops = [d for d, f in host.loop_devices().items() if f.startswith(str(root) + "/")]
-    return mounts, loops
+    return mounts, host.loops_under(root)
 
 
 def cleanup(root: Path) -> tuple[list[str], list[str]]:

@@ -112,9 +112,7 @@ class ExpandOps(BlockOps):
             assert before is not None
         grown_from = None
         image_before = os.path.getsize(self.layout.image(v.upper))
-        if required > v.capacity_bytes or os.path.getsize(self.layout.image(v.upper)) < self._upper_size(
-            v.capacity_bytes, v.fs_type
-        ):
+        if required > v.capacity_bytes or image_before < self._upper_size(v.capacity_bytes, v.fs_type):
             grown_from = v.capacity_bytes
             self.expand(volume_id, required, limit)
             v = self.get_volume(volume_id)

@@ -188,15 +188,24 @@ def reflink(src: Path, dst: Path) -> bool:
     return True
 
 
-def fs_used_bytes(image: Path, fstype: str) -> int:
-    """Bytes a file system image uses, read from its ext4 superblock (exact for an
-    unmounted or frozen image); the allocated bytes for other file systems."""
-    if fstype != "ext4":
-        return allocated_bytes(image)
+def ext4_superblock(image: Path) -> bytes | None:
+    """The 1 KiB ext4 superblock of an image (offsets as in the kernel's struct
+    ext4_super_block), or None when the image holds no ext4."""
     with open(image, "rb") as f:
         f.seek(1024)
         sb = f.read(1024)
-    if int.from_bytes(sb[0x38:0x3A], "little") != 0xEF53:
+    return sb if int.from_bytes(sb[0x38:0x3A], "little") == 0xEF53 else None
+
+
+def _ext4_block_size(sb: bytes) -> int:
+    return 1024 << int.from_bytes(sb[0x18:0x1C], "little")
+
+
+def fs_used_bytes(image: Path, fstype: str) -> int:
+    """Bytes a file system image uses, read from its ext4 superblock (exact for an
+    unmounted or frozen image); the allocated bytes for other file systems."""
+    sb = ext4_superblock(image) if fstype == "ext4" else None
+    if sb is None:
         return allocated_bytes(image)
     is64 = int.from_bytes(sb[0x60:0x64], "little") & 0x80
     blocks = int.from_bytes(sb[0x04:0x08], "little")
@@ -204,7 +213,21 @@ def fs_used_bytes(image: Path, fstype: str) -> int:
     if is64:
         blocks |= int.from_bytes(sb[0x150:0x154], "little") << 32
         free |= int.from_bytes(sb[0x158:0x15C], "little") << 32
-    return (blocks - free) * (1024 << int.from_bytes(sb[0x18:0x1C], "little"))
+    return (blocks - free) * _ext4_block_size(sb)
+
+
+def sector_size_of(image: Path) -> int:
+    """The logical block size an image's file system can live on.
+
+    Images made before direct I/O are honoured: an xfs made with 512-byte
+    sectors cannot be mounted on a 4 KiB device.
+    """
+    with open(image, "rb") as f:
+        head = f.read(104)
+    if head[:4] == b"XFSB":
+        return int.from_bytes(head[102:104], "big")
+    sb = ext4_superblock(image)
+    return min(loopdev.FS_SECTOR, _ext4_block_size(sb)) if sb else loopdev.FS_SECTOR
 
 
 def tree_bytes(root: Path) -> int:
@@ -261,6 +284,12 @@ def loop_devices() -> dict[str, str]:
     return out
 
 
+def loops_under(root: str | Path) -> list[str]:
+    """Loop devices whose backing file lies below ``root``."""
+    base = str(root).rstrip("/") + "/"
+    return [device for device, backing in loop_devices().items() if backing.startswith(base)]
+
+
 def loop_backing_ids() -> dict[str, tuple[int, int, int]]:
     """Attached loop devices: device -> (major, minor, inode) of the backing file.
 
@@ -299,7 +328,7 @@ def mount_image(image: Path, target: str | Path, fstype: str, options: list[str]
         # two writers of one file system would corrupt it (libmount refuses this too)
         raise FailedPrecondition(f"{image} is already attached read-write to {other}")
     with loopdev.attached(
-        image, readonly=readonly, sector_size=loopdev.sector_size_of(image), autoclear=True
+        image, readonly=readonly, sector_size=sector_size_of(image), autoclear=True
     ) as device:
         mount(device, target, fstype, options)
 

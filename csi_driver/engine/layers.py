@@ -137,12 +137,8 @@ class LayerMounts:
 
 def ext4_needs_recovery(image: Path) -> bool:
     """True when the image's journal holds transactions not yet replayed."""
-    with open(image, "rb") as f:
-        f.seek(1024 + 0x38)
-        magic = int.from_bytes(f.read(2), "little")
-        f.seek(1024 + 0x60)
-        incompat = int.from_bytes(f.read(4), "little")
-    return magic == 0xEF53 and bool(incompat & 0x4)
+    sb = host.ext4_superblock(image)
+    return sb is not None and bool(int.from_bytes(sb[0x60:0x64], "little") & 0x4)  # INCOMPAT_RECOVER
 
 
 def make_clean(image: Path, fs_type: str) -> None:

@@ -145,12 +145,12 @@ def attached_read_write(image: Path) -> str | None:
     target = os.path.realpath(image)
     for loop in Path("/sys/block").glob("loop*"):
         try:
-            backing = (loop / "loop" / "backing_file").read_text().strip()
-            readonly = (loop / "ro").read_text().strip() == "1"
+            if (loop / "loop" / "backing_file").read_text().strip() != target:
+                continue
+            if (loop / "ro").read_text().strip() == "0":
+                return f"/dev/{loop.name}"
         except OSError:
             continue  # not attached, or detached meanwhile
-        if backing == target and not readonly:
-            return f"/dev/{loop.name}"
     return None
 
 
@@ -160,18 +160,3 @@ def direct_io(device: str) -> bool | None:
         return Path(f"/sys/block/{Path(device).name}/loop/dio").read_text().strip() == "1"
     except OSError:
         return None
-
-
-def sector_size_of(image: Path) -> int:
-    """The logical block size an image's file system can live on.
-
-    Images made before direct I/O are honoured: an xfs made with 512-byte
-    sectors cannot be mounted on a 4 KiB device.
-    """
-    with open(image, "rb") as f:
-        head = f.read(2048)
-    if head[:4] == b"XFSB":
-        return int.from_bytes(head[102:104], "big")
-    if head[1024 + 0x38 : 1024 + 0x3A] == b"\x53\xef":  # ext4: never above its block size
-        return min(FS_SECTOR, 1024 << int.from_bytes(head[1024 + 0x18 : 1024 + 0x1C], "little"))
-    return FS_SECTOR

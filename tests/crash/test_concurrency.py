@@ -80,6 +80,9 @@ def owning_rpcs() -> list[tuple[str, str, str]]:
 
 OWNING_RPCS = owning_rpcs()
 
+# Engine parameters that name the objects a call works on.
+ENGINE_ID_PARAMS = {"volume_id", "source_volume_id", "snapshot_id", "group_id", "handle", "volume_ids",
+                    "v", "spec", "name"}
 # Engine methods that only read, though they take an id.
 READ_ONLY_ENGINE = {"condition", "get_volume", "get_snapshot", "get_group_snapshot", "stats",
                     "ephemeral_volume", "volume_paths", "list_snapshots"}
@@ -117,9 +120,7 @@ def engine_guarded(engine) -> dict:
         fn = getattr(engine, name)
         if name.startswith("_") or not callable(fn) or name in READ_ONLY_ENGINE:
             continue
-        params = set(inspect.signature(fn).parameters)
-        if params & {"volume_id", "source_volume_id", "snapshot_id", "group_id", "handle", "volume_ids",
-                     "v", "spec", "name"}:
+        if set(inspect.signature(fn).parameters) & ENGINE_ID_PARAMS:
             out[name] = _engine_keys(name, fn)
     return out
 

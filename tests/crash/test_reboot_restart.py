@@ -62,9 +62,8 @@ def _reboot(root: Path) -> None:
     """Everything a reboot takes away: every mount below root, every loop device."""
     for m in host.mounts_under(root):
         host.umount(m.target)
-    for dev, backing in host.loop_devices().items():
-        if backing.startswith(str(root) + "/"):
-            host.loop_detach(dev)
+    for dev in host.loops_under(root):
+        host.loop_detach(dev)
     assert not host.mounts_under(root)
 
 
