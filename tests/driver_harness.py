@@ -86,6 +86,9 @@ def cleanup(root: Path) -> tuple[list[str], list[str]]:
 
     found = leftovers(root)
     for target in found[0]:
+        # a frozen file system unmounted lazily keeps its superblock and loop device for
+        # good (nothing can reach it to thaw it): thaw first; a no-op for anything else
+        host.thaw(Path(target))
         host.umount(target, lazy=True)
     for dev in found[1]:
         host.loop_detach(dev)
