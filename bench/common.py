@@ -37,7 +37,7 @@ def running_driver(**opts) -> Iterator[tuple[Server, Client, Path]]:
     finally:
         client.close()
         server.stop(grace=5)
-        from csi_driver.engine import host
+        from csi_driver import host
 
         for m in host.mounts_under(work):
             host.umount(m.target, lazy=True)

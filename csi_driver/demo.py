@@ -63,7 +63,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _demo(work: Path, state: Path, size: int) -> int:
     from csi_driver.client import Client
-    from csi_driver.engine import host
     from csi_driver.server import ServeOptions, Server
 
     sock = work / "csi.sock"
@@ -139,7 +138,7 @@ def _demo(work: Path, state: Path, size: int) -> int:
             client.unstage(vid, path)
 
         _say("7. layers on this node:")
-        with server.engine.store.tx() as tx:
+        with server.engine.store.read() as tx:
             users = {x.upper: x.name for x in tx.volumes()}
             snaps = {s.layer: s.name for s in tx.snapshots()}
         for layer in server.engine.layers():
@@ -153,7 +152,7 @@ def _demo(work: Path, state: Path, size: int) -> int:
             _say(
                 f"   {layer.id[:12]} parent={str(layer.parent)[:12]:12} depth={layer.depth} "
                 f"{'active   ' if layer.active else 'committed'} "
-                f"{host.allocated_bytes(server.engine.layout.image(layer.id)) / MiB:7.1f} MiB  {role}"
+                f"{server.engine.backend.usage(layer) / MiB:7.1f} MiB  {role}"
             )
         provisioned = size * 3 + size
         _say(
@@ -164,7 +163,7 @@ def _demo(work: Path, state: Path, size: int) -> int:
         for vid in (clone.volume_id, restored.volume_id, vol.volume_id):
             client.delete_volume(vid)
         client.delete_snapshot(snap.snapshot_id)
-        left = list(server.engine.layout.layers.iterdir())
+        left = server.engine.backend.walk()
         _say(f"9. deleted everything: {len(left)} layers left on disk")
         return 0 if not left else 1
     finally:

@@ -39,7 +39,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from csi_driver.engine import host
+from csi_driver import host
 from csi_driver.engine.engine import Engine
 from csi_driver.service import rpc
 
@@ -103,7 +103,7 @@ class StateCollector(Collector):
 
     def _collect(self) -> Iterator[Any]:
         engine = self.engine
-        with engine.store.tx() as tx:
+        with engine.store.read() as tx:
             c = tx.c
             vol = c.execute(
                 "SELECT COUNT(*), COALESCE(SUM(capacity_bytes), 0),"
@@ -125,8 +125,8 @@ class StateCollector(Collector):
                 r[0] for r in c.execute("SELECT staging_path FROM volumes WHERE staging_path IS NOT NULL")
             ]
             targets = [r[0] for r in c.execute("SELECT target_path FROM publications")]
-            layer_ids = [r[0] for r in c.execute("SELECT id FROM layers")]
-        allocated = allocated_bytes(str(engine.layout.layers), layer_ids)
+            layers = tx.layers()
+        allocated = sum(engine.backend.usage(x) for x in layers)
 
         total, provisioned, published, staged = (int(x) for x in vol)
         g = GaugeMetricFamily(f"{PREFIX}_volumes", "Volumes on this node by state", labels=["state"])
@@ -177,7 +177,7 @@ class StateCollector(Collector):
             "provisioned_bytes / allocated_bytes (0 when nothing is allocated)",
             value=provisioned / allocated if allocated else 0.0,
         )
-        st = os.statvfs(engine.layout.root)
+        st = os.statvfs(engine.state.root)
         yield GaugeMetricFamily(
             f"{PREFIX}_backing_size_bytes",
             "Size of the file system holding the state dir",
@@ -189,7 +189,7 @@ class StateCollector(Collector):
             value=st.f_bavail * st.f_frsize,
         )
 
-        counts = count_mounts(str(engine.layout.layers), staging, targets)
+        counts = count_mounts(staging, targets, len(engine.backend.active_layers()))
         g = GaugeMetricFamily(
             f"{PREFIX}_mounts",
             "Mounts this driver holds: stage (a volume's overlay), publish (its bind mount "
@@ -202,7 +202,7 @@ class StateCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_loop_devices",
             "Loop devices backed by files in the state dir",
-            value=count_loop_devices(str(engine.layout.root)),
+            value=count_loop_devices(str(engine.state.root)),
         )
         info = GaugeMetricFamily(
             f"{PREFIX}_build_info", "The driver's version, name and node", labels=list(self.labels)
@@ -214,21 +214,9 @@ class StateCollector(Collector):
         )
 
 
-def allocated_bytes(layers_dir: str, layer_ids: list[str]) -> int:
-    """What ``Engine.disk_usage`` reports (the blocks of every layer image the store
-    knows), without building Paths: 6 ms instead of 60 ms for 3,000 layers."""
-    total = 0
-    for layer_id in layer_ids:
-        try:
-            total += os.stat(f"{layers_dir}/{layer_id}/image").st_blocks * 512
-        except FileNotFoundError:
-            continue
-    return total
-
-
-def count_mounts(layers_dir: str, staging: list[str], targets: list[str]) -> dict[str, int]:
-    """Which of the store's staging and target paths are mounted, and how many
-    layer images are loop-mounted under ``layers_dir`` (one mount table read)."""
+def count_mounts(staging: list[str], targets: list[str], layers: int) -> dict[str, int]:
+    """How many of the store's staging and target paths are mounted (one mount
+    table read), and the layers the backend holds activated."""
     table = host.mounts()
     mounted = {m.target for m in table}
 
@@ -239,12 +227,7 @@ def count_mounts(layers_dir: str, staging: list[str], targets: list[str]) -> dic
                 n += 1
         return n
 
-    base = os.path.realpath(layers_dir) + "/"
-    return {
-        "stage": live(staging),
-        "publish": live(targets),
-        "layer": sum(1 for m in table if m.target.startswith(base) and m.target.endswith("/mnt")),
-    }
+    return {"stage": live(staging), "publish": live(targets), "layer": layers}
 
 
 def count_loop_devices(state_dir: str) -> int:

@@ -16,7 +16,6 @@ import grpc
 
 from csi_driver import __version__
 from csi_driver.engine.engine import Engine, EngineConfig
-from csi_driver.engine.layout import Layout
 from csi_driver.engine.reconcile import reconcile
 from csi_driver.proto import csi_pb2_grpc
 from csi_driver.service.context import DriverContext
@@ -25,6 +24,7 @@ from csi_driver.service.expand_only import ExpandOnlyControllerServicer
 from csi_driver.service.group import GroupControllerServicer
 from csi_driver.service.identity import IdentityServicer
 from csi_driver.service.node import NodeServicer
+from csi_driver.statedir import StateDir
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def socket_path(endpoint: str) -> Path:
 def lock_state_dir(state_dir: Path) -> int:
     """Hold an exclusive lock on the state dir for the process lifetime."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    lock = Layout(state_dir).lockfile
+    lock = StateDir(state_dir).lockfile
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -2,8 +2,10 @@
 volumes, snapshots, staging and publications.
 
 Every change is one short transaction (``with store.tx() as tx``); long work
-(mkfs, copies, mounts) happens outside it. Reference counts are derived from
-rows, so layer reclaim survives restarts.
+(mkfs, copies, mounts) happens outside it. Reads that change nothing use
+``with store.read() as r``: a snapshot on the calling thread's own connection that
+never waits for a writer. Reference counts are derived from rows, so layer
+reclaim survives restarts.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import json
 import sqlite3
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +152,20 @@ class Snapshot:
     created_at: float
 
 
+_LAYER_COLUMNS = ", ".join(f.name for f in fields(Layer))
+
+# Walk parent links from the top; the guard on n ends a (corrupt) cycle instead of looping forever.
+_CHAIN_SQL = f"""
+WITH RECURSIVE chain AS (
+    SELECT 0 AS n, * FROM layers WHERE id=?
+    UNION ALL
+    SELECT c.n + 1, l.* FROM chain c JOIN layers l ON l.id=c.parent
+    WHERE c.n < (SELECT COUNT(*) FROM layers)
+)
+SELECT {_LAYER_COLUMNS} FROM chain ORDER BY n
+"""
+
+
 def _volume(row: sqlite3.Row) -> Volume:
     d = dict(row)
     for key in ("parameters", "mutable", "stage_options"):
@@ -164,8 +181,8 @@ def _publication(row: sqlite3.Row) -> Publication:
     return Publication(**d)
 
 
-class Tx:
-    """Queries and changes inside one open transaction."""
+class ReadTx:
+    """Queries inside one open transaction: what ``Store.read()`` yields."""
 
     def __init__(self, conn: sqlite3.Connection, pinned: Counter[str] | None = None) -> None:
         self.c = conn
@@ -184,34 +201,17 @@ class Tx:
         return [Layer(**dict(r)) for r in self.c.execute("SELECT * FROM layers ORDER BY created_at")]
 
     def chain(self, top: str | None) -> list[Layer]:
-        """The layer stack under ``top``, nearest (top) first."""
-        out: list[Layer] = []
-        while top:
-            layer = self.layer(top)
-            if layer is None:
-                raise LookupError(f"layer {top} missing from store")
-            out.append(layer)
-            top = layer.parent
+        """The layer stack under ``top``, nearest (top) first, in one query."""
+        if not top:
+            return []
+        rows = self.c.execute(_CHAIN_SQL, (top,)).fetchall()
+        out = [Layer(**dict(r)) for r in rows]
+        bottom = out[-1].parent if out else top
+        if bottom is not None:
+            if any(x.id == bottom for x in out):
+                raise LookupError(f"layer chain under {top} loops back to {bottom}")
+            raise LookupError(f"layer {bottom} missing from store")
         return out
-
-    def add_layer(self, layer: Layer) -> None:
-        self.c.execute(
-            "INSERT INTO layers (id,parent,link,name,active,fs_type,depth,image_bytes,used_bytes,"
-            "created_at,base_bytes) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                layer.id,
-                layer.parent,
-                layer.link,
-                layer.name,
-                layer.active,
-                layer.fs_type,
-                layer.depth,
-                layer.image_bytes,
-                layer.used_bytes,
-                layer.created_at,
-                layer.base_bytes,
-            ),
-        )
 
     def unreferenced_layers(self) -> list[Layer]:
         """Unnamed (or retired base) layers nothing points at (volume, snapshot or child)."""
@@ -222,19 +222,6 @@ class Tx:
             " AND NOT EXISTS (SELECT 1 FROM layers c WHERE c.parent=l.id)"
         )
         return [Layer(**dict(r)) for r in rows if not self.pinned[r["id"]]]
-
-    def collect_garbage(self) -> list[Layer]:
-        """Delete every unreferenced unnamed layer row, transitively; return them."""
-        gone: list[Layer] = []
-        while batch := self.unreferenced_layers():
-            for layer in batch:
-                self.c.execute("DELETE FROM layers WHERE id=?", (layer.id,))
-            gone.extend(batch)
-        return gone
-
-    def update_layer(self, layer_id: str, **changes: Any) -> None:
-        cols = ", ".join(f"{k}=?" for k in changes)
-        self.c.execute(f"UPDATE layers SET {cols} WHERE id=?", (*changes.values(), layer_id))
 
     def layer_users(self, layer_id: str) -> int:
         row = self.c.execute(
@@ -274,6 +261,102 @@ class Tx:
         ).fetchone()
         return int(row[0])
 
+    # ---- publications -------------------------------------------------
+    def publications(self, volume_id: str | None = None) -> list[Publication]:
+        if volume_id is None:
+            rows = self.c.execute("SELECT * FROM publications ORDER BY volume_id, target_path")
+        else:
+            rows = self.c.execute(
+                "SELECT * FROM publications WHERE volume_id=? ORDER BY target_path", (volume_id,)
+            )
+        return [_publication(r) for r in rows]
+
+    def publication_at(self, target_path: str) -> Publication | None:
+        row = self.c.execute("SELECT * FROM publications WHERE target_path=?", (target_path,)).fetchone()
+        return _publication(row) if row else None
+
+    # ---- controller attachments (ControllerPublishVolume) --------------
+    def attachment(self, volume_id: str, node_id: str) -> bool | None:
+        """The readonly flag of the volume's attachment to the node, or None."""
+        row = self.c.execute(
+            "SELECT readonly FROM attachments WHERE volume_id=? AND node_id=?", (volume_id, node_id)
+        ).fetchone()
+        return None if row is None else bool(row[0])
+
+    def attached_nodes(self, volume_id: str) -> list[str]:
+        rows = self.c.execute("SELECT node_id FROM attachments WHERE volume_id=?", (volume_id,))
+        return [r[0] for r in rows]
+
+    # ---- snapshots ----------------------------------------------------
+    def snapshot(self, snapshot_id: str) -> Snapshot | None:
+        row = self.c.execute("SELECT * FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
+        return Snapshot(**dict(row)) if row else None
+
+    def snapshot_by_name(self, name: str) -> Snapshot | None:
+        row = self.c.execute("SELECT * FROM snapshots WHERE name=?", (name,)).fetchone()
+        return Snapshot(**dict(row)) if row else None
+
+    def snapshots(
+        self, after_seq: int = 0, limit: int | None = None, source_volume_id: str | None = None
+    ) -> list[Snapshot]:
+        sql = "SELECT * FROM snapshots WHERE seq>?"
+        args: tuple[Any, ...] = (after_seq,)
+        if source_volume_id is not None:
+            sql += " AND source_volume_id=?"
+            args += (source_volume_id,)
+        sql += " ORDER BY seq"
+        if limit:
+            sql += " LIMIT ?"
+            args += (limit,)
+        return [Snapshot(**dict(r)) for r in self.c.execute(sql, args)]
+
+    # ---- groups -------------------------------------------------------
+    def group(self, group_id: str) -> dict[str, Any] | None:
+        row = self.c.execute("SELECT * FROM groups WHERE id=?", (group_id,)).fetchone()
+        return _group(row) if row else None
+
+    def group_by_name(self, name: str) -> dict[str, Any] | None:
+        row = self.c.execute("SELECT * FROM groups WHERE name=?", (name,)).fetchone()
+        return _group(row) if row else None
+
+
+class Tx(ReadTx):
+    """Queries and changes inside one open write transaction."""
+
+    # ---- layers -------------------------------------------------------
+    def add_layer(self, layer: Layer) -> None:
+        self.c.execute(
+            "INSERT INTO layers (id,parent,link,name,active,fs_type,depth,image_bytes,used_bytes,"
+            "created_at,base_bytes) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                layer.id,
+                layer.parent,
+                layer.link,
+                layer.name,
+                layer.active,
+                layer.fs_type,
+                layer.depth,
+                layer.image_bytes,
+                layer.used_bytes,
+                layer.created_at,
+                layer.base_bytes,
+            ),
+        )
+
+    def collect_garbage(self) -> list[Layer]:
+        """Delete every unreferenced unnamed layer row, transitively; return them."""
+        gone: list[Layer] = []
+        while batch := self.unreferenced_layers():
+            for layer in batch:
+                self.c.execute("DELETE FROM layers WHERE id=?", (layer.id,))
+            gone.extend(batch)
+        return gone
+
+    def update_layer(self, layer_id: str, **changes: Any) -> None:
+        cols = ", ".join(f"{k}=?" for k in changes)
+        self.c.execute(f"UPDATE layers SET {cols} WHERE id=?", (*changes.values(), layer_id))
+
+    # ---- volumes ------------------------------------------------------
     def add_volume(self, v: Volume) -> Volume:
         cur = self.c.execute(
             "INSERT INTO volumes (id,name,capacity_bytes,upper,access_type,fs_type,source_kind,"
@@ -314,19 +397,6 @@ class Tx:
         self.c.execute("DELETE FROM volumes WHERE id=?", (volume_id,))
 
     # ---- publications -------------------------------------------------
-    def publications(self, volume_id: str | None = None) -> list[Publication]:
-        if volume_id is None:
-            rows = self.c.execute("SELECT * FROM publications ORDER BY volume_id, target_path")
-        else:
-            rows = self.c.execute(
-                "SELECT * FROM publications WHERE volume_id=? ORDER BY target_path", (volume_id,)
-            )
-        return [_publication(r) for r in rows]
-
-    def publication_at(self, target_path: str) -> Publication | None:
-        row = self.c.execute("SELECT * FROM publications WHERE target_path=?", (target_path,)).fetchone()
-        return _publication(row) if row else None
-
     def add_publication(self, p: Publication) -> None:
         self.c.execute(
             "INSERT OR REPLACE INTO publications (volume_id,target_path,readonly,options) VALUES (?,?,?,?)",
@@ -339,17 +409,6 @@ class Tx:
         )
 
     # ---- controller attachments (ControllerPublishVolume) --------------
-    def attachment(self, volume_id: str, node_id: str) -> bool | None:
-        """The readonly flag of the volume's attachment to the node, or None."""
-        row = self.c.execute(
-            "SELECT readonly FROM attachments WHERE volume_id=? AND node_id=?", (volume_id, node_id)
-        ).fetchone()
-        return None if row is None else bool(row[0])
-
-    def attached_nodes(self, volume_id: str) -> list[str]:
-        rows = self.c.execute("SELECT node_id FROM attachments WHERE volume_id=?", (volume_id,))
-        return [r[0] for r in rows]
-
     def attach(self, volume_id: str, node_id: str, readonly: bool) -> None:
         self.c.execute(
             "INSERT OR REPLACE INTO attachments (volume_id,node_id,readonly) VALUES (?,?,?)",
@@ -360,28 +419,6 @@ class Tx:
         self.c.execute("DELETE FROM attachments WHERE volume_id=? AND node_id=?", (volume_id, node_id))
 
     # ---- snapshots ----------------------------------------------------
-    def snapshot(self, snapshot_id: str) -> Snapshot | None:
-        row = self.c.execute("SELECT * FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
-        return Snapshot(**dict(row)) if row else None
-
-    def snapshot_by_name(self, name: str) -> Snapshot | None:
-        row = self.c.execute("SELECT * FROM snapshots WHERE name=?", (name,)).fetchone()
-        return Snapshot(**dict(row)) if row else None
-
-    def snapshots(
-        self, after_seq: int = 0, limit: int | None = None, source_volume_id: str | None = None
-    ) -> list[Snapshot]:
-        sql = "SELECT * FROM snapshots WHERE seq>?"
-        args: tuple[Any, ...] = (after_seq,)
-        if source_volume_id is not None:
-            sql += " AND source_volume_id=?"
-            args += (source_volume_id,)
-        sql += " ORDER BY seq"
-        if limit:
-            sql += " LIMIT ?"
-            args += (limit,)
-        return [Snapshot(**dict(r)) for r in self.c.execute(sql, args)]
-
     def add_snapshot(self, s: Snapshot) -> Snapshot:
         cur = self.c.execute(
             "INSERT INTO snapshots (id,name,source_volume_id,layer,access_type,fs_type,"
@@ -406,14 +443,6 @@ class Tx:
         self.c.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
 
     # ---- groups -------------------------------------------------------
-    def group(self, group_id: str) -> dict[str, Any] | None:
-        row = self.c.execute("SELECT * FROM groups WHERE id=?", (group_id,)).fetchone()
-        return _group(row) if row else None
-
-    def group_by_name(self, name: str) -> dict[str, Any] | None:
-        row = self.c.execute("SELECT * FROM groups WHERE name=?", (name,)).fetchone()
-        return _group(row) if row else None
-
     def add_group(self, group_id: str, name: str, members: list[str]) -> None:
         self.c.execute(
             "INSERT INTO groups (id,name,members,created_at) VALUES (?,?,?,?)",
@@ -430,20 +459,59 @@ def _group(row: sqlite3.Row) -> dict[str, Any]:
     return d
 
 
+class _ReaderHandle:
+    """Lives in one thread's local storage: its end (with the thread) closes that thread's reader."""
+
+
 class Store:
-    """One SQLite database; a lock serialises writers so transactions stay short."""
+    """One SQLite database (WAL). A lock serialises writers so transactions stay short;
+    readers take no lock: each thread reads on its own query-only connection."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
         # layers an operation in flight installed but has not yet referenced: never garbage
         self.pinned: Counter[str] = Counter()
-        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.row_factory = sqlite3.Row
+        self._local = threading.local()
+        self._readers: set[sqlite3.Connection] = set()
+        self._readers_lock = threading.RLock()  # reentrant: a reader's finaliser may run under it
+        self._closed = False
+        self._conn = self._connect()
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
         self._migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's reader connection, opened on first use."""
+        if self._closed:
+            raise sqlite3.ProgrammingError("store is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        conn = self._connect()
+        conn.execute("PRAGMA query_only=ON")
+        readers, lock = self._readers, self._readers_lock
+        with lock:
+            if self._closed:
+                conn.close()
+                raise sqlite3.ProgrammingError("store is closed")
+            readers.add(conn)
+
+        def drop() -> None:
+            with lock:
+                readers.discard(conn)
+            conn.close()
+
+        handle = _ReaderHandle()
+        weakref.finalize(handle, drop)  # refers to neither the Store nor the handle
+        self._local.handle, self._local.conn = handle, conn
+        return conn
 
     def _migrate(self) -> None:
         with self._lock:
@@ -459,8 +527,8 @@ class Store:
 
     @property
     def schema_version(self) -> int:
-        with self.tx() as tx:
-            return int(tx.c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+        with self.read() as r:
+            return int(r.c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
 
     def pin(self, layer_id: str) -> None:
         with self._lock:
@@ -485,14 +553,31 @@ class Store:
             else:
                 self._conn.execute("COMMIT")
 
+    @contextmanager
+    def read(self) -> Iterator[ReadTx]:
+        """One read transaction without the write lock: a consistent snapshot of what was
+        committed when it first reads. It does not see the uncommitted changes of a ``tx()``
+        open on the same thread, and cannot be nested (on one thread)."""
+        conn = self._reader()
+        conn.execute("BEGIN DEFERRED")
+        try:
+            yield ReadTx(conn, self.pinned)
+        finally:
+            conn.execute("ROLLBACK")
+
     def healthy(self) -> bool:
         try:
-            with self._lock:
-                self._conn.execute("SELECT 1").fetchone()
+            with self.read() as r:
+                r.c.execute("SELECT 1 FROM meta LIMIT 1").fetchone()
             return True
         except sqlite3.Error:
             return False
 
     def close(self) -> None:
-        with self._lock:
+        """Close the writer and every thread's reader; reads and writes then raise."""
+        with self._lock, self._readers_lock:
+            self._closed = True
             self._conn.close()
+            for conn in list(self._readers):
+                conn.close()
+            self._readers.clear()

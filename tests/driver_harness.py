@@ -23,8 +23,16 @@ SHARED = REPO.parent / "shared"
 CLONE_NEWNS = 0x00020000
 
 
+CAP_SYS_ADMIN = 21
+
+
+def effective_caps() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("CapEff:")).split()[1], 16)
+
+
 def _can_mount() -> str:
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or not effective_caps() >> CAP_SYS_ADMIN & 1:
         return "needs root: the node plugin mounts overlay and loop file systems"
     if "overlay" not in Path("/proc/filesystems").read_text():
         return "the kernel has no overlayfs"
@@ -74,7 +82,7 @@ def online_ext4_growth_missing() -> str:
 
 def leftovers(root: Path) -> tuple[list[str], list[str]]:
     """Mounts below ``root`` and loop devices backed by files below it."""
-    from csi_driver.engine import host
+    from csi_driver import host
 
     mounts = [m.target for m in host.mounts_under(root)]
     return mounts, host.loops_under(root)
@@ -82,7 +90,7 @@ def leftovers(root: Path) -> tuple[list[str], list[str]]:
 
 def cleanup(root: Path) -> tuple[list[str], list[str]]:
     """Tear down whatever a test left under ``root``; report what there was."""
-    from csi_driver.engine import host
+    from csi_driver import host
 
     found = leftovers(root)
     for target in found[0]:
@@ -228,7 +236,7 @@ def invariant_problems(
     recorded staging paths or targets. ``quiescent``: no call is in flight, so
     scratch must be empty and every staged volume must hold exactly its layers.
     """
-    from csi_driver.engine import host
+    from csi_driver import host
 
     state = state.resolve()
     import json
@@ -410,7 +418,7 @@ def read_files(
     read through a stage: its own when staged, else a temporary one undone afterwards."""
     import json
 
-    from csi_driver.engine import host
+    from csi_driver import host
     from csi_driver.proto import csi_pb2 as csi
 
     vol = {v["id"]: v for v in store_dump(state)["volumes"]}[volume_id]
@@ -461,7 +469,7 @@ def teardown_all(client, state: Path) -> None:
 
 def unfrozen_problems(state: Path, timeout: float = 10) -> list[str]:
     """Write and sync a file on every staged volume (a frozen upper would hang)."""
-    from csi_driver.engine import host
+    from csi_driver import host
 
     problems = []
     for v in store_dump(state)["volumes"]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from csi_driver import host
 from csi_driver.client import mount_capability
-from csi_driver.engine import host
 from csi_driver.proto import csi_pb2 as csi
 from driver_harness import MOUNT_SKIP, Driver, cleanup, make_driver
 
@@ -89,7 +89,7 @@ def test_block_lifecycle_snapshot_clone_expand(driver: Driver):
     assert driver.engine.disk_usage() < MiB, "a block volume is sparse"
     staging, target = publish_block(driver, vol.volume_id, "blk")
     assert target.is_block_device(), "the publish path is a block device node"
-    image = driver.engine.layout.image(driver.engine.get_volume(vol.volume_id).upper)
+    image = driver.engine.backend.layout.image(driver.engine.get_volume(vol.volume_id).upper)
     backing = {os.stat(dev).st_rdev: f for dev, f in host.loop_devices().items()}
     assert backing.get(os.stat(target).st_rdev) == str(image), "a loop device of the volume's image"
     assert device_size(target) == 64 * MiB
@@ -140,7 +140,7 @@ def test_block_lifecycle_snapshot_clone_expand(driver: Driver):
         c.delete_volume(vid)
     c.delete_snapshot(snap.snapshot_id)
     c.delete_snapshot(fs_snap.snapshot_id)
-    assert list(driver.engine.layout.layers.iterdir()) == []
+    assert list(driver.engine.backend.layout.layers.iterdir()) == []
 
 
 def test_block_readonly_publish(driver: Driver):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from csi_driver import host
 from csi_driver.cli import main
-from csi_driver.engine import host
 from driver_harness import REPO, Driver
 
 MiB = 1 << 20
@@ -275,7 +275,8 @@ def test_layer_delete_while_serving_leaves_reclaim_to_the_driver(cli: Cli, drive
     (src / "f").write_text("x")
     layer = cli.json("layer", "import", "unused", str(src), "--no-progress")
     cli.ok("layer", "delete", "unused")
-    assert (driver.engine.layout.layers / layer["id"]).exists(), "not collected behind the driver's back"
+    layers = driver.engine.backend.layout.layers
+    assert (layers / layer["id"]).exists(), "not collected behind the driver's back"
     vol = driver.client.create_volume("other", 16 << 20).volume_id
     driver.client.delete_volume(vol)
-    assert not (driver.engine.layout.layers / layer["id"]).exists(), "the driver reclaims it"
+    assert not (driver.engine.backend.layout.layers / layer["id"]).exists(), "the driver reclaims it"

@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from csi_driver import host
 from csi_driver.client import mount_capability
-from csi_driver.engine import host
 from csi_driver.proto import csi_pb2 as csi
 from driver_harness import Driver
 
@@ -46,7 +46,7 @@ def test_full_lifecycle(driver: Driver):
     assert (staging / "file").read_text() == "hello", "data survives unstage and stage"
     c.unstage(vol.volume_id, staging)
     c.delete_volume(vol.volume_id)
-    assert list(driver.engine.layout.layers.iterdir()) == []
+    assert list(driver.engine.backend.layout.layers.iterdir()) == []
     assert code_of(c.controller.ControllerGetVolume,
                    csi.ControllerGetVolumeRequest(volume_id=vol.volume_id)) == grpc.StatusCode.NOT_FOUND
 
@@ -201,7 +201,7 @@ def test_growth_past_the_nodes_storage_is_out_of_range(driver: Driver):
         assert code_of(c.node.NodeExpandVolume, req) == grpc.StatusCode.OUT_OF_RANGE, size
     got = c.controller.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=vid))
     assert got.volume.capacity_bytes == 16 * MiB
-    image = driver.engine.layout.image(driver.engine.get_volume(vid).upper)
+    image = driver.engine.backend.layout.image(driver.engine.get_volume(vid).upper)
     assert image.stat().st_size < 64 * MiB, "the image was not grown"
     c.unstage(vid, staging)
     c.delete_volume(vid)

@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 import pytest
 
-from csi_driver.engine import host
+from csi_driver import host
 from csi_driver.layerstore import ocidiff
 from csi_driver.layerstore.ocidiff import DiffError, NeedsNaiveDiff
 from driver_harness import MOUNT_SKIP

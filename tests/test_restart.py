@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.engine import host
+from csi_driver import host
 from driver_harness import MOUNT_SKIP, cleanup, make_driver
 
 MiB = 1 << 20

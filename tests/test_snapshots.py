@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver.engine import host
+from csi_driver import host
 from csi_driver.proto import csi_pb2 as csi
 from driver_harness import MOUNT_SKIP, Driver, cleanup, make_driver
 
@@ -49,7 +49,7 @@ def read(d: Driver, volume_id: str) -> dict[str, bytes]:
 
 
 def layer_dirs(d: Driver) -> list[str]:
-    return sorted(p.name for p in d.engine.layout.layers.iterdir())
+    return sorted(p.name for p in d.engine.backend.layout.layers.iterdir())
 
 
 def test_snapshot_restore_and_clone_semantics(driver: Driver):
@@ -153,7 +153,7 @@ def test_delete_in_any_order_leaves_the_rest_readable(driver: Driver, order):
             assert read(driver, r) == {"f": b"v1"}
             c.delete_volume(r)
     assert layer_dirs(driver) == [], "no layer stays on disk once nothing uses it"
-    assert list(driver.engine.layout.links.iterdir()) == []
+    assert list(driver.engine.backend.layout.links.iterdir()) == []
 
 
 def test_deep_chains_flatten_and_still_mount(tmp_path: Path):
@@ -166,12 +166,13 @@ def test_deep_chains_flatten_and_still_mount(tmp_path: Path):
         vol = c.create_volume("gen0", 16 * MiB).volume_id
         for gen in range(1, 201):
             # write straight into the upper (what the overlay does for a new file), cheaply
-            v = eng.get_volume(vol)
-            mnt = eng.mounts.acquire(v.upper, v.fs_type, readonly=False)
-            (mnt / "upper" / f"g{gen:03d}").write_text(str(gen))
+            upper = eng.chain(eng.get_volume(vol).upper)[0]
+            eng.backend.activate(upper)
+            files = eng.backend.layout.upper(upper.id)
+            (files / f"g{gen:03d}").write_text(str(gen))
             if gen > 1:
-                (mnt / "upper" / "latest").write_text(str(gen))
-            eng.mounts.release(v.upper)
+                (files / "latest").write_text(str(gen))
+            eng.backend.deactivate(upper)
             snap = c.create_snapshot(f"s{gen}", vol).snapshot_id
             if gen % 50 == 0:
                 files = read(d, vol)
@@ -215,7 +216,7 @@ def test_snapshot_under_a_running_writer_is_consistent(driver: Driver):
     c.unpublish(vol, target)
     c.unstage(vol, staging)
     for s in snaps:
-        image = driver.engine.layout.image(driver.engine.get_snapshot(s.snapshot_id).layer)
+        image = driver.engine.backend.layout.image(driver.engine.get_snapshot(s.snapshot_id).layer)
         fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
         restored = c.create_volume(f"r-{s.snapshot_id}", 128 * MiB, snapshot=s.snapshot_id).volume_id

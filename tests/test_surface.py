@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from csi_driver import host
 from csi_driver.client import mount_capability
-from csi_driver.engine import host
 from csi_driver.proto import csi_pb2 as csi
 from driver_harness import Driver, online_ext4_growth_missing
 
@@ -73,7 +73,7 @@ def test_ephemeral_inline_volume(driver: Driver):
     )
     assert not target.exists()
     assert driver.engine.list_volumes(0, 100) == [], "the inline volume is deleted with its pod"
-    assert list(driver.engine.layout.layers.iterdir()) == []
+    assert list(driver.engine.backend.layout.layers.iterdir()) == []
     bad = csi.NodePublishVolumeRequest(
         volume_id="csi-x",
         target_path=str(target),
@@ -94,16 +94,14 @@ def test_modify_volume_changes_real_settings(driver: Driver):
     )
     after = os.statvfs(target)
     assert after.f_bavail * after.f_frsize < before.f_bavail * before.f_frsize - 20 * MiB
-    device = host.device_of(driver.engine.layout.mnt(driver.engine.get_volume(vid).upper))
+    device = host.device_of(driver.engine.backend.layout.mnt(driver.engine.get_volume(vid).upper))
     ra = subprocess.run(["blockdev", "--getra", device], capture_output=True, text=True, check=True)
     assert int(ra.stdout) == 2048
     ctl.ControllerModifyVolume(
         csi.ControllerModifyVolumeRequest(volume_id=vid, mutable_parameters={"discard": "false"})
     )
-    assert (
-        "discard"
-        not in host.mount_at(driver.engine.layout.mnt(driver.engine.get_volume(vid).upper)).super_options
-    )
+    upper_mnt = driver.engine.backend.layout.mnt(driver.engine.get_volume(vid).upper)
+    assert "discard" not in host.mount_at(upper_mnt).super_options
     bad = csi.ControllerModifyVolumeRequest(volume_id=vid, mutable_parameters={"XXX": "1", "discard": "true"})
     assert code_of(ctl.ControllerModifyVolume, bad) == grpc.StatusCode.INVALID_ARGUMENT
     assert driver.engine.get_volume(vid).mutable == {
@@ -122,7 +120,7 @@ def test_modify_volume_changes_real_settings(driver: Driver):
     driver.client.stage(vid, staging)
     assert (
         "commit=30"
-        in host.mount_at(driver.engine.layout.mnt(driver.engine.get_volume(vid).upper)).super_options
+        in host.mount_at(driver.engine.backend.layout.mnt(driver.engine.get_volume(vid).upper)).super_options
     )
     driver.client.unstage(vid, staging)
 
@@ -312,7 +310,7 @@ def test_refused_online_ext4_growth_changes_nothing(driver: Driver):
     if not EXT4_GROWTH_MISSING:
         pytest.skip("this machine can grow ext4 online (test_online_expansion_ext4 runs instead)")
     vid, staging, target = staged(driver, "no-cap-node", 64 * MiB)
-    image = driver.engine.layout.image(driver.engine.get_volume(vid).upper)
+    image = driver.engine.backend.layout.image(driver.engine.get_volume(vid).upper)
     size = image.stat().st_size
 
     def node_expand(required: int) -> csi.NodeExpandVolumeResponse:
@@ -332,7 +330,7 @@ def test_refused_online_ext4_growth_changes_nothing(driver: Driver):
 def test_condition_reports_read_only_remount(driver: Driver):
     vid, staging, target = staged(driver, "sick")
     assert not driver.client.stats(vid, target).volume_condition.abnormal
-    mnt = driver.engine.layout.mnt(driver.engine.get_volume(vid).upper)
+    mnt = driver.engine.backend.layout.mnt(driver.engine.get_volume(vid).upper)
     host.run(["mount", "-o", "remount,ro", str(mnt)])  # what ext4 errors=remount-ro does
     got = driver.client.controller.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=vid))
     assert got.status.volume_condition.abnormal and "read-only" in got.status.volume_condition.message

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.engine.compose import PAGE_SIZE, OptionsTooLong, overlay_options
-from csi_driver.engine.layers import image_size_for
-from csi_driver.engine.layout import Layout, new_id, new_link
 from csi_driver.errors import InvalidArgument
+from csi_driver.ids import new_id, new_link
+from csi_driver.layerstore.overlay.compose import PAGE_SIZE, OptionsTooLong, overlay_options
+from csi_driver.layerstore.overlay.images import image_size_for
+from csi_driver.layerstore.overlay.layout import Layout
 from csi_driver.service import validate
 from csi_driver.store import SCHEMA_VERSION, Layer, Store
 

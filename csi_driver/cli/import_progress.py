@@ -74,7 +74,7 @@ class ImportProgress(threading.Thread):
 
     def _scratch(self) -> Path | None:
         dirs = [Path(p) for p in glob.glob(str(self.tmp_dir / "*"))]
-        dirs = [d for d in dirs if (d / "root").is_dir()]
+        dirs = [d for d in dirs if (d / "layer" / "root").is_dir()]
         return max(dirs, key=lambda d: d.stat().st_mtime, default=None)
 
     def _data_size(self, upper: Path) -> int:
@@ -105,6 +105,6 @@ class ImportProgress(threading.Thread):
         if scratch is None or image is None or not image.exists():
             return "preparing"
         written = os.stat(image).st_blocks * 512
-        data = self._data_size(scratch / "root" / "upper")
+        data = self._data_size(scratch / "layer" / "root" / "upper")
         pct = min(99.0, 100.0 * written / data) if data else 0.0
         return f"writing layer image: {pct:5.1f}% ({fmt_bytes(written)} of ~{fmt_bytes(data)})"

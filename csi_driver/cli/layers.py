@@ -15,7 +15,7 @@ from typing import Any
 from csi_driver.cli.args import DEFAULT_STATE_DIR, add_command
 from csi_driver.cli.import_progress import ImportProgress
 from csi_driver.cli.output import CliError, emit, fields, fmt_bytes, fmt_time, table
-from csi_driver.engine.layout import Layout
+from csi_driver.statedir import StateDir
 
 
 def _layer_engine(args: argparse.Namespace, create: bool = False) -> Any:
@@ -35,7 +35,7 @@ def _driver_serving(state_dir: Path) -> bool:
     import fcntl
 
     try:
-        fd = os.open(Layout(state_dir).lockfile, os.O_RDONLY)
+        fd = os.open(StateDir(state_dir).lockfile, os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:
@@ -74,7 +74,7 @@ def cmd_layer_import(args: argparse.Namespace) -> int:
     progress = None
     if not args.no_progress:
         interval = args.progress_interval or (1.0 if sys.stderr.isatty() else 5.0)
-        progress = ImportProgress(args.path, engine.layout.tmp, interval, sys.stderr)
+        progress = ImportProgress(args.path, engine.state.tmp, interval, sys.stderr)
         progress.start()
     start = time.monotonic()
     try:
@@ -96,12 +96,11 @@ def cmd_layer_import(args: argparse.Namespace) -> int:
 
 
 def cmd_layer_list(args: argparse.Namespace) -> int:
-    from csi_driver.engine import host
 
     engine = _layer_engine(args)
     try:
         layers = engine.layers()
-        rows = [_layer_dict(x, host.allocated_bytes(engine.layout.image(x.id))) for x in layers]
+        rows = [_layer_dict(x, engine.backend.usage(x)) for x in layers]
     finally:
         engine.close()
     return emit(
@@ -127,11 +126,11 @@ def cmd_layer_list(args: argparse.Namespace) -> int:
 
 
 def cmd_layer_inspect(args: argparse.Namespace) -> int:
-    from csi_driver.engine import host
+    from csi_driver import host
 
     engine = _layer_engine(args)
     try:
-        with engine.store.tx() as tx:
+        with engine.store.read() as tx:
             layer = tx.layer_by_name(args.layer)
             if layer is None and len(args.layer) == 32:
                 layer = tx.layer(args.layer)
@@ -156,16 +155,15 @@ def cmd_layer_inspect(args: argparse.Namespace) -> int:
             ]
             children = [r[0] for r in tx.c.execute("SELECT id FROM layers WHERE parent=?", (layer.id,))]
             owner = tx.c.execute("SELECT id FROM volumes WHERE upper=?", (layer.id,)).fetchone()
-        mount = host.mount_at(engine.layout.mnt(layer.id))
-        disk = host.allocated_bytes(engine.layout.image(layer.id))
-        link = engine.layout.link(layer.link)
+        where = engine.backend.describe(layer)
+        mount = host.mount_at(where["mountpoint"]) if "mountpoint" in where else None
+        disk = engine.backend.usage(layer)
     finally:
         engine.close()
     d = _layer_dict(layer, disk)
     d.update(
         {
-            "link": str(link),
-            "image": str(engine.layout.image(layer.id)),
+            **where,
             "chain": [x.id for x in chain],
             "children": children,
             "volume": owner[0] if owner else None,

@@ -129,8 +129,8 @@ def check_sparse_and_reflink(state_dir: Path) -> list[Check]:
                         "reflink",
                         WARN,
                         f"reflink (FICLONE) {why} on the state dir's file system: a snapshot of a volume "
-                        "in use copies the data written since its last snapshot (detached volumes are "
-                        "never copied)",
+                        "in use copies all of its upper's data while its writes wait (detached volumes "
+                        "are never copied)",
                         "optional: put --state-dir on xfs (mkfs.xfs -m reflink=1) or btrfs",
                     )
                 )

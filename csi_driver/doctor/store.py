@@ -9,7 +9,7 @@ import sqlite3
 from pathlib import Path
 
 from csi_driver.doctor.check import FAIL, OK, WARN, Check, fmt_gib
-from csi_driver.engine.layout import Layout
+from csi_driver.statedir import StateDir
 
 
 def check_store(state_dir: Path) -> list[Check]:
@@ -75,7 +75,7 @@ def check_store(state_dir: Path) -> list[Check]:
                 f"{fmt_gib(free)} free covers it",
             )
         )
-    lock = Layout(state_dir).lockfile
+    lock = StateDir(state_dir).lockfile
     if lock.exists():
         fd = os.open(lock, os.O_RDONLY)
         try:

@@ -1,38 +1,47 @@
 """The layer engine: volumes as stacks of immutable layers plus one writable upper.
 
-Model (after containerd's overlay snapshotter): every layer lives in
-``layers/<id>/image``. A volume owns one *active* layer (its upper); its parent
-chain is committed, read-only layers. A snapshot of a detached volume commits
-the upper in place (metadata only) and gives the volume a fresh upper on top;
-restores and clones are fresh uppers over the same layers. Nothing is copied
-except when a staged volume must be frozen and its upper copied, or a chain
-deeper than ``max_depth`` is flattened.
+Model (after containerd's snapshotter): a volume owns one *active* layer (its
+upper); its parent chain is committed, read-only layers. A snapshot of a
+detached volume commits the upper in place (metadata only) and gives the
+volume a fresh upper on top; restores and clones are fresh uppers over the
+same layers. Nothing is copied except when a volume in use must be captured,
+or a chain deeper than ``max_depth`` is flattened.
 
-The engine knows nothing of gRPC. Callers serialise operations per volume.
+``Engine`` is a thin front: each component owns one concern and gets what it
+needs passed in; how layers are kept is the ``LayerBackend``'s business. The
+engine knows nothing of gRPC. Callers serialise operations per volume.
 """
 
 from __future__ import annotations
 
-from csi_driver.engine.base_layers import BaseLayerOps
-from csi_driver.engine.block import BlockOps
-from csi_driver.engine.core import (
+from pathlib import Path
+
+from csi_driver.engine.attachments import Attachments
+from csi_driver.engine.base_layers import BaseLayers
+from csi_driver.engine.block import BlockVolumes
+from csi_driver.engine.capture import Capture
+from csi_driver.engine.context import (
     SNAPSHOT_PREFIX,
     VOLUME_PREFIX,
     CrashHook,
     EngineConfig,
-    EngineCore,
+    EngineContext,
     GiB,
     MiB,
     VolumeSpec,
     VolumeStats,
     crash_hook_from_env,
 )
-from csi_driver.engine.ephemeral import EphemeralOps
-from csi_driver.engine.expand import ExpandOps
-from csi_driver.engine.modify import ModifyOps
-from csi_driver.engine.node import NodeOps
-from csi_driver.engine.snapshots import SnapshotOps
-from csi_driver.engine.volumes import VolumeOps
+from csi_driver.engine.ephemeral import Ephemeral
+from csi_driver.engine.expand import Expander
+from csi_driver.engine.modify import Modifier
+from csi_driver.engine.mounter import HostMounter, Mounter
+from csi_driver.engine.node import NodePublisher
+from csi_driver.engine.snapshots import Snapshots
+from csi_driver.engine.volumes import Volumes
+from csi_driver.layerstore.backend import LayerBackend
+from csi_driver.layerstore.overlay.backend import OverlayLoopBackend
+from csi_driver.store import Layer, Store, Volume
 
 __all__ = [
     "GiB",
@@ -48,7 +57,86 @@ __all__ = [
 ]
 
 
-class Engine(
-    EphemeralOps, VolumeOps, SnapshotOps, NodeOps, ExpandOps, BlockOps, ModifyOps, BaseLayerOps, EngineCore
-):
-    """The whole engine: each mixin owns one concern; EngineCore holds the state."""
+class Engine:
+    """The components wired together, and the calls the servicers and the CLI make."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        crash_hook: CrashHook | None = None,
+        *,
+        backend: LayerBackend | None = None,
+        mounter: Mounter | None = None,
+    ) -> None:
+        root = Path(config.state_dir)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        store = Store(root / "state.db")
+        self.ctx = EngineContext(config, store, backend or OverlayLoopBackend(root), crash_hook)
+        self.ctx.state.ensure()
+        self.config = config
+        self.store = store
+        self.backend = self.ctx.backend
+        self.state = self.ctx.state
+        modifier = Modifier(self.ctx)
+        self.block = BlockVolumes(self.ctx, modifier)
+        self.node = NodePublisher(self.ctx, mounter or HostMounter(), self.block, modifier)
+        capture = Capture(self.ctx)
+        self.volumes = Volumes(self.ctx, capture, self.node)
+        self.snapshots = Snapshots(self.ctx, capture)
+        self.expander = Expander(self.ctx, self.block)
+        self.ephemeral = Ephemeral(self.ctx, self.volumes, self.node)
+        self.base_layers = BaseLayers(self.ctx)
+        self.attachments = Attachments(self.ctx)
+        self.modifier = modifier
+
+        # the calls, by concern
+        self.create_volume = self.volumes.create_volume
+        self.delete_volume = self.volumes.delete_volume
+        self.create_snapshot = self.snapshots.create_snapshot
+        self.delete_snapshot = self.snapshots.delete_snapshot
+        self.get_snapshot = self.snapshots.get_snapshot
+        self.list_snapshots = self.snapshots.list_snapshots
+        self.create_group_snapshot = self.snapshots.create_group_snapshot
+        self.get_group_snapshot = self.snapshots.get_group_snapshot
+        self.delete_group_snapshot = self.snapshots.delete_group_snapshot
+        self.stage = self.node.stage
+        self.unstage = self.node.unstage
+        self.publish = self.node.publish
+        self.unpublish = self.node.unpublish
+        self.set_mount_group = self.node.set_mount_group
+        self.release_orphan_target = self.node.release_orphan_target
+        self.volume_paths = self.node.volume_paths
+        self.stats = self.node.stats
+        self.condition = self.node.condition
+        self.expand = self.expander.expand
+        self.expand_node = self.expander.expand_node
+        self.modify_volume = modifier.modify_volume
+        self.ephemeral_volume = self.ephemeral.ephemeral_volume
+        self.publish_ephemeral = self.ephemeral.publish_ephemeral
+        self.unpublish_ephemeral = self.ephemeral.unpublish_ephemeral
+        self.import_layer = self.base_layers.import_layer
+        self.delete_named_layer = self.base_layers.delete_named_layer
+        self.get_volume = self.ctx.get_volume
+        self.resolve_capacity = self.ctx.resolve_capacity
+        self.free_bytes = self.backend.free_bytes
+
+    def list_volumes(self, after_seq: int, limit: int) -> list[Volume]:
+        with self.store.read() as tx:
+            return tx.volumes(after_seq, limit)
+
+    def layers(self) -> list[Layer]:
+        with self.store.read() as tx:
+            return tx.layers()
+
+    def chain(self, layer_id: str) -> list[Layer]:
+        return self.ctx.chain(layer_id)
+
+    def disk_usage(self) -> int:
+        """Bytes the host really spends on all layers."""
+        return sum(self.backend.usage(x) for x in self.layers())
+
+    def healthy(self) -> bool:
+        return self.store.healthy()
+
+    def close(self) -> None:
+        self.store.close()

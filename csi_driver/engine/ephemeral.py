@@ -10,7 +10,9 @@ import contextlib
 import logging
 from pathlib import Path
 
-from csi_driver.engine.core import EngineCore, VolumeSpec
+from csi_driver.engine.context import EngineContext, VolumeSpec
+from csi_driver.engine.node import NodePublisher
+from csi_driver.engine.volumes import Volumes
 from csi_driver.store import Volume
 
 log = logging.getLogger(__name__)
@@ -18,13 +20,18 @@ log = logging.getLogger(__name__)
 EPHEMERAL_PREFIX = "ephemeral/"
 
 
-class EphemeralOps(EngineCore):
+class Ephemeral:
+    def __init__(self, ctx: EngineContext, volumes: Volumes, node: NodePublisher) -> None:
+        self.ctx = ctx
+        self.volumes = volumes
+        self.node = node
+
     def ephemeral_volume(self, handle: str) -> Volume | None:
-        with self.store.tx() as tx:
+        with self.ctx.store.read() as tx:
             return tx.volume_by_name(EPHEMERAL_PREFIX + handle)
 
     def _ephemeral_staging(self, v: Volume) -> str:
-        return str(self.layout.ephemeral / v.id)
+        return str(self.ctx.state.ephemeral / v.id)
 
     def publish_ephemeral(
         self,
@@ -39,15 +46,15 @@ class EphemeralOps(EngineCore):
 
         A refused publish changes nothing: a volume this call created is deleted again."""
         created = self.ephemeral_volume(handle) is None
-        v = self.create_volume(
+        v = self.volumes.create_volume(
             VolumeSpec(**{**spec.__dict__, "name": EPHEMERAL_PREFIX + handle, "ephemeral": True})
         )
         staging = self._ephemeral_staging(v)
         try:
-            self.stage(v.id, staging, mount_flags)
-            self.publish(v.id, staging, target_path, readonly, mount_flags)
+            self.node.stage(v.id, staging, mount_flags)
+            self.node.publish(v.id, staging, target_path, readonly, mount_flags)
             if group:
-                self.set_mount_group(v.id, group, readonly)
+                self.node.set_mount_group(v.id, group, readonly)
         except Exception:
             if created:
                 try:
@@ -58,22 +65,22 @@ class EphemeralOps(EngineCore):
         return v
 
     def _forget_ephemeral(self, v: Volume, staging: str) -> None:
-        with self.store.tx() as tx:
+        with self.ctx.store.read() as tx:
             if tx.publications(v.id):
                 return  # published after all (a retry raced in): kept
-        self.unstage(v.id, staging)
-        self.delete_volume(v.id)
+        self.node.unstage(v.id, staging)
+        self.volumes.delete_volume(v.id)
         with contextlib.suppress(OSError):
             Path(staging).rmdir()
 
     def unpublish_ephemeral(self, v: Volume, target_path: str) -> None:
-        self.unpublish(v.id, target_path)
-        with self.store.tx() as tx:
+        self.node.unpublish(v.id, target_path)
+        with self.ctx.store.read() as tx:
             others = [p for p in tx.publications(v.id) if p.target_path != target_path]
         if others:
             return
         staging = self._ephemeral_staging(v)
-        self.unstage(v.id, staging)
-        self.delete_volume(v.id)
+        self.node.unstage(v.id, staging)
+        self.volumes.delete_volume(v.id)
         with contextlib.suppress(OSError):
-            (self.layout.ephemeral / v.id).rmdir()
+            (self.ctx.state.ephemeral / v.id).rmdir()

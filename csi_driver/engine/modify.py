@@ -14,8 +14,7 @@ Applied at once when the volume is in use, and at every later stage.
 
 from __future__ import annotations
 
-from csi_driver.engine import host
-from csi_driver.engine.core import EngineCore
+from csi_driver.engine.context import EngineContext
 from csi_driver.errors import InvalidArgument
 from csi_driver.store import Volume
 
@@ -43,39 +42,22 @@ def validate_mutable(params: dict[str, str], fs_type: str = "ext4") -> dict[str,
     return dict(params)
 
 
-class ModifyOps(EngineCore):
+class Modifier:
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+
     def modify_volume(self, volume_id: str, params: dict[str, str]) -> Volume:
-        v = self.get_volume(volume_id)
+        ctx = self.ctx
+        v = ctx.get_volume(volume_id)
         validate_mutable(params, v.fs_type)
-        merged = {**v.mutable, **params}
-        with self.store.tx() as tx:
-            tx.update_volume(volume_id, mutable=merged)
-        v = self.get_volume(volume_id)
-        if v.access_type == "block" or host.is_mounted(self.layout.mnt(v.upper)):
-            self._apply_mutable(v)
-        elif "reservedPercent" in params:
-            host.run(["tune2fs", "-m", params["reservedPercent"], str(self.layout.image(v.upper))])
+        with ctx.store.tx() as tx:
+            tx.update_volume(volume_id, mutable={**v.mutable, **params})
+        v = ctx.get_volume(volume_id)
+        self.apply(v)
         return v
 
-    def _apply_mutable(self, v: Volume) -> None:
-        """Apply the volume's mutable parameters to its mounted upper."""
-        m = v.mutable
-        if not m:
-            return
-        if "readAheadKiB" in m:
-            for device in self._loop_devices_of(v):
-                host.run(["blockdev", "--setra", str(int(m["readAheadKiB"]) * 2), device])
-        if v.access_type == "block":
-            return
-        mnt = self.layout.mnt(v.upper)
-        opts = []
-        if "discard" in m:
-            opts.append("discard" if m["discard"] == "true" else "nodiscard")
-        if "commitSeconds" in m:
-            opts.append(f"commit={m['commitSeconds']}")
-        if opts:
-            host.run(["mount", "-o", "remount," + ",".join(opts), str(mnt)])
-        if "reservedPercent" in m:
-            device = host.device_of(mnt)
-            if device:
-                host.run(["tune2fs", "-m", m["reservedPercent"], device])
+    def apply(self, v: Volume) -> None:
+        """Apply the volume's mutable parameters: at once to what is mounted or
+        attached, and what the file system keeps to its image."""
+        if v.mutable:
+            self.ctx.backend.tune(self.ctx.upper_of(v), v.mutable)

@@ -6,13 +6,10 @@ import logging
 import time
 from pathlib import Path
 
-from csi_driver.engine import host
-from csi_driver.engine.block import BLOCK, BlockOps
-from csi_driver.engine.core import VOLUME_PREFIX, VolumeSpec
-from csi_driver.engine.layers import (
-    build_image,
-)
-from csi_driver.engine.layout import new_id
+from csi_driver.engine.block import block_aligned
+from csi_driver.engine.capture import Capture
+from csi_driver.engine.context import BLOCK, VOLUME_PREFIX, EngineContext, VolumeSpec
+from csi_driver.engine.node import NodePublisher
 from csi_driver.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -21,12 +18,19 @@ from csi_driver.errors import (
     OutOfRange,
     ResourceExhausted,
 )
-from csi_driver.store import Layer, Tx, Volume
+from csi_driver.ids import new_id
+from csi_driver.layerstore.backend import Built
+from csi_driver.store import Layer, ReadTx, Tx, Volume
 
 log = logging.getLogger(__name__)
 
 
-class VolumeOps(BlockOps):
+class Volumes:
+    def __init__(self, ctx: EngineContext, capture: Capture, node: NodePublisher) -> None:
+        self.ctx = ctx
+        self.capture = capture
+        self.node = node
+
     def _compatible(self, v: Volume, spec: VolumeSpec) -> bool:
         if spec.required_bytes and v.capacity_bytes < spec.required_bytes:
             return False
@@ -38,14 +42,20 @@ class VolumeOps(BlockOps):
             and v.source_id == spec.source_id
             and v.parameters == spec.parameters
             and v.ephemeral == spec.ephemeral
-            and v.fs_type == (BLOCK if spec.access_type == BLOCK else spec.fs_type or self.config.fs_type)
+            and v.fs_type == (BLOCK if spec.access_type == BLOCK else spec.fs_type or self.ctx.config.fs_type)
             and (not spec.mutable or v.mutable == spec.mutable)
         )
 
     def create_volume(self, spec: VolumeSpec) -> Volume:
         block = spec.access_type == BLOCK
-        fs_type = BLOCK if block else (spec.fs_type or self.config.fs_type)
-        with self.store.tx() as tx:
+        fs_type = BLOCK if block else (spec.fs_type or self.ctx.config.fs_type)
+        ctx = self.ctx
+        if fs_type not in ctx.backend.fs_types:
+            raise InvalidArgument(
+                f"this node keeps layers with the {ctx.backend.name} backend, which holds "
+                f"{sorted(ctx.backend.fs_types)} volumes, not {fs_type}"
+            )
+        with ctx.store.tx() as tx:
             existing = tx.volume_by_name(spec.name)
             if existing is not None:
                 if self._compatible(existing, spec):
@@ -53,45 +63,49 @@ class VolumeOps(BlockOps):
                 raise AlreadyExists(f"volume {spec.name!r} exists with different arguments")
             parent, default_cap, min_cap = self._source_parent(tx, spec)
             if parent is not None:
-                self.store.pin(parent.id)  # no concurrent delete may collect what we build on
+                ctx.store.pin(parent.id)  # no concurrent delete may collect what we build on
         try:
             return self._create_on(spec, parent, default_cap, min_cap, fs_type)
         finally:
             if parent is not None:
-                self.store.unpin(parent.id)
-                self._collect_if_orphan(parent.id)
+                ctx.store.unpin(parent.id)
+                ctx.collect_if_orphan(parent.id)
 
     def _create_on(
         self, spec: VolumeSpec, parent: Layer | None, default_cap: int, min_cap: int, fs_type: str
     ) -> Volume:
+        ctx = self.ctx
         block = spec.access_type == BLOCK
-        capacity = self.resolve_capacity(spec.required_bytes, spec.limit_bytes, default_cap)
+        capacity = ctx.resolve_capacity(spec.required_bytes, spec.limit_bytes, default_cap)
         if block:
-            capacity = self._block_aligned(capacity, spec.limit_bytes)
+            capacity = block_aligned(capacity, spec.limit_bytes)
         if capacity < min_cap:
             raise OutOfRange(f"{capacity} bytes is smaller than the source's {min_cap} bytes")
-        if capacity > self.free_bytes():
+        free = ctx.backend.free_bytes()
+        if capacity > free:
             raise ResourceExhausted(
-                f"{capacity} bytes do not fit in the {self.free_bytes()} free bytes of the node's storage"
+                f"{capacity} bytes do not fit in the {free} free bytes of the node's storage"
             )
-        with self._scratch() as scratch:
+        with ctx.scratch() as scratch:
             upper_dir = scratch / "upper"
             upper_dir.mkdir()
-            flat, empty = None, 0
+            flat = None
             if block:
-                size = capacity
-                self._block_build(upper_dir / "image", capacity, self._block_source(parent, spec))
+                built = self._block_build(upper_dir, capacity, parent, spec, scratch)
                 parent = None
             else:
                 if spec.source_kind == "volume":
-                    parent = self._share_volume(spec.source_id, scratch)
-                parent, flat = self._bounded_parent(parent, scratch)
-                self._step("create.flattened")
-                size = self._upper_size(capacity, fs_type)
-                empty = build_image(upper_dir / "image", size, fs_type)
-            self._step("create.built")
-            upper = self._new_layer(parent, active=True, fs_type=fs_type, image_bytes=size, base_bytes=empty)
-            with self.store.tx() as tx:
+                    parent = self.capture.volume(spec.source_id, scratch)
+                # the view the new upper starts from (a flat layer shows the same, but is
+                # not installed yet)
+                view = ctx.chain(parent.id) if parent is not None else []
+                parent, flat = ctx.bounded_parent(parent, scratch)
+                ctx.step("create.flattened")
+                size = ctx.upper_size(capacity, fs_type)
+                built = ctx.backend.prepare(upper_dir, view, size, fs_type)
+            ctx.step("create.built")
+            upper = ctx.new_layer(parent, built, active=True, fs_type=fs_type)
+            with ctx.store.tx() as tx:
                 if parent is not None and tx.layer(parent.id) is None and flat is None:
                     raise NotFound(f"source {spec.source_id} was deleted while restoring")
                 if flat is not None:
@@ -118,28 +132,37 @@ class VolumeOps(BlockOps):
                     )
                 )
                 if flat is not None:
-                    self._install(scratch / "flat", flat.id)
-                self._install(upper_dir, upper.id)
-                self._step("create.renamed")
+                    ctx.install(scratch / "flat", flat)
+                ctx.install(upper_dir, upper)
+                ctx.step("create.renamed")
             if flat is not None:  # the snapshot moved onto the flat layer: its old chain may be unused
-                with self.store.tx() as tx:
+                with ctx.store.tx() as tx:
                     gone = tx.collect_garbage()
-                self._discard_layers(gone)
+                ctx.discard(gone)
             for layer in (flat, upper):
                 if layer is not None:
-                    self._link(layer)
-        self._step("create.done")
+                    ctx.backend.expose(layer)
+        ctx.step("create.done")
         return vol
 
-    def _block_source(self, parent: Layer | None, spec: VolumeSpec) -> Volume | Path | None:
-        """What a new block volume copies: a snapshot layer's image or a volume."""
+    def _block_build(
+        self, build: Path, capacity: int, parent: Layer | None, spec: VolumeSpec, scratch: Path
+    ) -> Built:
+        """A new block layer: empty, a copy of a snapshot's layer, or of a volume's data now."""
+        ctx = self.ctx
         if spec.source_kind == "volume":
-            return self.get_volume(spec.source_id)
-        return self.layout.image(parent.id) if parent is not None else None
+            src = ctx.get_volume(spec.source_id)
+            copy = scratch / "source"
+            copy.mkdir()
+            (copied,) = ctx.backend.capture({src.upper: copy}, [ctx.upper_of(src)]).values()
+            source: Path | None = copy / "image"
+        else:
+            source = ctx.backend.block_file(parent) if parent is not None else None
+        return ctx.backend.prepare_block(build, capacity, source)
 
-    def _source_parent(self, tx: Tx, spec: VolumeSpec) -> tuple[Layer | None, int, int]:
+    def _source_parent(self, tx: ReadTx, spec: VolumeSpec) -> tuple[Layer | None, int, int]:
         """The layer a new volume starts from, its default and minimum capacity."""
-        default = self.config.default_capacity
+        default = self.ctx.config.default_capacity
         if spec.source_kind == "snapshot":
             snap = tx.snapshot(spec.source_id)
             if snap is None:
@@ -165,7 +188,7 @@ class VolumeOps(BlockOps):
             base = tx.layer_by_name(spec.base_layer)
             if base is None:
                 raise InvalidArgument(
-                    f"base layer {spec.base_layer!r} does not exist on node {self.config.node_id}; "
+                    f"base layer {spec.base_layer!r} does not exist on node {self.ctx.config.node_id}; "
                     f"import it with 'overlay-csi layer import {spec.base_layer} PATH'"
                 )
             return base, default, 0
@@ -178,18 +201,21 @@ class VolumeOps(BlockOps):
             tx.c.execute("UPDATE snapshots SET layer=? WHERE id=?", (flat.id, spec.source_id))
 
     def delete_volume(self, volume_id: str) -> None:
-        with self.store.tx() as tx:
+        ctx = self.ctx
+        with ctx.store.read() as tx:
             v = tx.volume(volume_id)
-            if v is None:
-                return
-            if v.staging_path and self._is_staged(v):
-                raise FailedPrecondition(f"volume {volume_id} is still staged at {v.staging_path}")
-            live = [p.target_path for p in tx.publications(volume_id) if host.is_mounted(p.target_path)]
-            if live:
-                raise FailedPrecondition(f"volume {volume_id} is still published at {live[0]}")
+        if v is None:
+            return
+        table = self.node.mounter.table()
+        if v.staging_path and self.node.is_staged(v, table):
+            raise FailedPrecondition(f"volume {volume_id} is still staged at {v.staging_path}")
+        live = self.node.live_publications(volume_id, table)
+        if live:
+            raise FailedPrecondition(f"volume {volume_id} is still published at {live[0]}")
+        with ctx.store.tx() as tx:
             tx.delete_volume(volume_id)
             gone = tx.collect_garbage()
-            self._step("delete.uncommitted")
-        self._step("delete.committed")
-        self._staged.discard(volume_id)
-        self._discard_layers(gone)
+            ctx.step("delete.uncommitted")
+        ctx.step("delete.committed")
+        ctx.staged.discard(volume_id)
+        ctx.discard(gone)

@@ -1,1 +1,2 @@
-"""Layer storage: layers as OCI image-layer tars and back."""
+"""How layers are kept: the LayerBackend protocol (backend.py), its backends
+(overlay/, plaindir.py) and layer diffs as OCI tars (ocidiff.py)."""

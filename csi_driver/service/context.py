@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from csi_driver.engine.engine import Engine
-from csi_driver.engine.locks import KeyedLocks
+from csi_driver.locks import KeyedLocks
 
 TOPOLOGY_KEY = "topology.overlay.csi.dev/node"
 

@@ -6,7 +6,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_driver.engine.engine import VolumeSpec
 from csi_driver.engine.modify import validate_mutable
-from csi_driver.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from csi_driver.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.proto import csi_pb2_grpc
 from csi_driver.service import validate as v
@@ -108,8 +108,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return status
 
     def _attached(self, volume_id: str) -> bool:
-        with self.engine.store.tx() as tx:
-            return bool(tx.attached_nodes(volume_id))
+        return self.engine.attachments.attached(volume_id)
 
     # ---------------------------------------------------------------- volumes
     @rpc(guard=lambda r: ["name:" + r.name])
@@ -288,27 +287,13 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if cap.access_type != vol.access_type:
             raise InvalidArgument(f"volume {vol.id} is a {vol.access_type} volume")
         readonly = request.readonly or cap.mode in v.READONLY_MODES
-        with self.engine.store.tx() as tx:
-            current = tx.attachment(vol.id, request.node_id)
-            if current is not None and current != readonly:
-                raise AlreadyExists(
-                    f"volume {vol.id} is already published to {request.node_id} with readonly={current}"
-                )
-            limit = self.ctx.max_volumes_per_node
-            if current is None and limit and tx.count_attached(request.node_id, vol.id) >= limit:
-                raise ResourceExhausted(f"node {request.node_id} already has its maximum of {limit} volumes")
-            tx.attach(vol.id, request.node_id, readonly)
+        self.engine.attachments.attach(vol.id, request.node_id, readonly, self.ctx.max_volumes_per_node)
         return csi.ControllerPublishVolumeResponse(publish_context={})
 
     @rpc(guard=lambda r: [r.volume_id])
     def ControllerUnpublishVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
-        with self.engine.store.tx() as tx:
-            if request.node_id:
-                tx.detach(request.volume_id, request.node_id)
-            else:
-                for node in tx.attached_nodes(request.volume_id):
-                    tx.detach(request.volume_id, node)
+        self.engine.attachments.detach(request.volume_id, request.node_id)
         return csi.ControllerUnpublishVolumeResponse()
 
     # ---------------------------------------------------------------- snapshots

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from csi_driver.engine.core import VolumeSpec
+from csi_driver.engine.context import VolumeSpec
 from csi_driver.errors import InvalidArgument, NotFound
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.proto import csi_pb2_grpc
@@ -28,7 +28,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.locks = ctx.locks
 
     def _path(self, value: str, what: str) -> str:
-        checked = v.outside_state(v.path(value, what), self.engine.layout.root, what)
+        checked = v.outside_state(v.path(value, what), self.engine.state.root, what)
         return v.inside(checked, self.ctx.kubelet_dir, what)
 
     @staticmethod

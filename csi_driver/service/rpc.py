@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from csi_driver.engine.locks import KeyedLocks
 from csi_driver.errors import DriverError
+from csi_driver.locks import KeyedLocks
 from csi_driver.logs import request_id
 from csi_driver.proto import csi_pb2
 

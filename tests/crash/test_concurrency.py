@@ -425,7 +425,7 @@ def test_second_operation_on_a_busy_volume_is_aborted(driver: Driver):
     c.publish(vol, staging, target)
     (target / "f").write_bytes(b"x" * MiB)
     gate = Gate("snapshot.frozen")
-    driver.engine._crash = gate
+    driver.engine.ctx.crash = gate
     t, out = _in_thread(c.create_snapshot, "snap-1", vol)
     assert gate.reached.wait(30)
     other_staging, other_target = driver.paths("other")
@@ -461,7 +461,7 @@ def test_second_operation_on_a_busy_volume_is_aborted(driver: Driver):
     t.join(60)
     assert {k: v for k, v in codes.items() if v != "ABORTED"} == {}, "calls that went ahead on a busy volume"
     assert "error" not in out, out
-    driver.engine._crash = lambda step: None
+    driver.engine.ctx.crash = lambda step: None
     assert _code(c.create_snapshot, "snap-1", vol) == "OK", "the same call is fine once the first is done"
     assert_invariants(driver.state, c, root=driver.root)
     teardown_all(c, driver.state)
@@ -497,7 +497,7 @@ def test_long_operation_does_not_block_unrelated_volumes(tmp_path: Path, long_op
             long_call = (c.create_snapshot, "s", vol)
             kwargs = {}
             gate = Gate("snapshot.frozen", hold=HOLD)  # frozen, before the real copy
-        d.engine._crash = gate
+        d.engine.ctx.crash = gate
         t, out = _in_thread(lambda: long_call[0](*long_call[1:], **kwargs))
         calls = []  # (start, end) of each unrelated create + stage + publish
         i = 0
@@ -517,7 +517,7 @@ def test_long_operation_does_not_block_unrelated_volumes(tmp_path: Path, long_op
               f"meanwhile ({len(inside)} while it was parked), slowest {slowest * 1000:.0f} ms")
         assert len(inside) >= 3, "unrelated calls waited for the long operation"
         assert slowest < HOLD, "an unrelated call waited for the long operation"
-        d.engine._crash = lambda step: None
+        d.engine.ctx.crash = lambda step: None
         assert_invariants(d.state, c, root=tmp_path)
         teardown_all(c, d.state)
     finally:

@@ -2,7 +2,7 @@
 it, retry the same call: it must succeed, lose nothing and leak nothing.
 
 ``OVERLAY_CSI_CRASH_AT=step`` makes the engine SIGKILL its own process the first
-time it reaches ``self._step("step")``. The world is built by an in-process
+time it reaches ``ctx.step("step")``. The world is built by an in-process
 driver, the crashing call goes to a child process started with that variable,
 and recovery is a fresh driver on the same state dir.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from csi_driver import host
 from csi_driver.client import Client, mount_capability
-from csi_driver.engine import host
 from csi_driver.proto import csi_pb2 as csi
 from driver_harness import (
     MOUNT_SKIP,
@@ -39,7 +39,7 @@ from driver_harness import (
 pytestmark = pytest.mark.skipif(bool(MOUNT_SKIP), reason=MOUNT_SKIP or "ok")
 
 MiB = 1 << 20
-STEP_RE = re.compile(r"""\b_step\(\s*["']([^"']+)["']""")
+STEP_RE = re.compile(r"""\bstep\(\s*["']([^"']+)["']""")
 
 
 def steps_in_source() -> set[tuple[str, str]]:
@@ -338,7 +338,7 @@ def test_every_step_in_the_engine_has_a_crash_case():
     """A crash point in block.py needs a block case; one elsewhere needs a case of a
     file-system (or snapshot) call: a step that moves or appears fails this test."""
     in_source = steps_in_source()
-    assert in_source, "no _step() calls found: did the crash hook move?"
+    assert in_source, "no ctx.step() calls found: did the crash hook move?"
     block = {step for op, step in CASES if op.startswith("block")}
     other = {step for op, step in CASES if not op.startswith("block")}
     missing = sorted(

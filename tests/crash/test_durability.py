@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from csi_driver import host
 from csi_driver.client import Client, mount_capability
-from csi_driver.engine import host
 from csi_driver.proto import csi_pb2 as csi
 from driver_harness import MOUNT_SKIP, DriverProcess, cleanup
 

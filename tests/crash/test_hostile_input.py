@@ -30,8 +30,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
+from csi_driver import host
 from csi_driver.client import mount_capability
-from csi_driver.engine import host
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.proto import csi_pb2_grpc
 from driver_harness import (
@@ -105,7 +105,7 @@ class Arena:
         return self.d.state
 
     def _image_size(self, vol: dict) -> int:
-        return self.d.engine.layout.image(vol["upper"]).stat().st_size
+        return self.d.engine.backend.layout.image(vol["upper"]).stat().st_size
 
     def ids(self) -> dict[str, list[str]]:
         dump = store_dump(self.state)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from csi_driver.engine import host
+from csi_driver import host
 from driver_harness import Driver, invariant_problems, store_dump
 
 MiB = 1 << 20

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from csi_driver import host
 from csi_driver.client import Client
-from csi_driver.engine import host
 from csi_driver.proto import csi_pb2 as csi
 from driver_harness import (
     MOUNT_SKIP,

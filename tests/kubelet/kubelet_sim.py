@@ -51,7 +51,7 @@ from pathlib import Path
 
 import grpc
 
-from csi_driver.engine import host
+from csi_driver import host
 from csi_driver.proto import csi_pb2 as csi
 
 DRIVER_NAME = "overlay.csi.dev"

@@ -23,7 +23,7 @@ import os
 
 from kubelet_sim import NodeEnv, Pod
 
-from csi_driver.engine import host
+from csi_driver import host
 from csi_driver.proto import csi_pb2 as csi
 
 MiB = 1 << 20

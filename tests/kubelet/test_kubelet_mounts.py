@@ -31,7 +31,7 @@ from kubelet_sim import (
     run_as,
 )
 
-from csi_driver.engine import host
+from csi_driver import host
 from csi_driver.proto import csi_pb2 as csi
 from driver_harness import store_dump
 
@@ -64,7 +64,7 @@ def test_paths_directories_and_requests(node: NodeEnv):
     staged = host.mount_at(staging)
     assert staged.fstype == "overlay"
     assert f"upperdir=layers/{vol.upper}/mnt/upper" in staged.super_options.split(",")
-    upper = host.mount_at(node.driver.engine.layout.mnt(vol.upper))
+    upper = host.mount_at(node.driver.engine.backend.layout.mnt(vol.upper))
     assert upper.fstype == "ext4" and "rw" in upper.options.split(",")
     got = node.client.controller.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=pv.handle))
     assert list(got.status.published_node_ids) == ["node-1"]

@@ -30,7 +30,7 @@ from kubelet_sim import (
     VolumeSnapshot,
 )
 
-from csi_driver.engine import host
+from csi_driver import host
 from csi_driver.proto import csi_pb2 as csi
 
 MiB = 1 << 20
@@ -61,7 +61,7 @@ def test_wait_for_first_consumer_with_strict_topology(node: NodeEnv):
         "csi.storage.k8s.io/pvc/namespace": "team-a",
         "csi.storage.k8s.io/pv/name": pv.name,
     }
-    with open(node.driver.engine.layout.image(vol.upper), "rb") as f:
+    with open(node.driver.engine.backend.layout.image(vol.upper), "rb") as f:
         f.seek(1024 + 0x38)
         assert f.read(2) == b"\x53\xef", "the upper's image holds an ext4 superblock"
     got = node.client.controller.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=pv.handle))

@@ -15,7 +15,7 @@ import os
 
 from kubelet_sim import Kubelet, NodeEnv, Pod, mount_count, register_plugin
 
-from csi_driver.engine import host
+from csi_driver import host
 from driver_harness import cleanup
 
 MiB = 1 << 20

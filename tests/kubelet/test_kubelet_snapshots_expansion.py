@@ -92,7 +92,7 @@ def test_snapshot_as_the_snapshotter_takes_it(node: NodeEnv):
     snaps = store_dump(node.driver.state)["snapshots"]
     assert [(x["id"], x["name"], x["source_volume_id"]) for x in snaps] == [
         (content.snapshot_handle, f"snapshot-{vs.uid}", pv.handle)]
-    assert node.driver.engine.layout.image(snaps[0]["layer"]).is_file()
+    assert node.driver.engine.backend.layout.image(snaps[0]["layer"]).is_file()
     got = node.client.controller.GetSnapshot(
         csi.GetSnapshotRequest(snapshot_id=content.snapshot_handle)).snapshot
     assert got.ready_to_use and got.source_volume_id == pv.handle and got.size_bytes == content.restore_size
@@ -165,7 +165,7 @@ def test_online_expansion_with_the_central_resizer(node: NodeEnv, expand_control
     assert node_needed and size >= before + 256 * MiB and pv.capacity == size
     # the central instance cannot touch the node's volume: nothing has grown yet
     vol = node.driver.engine.get_volume(pv.handle)
-    image = node.driver.engine.layout.image(vol.upper)
+    image = node.driver.engine.backend.layout.image(vol.upper)
     assert vol.capacity_bytes == 64 * MiB and fs_bytes(target) == before
 
     got = expand_on_node(node, pod, pv)

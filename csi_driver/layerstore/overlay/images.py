@@ -1,17 +1,13 @@
-"""Layer images: building them and reference-counted loop mounts of them."""
+"""Layer images: sizing, building, mount options, journal replay."""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import tarfile
-import threading
 from pathlib import Path
 
-from csi_driver.engine import host
-from csi_driver.engine.compose import overlay_options
-from csi_driver.engine.layout import Layout
-from csi_driver.engine.locks import KeyedLocks
+from csi_driver import host
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +59,9 @@ def build_image(dest: Path, size: int, fs_type: str, populate: Path | None = Non
             host.umount(mnt)
     else:
         host.mkfs(dest, "ext4", populate=populate, journal_mib=journal_bytes(size) // MiB)
+    for scratch in (dest.parent / "skel", dest.parent / "skel-mnt"):
+        if scratch.is_dir() and not host.is_mount_point(scratch):
+            shutil.rmtree(scratch)
     return host.fs_used_bytes(dest, fs_type)
 
 
@@ -92,49 +91,6 @@ def mount_options(fs_type: str, readonly: bool) -> list[str]:
     return opts
 
 
-class LayerMounts:
-    """Loop mounts of layer images at ``layers/<id>/mnt``, counted per user.
-
-    A layer is mounted while any staged volume (or a running copy) uses it,
-    and unmounted when the last user releases it. Locks are per layer.
-    """
-
-    def __init__(self, layout: Layout) -> None:
-        self.layout = layout
-        self._locks = KeyedLocks()
-        self._counts: dict[str, int] = {}
-        self._guard = threading.Lock()
-
-    def acquire(self, layer_id: str, fs_type: str, readonly: bool) -> Path:
-        mnt = self.layout.mnt(layer_id)
-        with self._locks.hold(layer_id):
-            if not host.is_mounted(mnt):
-                mnt.mkdir(exist_ok=True)
-                image = self.layout.image(layer_id)
-                host.mount_image(image, mnt, fs_type, mount_options(fs_type, readonly), readonly)
-            with self._guard:
-                self._counts[layer_id] = self._counts.get(layer_id, 0) + 1
-        return mnt
-
-    def release(self, layer_id: str) -> None:
-        with self._locks.hold(layer_id):
-            with self._guard:
-                n = self._counts.get(layer_id, 0) - 1
-                if n > 0:
-                    self._counts[layer_id] = n
-                    return
-                self._counts.pop(layer_id, None)
-            host.umount(self.layout.mnt(layer_id))
-
-    def count(self, layer_id: str) -> int:
-        with self._guard:
-            return self._counts.get(layer_id, 0)
-
-    def in_use(self) -> set[str]:
-        with self._guard:
-            return set(self._counts)
-
-
 def ext4_needs_recovery(image: Path) -> bool:
     """True when the image's journal holds transactions not yet replayed."""
     sb = host.ext4_superblock(image)
@@ -144,7 +100,7 @@ def ext4_needs_recovery(image: Path) -> bool:
 def make_clean(image: Path, fs_type: str) -> None:
     """Replay a pending journal so the image can be mounted read-only."""
     if fs_type == "ext4" and ext4_needs_recovery(image):
-        host.run(["e2fsck", "-p", "-E", "journal_only", str(image)], check=False)
+        host.e2fsck(image, journal_only=True)
     elif fs_type == "xfs":  # mounting read-write once replays the log
         mnt = image.parent / "mnt"
         mnt.mkdir(exist_ok=True)
@@ -156,25 +112,3 @@ def populate_from_tar(archive: Path, dest_upper: Path) -> None:
     """Extract ``archive`` safely (no absolute paths, no escapes, no devices)."""
     with tarfile.open(archive) as tar:
         tar.extractall(dest_upper, filter="data")
-
-
-def flatten_into(layout: Layout, links: list[str], root: Path) -> None:
-    """Mount the merged view of ``links`` (nearest first) at ``root/upper``."""
-    target = root / "upper"
-    target.mkdir(parents=True, exist_ok=True)
-    if len(links) == 1:
-        host.bind_mount(layout.link(links[0]).resolve(), target, readonly=True)
-        return
-    opts = overlay_options(links[:-1], None)
-    # a lowers-only overlay is read-only; the last link replaces "empty"
-    opts[0] = "lowerdir=" + ":".join(f"l/{x}" for x in links)
-    host.mount("overlay", target, "overlay", ["ro"] + opts, cwd=layout.root)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a directory that holds no mounts (refuses to cross one)."""
-    if not path.exists():
-        return
-    for m in host.mounts_under(path):
-        host.umount(m.target)
-    shutil.rmtree(path, ignore_errors=False)

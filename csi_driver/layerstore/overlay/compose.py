@@ -24,3 +24,10 @@ def overlay_options(lower_links: list[str], upper_id: str | None) -> list[str]:
     if len(",".join(opts)) >= PAGE_SIZE:
         raise OptionsTooLong(f"overlay options for {len(lower_links)} layers exceed one page")
     return opts
+
+
+def view_options(links: list[str]) -> list[str]:
+    """Options for a read-only overlay of two or more committed layers (nearest first)."""
+    opts = overlay_options(links[:-1], None)
+    opts[0] = "lowerdir=" + ":".join(f"l/{x}" for x in links)  # the last link replaces "empty"
+    return opts

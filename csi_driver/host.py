@@ -6,14 +6,16 @@ Nothing here knows about volumes or layers; every function is safe to repeat.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi_driver.engine import loopdev
+from csi_driver import loopdev
 from csi_driver.errors import CommandFailed, FailedPrecondition
 
 log = logging.getLogger(__name__)
@@ -48,49 +50,95 @@ def _unescape(field: str) -> str:
     return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
-def mounts() -> list[MountEntry]:
-    """The calling process's mount table (/proc/self/mountinfo)."""
-    out = []
-    # newline="\n": a mount path may hold a carriage return, which must not split its line
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
-        for line in f:
-            left, _, right = line.rstrip("\n").partition(" - ")
-            a = left.split(" ")
-            b = right.split(" ")
-            out.append(
-                MountEntry(
-                    int(a[0]),
-                    int(a[1]),
-                    _unescape(a[3]),
-                    _unescape(a[4]),
-                    a[5],
-                    b[0],
-                    _unescape(b[1]),
-                    b[2] if len(b) > 2 else "",
+class MountTable:
+    """One reading of the calling process's mount table (/proc/self/mountinfo).
+
+    Read it once per operation and ask it many questions: parsing the table is
+    what made every check cost O(mounts) on a busy node. ``reads`` counts the
+    readings this process made (tests hold operations to one).
+    """
+
+    reads = 0
+
+    def __init__(self, entries: list[MountEntry]) -> None:
+        self.entries = entries
+        self._by_target: dict[str, MountEntry] = {}
+        for entry in entries:  # the last one at a target is on top
+            self._by_target[entry.target] = entry
+
+    @classmethod
+    def read(cls) -> MountTable:
+        cls.reads += 1
+        out = []
+        # newline="\n": a mount path may hold a carriage return, which must not split its line
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            for line in f:
+                left, _, right = line.rstrip("\n").partition(" - ")
+                a = left.split(" ")
+                b = right.split(" ")
+                out.append(
+                    MountEntry(
+                        int(a[0]),
+                        int(a[1]),
+                        _unescape(a[3]),
+                        _unescape(a[4]),
+                        a[5],
+                        b[0],
+                        _unescape(b[1]),
+                        b[2] if len(b) > 2 else "",
+                    )
                 )
-            )
-    return out
+        return cls(out)
+
+    def at(self, path: str | Path) -> MountEntry | None:
+        """The topmost mount whose target is exactly ``path``."""
+        return self._by_target.get(os.path.realpath(path))
+
+    def is_mounted(self, path: str | Path) -> bool:
+        return self.at(path) is not None
+
+    def under(self, root: str | Path) -> list[MountEntry]:
+        """Mounts at or below ``root``, deepest first (the order to unmount them)."""
+        base = os.path.realpath(root)
+        found = [m for m in self.entries if m.target == base or m.target.startswith(base + "/")]
+        return sorted(found, key=lambda m: m.target.count("/"), reverse=True)
+
+    def sources(self) -> set[str]:
+        return {m.source for m in self.entries}
+
+
+def mounts() -> list[MountEntry]:
+    """The calling process's mount table, read now."""
+    return MountTable.read().entries
 
 
 def mount_at(path: str | Path) -> MountEntry | None:
-    """The topmost mount whose target is exactly ``path``."""
-    target = os.path.realpath(path)
-    found = None
-    for entry in mounts():
-        if entry.target == target:
-            found = entry
-    return found
+    """The topmost mount whose target is exactly ``path`` (reads the whole table:
+    prefer one ``MountTable`` per operation)."""
+    return MountTable.read().at(path)
 
 
 def is_mounted(path: str | Path) -> bool:
     return mount_at(path) is not None
 
 
+def is_mount_point(path: str | Path) -> bool:
+    """Whether another file system is mounted at ``path``, without reading the
+    mount table: its device differs from its parent directory's. Exact for loop
+    mounts and overlays; a bind of a directory of the same file system is not seen."""
+    try:
+        st = os.lstat(path)
+        parent = os.lstat(os.path.join(path, ".."))
+    except OSError:
+        return False
+    return st.st_dev != parent.st_dev or st.st_ino == parent.st_ino
+
+
 def mount(
     source: str,
     target: str | Path,
     fstype: str | None = None,
-    options: list[str] | None = None,
+    options: list[str] | tuple[str, ...] | None = None,
     cwd: str | Path | None = None,
 ) -> None:
     argv = ["mount"]
@@ -105,23 +153,56 @@ def mount(
 def bind_mount(source: str | Path, target: str | Path, readonly: bool = False) -> None:
     run(["mount", "--bind", str(source), str(target)])
     if readonly:
-        run(["mount", "-o", "remount,bind,ro", str(target)])
+        remount_bind(target, ["ro"])
+
+
+def remount(target: str | Path, options: list[str]) -> None:
+    """Change a mounted file system's options (``mount -o remount,...``)."""
+    run(["mount", "-o", "remount," + ",".join(options), str(target)])
+
+
+def remount_bind(target: str | Path, options: list[str]) -> None:
+    """Change one bind mount's per-mount flags (ro, noexec, ...)."""
+    run(["mount", "-o", "remount,bind," + ",".join(options), str(target)])
+
+
+_MNT_DETACH = 2
+_libc = None
 
 
 def umount(target: str | Path, lazy: bool = False) -> None:
-    """Unmount every mount stacked at ``target``; no error if none is there."""
-    while is_mounted(target):
+    """Unmount every mount stacked at ``target``; no error if none is there.
+
+    umount2(2) itself says when nothing is mounted (EINVAL) or the path is gone
+    (ENOENT), so this never reads the mount table.
+    """
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    path = os.fsencode(str(target))
+    for _ in range(64):
+        if _libc.umount2(path, _MNT_DETACH if lazy else 0) == 0:
+            continue
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOENT, errno.ENOTDIR):
+            return
         argv = ["umount"] + (["-l"] if lazy else []) + [str(target)]
-        proc = run(argv, check=False)
-        if proc.returncode != 0 and is_mounted(target):
-            raise CommandFailed(argv, proc.returncode, proc.stderr)
+        raise CommandFailed(argv, 32, f"umount {target}: {os.strerror(err)}")
+    raise CommandFailed(["umount", str(target)], 32, f"{target}: more than 64 mounts stacked")
 
 
 def mounts_under(root: str | Path) -> list[MountEntry]:
     """Mounts at or below ``root``, deepest first (the order to unmount them)."""
-    base = os.path.realpath(root)
-    found = [m for m in mounts() if m.target == base or m.target.startswith(base + "/")]
-    return sorted(found, key=lambda m: m.target.count("/"), reverse=True)
+    return MountTable.read().under(root)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory after unmounting whatever is mounted below it."""
+    if not path.exists():
+        return
+    for m in mounts_under(path):
+        umount(m.target)
+    shutil.rmtree(path)
 
 
 # ---- sparse image files ----------------------------------------------------
@@ -321,9 +402,10 @@ def loop_attach(image: Path, readonly: bool = False) -> str:
     return loopdev.attach(image, readonly=readonly)
 
 
-def mount_image(image: Path, target: str | Path, fstype: str, options: list[str], readonly: bool) -> None:
+def mount_image(image: Path, target: str | Path, fstype: str, options: list[str], readonly: bool) -> str:
     """Mount a file-system image through a direct-I/O loop device that goes away
-    with the mount (as ``mount -o loop`` would, but without a second page cache)."""
+    with the mount (as ``mount -o loop`` would, but without a second page cache);
+    return the device."""
     if not readonly and (other := loopdev.attached_read_write(image)):
         # two writers of one file system would corrupt it (libmount refuses this too)
         raise FailedPrecondition(f"{image} is already attached read-write to {other}")
@@ -331,6 +413,7 @@ def mount_image(image: Path, target: str | Path, fstype: str, options: list[str]
         image, readonly=readonly, sector_size=sector_size_of(image), autoclear=True
     ) as device:
         mount(device, target, fstype, options)
+    return device
 
 
 def loop_detach(device: str) -> None:
@@ -360,3 +443,26 @@ def freeze(mountpoint: Path) -> None:
 
 def thaw(mountpoint: Path) -> None:
     run(["fsfreeze", "--unfreeze", str(mountpoint)], check=False)
+
+
+def tune2fs_reserved(target: str | Path, percent: int) -> None:
+    """Blocks of an ext4 (image or device) reserved for root, in percent."""
+    run(["tune2fs", "-m", str(percent), str(target)])
+
+
+def set_read_ahead(device: str, kib: int) -> None:
+    run(["blockdev", "--setra", str(kib * 2), device])
+
+
+def flush_buffers(device: str) -> None:
+    run(["blockdev", "--flushbufs", device], check=False)
+
+
+def e2fsck(image: Path, *, journal_only: bool = False) -> None:
+    """Replay the journal only, or check and repair what is safe (-p), forced."""
+    argv = ["e2fsck", "-p", "-E", "journal_only"] if journal_only else ["e2fsck", "-f", "-p"]
+    run(argv + [str(image)], check=False)
+
+
+def resize2fs(target: str | Path) -> None:
+    run(["resize2fs", str(target)])

@@ -1,0 +1,107 @@
+"""Volumes' content as committed layers: what snapshots and clones are made of."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from csi_driver.engine.context import BLOCK, EngineContext
+from csi_driver.errors import NotFound
+from csi_driver.layerstore.backend import Built
+from csi_driver.store import Layer, Volume
+
+log = logging.getLogger(__name__)
+
+
+class Capture:
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+
+    def volume(self, volume_id: str, scratch: Path) -> Layer:
+        """Turn a volume's current content into a committed layer and return it."""
+        with self.ctx.store.read() as tx:
+            v = tx.volume(volume_id)
+        if v is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return self.volumes([v], scratch)[0]
+
+    def volumes(self, vols: list[Volume], scratch: Path) -> list[Layer]:
+        """Committed layers holding each volume's content at one instant.
+
+        Detached: the upper itself is committed (O(1)) and the volume continues
+        on a fresh upper. In use: the backend captures every in-use upper at one
+        instant (a group stays crash-consistent across its members); block
+        members are copied in the same window.
+        """
+        ctx = self.ctx
+        uppers = {v.id: ctx.upper_of(v) for v in vols}
+        copied = [
+            v for v in vols if v.access_type == BLOCK or ctx.backend.is_active(uppers[v.id])
+        ]  # block volumes are always copied: a raw image cannot be committed under a new upper
+        builds: dict[str, Path] = {}
+        for v in copied:
+            builds[uppers[v.id].id] = scratch / f"copy-{v.id}"
+            builds[uppers[v.id].id].mkdir()
+        captured = ctx.backend.capture(
+            builds, [uppers[v.id] for v in copied], lambda: ctx.step("snapshot.frozen")
+        )
+        out: list[Layer] = []
+        for v in vols:
+            upper = uppers[v.id]
+            if v in copied:
+                built = captured[upper.id]
+                parent = ctx.layer(upper.parent) if upper.parent else None
+                out.append(self._add_copy(builds[upper.id], parent, built, upper.fs_type))
+            else:
+                out.append(self._commit_upper(v, upper, scratch))
+        return out
+
+    def _add_copy(self, build: Path, parent: Layer | None, built: Built, fs_type: str) -> Layer:
+        """Record a copy made in ``build`` as a committed layer over ``parent``."""
+        ctx = self.ctx
+        layer = ctx.new_layer(parent, built, active=False, fs_type=fs_type)
+        with ctx.store.tx() as tx:
+            tx.add_layer(layer)
+            ctx.install(build, layer)
+            ctx.step("snapshot.copied")
+        ctx.backend.expose(layer)
+        return layer
+
+    def _commit_upper(self, v: Volume, upper: Layer, scratch: Path) -> Layer:
+        """Commit a detached volume's upper in place; the volume gets a fresh one.
+
+        A chain at the depth cap is flattened into one layer, and then that
+        layer, not the deep chain, is what the snapshot (or clone) refers to, so
+        it is referenced (and pinned) from the moment it is installed.
+        """
+        ctx = self.ctx
+        data = ctx.backend.commit(upper)
+        committed = Layer(**{**upper.__dict__, "active": 0, "depth": upper.depth + 1, "used_bytes": data})
+        base, flat = committed, None
+        if committed.depth >= ctx.config.max_depth:
+            flat_dir = scratch / f"flat-{v.id}"
+            flat_dir.mkdir()
+            flat = base = ctx.flatten(upper, flat_dir)
+        fresh_dir = scratch / f"fresh-{v.id}"
+        fresh_dir.mkdir()
+        size = ctx.upper_size(v.capacity_bytes, upper.fs_type)
+        # the view the fresh upper starts from: the committed chain (a flat layer
+        # shows the same, but is not installed yet)
+        chain = [committed] + (ctx.chain(upper.parent) if upper.parent else [])
+        built = ctx.backend.prepare(fresh_dir, chain, size, upper.fs_type)
+        fresh = ctx.new_layer(base, built, active=True, fs_type=upper.fs_type)
+        with ctx.store.tx() as tx:
+            tx.update_layer(upper.id, active=0, depth=committed.depth, used_bytes=data)
+            if flat is not None:
+                tx.add_layer(flat)
+                ctx.install(flat_dir, flat)
+            tx.add_layer(fresh)
+            tx.update_volume(v.id, upper=fresh.id)
+            ctx.install(fresh_dir, fresh)
+            gone = tx.collect_garbage() if flat is not None else []  # the deep chain, unless shared
+            ctx.step("snapshot.committed")
+        ctx.discard(gone)
+        for layer in (flat, fresh):
+            if layer is not None:
+                ctx.backend.expose(layer)
+        return base

@@ -1,0 +1,190 @@
+"""The one interface between "what a volume is" and "how a layer is kept on disk".
+
+Modelled on containerd's Snapshotter: the engine's store decides which layers
+exist and how they stack (ids, parents, names, who uses them); a backend keeps
+their bytes and answers with mounts as data, never mounting a volume itself.
+
+Every change to the set of layers happens in two halves so that one store
+transaction can record it: the backend *builds* a layer in a private scratch
+directory the engine hands it (``prepare``, ``capture``, ``squash``,
+``import_tree``), then ``install`` moves the build into place inside the
+transaction that adds the layer's row, and ``expose`` makes it usable as a
+lower once that transaction has committed. A crash before the commit leaves a
+scratch dir or an unknown layer dir; ``cleanup`` removes both at the next start.
+
+Layers are ``store.Layer`` records: the backend reads the fields it owns (its
+``fs_type``, ``image_bytes``, ``base_bytes`` and ``link``) and the parent chain,
+nearest first, which the engine passes in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from csi_driver.host import MountEntry, MountTable
+from csi_driver.store import Layer
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One mount, as data: ``mount -t type -o options source target``, run in ``cwd``
+    (relative paths in ``options`` are relative to it)."""
+
+    type: str
+    source: str
+    options: tuple[str, ...] = ()
+    cwd: str | None = None
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a build made: the layer's size and the data it holds beyond its empty baseline."""
+
+    image_bytes: int
+    used_bytes: int = 0
+    base_bytes: int = 0
+    fs_type: str = ""  # set by builds whose kind the caller cannot know (squash, import_tree)
+
+
+@dataclass(frozen=True)
+class FsUsage:
+    """An active layer's file system as the pod sees it (statvfs)."""
+
+    total_bytes: int
+    used_bytes: int
+    available_bytes: int
+    total_inodes: int
+    used_inodes: int
+    available_inodes: int
+
+
+@dataclass
+class CleanupReport:
+    removed: list[str] = field(default_factory=list)
+    unmounted: list[str] = field(default_factory=list)
+    detached: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+class Unsupported(Exception):
+    """The backend cannot do this (a raw block volume on a directory backend, say)."""
+
+
+@runtime_checkable
+class LayerBackend(Protocol):
+    """How layers are kept. Every method is safe to repeat after a crash."""
+
+    #: a short name for logs, metrics and ``doctor``
+    name: str
+    #: the file system types an active layer may have ("ext4", "xfs", "block", ...)
+    fs_types: frozenset[str]
+
+    def size_for(self, capacity: int, fs_type: str) -> int:
+        """The size an active layer needs to offer ``capacity`` bytes to files."""
+
+    # ---- builds (nothing is visible until ``install``) ----------------------
+    def prepare(self, build: Path, parents: Sequence[Layer], size: int, fs_type: str) -> Built:
+        """An active layer over ``parents`` (its chain, nearest first; empty for none)
+        that can hold ``size`` bytes of data. A backend that stacks (overlayfs) makes
+        it empty; one that cannot stack copies the parent's tree into it."""
+
+    def prepare_block(self, build: Path, size: int, source: Path | None) -> Built:
+        """A raw block layer of ``size`` bytes: empty, or a copy of ``source``'s bytes."""
+
+    def capture(
+        self, builds: Mapping[str, Path], layers: Sequence[Layer], frozen_hook: Callable[[], None] = ...
+    ) -> dict[str, Built]:
+        """Point-in-time copies of active layers in use, all taken at one instant
+        (a group's members stay consistent with each other); ``builds`` maps each
+        layer id to the dir its copy goes to. ``frozen_hook`` runs at that instant
+        (crash tests stop there)."""
+
+    def squash(self, build: Path, chain: Sequence[Layer]) -> Built:
+        """One committed layer holding the merged view of ``chain`` (nearest first)."""
+
+    def import_tree(self, build: Path, source: Path) -> Built:
+        """A committed layer holding a directory's tree or a tar archive's."""
+
+    def install(self, build: Path, layer: Layer) -> None:
+        """Move a build into place as ``layer`` (inside the transaction adding its row)."""
+
+    def expose(self, layer: Layer) -> None:
+        """Make an installed layer usable as a lower (after its row is committed)."""
+
+    def remove(self, layer: Layer) -> None:
+        """Delete a layer the store no longer knows; a missing layer is fine."""
+
+    # ---- changes in place ---------------------------------------------------
+    def commit(self, layer: Layer) -> int:
+        """Make a detached active layer immutable in place; return the data it holds
+        beyond its empty baseline. The store flips its row."""
+
+    def size(self, layer: Layer) -> int:
+        """The bytes an active layer's storage has now (its image's size)."""
+
+    def resize(self, layer: Layer, size: int) -> None:
+        """Give an active layer's image ``size`` bytes (the file system is not touched)."""
+
+    def grow_fs(self, layer: Layer) -> int:
+        """Grow an active layer's file system to fill its image, online when it is
+        active; return the bytes of metadata the growth added to its baseline."""
+
+    def tune(self, layer: Layer, params: Mapping[str, str]) -> None:
+        """Apply mutable parameters (see engine.modify) to an active layer."""
+
+    # ---- use ----------------------------------------------------------------
+    def activate(self, layer: Layer) -> None:
+        """Make a layer readable (and an active one writable); counted per caller."""
+
+    def deactivate(self, layer: Layer) -> None:
+        """Undo one ``activate``; the last one releases what it holds."""
+
+    def is_active(self, layer: Layer) -> bool:
+        """Whether the layer is activated (by this process or one before it)."""
+
+    def active_layers(self) -> set[str]:
+        """The layers this process holds activated."""
+
+    def mounts(self, chain: Sequence[Layer]) -> list[Mount]:
+        """The mounts that show ``chain`` (nearest first) as one tree: read-write
+        when the nearest layer is active, read-only otherwise (a view)."""
+
+    def mounted_layer(self, entry: MountEntry) -> str | None:
+        """The active layer a mount-table entry shows (a mount made from
+        ``mounts([layer, ...])``), or None when the entry is not one of ours."""
+
+    def usage(self, layer: Layer) -> int:
+        """Bytes the host really spends on the layer."""
+
+    def fs_usage(self, layer: Layer) -> FsUsage | None:
+        """An active layer's file system figures, None when it is not activated."""
+
+    def health(self, layer: Layer, table: MountTable | None = None) -> str:
+        """An empty string when the layer is usable, else what is wrong ("its image
+        is missing"); ``table`` lets it look at the mount table read for the call."""
+
+    def describe(self, layer: Layer) -> dict[str, str]:
+        """Where and how a layer is kept, for operators (paths, mount point)."""
+
+    def block_file(self, layer: Layer) -> Path:
+        """The file behind a raw block layer (attached to a loop device by the engine)."""
+
+    def block_capture(self, layer: Layer, build: Path, devices: Sequence[str]) -> Built:
+        """Copy a block layer's bytes at one instant into a build; ``devices`` are
+        the loop devices it is attached to (none when detached)."""
+
+    # ---- housekeeping -------------------------------------------------------
+    def walk(self) -> list[str]:
+        """The ids of every layer on disk, known to the store or not."""
+
+    def cleanup(self, known: Mapping[str, Layer], keep_devices: set[str]) -> CleanupReport:
+        """At start-up, after the engine re-activated what staged volumes use: remove
+        what the store does not know (layer dirs, links), release what an earlier
+        process left activated and nobody holds now, and detach loop devices of
+        its layers except ``keep_devices`` (raw block volumes in use)."""
+
+    def free_bytes(self) -> int:
+        """Bytes still free where layers are kept."""

@@ -1,0 +1,1 @@
+"""The overlay-on-loop-images layer backend (see backend.py)."""

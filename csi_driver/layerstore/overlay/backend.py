@@ -1,0 +1,377 @@
+"""The overlay-on-loop-images backend: each layer a sparse ext4/xfs image,
+loop-mounted in direct-I/O mode while used, stacked by overlayfs.
+
+A committed layer is an image mounted read-only; an active layer (a volume's
+upper) is one mounted read-write. Committing a detached upper is a metadata
+flip; capturing one in use freezes its file system and copies the image's
+allocated extents (a reflink where the host file system can clone).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from csi_driver import host
+from csi_driver.errors import CommandFailed, FailedPrecondition
+from csi_driver.ids import ID_RE
+from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount
+from csi_driver.layerstore.overlay.compose import overlay_options, view_options
+from csi_driver.layerstore.overlay.images import (
+    build_image,
+    image_size_for,
+    make_clean,
+    populate_from_tar,
+)
+from csi_driver.layerstore.overlay.layout import Layout
+from csi_driver.layerstore.overlay.mounts import LayerMounts
+from csi_driver.store import Layer
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+BLOCK = "block"
+
+
+def _nothing() -> None:
+    pass
+
+
+class OverlayLoopBackend:
+    name = "overlay-loop"
+    fs_types = frozenset({"ext4", "xfs", BLOCK})
+
+    def __init__(self, root: Path) -> None:
+        self.layout = Layout(root)
+        self.layout.ensure()
+        self.held = LayerMounts(self.layout)
+
+    @staticmethod
+    def size_for(capacity: int, fs_type: str) -> int:
+        return capacity if fs_type == BLOCK else image_size_for(capacity, fs_type)
+
+    # ---- builds -------------------------------------------------------------
+    def prepare(self, build: Path, parents: Sequence[Layer], size: int, fs_type: str) -> Built:
+        empty = build_image(build / "image", size, fs_type)
+        return Built(image_bytes=size, base_bytes=empty)
+
+    def prepare_block(self, build: Path, size: int, source: Path | None) -> Built:
+        dest = build / "image"
+        if source is None:
+            host.create_sparse(dest, size)
+        elif not host.reflink(source, dest):
+            host.copy_sparse(source, dest)
+        if os.path.getsize(dest) < size:
+            os.truncate(dest, size)
+        return Built(image_bytes=os.path.getsize(dest))
+
+    def capture(
+        self, builds: Mapping[str, Path], layers: Sequence[Layer], frozen_hook: Callable[[], None] = _nothing
+    ) -> dict[str, Built]:
+        """Every file system is frozen at once, the images cloned (a reflink) or their
+        allocated extents copied, then all thawed; raw block layers are copied in
+        the same window."""
+        frozen: list[Path] = []
+        out: dict[str, Built] = {}
+        try:
+            for layer in layers:
+                if layer.fs_type != BLOCK:
+                    mnt = self.layout.mnt(layer.id)
+                    frozen.append(mnt)  # before freezing: a timed-out fsfreeze may have frozen it
+                    host.freeze(mnt)
+            frozen_hook()
+            for layer in layers:
+                if layer.fs_type == BLOCK:
+                    out[layer.id] = self.block_capture(layer, builds[layer.id], self._devices(layer))
+                elif not host.reflink(self.layout.image(layer.id), builds[layer.id] / "image"):
+                    host.copy_sparse(self.layout.image(layer.id), builds[layer.id] / "image")
+        finally:
+            for mnt in frozen:
+                host.thaw(mnt)
+        for layer in layers:
+            if layer.fs_type != BLOCK:
+                data = host.fs_used_bytes(builds[layer.id] / "image", layer.fs_type) - layer.base_bytes
+                out[layer.id] = Built(layer.image_bytes, max(0, data), layer.base_bytes)
+        return out
+
+    def squash(self, build: Path, chain: Sequence[Layer]) -> Built:
+        root = build / "root"
+        (root / "upper").mkdir(parents=True)
+        for layer in chain:
+            self.activate(layer)
+        try:
+            self._mount_view(chain, root / "upper")
+            try:
+                (root / "work").mkdir(exist_ok=True)
+                tree = host.tree_bytes(root / "upper")
+                size = image_size_for(tree + tree // 4 + 64 * MiB)  # from the tree: no compounding
+                build_image(build / "image", size, "ext4", populate=root)
+            finally:
+                host.umount(root / "upper")
+        finally:
+            for layer in chain:
+                self.deactivate(layer)
+        shutil.rmtree(root)
+        return Built(image_bytes=size, used_bytes=tree, fs_type="ext4")
+
+    def import_tree(self, build: Path, source: Path) -> Built:
+        root = build / "root"
+        (root / "work").mkdir(parents=True)
+        (root / "upper").mkdir()
+        if source.is_dir():
+            host.bind_mount(source, root / "upper", readonly=True)
+        else:
+            populate_from_tar(source, root / "upper")
+        try:
+            used = host.tree_bytes(root / "upper")
+            size = image_size_for(used + used // 4 + 64 * MiB)
+            build_image(build / "image", size, "ext4", populate=root)
+        finally:
+            host.umount(root / "upper")
+        shutil.rmtree(root)
+        return Built(image_bytes=size, used_bytes=used, fs_type="ext4")
+
+    def install(self, build: Path, layer: Layer) -> None:
+        os.rename(build, self.layout.layer_dir(layer.id))
+
+    def expose(self, layer: Layer) -> None:
+        link = self.layout.link(layer.link)
+        if not link.is_symlink():
+            tmp = link.with_name(link.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(f"../layers/{layer.id}/mnt/upper")
+            os.rename(tmp, link)
+
+    def remove(self, layer: Layer) -> None:
+        self.held.forget(layer.id)
+        self.layout.link(layer.link).unlink(missing_ok=True)
+        host.remove_tree(self.layout.layer_dir(layer.id))
+
+    # ---- changes in place ---------------------------------------------------
+    def commit(self, layer: Layer) -> int:
+        image = self.layout.image(layer.id)
+        make_clean(image, layer.fs_type)
+        return max(0, host.fs_used_bytes(image, layer.fs_type) - layer.base_bytes)
+
+    def size(self, layer: Layer) -> int:
+        return os.path.getsize(self.layout.image(layer.id))
+
+    def resize(self, layer: Layer, size: int) -> None:
+        image = self.layout.image(layer.id)
+        if size != os.path.getsize(image):
+            os.truncate(image, size)
+        for device in self._devices(layer):
+            host.loop_refresh(device)
+
+    def grow_fs(self, layer: Layer) -> int:
+        image = self.layout.image(layer.id)
+        mnt = self.layout.mnt(layer.id)
+        device = self.held.device(layer.id) if host.is_mount_point(mnt) else None
+        if device is None:  # offline: nothing is written but the new groups' metadata
+            before = host.fs_used_bytes(image, layer.fs_type)
+            if layer.fs_type == "ext4":
+                host.e2fsck(image)
+                host.resize2fs(image)
+            else:
+                self.held.acquire(layer.id, layer.fs_type, readonly=False)
+                try:
+                    host.grow_fs(layer.fs_type, "", mnt)
+                finally:
+                    self.held.release(layer.id)
+            return max(0, host.fs_used_bytes(image, layer.fs_type) - before)
+        host.loop_refresh(device)
+        blocks = os.statvfs(mnt).f_blocks
+        try:
+            host.grow_fs(layer.fs_type, device, mnt)
+        except CommandFailed as e:
+            if "Permission denied" in e.stderr or "Operation not permitted" in e.stderr:
+                raise FailedPrecondition(
+                    "growing a mounted ext4 file system needs CAP_SYS_RESOURCE: run the node plugin "
+                    "privileged (the Helm chart does), or use fsType xfs, which grows online without it"
+                ) from e
+            raise
+        # mounted, the superblock on disk lags: estimate the new groups' metadata from
+        # how many blocks the file system grew by (256-byte inodes per 16 KiB, as made)
+        st = os.statvfs(mnt)
+        return (st.f_blocks - blocks) * st.f_frsize // 64 if layer.fs_type == "ext4" else 0
+
+    def tune(self, layer: Layer, params: Mapping[str, str]) -> None:
+        if "readAheadKiB" in params:
+            for device in self._devices(layer):
+                host.set_read_ahead(device, int(params["readAheadKiB"]))
+        if layer.fs_type == BLOCK:
+            return
+        mnt = self.layout.mnt(layer.id)
+        mounted = host.is_mount_point(mnt)
+        opts = []
+        if "discard" in params:
+            opts.append("discard" if params["discard"] == "true" else "nodiscard")
+        if "commitSeconds" in params:
+            opts.append(f"commit={params['commitSeconds']}")
+        if opts and mounted:
+            host.remount(mnt, opts)
+        if "reservedPercent" in params:
+            target = self.held.device(layer.id) if mounted else self.layout.image(layer.id)
+            if target:
+                host.tune2fs_reserved(target, int(params["reservedPercent"]))
+
+    # ---- use ----------------------------------------------------------------
+    def activate(self, layer: Layer) -> None:
+        self.held.acquire(layer.id, layer.fs_type, readonly=not layer.active)
+
+    def deactivate(self, layer: Layer) -> None:
+        self.held.release(layer.id)
+
+    def is_active(self, layer: Layer) -> bool:
+        return host.is_mount_point(self.layout.mnt(layer.id))
+
+    def active_layers(self) -> set[str]:
+        """Layers this process holds activated."""
+        return self.held.in_use()
+
+    def mounts(self, chain: Sequence[Layer]) -> list[Mount]:
+        top, lowers = chain[0], chain[1:]
+        if top.active:
+            opts = overlay_options([x.link for x in lowers], top.id)
+            return [Mount("overlay", "overlay", tuple(opts), str(self.layout.root))]
+        if len(chain) == 1:
+            return [Mount("bind", str(self.layout.upper(top.id)), ("bind", "ro"))]
+        opts = view_options([x.link for x in chain])
+        return [Mount("overlay", "overlay", tuple(opts), str(self.layout.root))]
+
+    def mounted_layer(self, entry: host.MountEntry) -> str | None:
+        """The active layer a mount-table entry is an overlay of, or None."""
+        if entry.fstype != "overlay":
+            return None
+        for opt in entry.super_options.split(","):
+            if opt.startswith("upperdir="):
+                parts = opt[len("upperdir=") :].split("/")
+                if len(parts) == 4 and parts[0] == "layers" and ID_RE.match(parts[1]):
+                    return parts[1]
+        return None
+
+    def usage(self, layer: Layer) -> int:
+        return host.allocated_bytes(self.layout.image(layer.id))
+
+    def fs_usage(self, layer: Layer) -> FsUsage | None:
+        mnt = self.layout.mnt(layer.id)
+        if not host.is_mount_point(mnt):
+            return None
+        st = os.statvfs(mnt)
+        return FsUsage(
+            st.f_blocks * st.f_frsize,
+            (st.f_blocks - st.f_bfree) * st.f_frsize,
+            st.f_bavail * st.f_frsize,
+            st.f_files,
+            st.f_files - st.f_ffree,
+            st.f_favail,
+        )
+
+    def health(self, layer: Layer, table: host.MountTable | None = None) -> str:
+        if not self.layout.image(layer.id).exists():
+            return "its image is missing"
+        if layer.active and layer.fs_type != BLOCK and table is not None:
+            entry = table.at(self.layout.mnt(layer.id))
+            if entry is not None and "ro" in entry.options.split(","):
+                return "its file system was remounted read-only after an I/O error"
+        return ""
+
+    def describe(self, layer: Layer) -> dict[str, str]:
+        """Where and how a layer is kept, for operators."""
+        return {
+            "image": str(self.layout.image(layer.id)),
+            "mountpoint": str(self.layout.mnt(layer.id)),
+            "link": str(self.layout.link(layer.link)),
+        }
+
+    # ---- raw block layers ---------------------------------------------------
+    def block_file(self, layer: Layer) -> Path:
+        return self.layout.image(layer.id)
+
+    def block_capture(self, layer: Layer, build: Path, devices: Sequence[str]) -> Built:
+        """A detached image does not change, so any copy is exact. An attached one
+        is written to while we read; only a reflink (one atomic clone of the file,
+        after flushing the devices) is a point-in-time copy, and without one we
+        refuse rather than hand out a torn image."""
+        image, dest = self.layout.image(layer.id), build / "image"
+        for device in devices:
+            host.flush_buffers(device)
+        if not host.reflink(image, dest):
+            if devices:
+                raise FailedPrecondition(
+                    "an in-use block volume: a consistent copy needs reflink on the state dir's file "
+                    "system (xfs or btrfs); unpublish and unstage it first, or move the state dir to "
+                    "such a file system"
+                )
+            host.copy_sparse(image, dest)
+        return Built(image_bytes=os.path.getsize(dest), used_bytes=host.allocated_bytes(dest))
+
+    # ---- housekeeping -------------------------------------------------------
+    def walk(self) -> list[str]:
+        return sorted(p.name for p in self.layout.layers.iterdir() if ID_RE.match(p.name))
+
+    def cleanup(self, known: Mapping[str, Layer], keep_devices: set[str]) -> CleanupReport:
+        """Remove layer dirs and links the store does not know, thaw what a crash left
+        frozen, unmount layers nobody holds, detach loop devices nobody uses."""
+        rep = CleanupReport()
+        for entry in sorted(self.layout.layers.iterdir()):
+            if entry.name not in known:
+                _settle(host.remove_tree, entry, rep.removed, rep)
+        links = {x.link for x in known.values()}
+        for entry in sorted(self.layout.links.iterdir()):
+            if entry.name not in links:
+                entry.unlink()
+                rep.removed.append(str(entry))
+        for layer in known.values():
+            if self.layout.layer_dir(layer.id).exists():
+                self.expose(layer)
+        table = host.MountTable.read()
+        for m in table.under(self.layout.layers):
+            host.thaw(Path(m.target))
+        held = self.held.in_use()
+        for m in table.under(self.layout.layers):
+            parts = os.path.relpath(m.target, self.layout.layers).split("/")
+            if len(parts) == 2 and parts[1] == "mnt" and parts[0] not in held:
+                _settle(host.umount, m.target, rep.unmounted, rep)
+        mounted = host.MountTable.read().sources()
+        ours = {host.file_id(self.layout.image(x)) for x in known} - {None}
+        for device, backing in host.loop_backing_ids().items():
+            if backing in ours and device not in mounted and device not in keep_devices:
+                host.loop_detach(device)
+                rep.detached.append(device)
+        return rep
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.layout.root)
+        return st.f_bavail * st.f_frsize
+
+    # ---- helpers ------------------------------------------------------------
+    def _devices(self, layer: Layer) -> list[str]:
+        """Loop devices attached to a layer's image (a block layer may have several)."""
+        if layer.fs_type != BLOCK:
+            mnt = self.layout.mnt(layer.id)
+            device = self.held.device(layer.id) if host.is_mount_point(mnt) else None
+            return [device] if device else []
+        image = str(self.layout.image(layer.id))
+        return [d for d, f in host.loop_devices().items() if f == image]
+
+    def _mount_view(self, chain: Sequence[Layer], target: Path) -> None:
+        (m,) = self.mounts(chain)
+        if m.type == "bind":
+            host.bind_mount(m.source, target, readonly=True)
+        else:
+            host.mount(m.source, target, m.type, ["ro", *m.options], cwd=m.cwd)
+
+
+def _settle(action, target, done: list[str], rep: CleanupReport) -> None:
+    """One repair; a busy mount or dir is logged and left for the next start
+    rather than stopping the driver from serving what is healthy."""
+    try:
+        action(target)
+        done.append(str(target))
+    except (CommandFailed, OSError) as e:
+        log.error("cleanup could not remove %s: %s", target, e)
+        rep.failed.append(str(target))

@@ -1,0 +1,72 @@
+"""Reference-counted loop mounts of layer images at ``layers/<id>/mnt``."""
+
+from __future__ import annotations
+
+import threading
+
+from csi_driver import host
+from csi_driver.layerstore.overlay.images import mount_options
+from csi_driver.layerstore.overlay.layout import Layout
+from csi_driver.locks import KeyedLocks
+
+
+class LayerMounts:
+    """A layer is mounted while any staged volume (or a running copy) uses it,
+    and unmounted when the last user releases it. Locks are per layer.
+
+    Whether a layer is mounted is asked of the kernel without reading the mount
+    table (``host.is_mount_point``), so holding d layers costs no table scans.
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self._locks = KeyedLocks()
+        self._counts: dict[str, int] = {}
+        self._devices: dict[str, str] = {}
+        self._guard = threading.Lock()
+
+    def acquire(self, layer_id: str, fs_type: str, readonly: bool) -> None:
+        mnt = self.layout.mnt(layer_id)
+        with self._locks.hold(layer_id):
+            if not host.is_mount_point(mnt):
+                mnt.mkdir(exist_ok=True)
+                image = self.layout.image(layer_id)
+                device = host.mount_image(image, mnt, fs_type, mount_options(fs_type, readonly), readonly)
+                with self._guard:
+                    self._devices[layer_id] = device
+            with self._guard:
+                self._counts[layer_id] = self._counts.get(layer_id, 0) + 1
+
+    def release(self, layer_id: str) -> None:
+        with self._locks.hold(layer_id):
+            with self._guard:
+                n = self._counts.get(layer_id, 0) - 1
+                if n > 0:
+                    self._counts[layer_id] = n
+                    return
+                self._counts.pop(layer_id, None)
+                self._devices.pop(layer_id, None)
+            host.umount(self.layout.mnt(layer_id))
+
+    def forget(self, layer_id: str) -> None:
+        """A removed layer is held by no one (its mount goes with its directory)."""
+        with self._guard:
+            self._counts.pop(layer_id, None)
+            self._devices.pop(layer_id, None)
+
+    def device(self, layer_id: str) -> str | None:
+        """The loop device under a mounted layer (from the mount table only for a
+        mount an earlier process made)."""
+        with self._guard:
+            known = self._devices.get(layer_id)
+        if known:
+            return known
+        return host.device_of(self.layout.mnt(layer_id))
+
+    def count(self, layer_id: str) -> int:
+        with self._guard:
+            return self._counts.get(layer_id, 0)
+
+    def in_use(self) -> set[str]:
+        with self._guard:
+            return set(self._counts)

@@ -1,0 +1,228 @@
+"""The metadata store: lock-free snapshot reads beside a writer, and one-query layer chains."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import pytest
+
+from csi_driver.store import Layer, ReadTx, Store
+
+QUERIES = (
+    "layer layer_by_name layers chain volume volume_by_name volumes count_staged count_attached"
+    " publications publication_at attachment attached_nodes snapshot snapshot_by_name snapshots"
+    " group group_by_name layer_users unreferenced_layers"
+).split()
+CHANGES = (
+    "add_layer collect_garbage update_layer add_volume update_volume delete_volume add_publication"
+    " delete_publication attach detach add_snapshot delete_snapshot add_group delete_group"
+).split()
+
+
+def _layer(parent: str | None = None, name: str | None = None) -> Layer:
+    return Layer(
+        id=uuid.uuid4().hex,
+        parent=parent,
+        link=uuid.uuid4().hex[:20],
+        name=name,
+        active=0,
+        fs_type="ext4",
+        depth=0,
+        image_bytes=1 << 20,
+        used_bytes=0,
+        created_at=time.time(),
+    )
+
+
+def _stack(store: Store, depth: int) -> list[Layer]:
+    """A chain of ``depth`` layers, bottom (named base) first."""
+    layers = [_layer(name="base")]
+    for _ in range(depth - 1):
+        layers.append(_layer(parent=layers[-1].id))
+    with store.tx() as tx:
+        for layer in layers:
+            tx.add_layer(layer)
+    return layers
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "state.db")
+    yield s
+    s.close()
+
+
+def test_read_is_not_blocked_by_an_open_write_and_sees_only_committed_rows(store: Store):
+    committed, pending = _layer(name="committed"), _layer(name="pending")
+    with store.tx() as tx:
+        tx.add_layer(committed)
+    inside, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with store.tx() as tx:
+            tx.add_layer(pending)
+            inside.set()
+            release.wait(timeout=5)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert inside.wait(timeout=5)
+        start = time.monotonic()
+        with store.read() as r:
+            seen = [x.id for x in r.layers()]
+        assert store.healthy()
+        elapsed = time.monotonic() - start
+    finally:
+        release.set()
+        t.join(timeout=10)
+    assert elapsed < 1, "a read waited for the writer"
+    assert seen == [committed.id], "a read saw what the open write had not committed"
+    with store.read() as r:
+        assert {x.id for x in r.layers()} == {committed.id, pending.id}
+
+
+def test_a_read_is_one_snapshot_even_while_a_write_commits(store: Store):
+    before = _layer(name="before")
+    with store.tx() as tx:
+        tx.add_layer(before)
+    with store.read() as r:
+        assert [x.id for x in r.layers()] == [before.id]
+        with store.tx() as tx:  # the same thread: the writer has its own connection
+            tx.add_layer(_layer(name="after"))
+        assert [x.id for x in r.layers()] == [before.id]
+    with store.read() as r:
+        assert len(r.layers()) == 2
+
+
+@pytest.mark.parametrize("view", ["read", "tx"])
+def test_a_deep_chain_is_one_statement_nearest_first(store: Store, view: str):
+    layers = _stack(store, 100)
+    opened: Callable[[], AbstractContextManager[ReadTx]] = getattr(store, view)
+    statements: list[str] = []
+    with opened() as r:
+        r.c.set_trace_callback(statements.append)
+        try:
+            chain = r.chain(layers[-1].id)
+        finally:
+            r.c.set_trace_callback(None)
+    assert [x.id for x in chain] == [x.id for x in reversed(layers)]
+    assert chain[-1] == layers[0] and chain[0] == layers[-1], "rows come back whole"
+    assert len(statements) == 1, statements
+    with store.read() as r:
+        assert r.chain(None) == [] and r.chain(layers[0].id) == [layers[0]]
+
+
+def _raw(store: Store, sql: str, *args: object) -> None:
+    """A change the store itself refuses (its connections enforce foreign keys)."""
+    conn = sqlite3.connect(store.path)
+    with conn:
+        conn.execute(sql, args)
+    conn.close()
+
+
+def test_a_dangling_parent_raises_lookup_error(store: Store):
+    layers = _stack(store, 3)
+    missing = uuid.uuid4().hex
+    _raw(store, "UPDATE layers SET parent=? WHERE id=?", missing, layers[0].id)
+    with store.read() as r:
+        with pytest.raises(LookupError, match=f"layer {missing} missing from store"):
+            r.chain(layers[-1].id)
+        with pytest.raises(LookupError, match=f"layer {missing} missing from store"):
+            r.chain(missing)
+
+
+def test_a_parent_cycle_raises_instead_of_looping(store: Store):
+    layers = _stack(store, 3)
+    _raw(store, "UPDATE layers SET parent=? WHERE id=?", layers[-1].id, layers[0].id)
+    with store.read() as r, pytest.raises(LookupError, match="loops"):
+        r.chain(layers[-1].id)
+
+
+def test_the_read_view_has_every_query_and_refuses_writes(store: Store):
+    with store.read() as r:
+        assert type(r) is ReadTx
+        assert all(callable(getattr(r, name)) for name in QUERIES)
+        assert not [name for name in CHANGES if hasattr(r, name)]
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            r.c.execute("INSERT INTO groups (id,name,members,created_at) VALUES ('g','g','[]',0)")
+        assert r.group("g") is None
+    with store.tx() as tx:
+        tx.add_group("g", "g", [])
+        assert all(callable(getattr(tx, name)) for name in QUERIES + CHANGES)
+
+
+def test_pinned_layers_are_never_collected(store: Store):
+    base, top = _stack(store, 2)
+    store.pin(top.id)
+    with store.tx() as tx:
+        assert tx.collect_garbage() == []
+    with store.read() as r:
+        assert r.unreferenced_layers() == []
+    store.unpin(top.id)
+    with store.read() as r:
+        assert r.unreferenced_layers() == [top]
+    with store.tx() as tx:
+        assert tx.collect_garbage() == [top]
+        assert tx.layers() == [base]
+
+
+def _reader_of_a_thread(store: Store, until: threading.Event | None = None) -> sqlite3.Connection:
+    """The reader connection a new thread opens; the thread stays alive until ``until``, if given."""
+    got: list[sqlite3.Connection | BaseException] = []
+    ready = threading.Event()
+
+    def run() -> None:
+        try:
+            with store.read() as r:
+                got.append(r.c)
+        except BaseException as e:
+            got.append(e)
+        finally:
+            ready.set()
+        if until is not None:
+            until.wait(timeout=10)
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert ready.wait(timeout=10)
+    if until is None:
+        t.join(timeout=10)
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    return got[0]
+
+
+def _is_closed(conn: sqlite3.Connection) -> bool:
+    try:
+        conn.execute("SELECT 1")
+    except sqlite3.ProgrammingError:
+        return True
+    return False
+
+
+def test_a_finished_thread_closes_its_reader(store: Store):
+    assert _is_closed(_reader_of_a_thread(store))
+
+
+def test_close_closes_every_reader(store: Store):
+    with store.read() as r:
+        mine = r.c
+    hold = threading.Event()
+    try:
+        theirs = _reader_of_a_thread(store, until=hold)
+        store.close()
+        assert _is_closed(mine) and _is_closed(theirs)
+    finally:
+        hold.set()
+    with pytest.raises(sqlite3.ProgrammingError), store.read():
+        pass
+    with pytest.raises(sqlite3.ProgrammingError):
+        _reader_of_a_thread(store)
+    assert not store.healthy()
