@@ -142,13 +142,17 @@ def attach(image: Path, *, readonly: bool = False, sector_size: int = BLOCK_SECT
 def attached_read_write(image: Path) -> str | None:
     """A loop device that already has ``image`` attached read-write, if any (from sysfs,
     without running a tool): what libmount checks before ``mount -o loop``."""
-    target = os.path.realpath(image)
-    for loop in Path("/sys/block").glob("loop*"):
+    target = os.fsencode(os.path.realpath(image))
+    for name in os.listdir("/sys/block"):  # plain os calls: this runs at every layer mount
+        if not name.startswith("loop"):
+            continue
         try:
-            if (loop / "loop" / "backing_file").read_text().strip() != target:
-                continue
-            if (loop / "ro").read_text().strip() == "0":
-                return f"/dev/{loop.name}"
+            with open(f"/sys/block/{name}/loop/backing_file", "rb") as f:
+                if f.read().rstrip(b"\n") != target:
+                    continue
+            with open(f"/sys/block/{name}/ro", "rb") as f:
+                if f.read().strip() == b"0":
+                    return f"/dev/{name}"
         except OSError:
             continue  # not attached, or detached meanwhile
     return None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from csi_driver import __version__
+from csi_driver import __version__, pool
 from csi_driver.engine.engine import Engine, EngineConfig
 from csi_driver.engine.reconcile import reconcile
 from csi_driver.proto import csi_pb2_grpc
@@ -52,6 +52,8 @@ class ServeOptions:
     drain_seconds: float = 30.0
     kubelet_dir: str = ""  # confine node paths under it ("" = anywhere)
     metrics_address: str = ""  # HOST:PORT for Prometheus metrics; "" = off
+    pool_device: str = ""  # a disk to format (xfs, reflink) and mount as the state dir
+    pool_device_wipe: bool = False  # format it even when it holds another file system
 
 
 def socket_path(endpoint: str) -> Path:
@@ -83,6 +85,8 @@ def lock_state_dir(state_dir: Path) -> int:
 class Server:
     def __init__(self, opts: ServeOptions, engine: Engine | None = None) -> None:
         self.opts = opts
+        if opts.pool_device:
+            pool.prepare(opts.pool_device, opts.state_dir, opts.pool_device_wipe)
         self._lock_fd = lock_state_dir(opts.state_dir)
         self.engine = engine or Engine(
             EngineConfig(

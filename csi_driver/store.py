@@ -283,6 +283,9 @@ class ReadTx:
         ).fetchone()
         return None if row is None else bool(row[0])
 
+    def attached_volume_ids(self) -> list[str]:
+        return [r[0] for r in self.c.execute("SELECT DISTINCT volume_id FROM attachments")]
+
     def attached_nodes(self, volume_id: str) -> list[str]:
         rows = self.c.execute("SELECT node_id FROM attachments WHERE volume_id=?", (volume_id,))
         return [r[0] for r in rows]

@@ -34,6 +34,7 @@ DEBIAN_PACKAGE_OF = {
     "findmnt": "util-linux",
     "unshare": "util-linux",
     "nsenter": "util-linux",
+    "blkid": "util-linux",
     "mkfs.ext4": "e2fsprogs",
     "resize2fs": "e2fsprogs",
     "e2fsck": "e2fsprogs",

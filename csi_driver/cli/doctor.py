@@ -18,6 +18,7 @@ def add_parser(sub: Any) -> None:
     d = sub.add_parser("doctor", help="check this host can run the driver, and say how to fix what cannot")
     d.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR))
     d.add_argument("--kubelet-dir", type=Path, default=Path("/var/lib/kubelet"))
+    d.add_argument("--pool-device", default="", metavar="DEV", help="check a disk for serve --pool-device")
     d.add_argument("--json", action="store_true")
     d.add_argument(
         "--no-probe", action="store_true", help="skip the mount probe (mkfs, loop, freeze, overlay)"
@@ -32,7 +33,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     pod = in_pod() if args.in_pod == "auto" else args.in_pod == "yes"
-    checks = run_checks(args.state_dir, args.kubelet_dir, pod, not args.no_probe)
+    checks = run_checks(args.state_dir, args.kubelet_dir, pod, not args.no_probe, args.pool_device)
     counts = {s: sum(c.status == s for c in checks) for s in (OK, WARN, FAIL)}
     if args.json:
         json.dump(

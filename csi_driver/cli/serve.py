@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
@@ -56,11 +57,40 @@ def add_parser(sub: Any) -> None:
         "(default: no confinement)",
     )
     s.add_argument(
+        "--pool-device",
+        default="",
+        metavar="DEV",
+        help="a disk for the state dir: formatted xfs with reflink when empty (snapshots of volumes "
+        "in use become clones), refused when it holds anything else, mounted at --state-dir",
+    )
+    s.add_argument(
+        "--pool-devices",
+        default="",
+        metavar="FILE",
+        help='JSON {"NODE": "DEV", ...}: the pool device of --node-id (the chart\'s pool.devices)',
+    )
+    s.add_argument(
+        "--pool-device-wipe",
+        action="store_true",
+        help="format the pool device even when it holds a file system or partition table (destroys it)",
+    )
+    s.add_argument(
         "--metrics-address",
         default="",
         metavar="HOST:PORT",
         help="serve Prometheus metrics over HTTP here, e.g. :9808 (default: off)",
     )
+
+
+def _pool_device_of(path: str, node_id: str) -> str:
+    """This node's device in a JSON map of node names to devices ("" when none)."""
+    if not path:
+        return ""
+    with open(path) as f:
+        devices = json.load(f)
+    if not isinstance(devices, dict) or not all(isinstance(v, str) for v in devices.values()):
+        raise ValueError('expected a JSON object {"NODE": "/dev/..."}')
+    return devices.get(node_id, "")
 
 
 def _metrics_installed() -> bool:
@@ -72,6 +102,7 @@ def _metrics_installed() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from csi_driver.pool import PoolError
     from csi_driver.server import AlreadyRunning, ServeOptions, Server
 
     logs.setup(logs.level_from(args.log_level, args.verbosity), args.log_format)
@@ -80,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.metrics_address and not _metrics_installed():
         logging.error("--metrics-address needs prometheus-client: pip install 'overlay-csi[metrics]'")
+        return 2
+    try:
+        pool_device = args.pool_device or _pool_device_of(args.pool_devices, args.node_id)
+    except (OSError, ValueError) as e:
+        logging.error("--pool-devices %s: %s", args.pool_devices, e)
         return 2
     opts = ServeOptions(
         endpoint=args.endpoint,
@@ -94,11 +130,16 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode,
         kubelet_dir=args.kubelet_dir,
         metrics_address=args.metrics_address,
+        pool_device=pool_device,
+        pool_device_wipe=args.pool_device_wipe,
     )
     try:
         server = Server(opts)
     except AlreadyRunning as e:
         logging.error("%s", e)
         return 1
+    except PoolError as e:
+        logging.error("%s", e)
+        return 2
     server.serve_forever()
     return 0

@@ -7,10 +7,10 @@ freezes and thaws it and mounts an overlay on it, in a private mount namespace
 (a forked child), so nothing it mounts can outlive it.
 
 The checks, by topic: ``kernel`` (privileges, overlayfs, loop devices),
-``tools`` (host programs), ``state_dir`` (file system, space, sparse files,
-reflink), ``probe`` (mounts for real), ``store`` (the driver's database) and
-``kubernetes`` (mount propagation in a pod). The command itself, its options
-and its report, is ``csi_driver.cli.doctor``.
+``tools`` (host programs), ``pool`` (a disk for the state dir), ``state_dir``
+(file system, space, sparse files, reflink), ``probe`` (mounts for real),
+``store`` (the driver's database) and ``kubernetes`` (mount propagation in a
+pod). The command itself, its options and its report, is ``csi_driver.cli.doctor``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from csi_driver.doctor.check import FAIL, OK, WARN, Check
 from csi_driver.doctor.kernel import check_loop, check_overlayfs, check_privileges
 from csi_driver.doctor.kubernetes import check_propagation, in_pod
+from csi_driver.doctor.pool import check_pool
 from csi_driver.doctor.probe import probe
 from csi_driver.doctor.state_dir import check_sparse_and_reflink, check_state_dir
 from csi_driver.doctor.store import check_store
@@ -28,11 +29,15 @@ from csi_driver.doctor.tools import check_tools
 __all__ = ["FAIL", "OK", "WARN", "Check", "in_pod", "run_checks"]
 
 
-def run_checks(state_dir: Path, kubelet_dir: Path, pod: bool, do_probe: bool = True) -> list[Check]:
+def run_checks(
+    state_dir: Path, kubelet_dir: Path, pod: bool, do_probe: bool = True, pool_device: str = ""
+) -> list[Check]:
     checks = check_privileges()
     checks.append(check_overlayfs())
     checks.append(check_loop())
     checks += check_tools()
+    if pool_device:
+        checks.append(check_pool(pool_device, state_dir))
     checks += check_state_dir(state_dir)
     checks += check_sparse_and_reflink(state_dir)
     if do_probe:

@@ -14,6 +14,11 @@ class Attachments:
         with self.ctx.store.read() as tx:
             return bool(tx.attached_nodes(volume_id))
 
+    def attached_volumes(self) -> set[str]:
+        """Every volume with an attachment (one query, for ListVolumes)."""
+        with self.ctx.store.read() as tx:
+            return set(tx.attached_volume_ids())
+
     def attach(self, volume_id: str, node_id: str, readonly: bool, limit: int) -> None:
         """Record an attachment; the same one again is fine, another readonly flag is not."""
         with self.ctx.store.tx() as tx:

@@ -42,7 +42,7 @@ class BlockVolumes:
         return self.ctx.backend.block_file(self.ctx.upper_of(v))
 
     def device_ok(self, v: Volume, device: str | None) -> bool:
-        return bool(device) and host.loop_devices().get(device) == str(self.file(v))
+        return bool(device) and host.loop_backing_file(device) == str(self.file(v))
 
     def is_staged(self, v: Volume) -> bool:
         return self.device_ok(v, v.stage_options.get("device"))
@@ -140,11 +140,14 @@ class BlockVolumes:
             tx.delete_publication(v.id, target_path)
 
     def condition(self, v: Volume, path: str | None, table: host.MountTable) -> str:
-        if self.ctx.layer(v.upper) is None:  # deleted while we looked
+        upper = self.ctx.layer(v.upper)
+        if upper is None:  # deleted while we looked
             return f"volume {v.id} is being deleted"
-        if not self.file(v).exists():
+        image = self.ctx.backend.block_file(upper)
+        if not image.exists():
             return f"the image of block volume {v.id} is missing"
-        if v.staging_path and not self.device_ok(v, v.stage_options.get("device")):
+        device = v.stage_options.get("device")
+        if v.staging_path and not (device and host.loop_backing_file(device) == str(image)):
             return f"the loop device of volume {v.id} is gone (node restarted?); stage it again"
         if path and path != v.staging_path and not table.is_mounted(path):
             return f"{path} is not published (node restarted?); publish it again"

@@ -77,18 +77,18 @@ class Capture:
         ctx = self.ctx
         data = ctx.backend.commit(upper)
         committed = Layer(**{**upper.__dict__, "active": 0, "depth": upper.depth + 1, "used_bytes": data})
+        # the view the fresh upper starts from: the committed chain (a flat layer
+        # shows the same, but is not installed yet)
+        view = [committed] + (ctx.chain(upper.parent) if upper.parent else [])
         base, flat = committed, None
         if committed.depth >= ctx.config.max_depth:
             flat_dir = scratch / f"flat-{v.id}"
             flat_dir.mkdir()
-            flat = base = ctx.flatten(upper, flat_dir)
+            flat = base = ctx.flatten(view, flat_dir)  # read-only: the upper is committed now
         fresh_dir = scratch / f"fresh-{v.id}"
         fresh_dir.mkdir()
         size = ctx.upper_size(v.capacity_bytes, upper.fs_type)
-        # the view the fresh upper starts from: the committed chain (a flat layer
-        # shows the same, but is not installed yet)
-        chain = [committed] + (ctx.chain(upper.parent) if upper.parent else [])
-        built = ctx.backend.prepare(fresh_dir, chain, size, upper.fs_type)
+        built = ctx.backend.prepare(fresh_dir, view, size, upper.fs_type)
         fresh = ctx.new_layer(base, built, active=True, fs_type=upper.fs_type)
         with ctx.store.tx() as tx:
             tx.update_layer(upper.id, active=0, depth=committed.depth, used_bytes=data)

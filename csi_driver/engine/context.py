@@ -16,7 +16,7 @@ from pathlib import Path
 from csi_driver import host
 from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from csi_driver.ids import new_id, new_link
-from csi_driver.layerstore.backend import Built, LayerBackend
+from csi_driver.layerstore.backend import Built, FsUsage, LayerBackend
 from csi_driver.statedir import StateDir
 from csi_driver.store import Layer, Store, Volume
 
@@ -87,13 +87,9 @@ class VolumeSpec:
 
 
 @dataclass(frozen=True)
-class VolumeStats:
-    total_bytes: int
-    used_bytes: int
-    available_bytes: int
-    total_inodes: int
-    used_inodes: int
-    available_inodes: int
+class VolumeStats(FsUsage):
+    """What NodeGetVolumeStats answers: the figures and the volume's condition."""
+
     abnormal: bool
     message: str
 
@@ -214,9 +210,9 @@ class EngineContext:
             chain += self.chain(top.parent)
         return sum(x.used_bytes for x in chain if not x.active and x.name is None)
 
-    def flatten(self, top: Layer, build: Path) -> Layer:
-        """Build one committed layer holding the merged view of ``top``'s chain."""
-        chain = self.chain(top.id)
+    def flatten(self, chain: list[Layer], build: Path) -> Layer:
+        """Build one committed layer holding the merged view of a committed chain
+        (nearest first)."""
         built = self.backend.squash(build, chain)
         # base layers' data is shared, not the volume's own
         data = max(0, built.used_bytes - sum(x.used_bytes for x in chain if x.name is not None))
@@ -229,7 +225,7 @@ class EngineContext:
             return parent, None
         flat_dir = scratch / "flat"
         flat_dir.mkdir()
-        flat = self.flatten(parent, flat_dir)
+        flat = self.flatten(self.chain(parent.id), flat_dir)
         return flat, flat
 
     # ---- volumes and capacity -----------------------------------------------

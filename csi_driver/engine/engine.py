@@ -108,6 +108,7 @@ class Engine:
         self.volume_paths = self.node.volume_paths
         self.stats = self.node.stats
         self.condition = self.node.condition
+        self.conditions = self.node.conditions
         self.expand = self.expander.expand
         self.expand_node = self.expander.expand_node
         self.modify_volume = modifier.modify_volume
@@ -139,4 +140,5 @@ class Engine:
         return self.store.healthy()
 
     def close(self) -> None:
+        self.backend.close()
         self.store.close()

@@ -99,8 +99,17 @@ class Expander:
         try:
             metadata = ctx.backend.grow_fs(upper)
         except Exception:
-            fs_after = ctx.backend.fs_usage(upper)
-            unchanged = fs_before is None or fs_after is None or fs_after.total_bytes == fs_before.total_bytes
+            # undo only a refused online growth that left the mounted file system as it
+            # was; offline, expand() has grown it already and the image must stay
+            try:
+                fs_after = ctx.backend.fs_usage(upper)
+            except OSError:
+                fs_after = None
+            unchanged = (
+                fs_before is not None
+                and fs_after is not None
+                and fs_after.total_bytes == fs_before.total_bytes
+            )
             if grown_from is not None and unchanged:
                 self._undo_growth(upper, before, volume_id, grown_from, size_before)
             raise

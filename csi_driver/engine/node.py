@@ -249,7 +249,10 @@ class NodePublisher:
         # An overlay reports its upper's file system, so the upper's own figures are
         # the volume's even when the path is gone (kubelet drops a stats answer
         # without usage before it reads the condition).
-        chain = ctx.chain(v.upper)
+        try:
+            chain = ctx.chain(v.upper)
+        except LookupError:  # deleted while we looked
+            return VolumeStats(0, 0, 0, 0, 0, 0, True, f"volume {v.id} is being deleted")
         fs = ctx.backend.fs_usage(chain[0])
         if fs is None:
             return VolumeStats(0, 0, 0, 0, 0, 0, True, condition or f"volume {v.id} is not staged")
@@ -268,12 +271,26 @@ class NodePublisher:
             condition or "volume is healthy",
         )
 
-    def condition(self, v: Volume, path: str | None = None, table: host.MountTable | None = None) -> str:
+    def conditions(self, vols: list[Volume]) -> dict[str, str]:
+        """The condition of many volumes (ListVolumes) from one reading of the mount
+        table and one of the layers."""
+        table = self.mounter.table()
+        with self.ctx.store.read() as tx:
+            layers = {x.id: x for x in tx.layers()}
+        return {v.id: self.condition(v, None, table, layers.get(v.upper)) for v in vols}
+
+    def condition(
+        self,
+        v: Volume,
+        path: str | None = None,
+        table: host.MountTable | None = None,
+        upper: Layer | None = None,
+    ) -> str:
         """An empty string when healthy, else what is wrong."""
         table = table or self.mounter.table()
         if v.access_type == BLOCK:
             return self.block.condition(v, path, table)
-        upper = self.ctx.layer(v.upper)
+        upper = upper or self.ctx.layer(v.upper)
         if upper is None:  # deleted while we looked (ListVolumes is not serialised per volume)
             return f"volume {v.id} is being deleted"
         problem = self.ctx.backend.health(upper, table if v.staging_path else None)

@@ -45,10 +45,11 @@ def reconcile(engine: Engine) -> Report:
         pubs = tx.publications()
     ctx.discard(gone)
     rep.collected = [x.id for x in gone]
-    on_disk = set(backend.walk())
-    for layer_id in layers.keys() - on_disk:
-        rep.missing_images.append(layer_id)
-        log.error("layer %s has no storage on disk", layer_id)
+    for layer in layers.values():
+        problem = backend.health(layer)
+        if problem:
+            rep.missing_images.append(layer.id)
+            log.error("layer %s: %s", layer.id, problem)
 
     # Adopt staged volumes whose overlay survived. An overlay of ours whose volume
     # is not staged by the record is debris, and so is every bind of it; an overlay

@@ -91,7 +91,7 @@ class Volumes:
             upper_dir.mkdir()
             flat = None
             if block:
-                built = self._block_build(upper_dir, capacity, parent, spec, scratch)
+                built = self._block_build(upper_dir, capacity, parent, spec)
                 parent = None
             else:
                 if spec.source_kind == "volume":
@@ -145,19 +145,14 @@ class Volumes:
         ctx.step("create.done")
         return vol
 
-    def _block_build(
-        self, build: Path, capacity: int, parent: Layer | None, spec: VolumeSpec, scratch: Path
-    ) -> Built:
+    def _block_build(self, build: Path, capacity: int, parent: Layer | None, spec: VolumeSpec) -> Built:
         """A new block layer: empty, a copy of a snapshot's layer, or of a volume's data now."""
         ctx = self.ctx
-        if spec.source_kind == "volume":
+        if spec.source_kind == "volume":  # captured straight into the build, then sized
             src = ctx.get_volume(spec.source_id)
-            copy = scratch / "source"
-            copy.mkdir()
-            (copied,) = ctx.backend.capture({src.upper: copy}, [ctx.upper_of(src)]).values()
-            source: Path | None = copy / "image"
-        else:
-            source = ctx.backend.block_file(parent) if parent is not None else None
+            ctx.backend.capture({src.upper: build}, [ctx.upper_of(src)])
+            return ctx.backend.prepare_block(build, capacity, None)
+        source = ctx.backend.block_file(parent) if parent is not None else None
         return ctx.backend.prepare_block(build, capacity, source)
 
     def _source_parent(self, tx: ReadTx, spec: VolumeSpec) -> tuple[Layer | None, int, int]:
@@ -213,6 +208,8 @@ class Volumes:
         if live:
             raise FailedPrecondition(f"volume {volume_id} is still published at {live[0]}")
         with ctx.store.tx() as tx:
+            if tx.volume(volume_id) is None:  # a concurrent delete won
+                return
             tx.delete_volume(volume_id)
             gone = tx.collect_garbage()
             ctx.step("delete.uncommitted")

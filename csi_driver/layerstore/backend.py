@@ -92,7 +92,8 @@ class LayerBackend(Protocol):
         it empty; one that cannot stack copies the parent's tree into it."""
 
     def prepare_block(self, build: Path, size: int, source: Path | None) -> Built:
-        """A raw block layer of ``size`` bytes: empty, or a copy of ``source``'s bytes."""
+        """A raw block layer of ``size`` bytes: a copy of ``source``'s bytes, or with no
+        source what a ``capture`` into this build left (grown to ``size``), or empty."""
 
     def capture(
         self, builds: Mapping[str, Path], layers: Sequence[Layer], frozen_hook: Callable[[], None] = ...
@@ -188,3 +189,6 @@ class LayerBackend(Protocol):
 
     def free_bytes(self) -> int:
         """Bytes still free where layers are kept."""
+
+    def close(self) -> None:
+        """Stop what the backend runs in the background (the driver stops)."""

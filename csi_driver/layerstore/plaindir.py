@@ -224,6 +224,9 @@ class PlainDirBackend:
                 rep.failed.append(str(path))
         return rep
 
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
     def free_bytes(self) -> int:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize

@@ -199,15 +199,20 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         after = _token(request.starting_token)
         limit = _max_entries(request.max_entries)
         vols = self.engine.list_volumes(after, limit + 1)
+        page = vols[:limit]
+        problems = self.engine.conditions(page)  # one mount table and one store read for the page
+        attached = self.engine.attachments.attached_volumes()
         entries = [
             csi.ListVolumesResponse.Entry(
                 volume=self._volume_msg(x),
                 status=csi.ListVolumesResponse.VolumeStatus(
-                    published_node_ids=[self.ctx.node_id] if x.staging_path or self._attached(x.id) else [],
-                    volume_condition=self._status(x).volume_condition,
+                    published_node_ids=[self.ctx.node_id] if x.staging_path or x.id in attached else [],
+                    volume_condition=csi.VolumeCondition(
+                        abnormal=bool(problems[x.id]), message=problems[x.id] or "volume is healthy"
+                    ),
                 ),
             )
-            for x in vols[:limit]
+            for x in page
         ]
         next_token = str(vols[limit - 1].seq) if len(vols) > limit else ""
         return csi.ListVolumesResponse(entries=entries, next_token=next_token)

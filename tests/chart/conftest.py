@@ -57,6 +57,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
         "sidecars": {"provisioner": {"extraArgs": ["--worker-threads=20"]}},
         "node": {
+            "poolDevices": {"node-1": "/dev/disk/by-id/nvme-pool-1", "node-2": "/dev/sdb"},
             "podAnnotations": {"example.com/scrape": "true"},
             "podLabels": {"tier": "storage"},
             "nodeSelector": {"kubernetes.io/os": "linux", "storage": "local"},

@@ -257,6 +257,16 @@ def test_driver_arguments(render, value_set):
     assert has_flag(node, "--max-volume-size") == bool(v["driver"]["maxVolumeSize"])
     for extra in v["driver"]["extraArgs"]:
         assert extra in node["args"]
+    devices = v["node"]["poolDevices"]
+    assert has_flag(node, "--pool-devices") == bool(devices)
+    assert has_flag(node, "--pool-device-wipe") == bool(v["node"]["poolDeviceWipe"])
+    if devices:  # the driver reads this node's device from the ConfigMap the chart renders
+        path = arg_value(node, "--pool-devices")
+        mount = next(m for m in node["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        volumes = r.daemonset["spec"]["template"]["spec"]["volumes"]
+        volume = next(x for x in volumes if x["name"] == mount["name"])
+        cm = r.one("ConfigMap", volume["configMap"]["name"])
+        assert json.loads(cm["data"][path.rsplit("/", 1)[1]]) == devices
 
 
 def test_liveness_wiring(render, value_set):

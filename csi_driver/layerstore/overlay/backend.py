@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from csi_driver.layerstore.overlay.images import (
 )
 from csi_driver.layerstore.overlay.layout import Layout
 from csi_driver.layerstore.overlay.mounts import LayerMounts
+from csi_driver.layerstore.overlay.spares import SpareImages
 from csi_driver.store import Layer
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class OverlayLoopBackend:
         self.layout = Layout(root)
         self.layout.ensure()
         self.held = LayerMounts(self.layout)
+        self.spares = SpareImages(self.layout.spares, build_image)
 
     @staticmethod
     def size_for(capacity: int, fs_type: str) -> int:
@@ -55,12 +56,17 @@ class OverlayLoopBackend:
 
     # ---- builds -------------------------------------------------------------
     def prepare(self, build: Path, parents: Sequence[Layer], size: int, fs_type: str) -> Built:
-        empty = build_image(build / "image", size, fs_type)
+        image = build / "image"
+        if self.spares.take(fs_type, size, image):
+            return Built(image_bytes=size, base_bytes=host.fs_used_bytes(image, fs_type))
+        empty = build_image(image, size, fs_type)
         return Built(image_bytes=size, base_bytes=empty)
 
     def prepare_block(self, build: Path, size: int, source: Path | None) -> Built:
         dest = build / "image"
-        if source is None:
+        if source is None and dest.exists():
+            pass  # a capture into this build made it: only its size is ours to set
+        elif source is None:
             host.create_sparse(dest, size)
         elif not host.reflink(source, dest):
             host.copy_sparse(source, dest)
@@ -101,7 +107,7 @@ class OverlayLoopBackend:
         root = build / "root"
         (root / "upper").mkdir(parents=True)
         for layer in chain:
-            self.activate(layer)
+            self.held.acquire(layer.id, layer.fs_type, readonly=True)  # a view: never written
         try:
             self._mount_view(chain, root / "upper")
             try:
@@ -114,7 +120,7 @@ class OverlayLoopBackend:
         finally:
             for layer in chain:
                 self.deactivate(layer)
-        shutil.rmtree(root)
+        host.remove_tree(root)
         return Built(image_bytes=size, used_bytes=tree, fs_type="ext4")
 
     def import_tree(self, build: Path, source: Path) -> Built:
@@ -131,7 +137,7 @@ class OverlayLoopBackend:
             build_image(build / "image", size, "ext4", populate=root)
         finally:
             host.umount(root / "upper")
-        shutil.rmtree(root)
+        host.remove_tree(root)  # unmounts again whatever is still below (a bind of the source)
         return Built(image_bytes=size, used_bytes=used, fs_type="ext4")
 
     def install(self, build: Path, layer: Layer) -> None:
@@ -249,7 +255,16 @@ class OverlayLoopBackend:
         for opt in entry.super_options.split(","):
             if opt.startswith("upperdir="):
                 parts = opt[len("upperdir=") :].split("/")
-                if len(parts) == 4 and parts[0] == "layers" and ID_RE.match(parts[1]):
+                if (
+                    len(parts) == 4
+                    and parts[0] == "layers"
+                    and ID_RE.match(parts[1])
+                    and parts[2:]
+                    == [
+                        "mnt",
+                        "upper",
+                    ]
+                ):
                     return parts[1]
         return None
 
@@ -317,6 +332,7 @@ class OverlayLoopBackend:
         """Remove layer dirs and links the store does not know, thaw what a crash left
         frozen, unmount layers nobody holds, detach loop devices nobody uses."""
         rep = CleanupReport()
+        rep.removed += self.spares.cleanup()
         for entry in sorted(self.layout.layers.iterdir()):
             if entry.name not in known:
                 _settle(host.remove_tree, entry, rep.removed, rep)
@@ -343,6 +359,9 @@ class OverlayLoopBackend:
                 host.loop_detach(device)
                 rep.detached.append(device)
         return rep
+
+    def close(self) -> None:
+        self.spares.stop()
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.layout.root)

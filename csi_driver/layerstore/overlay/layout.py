@@ -34,6 +34,11 @@ class Layout:
         """An empty directory: the lowest lower of every overlay."""
         return self.root / "empty"
 
+    @property
+    def spares(self) -> Path:
+        """Empty upper images built ahead of CreateVolume (spares.py)."""
+        return self.root / "spare"
+
     def layer_dir(self, layer_id: str) -> Path:
         if not ID_RE.match(layer_id):
             raise ValueError(f"bad layer id {layer_id!r}")
@@ -55,5 +60,5 @@ class Layout:
         return self.links / link
 
     def ensure(self) -> None:
-        for d in (self.layers, self.links, self.empty):
+        for d in (self.layers, self.links, self.empty, self.spares):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
