@@ -14,9 +14,10 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from csi_driver import loopdev
 from csi_driver.errors import CommandFailed, FailedPrecondition
@@ -39,8 +40,9 @@ def run(
     return proc
 
 
-@dataclass(frozen=True)
-class MountEntry:
+class MountEntry(NamedTuple):
+    """One line of /proc/self/mountinfo (a tuple: hundreds are made per reading)."""
+
     mount_id: int
     parent_id: int
     root: str
@@ -52,6 +54,8 @@ class MountEntry:
 
 
 def _unescape(field: str) -> str:
+    if "\\" not in field:
+        return field
     return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
@@ -74,26 +78,7 @@ class MountTable:
     @classmethod
     def read(cls) -> MountTable:
         cls.reads += 1
-        out = []
-        # newline="\n": a mount path may hold a carriage return, which must not split its line
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
-            for line in f:
-                left, _, right = line.rstrip("\n").partition(" - ")
-                a = left.split(" ")
-                b = right.split(" ")
-                out.append(
-                    MountEntry(
-                        int(a[0]),
-                        int(a[1]),
-                        _unescape(a[3]),
-                        _unescape(a[4]),
-                        a[5],
-                        b[0],
-                        _unescape(b[1]),
-                        b[2] if len(b) > 2 else "",
-                    )
-                )
-        return cls(out)
+        return cls([_entry(line) for line in _mountinfo().split("\n") if line])
 
     def at(self, path: str | Path) -> MountEntry | None:
         """The topmost mount whose target is exactly ``path``."""
@@ -112,6 +97,163 @@ class MountTable:
         return {m.source for m in self.entries}
 
 
+def _mountinfo() -> str:
+    # split on "\n" only: a mount path may hold a carriage return, which must not split its line
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        return f.read()
+
+
+def _entry(line: str) -> MountEntry:
+    left, _, right = line.partition(" - ")
+    a = left.split(" ", 6)
+    b = right.split(" ", 2)
+    return MountEntry(
+        int(a[0]),
+        int(a[1]),
+        _unescape(a[3]),
+        _unescape(a[4]),
+        a[5],
+        b[0],
+        _unescape(b[1]),
+        b[2] if len(b) > 2 else "",
+    )
+
+
+def _escape(path: str) -> str:
+    return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011").replace("\n", "\\012")
+
+
+_NR_STATMOUNT = 457  # x86_64, arm64 and most others (Linux 6.8)
+_STATX_MNT_ID_UNIQUE = 0x4000
+_STATMOUNT_SB_BASIC = 0x1
+_STATMOUNT_MNT_BASIC = 0x2
+_STATMOUNT_MNT_ROOT = 0x8
+_STATMOUNT_MNT_POINT = 0x10
+_STATMOUNT_FS_TYPE = 0x20
+_STATMOUNT_MNT_OPTS = 0x80  # Linux 6.11
+_STATMOUNT_SB_SOURCE = 0x200
+_STATMOUNT_STR = 512  # strings follow the fixed part of struct statmount
+_MOUNT_ATTRS = ((0x1, "ro"), (0x2, "nosuid"), (0x4, "nodev"), (0x8, "noexec"))
+
+
+class LiveMounts:
+    """The mount table asked one path at a time, each answer from the kernel in
+    O(1): statx(2) names the mount at a path, statmount(2) describes it (Linux
+    6.11). A busy node's table has thousands of lines, and reading it costs
+    milliseconds; this costs microseconds. ``entries`` and ``under`` read the
+    whole table (once) when asked."""
+
+    def __init__(self) -> None:
+        self._table: MountTable | None = None
+
+    @staticmethod
+    def supported() -> bool:
+        return _statmount_at("/") is not None
+
+    def at(self, path: str | Path) -> MountEntry | None:
+        """The topmost mount whose target is exactly ``path``."""
+        given = os.path.normpath(path)
+        if not is_mount_point(given):  # statx follows no symlink in the last component
+            real = os.path.realpath(given)
+            if real == given or not is_mount_point(real):
+                return None
+            given = real
+        entry = _statmount_at(given)
+        if entry is not None and entry.target != given:  # reached through a symlink
+            real = os.path.realpath(given)
+            return entry if entry.target == real else None
+        return entry
+
+    def is_mounted(self, path: str | Path) -> bool:
+        return self.at(path) is not None
+
+    @property
+    def entries(self) -> list[MountEntry]:
+        if self._table is None:
+            self._table = MountTable.read()
+        return self._table.entries
+
+    def under(self, root: str | Path) -> list[MountEntry]:
+        if self._table is None:
+            self._table = MountTable.read()
+        return self._table.under(root)
+
+    def sources(self) -> set[str]:
+        return {m.source for m in self.entries}
+
+
+def _statmount_at(path: str) -> MountEntry | None:
+    """The mount that ``path`` lies on, described by statmount(2); None where the
+    kernel cannot (older than 6.11)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    stx = ctypes.create_string_buffer(256)
+    if _libc.statx(-100, os.fsencode(path), _AT_SYMLINK_NOFOLLOW, _STATX_MNT_ID_UNIQUE, stx) != 0:
+        return None
+    if not int.from_bytes(stx.raw[0:4], "little") & _STATX_MNT_ID_UNIQUE:
+        return None
+    mnt_id = int.from_bytes(stx.raw[144:152], "little")
+    mask = (
+        _STATMOUNT_SB_BASIC | _STATMOUNT_MNT_BASIC | _STATMOUNT_MNT_ROOT | _STATMOUNT_MNT_POINT
+        | _STATMOUNT_FS_TYPE | _STATMOUNT_MNT_OPTS | _STATMOUNT_SB_SOURCE
+    )  # fmt: skip
+    req = ctypes.create_string_buffer(
+        (24).to_bytes(4, "little") + bytes(4) + mnt_id.to_bytes(8, "little") + mask.to_bytes(8, "little"), 24
+    )
+    size = 16384
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        if _libc.syscall(_NR_STATMOUNT, req, buf, ctypes.c_size_t(size), 0) == 0:
+            break
+        if ctypes.get_errno() != errno.EOVERFLOW or size > 1 << 22:
+            return None
+        size *= 4
+    raw = buf.raw
+    got = int.from_bytes(raw[8:16], "little")
+    need = _STATMOUNT_MNT_POINT | _STATMOUNT_FS_TYPE | _STATMOUNT_MNT_OPTS | _STATMOUNT_MNT_BASIC
+    if got & need != need:
+        return None
+
+    def text(offset_at: int, flag: int) -> str:
+        if not got & flag:
+            return ""
+        start = _STATMOUNT_STR + int.from_bytes(raw[offset_at : offset_at + 4], "little")
+        return raw[start : raw.index(b"\0", start)].decode("utf-8", "surrogateescape")
+
+    attr = int.from_bytes(raw[64:72], "little")
+    atime = {0x0: "relatime", 0x10: "noatime", 0x20: "strictatime"}.get(attr & 0x70, "")
+    flags = [name for bit, name in _MOUNT_ATTRS[1:4] if attr & bit]
+    options = ",".join(["ro" if attr & 0x1 else "rw", *flags, *([atime] if atime else [])])
+    sb_ro = int.from_bytes(raw[32:36], "little") & 0x1
+    opts = text(4, _STATMOUNT_MNT_OPTS)
+    return MountEntry(
+        int.from_bytes(raw[56:60], "little"),
+        int.from_bytes(raw[60:64], "little"),
+        text(104, _STATMOUNT_MNT_ROOT),
+        text(108, _STATMOUNT_MNT_POINT),
+        options,
+        text(36, _STATMOUNT_FS_TYPE),
+        text(124, _STATMOUNT_SB_SOURCE),
+        ("ro" if sb_ro else "rw") + ("," + opts if opts else ""),
+    )
+
+
+def mount_view() -> MountTable | LiveMounts:
+    """What a node call asks about mounts: the live kernel where it can answer path
+    by path, else one reading of the table."""
+    global _live
+    if _live is None:
+        _live = LiveMounts.supported()
+    return LiveMounts() if _live else MountTable.read()
+
+
+_live: bool | None = None
+
+#: what node calls ask about mounts: at(path), is_mounted(path), entries, under(root)
+Mounts = MountTable | LiveMounts
+
+
 def mounts() -> list[MountEntry]:
     """The calling process's mount table, read now."""
     return MountTable.read().entries
@@ -127,16 +269,28 @@ def is_mounted(path: str | Path) -> bool:
     return mount_at(path) is not None
 
 
+_AT_SYMLINK_NOFOLLOW = 0x100
+_STATX_TYPE = 0x1
+_STATX_ATTR_MOUNT_ROOT = 0x2000
+
+
 def is_mount_point(path: str | Path) -> bool:
-    """Whether another file system is mounted at ``path``, without reading the
-    mount table: its device differs from its parent directory's. Exact for loop
-    mounts and overlays; a bind of a directory of the same file system is not seen."""
-    try:
-        st = os.lstat(path)
-        parent = os.lstat(os.path.join(path, ".."))
+    """Whether something is mounted at ``path`` (binds too), without reading the
+    mount table: statx(2) says whether a path is the root of a mount (Linux 5.8)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    if _libc.statx(-100, os.fsencode(str(path)), _AT_SYMLINK_NOFOLLOW, _STATX_TYPE, buf) != 0:
+        return False  # gone, or not reachable: nothing we mounted is there
+    attributes = int.from_bytes(buf.raw[8:16], "little")
+    known = int.from_bytes(buf.raw[56:64], "little")
+    if known & _STATX_ATTR_MOUNT_ROOT:
+        return bool(attributes & _STATX_ATTR_MOUNT_ROOT)
+    try:  # an older kernel: a mount of another file system changes the device
+        return os.lstat(path).st_dev != os.lstat(os.path.join(path, "..")).st_dev
     except OSError:
         return False
-    return st.st_dev != parent.st_dev or st.st_ino == parent.st_ino
 
 
 def mount(
@@ -264,28 +418,57 @@ def umount(target: str | Path, lazy: bool = False) -> None:
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
     path = os.fsencode(str(target))
-    for _ in range(65):  # 64 stacked mounts, then the call that finds none
+    unmounted, busy = 0, 0
+    while unmounted <= 64:  # 64 stacked mounts, then the call that finds none
         if _libc.umount2(path, _MNT_DETACH if lazy else 0) == 0:
+            unmounted += 1
             continue
         err = ctypes.get_errno()
         if err in (errno.EINVAL, errno.ENOENT, errno.ENOTDIR):
             return
+        if err == errno.EBUSY and busy < UMOUNT_BUSY_RETRIES:
+            # a child forked by another thread holds our open files until it execs
+            busy += 1
+            time.sleep(0.05)
+            continue
         argv = ["umount"] + (["-l"] if lazy else []) + [str(target)]
         raise CommandFailed(argv, 32, f"umount {target}: {os.strerror(err)}")
     raise CommandFailed(["umount", str(target)], 32, f"{target}: more than 64 mounts stacked")
 
 
+#: EBUSY retries of an unmount, 50 ms apart: a fork in another thread (a tool run
+#: for another call) keeps the files open at that instant busy until it execs
+UMOUNT_BUSY_RETRIES = 10
+
+
 def mounts_under(root: str | Path) -> list[MountEntry]:
-    """Mounts at or below ``root``, deepest first (the order to unmount them)."""
+    """Mounts at or below ``root``, deepest first (the order to unmount them).
+    The common answer, none, comes from a text search without parsing the table."""
+    base = os.path.realpath(root)
+    if f" {_escape(base)}" not in _mountinfo():
+        return []
     return MountTable.read().under(root)
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a directory after unmounting whatever is mounted below it."""
-    if not path.exists():
+    """Remove a directory after unmounting whatever is mounted below it (found by
+    statx on its directories, never by descending into a mount, so never by
+    deleting what a mount shows)."""
+    if not path.is_dir() or path.is_symlink():
+        if path.exists() or path.is_symlink():
+            path.unlink()
         return
-    for m in mounts_under(path):
-        umount(m.target)
+    mounted = []
+    for dirpath, dirnames, _ in os.walk(path):
+        for name in list(dirnames):
+            sub = os.path.join(dirpath, name)
+            if is_mount_point(sub):
+                mounted.append(sub)
+                dirnames.remove(name)
+    for target in sorted(mounted, key=lambda p: p.count("/"), reverse=True):
+        umount(target)
+    if is_mount_point(path):
+        umount(path)
     shutil.rmtree(path)
 
 
@@ -409,7 +592,8 @@ def tree_bytes(root: Path) -> int:
 
 
 def mkfs(image: Path, fstype: str, populate: Path | None = None, journal_mib: int = 0) -> None:
-    """Make a file system in a sparse image without writing its empty tables."""
+    """Make a file system in a sparse image without writing its empty tables;
+    ``populate`` is a tree to copy in (ext4) or a protofile (xfs)."""
     if fstype == "ext4":
         argv = [
             "mkfs.ext4",
@@ -432,7 +616,10 @@ def mkfs(image: Path, fstype: str, populate: Path | None = None, journal_mib: in
             argv += ["-J", f"size={journal_mib}"]
         run(argv + [str(image)])
     elif fstype == "xfs":
-        run(["mkfs.xfs", "-q", "-f", "-K", "-s", f"size={loopdev.FS_SECTOR}", str(image)])
+        argv = ["mkfs.xfs", "-q", "-f", "-K", "-s", f"size={loopdev.FS_SECTOR}"]
+        if populate is not None:  # a protofile: the directories to make, no mount needed
+            argv += ["-p", str(populate)]
+        run(argv + [str(image)])
     else:
         raise ValueError(f"unsupported fs type {fstype}")
 
@@ -485,7 +672,7 @@ def loop_backing_ids() -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def file_id(path: Path) -> tuple[int, int, int] | None:
+def file_id(path: str | Path) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:

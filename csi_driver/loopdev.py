@@ -22,6 +22,7 @@ import errno
 import fcntl
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,6 +94,7 @@ def attached(
         device, device_fd = _claim(image_fd, os.fsencode(image), sector_size, flags)
     finally:
         os.close(image_fd)
+    _attachments.add(image, device)
     try:
         yield device
     finally:
@@ -139,23 +141,64 @@ def attach(image: Path, *, readonly: bool = False, sector_size: int = BLOCK_SECT
         return device
 
 
+class _Attachments:
+    """Which loop devices hold which files read-write: what libmount checks before
+    ``mount -o loop``. Sysfs is scanned once per process (O(loop devices)); after
+    that this process knows every attachment it makes, and each cached one is
+    checked against its device in O(1). Only this driver attaches its images, and
+    what an earlier run left attached is in the first scan."""
+
+    def __init__(self) -> None:
+        self._by_file: dict[bytes, set[str]] = {}
+        self._scanned = False
+        self._guard = threading.Lock()
+
+    def _scan(self) -> None:
+        for name in os.listdir("/sys/block"):
+            if name.startswith("loop"):
+                try:
+                    backing = _read_sys(f"/sys/block/{name}/loop/backing_file")
+                except OSError:
+                    continue  # not attached
+                self._by_file.setdefault(backing, set()).add(name)
+        self._scanned = True
+
+    def add(self, image: Path, device: str) -> None:
+        with self._guard:
+            key = os.fsencode(os.path.realpath(image)) + b"\n"
+            self._by_file.setdefault(key, set()).add(os.path.basename(device))
+
+    def read_write(self, image: Path) -> str | None:
+        target = os.fsencode(os.path.realpath(image)) + b"\n"
+        with self._guard:
+            if not self._scanned:
+                self._scan()
+            for name in sorted(self._by_file.get(target, ())):
+                try:
+                    still = _read_sys(f"/sys/block/{name}/loop/backing_file") == target
+                    if still and _read_sys(f"/sys/block/{name}/ro").strip() == b"0":
+                        return f"/dev/{name}"
+                except OSError:
+                    still = False  # detached (autoclear) since
+                if not still:
+                    self._by_file[target].discard(name)
+        return None
+
+
+_attachments = _Attachments()
+
+
 def attached_read_write(image: Path) -> str | None:
-    """A loop device that already has ``image`` attached read-write, if any (from sysfs,
-    without running a tool): what libmount checks before ``mount -o loop``."""
-    target = os.fsencode(os.path.realpath(image))
-    for name in os.listdir("/sys/block"):  # plain os calls: this runs at every layer mount
-        if not name.startswith("loop"):
-            continue
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file", "rb") as f:
-                if f.read().rstrip(b"\n") != target:
-                    continue
-            with open(f"/sys/block/{name}/ro", "rb") as f:
-                if f.read().strip() == b"0":
-                    return f"/dev/{name}"
-        except OSError:
-            continue  # not attached, or detached meanwhile
-    return None
+    """A loop device that already has ``image`` attached read-write, if any."""
+    return _attachments.read_write(image)
+
+
+def _read_sys(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
 
 
 def direct_io(device: str) -> bool | None:

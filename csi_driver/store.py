@@ -169,7 +169,7 @@ SELECT {_LAYER_COLUMNS} FROM chain ORDER BY n
 def _volume(row: sqlite3.Row) -> Volume:
     d = dict(row)
     for key in ("parameters", "mutable", "stage_options"):
-        d[key] = json.loads(d[key])
+        d[key] = {} if d[key] == "{}" else json.loads(d[key])  # most are empty: ListVolumes of thousands
     d["ephemeral"] = bool(d["ephemeral"])
     return Volume(**d)
 

@@ -51,7 +51,7 @@ class FakeMounter:
 
     def remount_bind(self, target: str | Path, options: list[str]) -> None:
         path = os.path.normpath(target)
-        self.entries[path] = host.MountEntry(**{**self.entries[path].__dict__, "options": ",".join(options)})
+        self.entries[path] = self.entries[path]._replace(options=",".join(options))
 
     def umount(self, target: str | Path) -> None:
         path = os.path.normpath(target)

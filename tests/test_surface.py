@@ -337,3 +337,31 @@ def test_condition_reports_read_only_remount(driver: Driver):
     host.run(["mount", "-o", "remount,rw", str(mnt)])
     teardown(driver, vid, staging, target)
 
+
+
+@pytest.mark.parametrize("how", ["remount-ro", "shutdown"])
+def test_a_volume_whose_file_system_stopped_writing_is_reported_abnormal(driver, how):
+    """ext4 stops writing after an I/O error (remounted read-only, or "emergency_ro"
+    while its options still say rw) or a shutdown: the volume's condition says so."""
+    import fcntl
+    import struct
+
+    c = driver.client
+    vid = c.create_volume("broken", 64 * MiB).volume_id
+    staging, target = driver.paths("broken")
+    c.stage(vid, staging)
+    c.publish(vid, staging, target)
+    assert not c.stats(vid, target).volume_condition.abnormal
+    upper_mnt = driver.engine.backend.layout.mnt(driver.engine.get_volume(vid).upper)
+    if how == "remount-ro":
+        host.remount(upper_mnt, ["ro"])
+    else:
+        fd = os.open(upper_mnt, os.O_RDONLY)
+        try:
+            fcntl.ioctl(fd, 0x8004587D, struct.pack("I", 2))  # FS_IOC_SHUTDOWN, NOLOGFLUSH
+        finally:
+            os.close(fd)
+    condition = c.stats(vid, target).volume_condition
+    assert condition.abnormal and "no longer writes" in condition.message
+    c.unpublish(vid, target)
+    c.unstage(vid, staging)

@@ -78,7 +78,7 @@ class BlockVolumes:
                 tx.update_volume(v.id, staging_path=None, stage_options={})
         ctx.step("unstage.done")
 
-    def _target_ok(self, v: Volume, pub: Publication | None, target: str, table: host.MountTable) -> bool:
+    def _target_ok(self, v: Volume, pub: Publication | None, target: str, table: host.Mounts) -> bool:
         if pub is None or pub.volume_id != v.id or not table.is_mounted(target):
             return False
         return self.device_ok(v, pub.options.get("device"))
@@ -90,7 +90,7 @@ class BlockVolumes:
         target_path: str,
         readonly: bool,
         single_writer: bool,
-        table: host.MountTable,
+        table: host.Mounts,
     ) -> None:
         ctx = self.ctx
         device = v.stage_options.get("device")
@@ -121,7 +121,7 @@ class BlockVolumes:
         host.bind_mount(device, target)
         ctx.step("publish.mounted")
 
-    def unpublish(self, v: Volume, target_path: str, table: host.MountTable) -> None:
+    def unpublish(self, v: Volume, target_path: str, table: host.Mounts) -> None:
         ctx = self.ctx
         with ctx.store.read() as tx:
             pub = tx.publication_at(target_path)
@@ -139,7 +139,7 @@ class BlockVolumes:
         with ctx.store.tx() as tx:
             tx.delete_publication(v.id, target_path)
 
-    def condition(self, v: Volume, path: str | None, table: host.MountTable) -> str:
+    def condition(self, v: Volume, path: str | None, table: host.Mounts) -> str:
         upper = self.ctx.layer(v.upper)
         if upper is None:  # deleted while we looked
             return f"volume {v.id} is being deleted"
@@ -153,7 +153,7 @@ class BlockVolumes:
             return f"{path} is not published (node restarted?); publish it again"
         return ""
 
-    def stats(self, v: Volume, path: str, table: host.MountTable) -> VolumeStats:
+    def stats(self, v: Volume, path: str, table: host.Mounts) -> VolumeStats:
         problem = self.condition(v, path, table)
         size = os.path.getsize(self.file(v))
         return VolumeStats(size, 0, 0, 0, 0, 0, bool(problem), problem or "volume is healthy")

@@ -11,8 +11,9 @@ from csi_driver.layerstore.backend import Mount
 
 
 class Mounter(Protocol):
-    def table(self) -> host.MountTable:
-        """The mount table, read once for the operation at hand."""
+    def table(self) -> host.Mounts:
+        """The mounts, for the operation at hand: asked path by path of the kernel,
+        or one reading of the table where the kernel cannot answer that way."""
 
     def mount(self, m: Mount, target: str | Path) -> None: ...
 
@@ -26,8 +27,8 @@ class Mounter(Protocol):
 class HostMounter:
     """The kernel's mounts, through the host tools."""
 
-    def table(self) -> host.MountTable:
-        return host.MountTable.read()
+    def table(self) -> host.Mounts:
+        return host.mount_view()
 
     def mount(self, m: Mount, target: str | Path) -> None:
         if m.type == "bind":

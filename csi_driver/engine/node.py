@@ -32,12 +32,12 @@ class NodePublisher:
         self.modifier = modifier
 
     # ---- what the kernel shows ----------------------------------------------
-    def shows(self, table: host.MountTable, path: str, v: Volume) -> bool:
+    def shows(self, table: host.Mounts, path: str, v: Volume) -> bool:
         """Whether ``path`` holds a mount of the volume's layers (its overlay, or a bind of it)."""
         entry = table.at(path)
         return entry is not None and self.ctx.backend.mounted_layer(entry) == v.upper
 
-    def is_staged(self, v: Volume, table: host.MountTable | None = None) -> bool:
+    def is_staged(self, v: Volume, table: host.Mounts | None = None) -> bool:
         """The kernel, not the record, says whether a volume is in use."""
         if v.access_type == BLOCK:
             return self.block.is_staged(v)
@@ -45,7 +45,7 @@ class NodePublisher:
             return False
         return self.shows(table or self.mounter.table(), v.staging_path, v)
 
-    def live_publications(self, volume_id: str, table: host.MountTable) -> list[str]:
+    def live_publications(self, volume_id: str, table: host.Mounts) -> list[str]:
         with self.ctx.store.read() as tx:
             pubs = tx.publications(volume_id)
         return [p.target_path for p in pubs if table.is_mounted(p.target_path)]
@@ -283,7 +283,7 @@ class NodePublisher:
         self,
         v: Volume,
         path: str | None = None,
-        table: host.MountTable | None = None,
+        table: host.Mounts | None = None,
         upper: Layer | None = None,
     ) -> str:
         """An empty string when healthy, else what is wrong."""

@@ -201,12 +201,15 @@ class Volumes:
             v = tx.volume(volume_id)
         if v is None:
             return
-        table = self.node.mounter.table()
-        if v.staging_path and self.node.is_staged(v, table):
-            raise FailedPrecondition(f"volume {volume_id} is still staged at {v.staging_path}")
-        live = self.node.live_publications(volume_id, table)
-        if live:
-            raise FailedPrecondition(f"volume {volume_id} is still published at {live[0]}")
+        with ctx.store.read() as tx:
+            published = bool(tx.publications(volume_id))
+        if v.staging_path or published:  # the kernel, not the record, says what is mounted
+            table = self.node.mounter.table()
+            if v.staging_path and self.node.is_staged(v, table):
+                raise FailedPrecondition(f"volume {volume_id} is still staged at {v.staging_path}")
+            live = self.node.live_publications(volume_id, table)
+            if live:
+                raise FailedPrecondition(f"volume {volume_id} is still published at {live[0]}")
         with ctx.store.tx() as tx:
             if tx.volume(volume_id) is None:  # a concurrent delete won
                 return

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from csi_driver.host import MountEntry, MountTable
+from csi_driver.host import MountEntry, Mounts
 from csi_driver.store import Layer
 
 
@@ -163,7 +163,7 @@ class LayerBackend(Protocol):
     def fs_usage(self, layer: Layer) -> FsUsage | None:
         """An active layer's file system figures, None when it is not activated."""
 
-    def health(self, layer: Layer, table: MountTable | None = None) -> str:
+    def health(self, layer: Layer, table: Mounts | None = None) -> str:
         """An empty string when the layer is usable, else what is wrong ("its image
         is missing"); ``table`` lets it look at the mount table read for the call."""
 

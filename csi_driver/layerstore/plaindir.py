@@ -193,7 +193,7 @@ class PlainDirBackend:
             st.f_blocks * st.f_frsize, used, st.f_bavail * st.f_frsize, st.f_files, inodes, st.f_favail
         )
 
-    def health(self, layer: Layer, table: host.MountTable | None = None) -> str:
+    def health(self, layer: Layer, table: host.Mounts | None = None) -> str:
         return "" if self.tree(layer.id).is_dir() else "its tree is missing"
 
     def describe(self, layer: Layer) -> dict[str, str]:

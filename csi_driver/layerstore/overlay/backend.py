@@ -285,13 +285,13 @@ class OverlayLoopBackend:
             st.f_favail,
         )
 
-    def health(self, layer: Layer, table: host.MountTable | None = None) -> str:
-        if not self.layout.image(layer.id).exists():
+    def health(self, layer: Layer, table: host.Mounts | None = None) -> str:
+        if not os.path.exists(f"{self.layout.layers}/{layer.id}/image"):  # a store id: engine-made
             return "its image is missing"
         if layer.active and layer.fs_type != BLOCK and table is not None:
             entry = table.at(self.layout.mnt(layer.id))
-            if entry is not None and "ro" in entry.options.split(","):
-                return "its file system was remounted read-only after an I/O error"
+            if entry is not None and _read_only(entry):
+                return "its file system no longer writes (read-only after an I/O error, or shut down)"
         return ""
 
     def describe(self, layer: Layer) -> dict[str, str]:
@@ -331,18 +331,20 @@ class OverlayLoopBackend:
     def cleanup(self, known: Mapping[str, Layer], keep_devices: set[str]) -> CleanupReport:
         """Remove layer dirs and links the store does not know, thaw what a crash left
         frozen, unmount layers nobody holds, detach loop devices nobody uses."""
+        # strings and os calls, not Paths: a node may hold thousands of layers
         rep = CleanupReport()
         rep.removed += self.spares.cleanup()
-        for entry in sorted(self.layout.layers.iterdir()):
-            if entry.name not in known:
-                _settle(host.remove_tree, entry, rep.removed, rep)
+        layers_dir, links_dir = str(self.layout.layers), str(self.layout.links)
+        on_disk = set(os.listdir(layers_dir))
+        for name in sorted(on_disk - known.keys()):
+            _settle(host.remove_tree, self.layout.layers / name, rep.removed, rep)
         links = {x.link for x in known.values()}
-        for entry in sorted(self.layout.links.iterdir()):
-            if entry.name not in links:
-                entry.unlink()
-                rep.removed.append(str(entry))
+        present = set(os.listdir(links_dir))
+        for name in sorted(present - links):
+            os.unlink(f"{links_dir}/{name}")
+            rep.removed.append(f"{links_dir}/{name}")
         for layer in known.values():
-            if self.layout.layer_dir(layer.id).exists():
+            if layer.link not in present and layer.id in on_disk:
                 self.expose(layer)
         table = host.MountTable.read()
         for m in table.under(self.layout.layers):
@@ -353,7 +355,7 @@ class OverlayLoopBackend:
             if len(parts) == 2 and parts[1] == "mnt" and parts[0] not in held:
                 _settle(host.umount, m.target, rep.unmounted, rep)
         mounted = host.MountTable.read().sources()
-        ours = {host.file_id(self.layout.image(x)) for x in known} - {None}
+        ours = {host.file_id(f"{layers_dir}/{x}/image") for x in known} - {None}
         for device, backing in host.loop_backing_ids().items():
             if backing in ours and device not in mounted and device not in keep_devices:
                 host.loop_detach(device)
@@ -383,6 +385,14 @@ class OverlayLoopBackend:
             host.bind_mount(m.source, target, readonly=True)
         else:
             host.mount(m.source, target, m.type, ["ro", *m.options], cwd=m.cwd)
+
+
+def _read_only(entry: host.MountEntry) -> bool:
+    """Whether writes to a mount fail: the mount, or its file system ("ro" first in
+    its options), or ext4 after an error or a shutdown ("emergency_ro", "shutdown"
+    while still called rw)."""
+    sb = entry.super_options.split(",")
+    return "ro" in entry.options.split(",") or sb[0] == "ro" or "emergency_ro" in sb or "shutdown" in sb
 
 
 def _settle(action, target, done: list[str], rep: CleanupReport) -> None:

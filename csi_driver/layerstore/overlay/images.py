@@ -47,21 +47,18 @@ def build_image(dest: Path, size: int, fs_type: str, populate: Path | None = Non
         populate = dest.parent / "skel"
         (populate / "upper").mkdir(parents=True, exist_ok=True)
         (populate / "work").mkdir(exist_ok=True)
-    if fs_type == "xfs":
-        host.mkfs(dest, "xfs")
-        mnt = dest.parent / "skel-mnt"
-        mnt.mkdir(exist_ok=True)
-        host.mount_image(dest, mnt, "xfs", ["nouuid"], readonly=False)
+    if fs_type == "xfs":  # upper/ and work/ from a protofile: nothing is mounted to build it
+        proto = dest.parent / "skel.proto"
+        proto.write_text("/dev/null\n0 0\nd--755 0 0\nupper d--755 0 0\n$\nwork d--755 0 0\n$\n$\n")
         try:
-            for name in ("upper", "work"):
-                (mnt / name).mkdir(exist_ok=True)
+            host.mkfs(dest, "xfs", populate=proto)
         finally:
-            host.umount(mnt)
+            proto.unlink()
     else:
         host.mkfs(dest, "ext4", populate=populate, journal_mib=journal_bytes(size) // MiB)
-    for scratch in (dest.parent / "skel", dest.parent / "skel-mnt"):
-        if scratch.is_dir() and not host.is_mount_point(scratch):
-            shutil.rmtree(scratch)
+    skel = dest.parent / "skel"
+    if skel.is_dir():
+        shutil.rmtree(skel)
     return host.fs_used_bytes(dest, fs_type)
 
 
