@@ -14,20 +14,18 @@ from dataclasses import dataclass, field
 from csi_driver import host
 from csi_driver.engine.engine import Engine
 from csi_driver.errors import CommandFailed
+from csi_driver.layerstore.backend import CleanupReport
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Report:
-    removed_dirs: list[str] = field(default_factory=list)
-    removed_links: list[str] = field(default_factory=list)
-    unmounted: list[str] = field(default_factory=list)
-    detached: list[str] = field(default_factory=list)
+class Report(CleanupReport):
+    """What the backend's cleanup did, and what the engine adopted and collected."""
+
     adopted: list[str] = field(default_factory=list)
     collected: list[str] = field(default_factory=list)
     missing_images: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
 
 
 def reconcile(engine: Engine) -> Report:
@@ -36,7 +34,7 @@ def reconcile(engine: Engine) -> Report:
 
     for entry in sorted(ctx.state.tmp.iterdir()):
         _settle(host.remove_tree, entry, rep)
-        rep.removed_dirs.append(str(entry))
+        rep.removed.append(str(entry))
 
     with engine.store.tx() as tx:
         gone = tx.collect_garbage()
@@ -71,12 +69,12 @@ def reconcile(engine: Engine) -> Report:
     for entry in sorted(ctx.state.ephemeral.iterdir()):
         if entry.name not in {v.id for v in volumes}:
             _settle(host.remove_tree, entry, rep)
-            rep.removed_dirs.append(str(entry))
+            rep.removed.append(str(entry))
 
     keep = {v.stage_options.get("device") for v in volumes if v.staging_path}
     keep |= {p.options.get("device") for p in pubs}
     cleaned = backend.cleanup(layers, {d for d in keep if d})
-    rep.removed_dirs += cleaned.removed
+    rep.removed += cleaned.removed
     rep.unmounted += cleaned.unmounted
     rep.detached += cleaned.detached
     rep.failed += cleaned.failed
