@@ -8,8 +8,9 @@ import os
 
 import pytest
 
-from csi_driver import host, loopdev
+from csi_driver import host
 from csi_driver.errors import FailedPrecondition
+from csi_driver.host import loopdev
 from driver_harness import needs_mounts
 
 pytestmark = needs_mounts

@@ -14,11 +14,12 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from csi_driver import host, loopdev
+from csi_driver import host
 from csi_driver.doctor.check import FAIL, OK, WARN, Check, MiB
 from csi_driver.doctor.procfs import CAP_SYS_ADMIN, has_cap
 from csi_driver.doctor.state_dir import existing_ancestor
 from csi_driver.errors import CommandFailed
+from csi_driver.host import loopdev
 from csi_driver.layerstore.overlay.images import mount_options
 
 CLONE_NEWNS = 0x00020000

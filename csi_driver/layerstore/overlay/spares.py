@@ -97,16 +97,23 @@ class SpareImages:
             with self._guard:
                 kinds = list(reversed(self._wanted))
             for fs_type, size in kinds:
-                while not self._stopped and len(self._ready(fs_type, size)) < self.keep:
-                    if not self._make(fs_type, size):
+                while not self._stopped and self._still_wanted(fs_type, size):
+                    if len(self._ready(fs_type, size)) >= self.keep or not self._make(fs_type, size):
                         break
+
+    def _still_wanted(self, fs_type: str, size: int) -> bool:
+        with self._guard:
+            return (fs_type, size) in self._wanted
 
     def _make(self, fs_type: str, size: int) -> bool:
         work = self.root / f".build-{new_id()}"
         try:
             work.mkdir()
             self._build(work / "image", size, fs_type)
-            os.rename(work / "image", self.root / (self._prefix(fs_type, size) + new_id()))
+            with self._guard:  # a kind dropped meanwhile gets no spare
+                if (fs_type, size) not in self._wanted:
+                    return False
+                os.rename(work / "image", self.root / (self._prefix(fs_type, size) + new_id()))
             return True
         except Exception as e:  # a full disk, say: the call path builds its own then
             log.warning("could not build a spare %s image of %d bytes: %s", fs_type, size, e)

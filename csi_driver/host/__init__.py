@@ -1,0 +1,125 @@
+"""Everything the driver asks of the host, and nothing about volumes or layers:
+the mount table, mounting, loop devices, image files and host tools. Every
+function is safe to repeat.
+
+- ``mounttable``: what is mounted where (MountTable, LiveMounts, is_mount_point)
+- ``mounting``: mount(2), umount2(2), binds, freeze and thaw
+- ``loopdev``: direct-I/O loop devices set up with one ioctl
+- ``loops``: loop devices as sysfs and losetup list them
+- ``files``: sparse images, copies, reflinks, ext4 superblocks
+- ``tools``: the host programs (mkfs, resize2fs, tune2fs, blockdev, blkid)
+"""
+
+from csi_driver.host import loopdev
+from csi_driver.host.files import (
+    FICLONE,
+    allocated_bytes,
+    copy_sparse,
+    create_sparse,
+    ext4_superblock,
+    file_id,
+    fs_used_bytes,
+    reflink,
+    sector_size_of,
+    tree_bytes,
+)
+from csi_driver.host.loops import (
+    loop_attach,
+    loop_backing_file,
+    loop_backing_ids,
+    loop_detach,
+    loop_devices,
+    loop_refresh,
+    loops_under,
+)
+from csi_driver.host.mounting import (
+    UMOUNT_BUSY_RETRIES,
+    bind_mount,
+    freeze,
+    mount,
+    mount_device,
+    mount_image,
+    remount,
+    remount_bind,
+    remove_tree,
+    thaw,
+    umount,
+)
+from csi_driver.host.mounttable import (
+    LiveMounts,
+    MountEntry,
+    Mounts,
+    MountTable,
+    device_of,
+    is_mount_point,
+    is_mounted,
+    mount_at,
+    mount_view,
+    mounts,
+    mounts_under,
+)
+from csi_driver.host.tools import (
+    e2fsck,
+    flush_buffers,
+    grow_fs,
+    mkfs,
+    mkfs_pool,
+    probe_signature,
+    resize2fs,
+    run,
+    set_read_ahead,
+    tune2fs_reserved,
+)
+
+__all__ = [
+    "FICLONE",
+    "UMOUNT_BUSY_RETRIES",
+    "LiveMounts",
+    "MountEntry",
+    "MountTable",
+    "Mounts",
+    "allocated_bytes",
+    "bind_mount",
+    "copy_sparse",
+    "create_sparse",
+    "device_of",
+    "e2fsck",
+    "ext4_superblock",
+    "file_id",
+    "flush_buffers",
+    "freeze",
+    "fs_used_bytes",
+    "grow_fs",
+    "is_mount_point",
+    "is_mounted",
+    "loop_attach",
+    "loop_backing_file",
+    "loop_backing_ids",
+    "loop_detach",
+    "loop_devices",
+    "loop_refresh",
+    "loopdev",
+    "loops_under",
+    "mkfs",
+    "mkfs_pool",
+    "mount",
+    "mount_at",
+    "mount_device",
+    "mount_image",
+    "mount_view",
+    "mounts",
+    "mounts_under",
+    "probe_signature",
+    "reflink",
+    "remount",
+    "remount_bind",
+    "remove_tree",
+    "resize2fs",
+    "run",
+    "sector_size_of",
+    "set_read_ahead",
+    "thaw",
+    "tree_bytes",
+    "tune2fs_reserved",
+    "umount",
+]

@@ -1,0 +1,235 @@
+"""Mounting and unmounting by system call (mount(2), umount2(2), the freeze
+ioctls), never by running mount(8) on the hot path."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from csi_driver.errors import CommandFailed, FailedPrecondition
+from csi_driver.host import loopdev
+from csi_driver.host.files import sector_size_of
+from csi_driver.host.libc import libc
+from csi_driver.host.mounttable import is_mount_point
+from csi_driver.host.tools import run
+
+log = logging.getLogger(__name__)
+
+
+def mount(
+    source: str,
+    target: str | Path,
+    fstype: str | None = None,
+    options: list[str] | tuple[str, ...] | None = None,
+    cwd: str | Path | None = None,
+) -> None:
+    """mount(2) a file system; relative paths in ``options`` (an overlay's layers)
+    are resolved against ``cwd``. ``loop`` (a file as the source) is mount(8)'s."""
+    if options and "loop" in options:
+        run(["mount", "-t", fstype or "auto", "-o", ",".join(options), source, str(target)], cwd=cwd)
+        return
+    if cwd is None:
+        mount_device(source, target, fstype or "", list(options or []))
+        return
+    _in_dir_mounter().submit(_chdir_and_mount, str(cwd), source, target, fstype, options).result()
+
+
+_CLONE_FS = 0x200
+_dir_mounter: ThreadPoolExecutor | None = None
+_dir_mounter_guard = threading.Lock()
+
+
+def _own_cwd() -> None:
+    """In the mount thread: a working directory of its own, so that changing it
+    never moves another thread's (unshare(2) of CLONE_FS)."""
+    _libc = libc()
+    if _libc.unshare(_CLONE_FS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_FS) failed")
+
+
+def _in_dir_mounter() -> ThreadPoolExecutor:
+    global _dir_mounter
+    with _dir_mounter_guard:
+        if _dir_mounter is None:
+            _dir_mounter = ThreadPoolExecutor(1, thread_name_prefix="mount-in-dir", initializer=_own_cwd)
+        return _dir_mounter
+
+
+def _chdir_and_mount(
+    cwd: str, source: str, target: str | Path, fstype: str | None, options: list[str] | tuple[str, ...] | None
+) -> None:
+    os.chdir(cwd)
+    try:
+        mount_device(source, target, fstype or "", list(options or []))
+    finally:
+        os.chdir("/")  # a working directory inside a file system keeps it busy
+
+
+_MS_FLAGS = {
+    "ro": 0x1,
+    "nosuid": 0x2,
+    "nodev": 0x4,
+    "noexec": 0x8,
+    "sync": 0x10,
+    "dirsync": 0x80,
+    "noatime": 0x400,
+    "nodiratime": 0x800,
+    "relatime": 0x200000,
+    "strictatime": 0x1000000,
+    "lazytime": 0x2000000,
+}
+_MS_BIND = 0x1000
+
+
+def _mount2(source: str, target: str | Path, fstype: str | None, flags: int, data: str) -> None:
+    """mount(2) itself: a few microseconds where running mount(8) takes milliseconds."""
+    _libc = libc()
+    enc = os.fsencode
+    ok = _libc.mount(
+        enc(source), enc(str(target)), enc(fstype) if fstype else None, ctypes.c_ulong(flags),
+        enc(data) if data else None,
+    )  # fmt: skip
+    if ok != 0:
+        err = ctypes.get_errno()
+        argv = ["mount"] + (["-t", fstype] if fstype else ["--bind"]) + [source, str(target)]
+        raise CommandFailed(argv, 32, f"mount {target}: {os.strerror(err)}")
+
+
+def mount_device(device: str, target: str | Path, fstype: str, options: list[str]) -> None:
+    """Mount a block device's file system with options such as ``ro`` or ``discard``
+    (the ones mount(2) takes as flags become flags, the rest go to the file system)."""
+    flags = 0
+    data = []
+    for opt in options:
+        if opt in _MS_FLAGS:
+            flags |= _MS_FLAGS[opt]
+        elif opt != "rw":
+            data.append(opt)
+    _mount2(device, target, fstype, flags, ",".join(data))
+
+
+def bind_mount(source: str | Path, target: str | Path, readonly: bool = False) -> None:
+    _mount2(str(source), target, None, _MS_BIND, "")
+    if readonly:
+        remount_bind(target, ["ro"])
+
+
+def remount(target: str | Path, options: list[str]) -> None:
+    """Change a mounted file system's options (``mount -o remount,...``)."""
+    run(["mount", "-o", "remount," + ",".join(options), str(target)])
+
+
+def remount_bind(target: str | Path, options: list[str]) -> None:
+    """Change one bind mount's per-mount flags (ro, noexec, ...)."""
+    run(["mount", "-o", "remount,bind," + ",".join(options), str(target)])
+
+
+_MNT_DETACH = 2
+
+
+def umount(target: str | Path, lazy: bool = False) -> None:
+    """Unmount every mount stacked at ``target``; no error if none is there.
+
+    umount2(2) itself says when nothing is mounted (EINVAL) or the path is gone
+    (ENOENT), so this never reads the mount table.
+    """
+    _libc = libc()
+    path = os.fsencode(str(target))
+    unmounted, busy = 0, 0
+    while unmounted <= 64:  # 64 stacked mounts, then the call that finds none
+        if _libc.umount2(path, _MNT_DETACH if lazy else 0) == 0:
+            unmounted += 1
+            continue
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOENT, errno.ENOTDIR):
+            return
+        if err == errno.EBUSY and busy < UMOUNT_BUSY_RETRIES:
+            # a child forked by another thread holds our open files until it execs
+            busy += 1
+            time.sleep(0.05)
+            continue
+        argv = ["umount"] + (["-l"] if lazy else []) + [str(target)]
+        raise CommandFailed(argv, 32, f"umount {target}: {os.strerror(err)}")
+    raise CommandFailed(["umount", str(target)], 32, f"{target}: more than 64 mounts stacked")
+
+
+#: EBUSY retries of an unmount, 50 ms apart: a fork in another thread (a tool run
+#: for another call) keeps the files open at that instant busy until it execs
+UMOUNT_BUSY_RETRIES = 10
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory after unmounting whatever is mounted below it (found by
+    statx on its directories, never by descending into a mount, so never by
+    deleting what a mount shows)."""
+    if not path.is_dir() or path.is_symlink():
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        return
+    mounted = []
+    for dirpath, dirnames, _ in os.walk(path):
+        for name in list(dirnames):
+            sub = os.path.join(dirpath, name)
+            if is_mount_point(sub):
+                mounted.append(sub)
+                dirnames.remove(name)
+    for target in sorted(mounted, key=lambda p: p.count("/"), reverse=True):
+        umount(target)
+    if is_mount_point(path):
+        umount(path)
+    shutil.rmtree(path)
+
+
+# ---- sparse image files ----------------------------------------------------
+
+
+def mount_image(image: Path, target: str | Path, fstype: str, options: list[str], readonly: bool) -> str:
+    """Mount a file-system image through a direct-I/O loop device that goes away
+    with the mount (as ``mount -o loop`` would, but without a second page cache);
+    return the device."""
+    if not readonly and (other := loopdev.attached_read_write(image)):
+        # two writers of one file system would corrupt it (libmount refuses this too)
+        raise FailedPrecondition(f"{image} is already attached read-write to {other}")
+    with loopdev.attached(
+        image, readonly=readonly, sector_size=sector_size_of(image), autoclear=True
+    ) as device:
+        mount_device(device, target, fstype, options)
+    return device
+
+
+FIFREEZE = 0xC0045877  # _IOWR('X', 119, int), as fsfreeze(8) uses
+FITHAW = 0xC0045878
+
+
+def _freeze_ioctl(mountpoint: Path, request: int) -> None:
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, request, 0)
+    finally:
+        os.close(fd)
+
+
+def freeze(mountpoint: Path) -> None:
+    """Flush a mounted file system and block its writers until ``thaw``."""
+    try:
+        _freeze_ioctl(mountpoint, FIFREEZE)
+    except OSError as e:
+        raise CommandFailed(["fsfreeze", "--freeze", str(mountpoint)], 1, e.strerror or str(e)) from e
+
+
+def thaw(mountpoint: Path) -> None:
+    """Let writers go on; nothing to do (and no error) when it is not frozen.
+    An ioctl, not fsfreeze(8): start-up thaws every layer mount, hundreds on a busy node."""
+    try:
+        _freeze_ioctl(mountpoint, FITHAW)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: not frozen
+            log.warning("could not thaw %s: %s", mountpoint, e)

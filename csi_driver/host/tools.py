@@ -1,0 +1,106 @@
+"""Host tools, run with their errors as CommandFailed: mkfs, resize, tune2fs,
+blockdev, blkid. Every call is safe to repeat."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+from csi_driver.errors import CommandFailed
+from csi_driver.host import loopdev
+
+log = logging.getLogger(__name__)
+
+
+def run(
+    argv: list[str], *, cwd: str | Path | None = None, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run a host tool; raise CommandFailed with its stderr when it fails."""
+    log.debug("exec %s", " ".join(argv))
+    proc = subprocess.run(
+        argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+    if check and proc.returncode != 0:
+        raise CommandFailed(argv, proc.returncode, proc.stderr or proc.stdout)
+    return proc
+
+
+def mkfs(image: Path, fstype: str, populate: Path | None = None, journal_mib: int = 0) -> None:
+    """Make a file system in a sparse image without writing its empty tables;
+    ``populate`` is a tree to copy in (ext4) or a protofile (xfs)."""
+    if fstype == "ext4":
+        argv = [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-b",
+            "4096",
+            "-i",
+            "16384",
+            "-I",
+            "256",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+        ]
+        if populate is not None:
+            argv += ["-d", str(populate)]
+        if journal_mib:
+            argv += ["-J", f"size={journal_mib}"]
+        run(argv + [str(image)])
+    elif fstype == "xfs":
+        argv = ["mkfs.xfs", "-q", "-f", "-K", "-s", f"size={loopdev.FS_SECTOR}"]
+        if populate is not None:  # a protofile: the directories to make, no mount needed
+            argv += ["-p", str(populate)]
+        run(argv + [str(image)])
+    else:
+        raise ValueError(f"unsupported fs type {fstype}")
+
+
+def grow_fs(fstype: str, device: str, mountpoint: Path) -> None:
+    if fstype == "xfs":
+        run(["xfs_growfs", str(mountpoint)])
+    else:
+        run(["resize2fs", device])
+
+
+def tune2fs_reserved(target: str | Path, percent: int) -> None:
+    """Blocks of an ext4 (image or device) reserved for root, in percent."""
+    run(["tune2fs", "-m", str(percent), str(target)])
+
+
+def set_read_ahead(device: str, kib: int) -> None:
+    run(["blockdev", "--setra", str(kib * 2), device])
+
+
+def flush_buffers(device: str) -> None:
+    run(["blockdev", "--flushbufs", device], check=False)
+
+
+def e2fsck(image: Path, *, journal_only: bool = False) -> None:
+    """Replay the journal only, or check and repair what is safe (-p), forced."""
+    argv = ["e2fsck", "-p", "-E", "journal_only"] if journal_only else ["e2fsck", "-f", "-p"]
+    run(argv + [str(image)], check=False)
+
+
+def resize2fs(target: str | Path) -> None:
+    run(["resize2fs", str(target)])
+
+
+def probe_signature(device: str) -> dict[str, str]:
+    """What ``blkid -p`` (low-level probing, no cache) finds on a device: TYPE,
+    LABEL, PTTYPE ...; empty when it finds no signature at all."""
+    proc = run(["blkid", "-p", "-o", "export", device], check=False)
+    if proc.returncode == 2:  # nothing found
+        return {}
+    if proc.returncode != 0:
+        raise CommandFailed(["blkid", "-p", device], proc.returncode, proc.stderr or proc.stdout)
+    pairs = (line.partition("=") for line in proc.stdout.splitlines() if "=" in line)
+    return {key: value for key, _, value in pairs}
+
+
+def mkfs_pool(device: str, label: str) -> None:
+    """An xfs with reflink (clones of image files) over a whole device."""
+    run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", "-L", label, device])
