@@ -22,23 +22,63 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+# Layers: the graph and what the engine accounts (layers), apart from what the
+# layer backend keeps for itself (layer_storage, one row per layer); the view
+# joins them into the records the engine and the backend read.
+_LAYERS = """
 CREATE TABLE IF NOT EXISTS layers (
     id TEXT PRIMARY KEY,
     parent TEXT REFERENCES layers(id),
-    link TEXT NOT NULL UNIQUE,
     name TEXT UNIQUE,
     active INTEGER NOT NULL,
     fs_type TEXT NOT NULL,
     depth INTEGER NOT NULL,
     image_bytes INTEGER NOT NULL,
     used_bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS layer_storage (
+    layer TEXT PRIMARY KEY REFERENCES layers(id) ON DELETE CASCADE,
+    link TEXT NOT NULL UNIQUE,
     base_bytes INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
+"""
+_LAYER_VIEW = """
+CREATE VIEW IF NOT EXISTS layer_rows AS
+    SELECT l.id, l.parent, s.link, l.name, l.active, l.fs_type, l.depth, l.image_bytes,
+           l.used_bytes, l.created_at, s.base_bytes
+    FROM layers l JOIN layer_storage s ON s.layer = l.id;
+"""
+_STORAGE_FIELDS = ("link", "base_bytes")
+
+# Schema 1 kept the backend's fields in the layers table itself.
+_FROM_V1 = """
+DROP VIEW IF EXISTS layer_rows;
+INSERT INTO layer_storage (layer, link, base_bytes) SELECT id, link, base_bytes FROM layers;
+CREATE TABLE layers_v2 (
+    id TEXT PRIMARY KEY,
+    parent TEXT REFERENCES layers(id),
+    name TEXT UNIQUE,
+    active INTEGER NOT NULL,
+    fs_type TEXT NOT NULL,
+    depth INTEGER NOT NULL,
+    image_bytes INTEGER NOT NULL,
+    used_bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+INSERT INTO layers_v2 SELECT id, parent, name, active, fs_type, depth, image_bytes, used_bytes, created_at
+    FROM layers;
+DROP TABLE layers;
+ALTER TABLE layers_v2 RENAME TO layers;
+CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
+UPDATE meta SET value='2' WHERE key='schema_version';
+"""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS volumes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -91,7 +131,6 @@ CREATE TABLE IF NOT EXISTS groups (
 CREATE INDEX IF NOT EXISTS volumes_layer ON volumes(upper);
 CREATE INDEX IF NOT EXISTS snapshots_layer ON snapshots(layer);
 CREATE INDEX IF NOT EXISTS snapshots_source ON snapshots(source_volume_id);
-CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
 """
 
 
@@ -157,9 +196,9 @@ _LAYER_COLUMNS = ", ".join(f.name for f in fields(Layer))
 # Walk parent links from the top; the guard on n ends a (corrupt) cycle instead of looping forever.
 _CHAIN_SQL = f"""
 WITH RECURSIVE chain AS (
-    SELECT 0 AS n, * FROM layers WHERE id=?
+    SELECT 0 AS n, * FROM layer_rows WHERE id=?
     UNION ALL
-    SELECT c.n + 1, l.* FROM chain c JOIN layers l ON l.id=c.parent
+    SELECT c.n + 1, l.* FROM chain c JOIN layer_rows l ON l.id=c.parent
     WHERE c.n < (SELECT COUNT(*) FROM layers)
 )
 SELECT {_LAYER_COLUMNS} FROM chain ORDER BY n
@@ -190,15 +229,15 @@ class ReadTx:
 
     # ---- layers -------------------------------------------------------
     def layer(self, layer_id: str) -> Layer | None:
-        row = self.c.execute("SELECT * FROM layers WHERE id=?", (layer_id,)).fetchone()
+        row = self.c.execute("SELECT * FROM layer_rows WHERE id=?", (layer_id,)).fetchone()
         return Layer(**dict(row)) if row else None
 
     def layer_by_name(self, name: str) -> Layer | None:
-        row = self.c.execute("SELECT * FROM layers WHERE name=?", (name,)).fetchone()
+        row = self.c.execute("SELECT * FROM layer_rows WHERE name=?", (name,)).fetchone()
         return Layer(**dict(row)) if row else None
 
     def layers(self) -> list[Layer]:
-        return [Layer(**dict(r)) for r in self.c.execute("SELECT * FROM layers ORDER BY created_at")]
+        return [Layer(**dict(r)) for r in self.c.execute("SELECT * FROM layer_rows ORDER BY created_at")]
 
     def chain(self, top: str | None) -> list[Layer]:
         """The layer stack under ``top``, nearest (top) first, in one query."""
@@ -216,7 +255,7 @@ class ReadTx:
     def unreferenced_layers(self) -> list[Layer]:
         """Unnamed (or retired base) layers nothing points at (volume, snapshot or child)."""
         rows = self.c.execute(
-            "SELECT * FROM layers l WHERE (l.name IS NULL OR l.name LIKE 'retired:%')"
+            "SELECT * FROM layer_rows l WHERE (l.name IS NULL OR l.name LIKE 'retired:%')"
             " AND NOT EXISTS (SELECT 1 FROM volumes v WHERE v.upper=l.id)"
             " AND NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.layer=l.id)"
             " AND NOT EXISTS (SELECT 1 FROM layers c WHERE c.parent=l.id)"
@@ -329,12 +368,11 @@ class Tx(ReadTx):
     # ---- layers -------------------------------------------------------
     def add_layer(self, layer: Layer) -> None:
         self.c.execute(
-            "INSERT INTO layers (id,parent,link,name,active,fs_type,depth,image_bytes,used_bytes,"
-            "created_at,base_bytes) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO layers (id,parent,name,active,fs_type,depth,image_bytes,used_bytes,created_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?)",
             (
                 layer.id,
                 layer.parent,
-                layer.link,
                 layer.name,
                 layer.active,
                 layer.fs_type,
@@ -342,8 +380,11 @@ class Tx(ReadTx):
                 layer.image_bytes,
                 layer.used_bytes,
                 layer.created_at,
-                layer.base_bytes,
             ),
+        )
+        self.c.execute(
+            "INSERT INTO layer_storage (layer,link,base_bytes) VALUES (?,?,?)",
+            (layer.id, layer.link, layer.base_bytes),
         )
 
     def collect_garbage(self) -> list[Layer]:
@@ -356,8 +397,12 @@ class Tx(ReadTx):
         return gone
 
     def update_layer(self, layer_id: str, **changes: Any) -> None:
-        cols = ", ".join(f"{k}=?" for k in changes)
-        self.c.execute(f"UPDATE layers SET {cols} WHERE id=?", (*changes.values(), layer_id))
+        storage = {k: v for k, v in changes.items() if k in _STORAGE_FIELDS}
+        graph = {k: v for k, v in changes.items() if k not in _STORAGE_FIELDS}
+        for table, key, cols in (("layers", "id", graph), ("layer_storage", "layer", storage)):
+            if cols:
+                sets = ", ".join(f"{k}=?" for k in cols)
+                self.c.execute(f"UPDATE {table} SET {sets} WHERE {key}=?", (*cols.values(), layer_id))
 
     # ---- volumes ------------------------------------------------------
     def add_volume(self, v: Volume) -> Volume:
@@ -518,7 +563,17 @@ class Store:
 
     def _migrate(self) -> None:
         with self._lock:
-            self._conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            columns = {r[1] for r in self._conn.execute("PRAGMA table_info(layers)")}
+            if "link" in columns:  # schema 1: move the backend's fields to layer_storage
+                self._conn.execute("PRAGMA foreign_keys=OFF")  # the table is rebuilt under its references
+                try:
+                    self._conn.executescript("BEGIN IMMEDIATE;" + _LAYERS + _FROM_V1 + "COMMIT;")
+                    problems = self._conn.execute("PRAGMA foreign_key_check").fetchall()
+                    if problems:
+                        raise RuntimeError(f"store migration left dangling references: {problems[:5]}")
+                finally:
+                    self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + _LAYERS + _LAYER_VIEW + "COMMIT;")
         with self.tx() as tx:
             row = tx.c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:

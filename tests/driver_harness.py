@@ -243,7 +243,12 @@ def invariant_problems(
 
     problems: list[str] = []
     dump = store_dump(state)
-    layers = {x["id"]: x for x in dump["layers"]}
+    storage = {x["layer"]: x for x in dump.get("layer_storage", [])}  # the backend's fields
+    layers = {x["id"]: {**storage.get(x["id"], {}), **x} for x in dump["layers"]}
+    for x in layers.values():
+        if "link" not in x:
+            problems.append(f"layer {x['id']} has no storage row")
+            x["link"] = ""
     volumes = {x["id"]: x for x in dump["volumes"]}
     snapshots = {x["id"]: x for x in dump["snapshots"]}
     pubs = dump["publications"]

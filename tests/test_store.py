@@ -226,3 +226,58 @@ def test_close_closes_every_reader(store: Store):
     with pytest.raises(sqlite3.ProgrammingError):
         _reader_of_a_thread(store)
     assert not store.healthy()
+
+
+V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE layers (
+    id TEXT PRIMARY KEY, parent TEXT REFERENCES layers(id), link TEXT NOT NULL UNIQUE,
+    name TEXT UNIQUE, active INTEGER NOT NULL, fs_type TEXT NOT NULL, depth INTEGER NOT NULL,
+    image_bytes INTEGER NOT NULL, used_bytes INTEGER NOT NULL, created_at REAL NOT NULL,
+    base_bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE volumes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, name TEXT NOT NULL UNIQUE,
+    capacity_bytes INTEGER NOT NULL, upper TEXT NOT NULL REFERENCES layers(id),
+    access_type TEXT NOT NULL, fs_type TEXT NOT NULL, source_kind TEXT NOT NULL DEFAULT '',
+    source_id TEXT NOT NULL DEFAULT '', parameters TEXT NOT NULL DEFAULT '{}',
+    mutable TEXT NOT NULL DEFAULT '{}', ephemeral INTEGER NOT NULL DEFAULT 0, staging_path TEXT,
+    stage_options TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL
+);
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO layers VALUES ('b', NULL, 'BBBBBBBBBB', 'base', 0, 'ext4', 1, 100, 40, 1.0, 7);
+INSERT INTO layers VALUES ('u', 'b', 'UUUUUUUUUU', NULL, 1, 'ext4', 1, 200, 0, 2.0, 9);
+INSERT INTO volumes (id, name, capacity_bytes, upper, access_type, fs_type, created_at)
+    VALUES ('vol-1', 'pvc', 200, 'u', 'mount', 'ext4', 3.0);
+"""
+
+
+def test_a_schema_1_store_moves_the_backend_fields_to_their_own_table(tmp_path):
+    """An existing state dir keeps every layer, link and baseline; the layers table
+    afterwards holds the graph only, and deleting a layer deletes its storage row."""
+    db = tmp_path / "state.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(V1)
+    conn.close()
+
+    store = Store(db)
+    try:
+        assert store.schema_version == 2
+        with store.read() as r:
+            chain = r.chain("u")
+            columns = {row[1] for row in r.c.execute("PRAGMA table_info(layers)")}
+        assert [(x.id, x.link, x.base_bytes, x.parent) for x in chain] == [
+            ("u", "UUUUUUUUUU", 9, "b"),
+            ("b", "BBBBBBBBBB", 7, None),
+        ]
+        assert "link" not in columns and "base_bytes" not in columns
+        with store.tx() as tx:
+            tx.update_layer("u", active=0, base_bytes=11)
+            assert (tx.layer("u").active, tx.layer("u").base_bytes) == (0, 11)
+            tx.delete_volume("vol-1")
+            tx.update_layer("b", name=None)
+            assert {x.id for x in tx.collect_garbage()} == {"u", "b"}
+            assert tx.c.execute("SELECT COUNT(*) FROM layer_storage").fetchone()[0] == 0
+    finally:
+        store.close()
+    Store(db).close()  # opening a migrated store again changes nothing
