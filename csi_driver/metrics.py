@@ -76,7 +76,7 @@ MOUNT_KINDS = ("stage", "publish", "layer")
 def parse_address(address: str) -> tuple[str, int]:
     """``:9808``, ``0.0.0.0:9808``, ``127.0.0.1:0`` or ``[::1]:9808`` -> (host, port)."""
     hostpart, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"metrics address {address!r} is not HOST:PORT (e.g. :9808)")
     hostpart = hostpart.strip("[]") or "0.0.0.0"
     return hostpart, int(port)

@@ -131,6 +131,8 @@ CREATE TABLE IF NOT EXISTS groups (
 CREATE INDEX IF NOT EXISTS volumes_layer ON volumes(upper);
 CREATE INDEX IF NOT EXISTS snapshots_layer ON snapshots(layer);
 CREATE INDEX IF NOT EXISTS snapshots_source ON snapshots(source_volume_id);
+CREATE INDEX IF NOT EXISTS volumes_staging ON volumes(staging_path);
+CREATE INDEX IF NOT EXISTS publications_target ON publications(target_path);
 """
 
 
@@ -309,6 +311,18 @@ class ReadTx:
                 "SELECT * FROM publications WHERE volume_id=? ORDER BY target_path", (volume_id,)
             )
         return [_publication(r) for r in rows]
+
+    def paths_below(self, path: str) -> list[tuple[str, str]]:
+        """(volume id, path) of staging paths and publication targets strictly below
+        ``path`` (two index range scans: "/" sorts just before "0")."""
+        low, high = path.rstrip("/") + "/", path.rstrip("/") + "0"
+        rows = self.c.execute(
+            "SELECT id, staging_path FROM volumes WHERE staging_path >= ? AND staging_path < ?"
+            " UNION ALL SELECT volume_id, target_path FROM publications"
+            " WHERE target_path >= ? AND target_path < ?",
+            (low, high, low, high),
+        )
+        return [(r[0], r[1]) for r in rows]
 
     def publication_at(self, target_path: str) -> Publication | None:
         row = self.c.execute("SELECT * FROM publications WHERE target_path=?", (target_path,)).fetchone()

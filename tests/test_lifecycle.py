@@ -407,3 +407,24 @@ def test_kubelet_dir_confines_node_paths(tmp_path: Path):
     finally:
         d.stop()
         cleanup(tmp_path)
+
+
+def test_a_mount_over_another_volumes_path_is_refused(driver):
+    """Staging or publishing over a parent of another volume's staging path would hide
+    that volume from kubelet and from the driver: FAILED_PRECONDITION, nothing mounted."""
+    c = driver.client
+    a = c.create_volume("a", 16 * MiB).volume_id
+    b = c.create_volume("b", 16 * MiB).volume_id
+    staging, target = driver.paths("a")
+    c.stage(a, staging)
+    c.publish(a, staging, target)
+    b_staging, _ = driver.paths("b")
+    for call in (lambda: c.stage(b, staging.parent), lambda: c.publish(a, staging, staging.parent)):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "would hide it" in e.value.details()
+    assert not host.is_mounted(staging.parent)
+    c.stage(b, b_staging)  # a path of its own is fine
+    c.unstage(b, b_staging)
+    c.unpublish(a, target)
+    c.unstage(a, staging)

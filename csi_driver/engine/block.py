@@ -54,6 +54,7 @@ class BlockVolumes:
             raise FailedPrecondition(f"volume {v.id} is already staged at {v.staging_path}")
         if v.staging_path == staging_path and staged:
             return
+        ctx.check_hides_nothing(staging_path)
         ctx.check_stage_limit(v)
         with ctx.store.tx() as tx:
             tx.update_volume(v.id, staging_path=staging_path, stage_options={})
@@ -103,6 +104,7 @@ class BlockVolumes:
                 return
             raise AlreadyExists(f"{target_path} is already published with other arguments")
         ctx.check_single_writer(v, target_path, readonly, single_writer)
+        ctx.check_hides_nothing(target_path)
         if readonly:  # a read-only bind mount does not stop writes to a device node
             earlier = pub.options.get("device") if pub and pub.volume_id == v.id else None
             if self.device_ok(v, earlier):  # an attempt cut short by a crash: reuse its device

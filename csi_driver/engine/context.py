@@ -285,6 +285,17 @@ class EngineContext:
                     f"node {self.config.node_id} already has its maximum of {limit} volumes in use"
                 )
 
+    def check_hides_nothing(self, path: str) -> None:
+        """A mount at ``path`` must not cover another volume's staging path or target
+        (a bind over kubelet's staging dir would hide every volume staged there)."""
+        with self.store.read() as tx:
+            below = tx.paths_below(os.path.normpath(path))
+        if below:
+            volume_id, other = below[0]
+            raise FailedPrecondition(
+                f"{path} contains {other}, a path of volume {volume_id}; a mount there would hide it"
+            )
+
     def check_single_writer(self, v: Volume, target_path: str, readonly: bool, single_writer: bool) -> None:
         """SINGLE_NODE_SINGLE_WRITER: while published read-write, nowhere else."""
         with self.store.read() as tx:

@@ -35,7 +35,7 @@ def validate_mutable(params: dict[str, str], fs_type: str = "ext4") -> dict[str,
             raise InvalidArgument("discard must be 'true' or 'false'")
         if key in RANGES:
             lo, hi = RANGES[key]
-            if not value.isdigit() or not lo <= int(value) <= hi:
+            if not (value.isascii() and value.isdigit()) or not lo <= int(value) <= hi:
                 raise InvalidArgument(f"{key} must be an integer from {lo} to {hi}")
         if key in ("reservedPercent", "commitSeconds") and fs_type not in ("ext4", ""):
             raise InvalidArgument(f"{key} applies to ext4 volumes only")

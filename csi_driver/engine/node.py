@@ -87,6 +87,7 @@ class NodePublisher:
             return
         if table.is_mounted(staging_path):
             raise FailedPrecondition(f"{staging_path} already has another mount")
+        ctx.check_hides_nothing(staging_path)
         ctx.check_stage_limit(v)
         with ctx.store.tx() as tx:
             tx.update_volume(
@@ -164,6 +165,7 @@ class NodePublisher:
                 return
             raise AlreadyExists(f"{target_path} is already published with other arguments")
         ctx.check_single_writer(v, target_path, readonly, single_writer)
+        ctx.check_hides_nothing(target_path)
         with ctx.store.tx() as tx:
             tx.add_publication(
                 Publication(
@@ -203,7 +205,7 @@ class NodePublisher:
     def set_mount_group(self, volume_id: str, group: str, readonly: bool = False) -> None:
         """VOLUME_MOUNT_GROUP without a recursive chown: the volume's root becomes
         group-owned and setgid, so everything the pod creates inherits the group."""
-        if not group.isdigit() or int(group) > 0xFFFFFFFE:
+        if not (group.isascii() and group.isdigit()) or int(group) > 0xFFFFFFFE:
             raise InvalidArgument(f"volume_mount_group {group[:40]!r} is not a numeric group id")
         v = self.ctx.get_volume(volume_id)
         if readonly or v.access_type == BLOCK or not v.staging_path:

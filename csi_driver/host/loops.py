@@ -28,7 +28,7 @@ def loop_backing_file(device: str) -> str | None:
     """The file behind one loop device, from sysfs (no losetup run); None when the
     device is not attached or is not a loop device."""
     name = os.path.basename(device)
-    if not name.startswith("loop") or not name[4:].isdigit():
+    if not name.startswith("loop") or not (name[4:].isascii() and name[4:].isdigit()):
         return None
     try:
         with open(f"/sys/block/{name}/loop/backing_file", encoding="utf-8", errors="surrogateescape") as f:

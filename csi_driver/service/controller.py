@@ -37,7 +37,7 @@ CONTROLLER_CAPABILITIES = [
 def _token(token: str) -> int:
     if not token:
         return 0
-    if not token.isdigit() or len(token) > 18:
+    if not (token.isascii() and token.isdigit()) or len(token) > 18:
         raise Aborted(f"starting_token {token[:40]!r} is not valid")
     return int(token)
 
