@@ -27,8 +27,8 @@ SCHEMA_VERSION = 2
 # Layers: the graph and what the engine accounts (layers), apart from what the
 # layer backend keeps for itself (layer_storage, one row per layer); the view
 # joins them into the records the engine and the backend read.
-_LAYERS = """
-CREATE TABLE IF NOT EXISTS layers (
+_LAYERS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     id TEXT PRIMARY KEY,
     parent TEXT REFERENCES layers(id),
     name TEXT UNIQUE,
@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS layers (
     used_bytes INTEGER NOT NULL,
     created_at REAL NOT NULL
 );
+"""
+_LAYERS = (
+    _LAYERS_TABLE.format(name="layers")
+    + """
 CREATE TABLE IF NOT EXISTS layer_storage (
     layer TEXT PRIMARY KEY REFERENCES layers(id) ON DELETE CASCADE,
     link TEXT NOT NULL UNIQUE,
@@ -46,6 +50,7 @@ CREATE TABLE IF NOT EXISTS layer_storage (
 );
 CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
 """
+)
 _LAYER_VIEW = """
 CREATE VIEW IF NOT EXISTS layer_rows AS
     SELECT l.id, l.parent, s.link, l.name, l.active, l.fs_type, l.depth, l.image_bytes,
@@ -55,20 +60,13 @@ CREATE VIEW IF NOT EXISTS layer_rows AS
 _STORAGE_FIELDS = ("link", "base_bytes")
 
 # Schema 1 kept the backend's fields in the layers table itself.
-_FROM_V1 = """
+_FROM_V1 = (
+    """
 DROP VIEW IF EXISTS layer_rows;
 INSERT INTO layer_storage (layer, link, base_bytes) SELECT id, link, base_bytes FROM layers;
-CREATE TABLE layers_v2 (
-    id TEXT PRIMARY KEY,
-    parent TEXT REFERENCES layers(id),
-    name TEXT UNIQUE,
-    active INTEGER NOT NULL,
-    fs_type TEXT NOT NULL,
-    depth INTEGER NOT NULL,
-    image_bytes INTEGER NOT NULL,
-    used_bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
+"""
+    + _LAYERS_TABLE.format(name="layers_v2")
+    + """
 INSERT INTO layers_v2 SELECT id, parent, name, active, fs_type, depth, image_bytes, used_bytes, created_at
     FROM layers;
 DROP TABLE layers;
@@ -76,6 +74,7 @@ ALTER TABLE layers_v2 RENAME TO layers;
 CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
 UPDATE meta SET value='2' WHERE key='schema_version';
 """
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
