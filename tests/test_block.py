@@ -186,7 +186,7 @@ def test_in_use_block_snapshot_on_a_reflink_state_dir(tmp_path: Path):
     host.create_sparse(image, 2 << 30)
     host.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)])
     root.mkdir()
-    host.mount(str(image), root, "xfs", ["loop"])
+    host.run(["mount", "-t", "xfs", "-o", "loop", str(image), str(root)])
     try:
         d = make_driver(root)
         try:

@@ -41,8 +41,9 @@ class BlockVolumes:
     def file(self, v: Volume) -> Path:
         return self.ctx.backend.block_file(self.ctx.upper_of(v))
 
-    def device_ok(self, v: Volume, device: str | None) -> bool:
-        return bool(device) and host.loop_backing_file(device) == str(self.file(v))
+    def device_ok(self, v: Volume, device: str | None, image: Path | None = None) -> bool:
+        """Whether ``device`` still holds the volume's file (``image``, when known)."""
+        return bool(device) and host.loop_backing_file(device) == str(image or self.file(v))
 
     def is_staged(self, v: Volume) -> bool:
         return self.device_ok(v, v.stage_options.get("device"))
@@ -148,8 +149,7 @@ class BlockVolumes:
         image = self.ctx.backend.block_file(upper)
         if not image.exists():
             return f"the image of block volume {v.id} is missing"
-        device = v.stage_options.get("device")
-        if v.staging_path and not (device and host.loop_backing_file(device) == str(image)):
+        if v.staging_path and not self.device_ok(v, v.stage_options.get("device"), image):
             return f"the loop device of volume {v.id} is gone (node restarted?); stage it again"
         if path and path != v.staging_path and not table.is_mounted(path):
             return f"{path} is not published (node restarted?); publish it again"
@@ -161,8 +161,7 @@ class BlockVolumes:
         return VolumeStats(size, 0, 0, 0, 0, 0, bool(problem), problem or "volume is healthy")
 
     def grow(self, v: Volume, size: int) -> None:
+        """Make the file at least ``size`` bytes; either way its devices learn its size."""
         upper = self.ctx.upper_of(v)
-        if size > os.path.getsize(self.file(v)):
-            self.ctx.backend.resize(upper, size)
-        else:
-            self.ctx.backend.resize(upper, os.path.getsize(self.file(v)))  # refresh the devices
+        current = os.path.getsize(self.ctx.backend.block_file(upper))
+        self.ctx.backend.resize(upper, max(size, current))

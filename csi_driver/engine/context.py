@@ -218,14 +218,16 @@ class EngineContext:
         data = max(0, built.used_bytes - sum(x.used_bytes for x in chain if x.name is not None))
         return self.new_layer(None, built, active=False, fs_type=built.fs_type, used_bytes=data)
 
-    def bounded_parent(self, parent: Layer | None, scratch: Path) -> tuple[Layer | None, Layer | None]:
-        """Return (parent to use, new flattened layer to insert or None): a chain at
-        the depth cap is flattened into one layer first."""
+    def bounded_parent(self, view: list[Layer], scratch: Path) -> tuple[Layer | None, Layer | None]:
+        """Return (parent to use, new flattened layer to insert or None) for a new
+        layer over ``view`` (the parent's chain): a chain at the depth cap is
+        flattened into one layer first."""
+        parent = view[0] if view else None
         if parent is None or parent.depth < self.config.max_depth:
             return parent, None
         flat_dir = scratch / "flat"
         flat_dir.mkdir()
-        flat = self.flatten(self.chain(parent.id), flat_dir)
+        flat = self.flatten(view, flat_dir)
         return flat, flat
 
     # ---- volumes and capacity -----------------------------------------------

@@ -247,14 +247,14 @@ class NodePublisher:
         table = self.mounter.table()
         if v.access_type == BLOCK:
             return self.block.stats(v, path, table)
-        condition = self.condition(v, path, table)
-        # An overlay reports its upper's file system, so the upper's own figures are
-        # the volume's even when the path is gone (kubelet drops a stats answer
-        # without usage before it reads the condition).
         try:
             chain = ctx.chain(v.upper)
         except LookupError:  # deleted while we looked
             return VolumeStats(0, 0, 0, 0, 0, 0, True, f"volume {v.id} is being deleted")
+        condition = self.condition(v, path, table, chain[0])
+        # An overlay reports its upper's file system, so the upper's own figures are
+        # the volume's even when the path is gone (kubelet drops a stats answer
+        # without usage before it reads the condition).
         fs = ctx.backend.fs_usage(chain[0])
         if fs is None:
             return VolumeStats(0, 0, 0, 0, 0, 0, True, condition or f"volume {v.id} is not staged")

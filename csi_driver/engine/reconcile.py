@@ -78,8 +78,7 @@ def reconcile(engine: Engine) -> Report:
     rep.unmounted += cleaned.unmounted
     rep.detached += cleaned.detached
     rep.failed += cleaned.failed
-    adopted_devices = keep & set(host.loop_devices())
-    rep.adopted += sorted(d for d in adopted_devices if d)
+    rep.adopted += sorted(d for d in keep if d and host.loop_backing_file(d))  # sysfs, no losetup
     return rep
 
 

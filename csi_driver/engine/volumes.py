@@ -99,7 +99,7 @@ class Volumes:
                 # the view the new upper starts from (a flat layer shows the same, but is
                 # not installed yet)
                 view = ctx.chain(parent.id) if parent is not None else []
-                parent, flat = ctx.bounded_parent(parent, scratch)
+                parent, flat = ctx.bounded_parent(view, scratch)
                 ctx.step("create.flattened")
                 size = ctx.upper_size(capacity, fs_type)
                 built = ctx.backend.prepare(upper_dir, view, size, fs_type)

@@ -19,7 +19,7 @@ def create_sparse(path: Path, size: int) -> None:
         f.truncate(size)
 
 
-def allocated_bytes(path: Path) -> int:
+def allocated_bytes(path: str | Path) -> int:
     """Bytes the host really spends on ``path`` (a sparse file's blocks)."""
     try:
         return os.stat(path).st_blocks * 512

@@ -32,10 +32,7 @@ def mount(
     cwd: str | Path | None = None,
 ) -> None:
     """mount(2) a file system; relative paths in ``options`` (an overlay's layers)
-    are resolved against ``cwd``. ``loop`` (a file as the source) is mount(8)'s."""
-    if options and "loop" in options:
-        run(["mount", "-t", fstype or "auto", "-o", ",".join(options), source, str(target)], cwd=cwd)
-        return
+    are resolved against ``cwd``."""
     if cwd is None:
         mount_device(source, target, fstype or "", list(options or []))
         return

@@ -269,7 +269,8 @@ class OverlayLoopBackend:
         return None
 
     def usage(self, layer: Layer) -> int:
-        return host.allocated_bytes(self.layout.image(layer.id))
+        # a string path, as in health: metrics sum this over thousands of layers
+        return host.allocated_bytes(f"{self.layout.layers}/{layer.id}/image")
 
     def fs_usage(self, layer: Layer) -> FsUsage | None:
         mnt = self.layout.mnt(layer.id)
