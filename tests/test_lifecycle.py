@@ -428,3 +428,17 @@ def test_a_mount_over_another_volumes_path_is_refused(driver):
     c.unstage(b, b_staging)
     c.unpublish(a, target)
     c.unstage(a, staging)
+
+
+def test_unpublishing_the_staging_path_is_refused_and_unmounts_nothing(driver):
+    """NodeUnpublishVolume of the staging path itself would unmount the overlay and
+    leave its layers held by no mount (found by the hostile-input suite)."""
+    c = driver.client
+    vid = c.create_volume("u", 16 * MiB).volume_id
+    staging, target = driver.paths("u")
+    c.stage(vid, staging)
+    with pytest.raises(grpc.RpcError) as e:
+        c.unpublish(vid, staging)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert host.is_mounted(staging)
+    c.unstage(vid, staging)

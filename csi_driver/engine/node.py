@@ -188,6 +188,11 @@ class NodePublisher:
         table = self.mounter.table()
         if v.access_type == BLOCK:
             return self.block.unpublish(v, target_path, table)
+        if v.staging_path and os.path.normpath(target_path) == os.path.normpath(v.staging_path):
+            raise FailedPrecondition(
+                f"{target_path} is where volume {volume_id} is staged, not published; "
+                "NodeUnstageVolume unmounts it"
+            )
         if table.is_mounted(target_path):
             if not self.shows(table, target_path, v):
                 raise FailedPrecondition(f"{target_path} holds a mount that is not volume {volume_id}")
