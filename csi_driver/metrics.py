@@ -177,6 +177,25 @@ class StateCollector(Collector):
             "provisioned_bytes / allocated_bytes (0 when nothing is allocated)",
             value=provisioned / allocated if allocated else 0.0,
         )
+        room = engine.capacity.figures()
+        yield GaugeMetricFamily(
+            f"{PREFIX}_promised_bytes",
+            "What the node has promised: the writable uppers' whole images plus the committed "
+            "layers' allocations",
+            value=room.promised,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_promisable_bytes",
+            "What the node can still promise (--overprovision-ratio x (free + held - reserve) - "
+            "promised); 0 below the low-space watermark",
+            value=room.available,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_storage_low",
+            "1 while the state dir's free space is below --low-space-watermark: new volumes, "
+            "snapshots and clones are refused and volumes report an abnormal condition",
+            value=int(room.low),
+        )
         st = os.statvfs(engine.state.root)
         yield GaugeMetricFamily(
             f"{PREFIX}_backing_size_bytes",

@@ -9,12 +9,13 @@ import signal
 import stat
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from csi_driver import __version__, pool
+from csi_driver.engine.capacity import CapacityPolicy
 from csi_driver.engine.engine import Engine, EngineConfig
 from csi_driver.engine.reconcile import reconcile
 from csi_driver.proto import csi_pb2_grpc
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE = 4 << 20
 MAX_CONCURRENT_RPCS = 64
 WORKERS = 16
+STORAGE_WATCH_SECONDS = 10.0
+STORAGE_WATCH_LOW_SECONDS = 2.0  # and checkpoint the volumes each time
 
 
 class AlreadyRunning(RuntimeError):
@@ -54,6 +57,7 @@ class ServeOptions:
     metrics_address: str = ""  # HOST:PORT for Prometheus metrics; "" = off
     pool_device: str = ""  # a disk to format (xfs, reflink) and mount as the state dir
     pool_device_wipe: bool = False  # format it even when it holds another file system
+    capacity: CapacityPolicy = field(default_factory=CapacityPolicy)  # what the node may promise
 
 
 def socket_path(endpoint: str) -> Path:
@@ -96,6 +100,7 @@ class Server:
                 max_volume_size=opts.max_volume_size,
                 max_depth=opts.max_layer_depth,
                 fs_type=opts.default_fs_type,
+                capacity=opts.capacity,
             )
         )
         report = reconcile(self.engine)
@@ -132,6 +137,7 @@ class Server:
             csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerServicer(self.ctx), self.grpc)
         self.socket = socket_path(opts.endpoint)
         self._stopped = threading.Event()
+        self._watch = threading.Thread(target=self._watch_storage, name="storage-watch", daemon=True)
 
     def start(self) -> None:
         self.socket.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +151,7 @@ class Server:
             addr = self.metrics.serve(self.opts.metrics_address)
             log.info("serving metrics on http://%s:%d/metrics", *addr)
         self.grpc.start()
+        self._watch.start()
         os.chmod(self.socket, 0o660)
         log.info(
             "serving %s %s as node %s on %s",
@@ -161,12 +168,24 @@ class Server:
         self._stopped.set()
         self.ctx.ready = False
         self.grpc.stop(self.opts.drain_seconds if grace is None else grace).wait()
+        if self._watch.is_alive():  # not in the middle of a checkpoint when the engine closes
+            self._watch.join()
         if self.metrics:
             self.metrics.close()
         self.engine.close()
         self.socket.unlink(missing_ok=True)
         os.close(self._lock_fd)
         log.info("stopped")
+
+    def _watch_storage(self) -> None:
+        """Read the free space now and then, so entering and leaving the low-space
+        state is logged even while no call asks; while low, checkpoint the volumes."""
+        low = False
+        while not self._stopped.wait(STORAGE_WATCH_LOW_SECONDS if low else STORAGE_WATCH_SECONDS):
+            try:
+                low = self.engine.capacity.watch()
+            except Exception:  # never let the watch die of a passing error
+                log.exception("watching the state dir's free space failed")
 
     def serve_forever(self) -> None:
         done = threading.Event()

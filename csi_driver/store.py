@@ -240,6 +240,13 @@ class ReadTx:
     def layers(self) -> list[Layer]:
         return [Layer(**dict(r)) for r in self.c.execute("SELECT * FROM layer_rows ORDER BY created_at")]
 
+    def active_image_bytes(self) -> int:
+        """The sum of the writable uppers' image sizes."""
+        return self.c.execute("SELECT COALESCE(SUM(image_bytes), 0) FROM layers WHERE active").fetchone()[0]
+
+    def layer_ids(self, *, active: bool) -> list[str]:
+        return [r[0] for r in self.c.execute("SELECT id FROM layers WHERE active=?", (int(active),))]
+
     def chain(self, top: str | None) -> list[Layer]:
         """The layer stack under ``top``, nearest (top) first, in one query."""
         if not top:

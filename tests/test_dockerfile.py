@@ -38,6 +38,8 @@ DEBIAN_PACKAGE_OF = {
     "mkfs.ext4": "e2fsprogs",
     "resize2fs": "e2fsprogs",
     "e2fsck": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
+    "debugfs": "e2fsprogs",
     "tune2fs": "e2fsprogs",
     "mkfs.xfs": "xfsprogs",
     "xfs_growfs": "xfsprogs",

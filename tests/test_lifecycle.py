@@ -287,10 +287,20 @@ def test_list_volumes_pagination_survives_changes(driver: Driver):
     assert code_of(c.controller.ListVolumes, bad) == grpc.StatusCode.ABORTED
 
 
-def test_get_capacity_is_real_free_space(driver: Driver):
-    resp = driver.client.controller.GetCapacity(csi.GetCapacityRequest())
+def test_get_capacity_is_what_the_node_can_still_promise(driver: Driver):
+    def cap() -> int:
+        return driver.client.controller.GetCapacity(csi.GetCapacityRequest()).available_capacity
+
     st = os.statvfs(driver.state)
-    assert abs(resp.available_capacity - st.f_bavail * st.f_frsize) < 64 * MiB
+    free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    # the free space less the 1% reserve, as one volume's capacity (its image pads ~2% + journal)
+    assert (free - size // 100) * 0.95 < cap() <= free - size // 100
+    promised = driver.engine.capacity.figures().promised
+    vol = driver.client.create_volume("promised", GiB)
+    grown = driver.engine.capacity.figures().promised - promised
+    assert grown >= GiB, "a new volume's whole capacity is promised, not its few written MiB"
+    driver.client.delete_volume(vol.volume_id)
+    assert driver.engine.capacity.figures().promised == promised
 
 
 def test_node_idempotency_and_conflicts(driver: Driver):

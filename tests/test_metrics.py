@@ -92,6 +92,12 @@ def test_metrics_follow_a_workload(mdriver: Driver):
     assert allocated == mdriver.engine.disk_usage(), "the same figure as the engine's"
     assert 0 < allocated < 32 * MiB, "fresh volumes cost a few MiB, not their capacity"
     assert val(m1, "overlay_csi_thin_provisioning_ratio") == pytest.approx(192 * MiB / allocated)
+    # what the node promised: both volumes' whole images; what it can still promise
+    images = sum(x.image_bytes for x in mdriver.engine.layers() if x.active)
+    assert images > 192 * MiB and val(m1, "overlay_csi_promised_bytes") == images
+    assert val(m1, "overlay_csi_storage_low") == 0
+    promisable = val(m1, "overlay_csi_promisable_bytes")
+    assert 0 < promisable < val(m1, "overlay_csi_backing_free_bytes") - images + 64 * MiB
 
     # failures are counted by their status code
     missing = "vol-" + "0" * 32

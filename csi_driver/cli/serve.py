@@ -12,6 +12,7 @@ from typing import Any
 
 from csi_driver import logs
 from csi_driver.cli.args import DEFAULT_ENDPOINT, DEFAULT_STATE_DIR, parse_size
+from csi_driver.engine.capacity import CapacityPolicy, Share, parse_share
 
 DEFAULT_DRIVER_NAME = "overlay.csi.dev"
 
@@ -75,6 +76,29 @@ def add_parser(sub: Any) -> None:
         help="format the pool device even when it holds a file system or partition table (destroys it)",
     )
     s.add_argument(
+        "--overprovision-ratio",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="promise up to R times what the state dir's disk holds (default 1.0: every volume "
+        "can fill its capacity); GetCapacity reports what is left",
+    )
+    s.add_argument(
+        "--reserve",
+        type=_share,
+        default="1%",
+        metavar="PCT|SIZE",
+        help="space on the state dir's file system never promised (default 1%%)",
+    )
+    s.add_argument(
+        "--low-space-watermark",
+        type=_share,
+        default="10%",
+        metavar="PCT|SIZE",
+        help="below this much free space, refuse new volumes, snapshots and clones and report "
+        "volumes abnormal (default 10%%)",
+    )
+    s.add_argument(
         "--metrics-address",
         default="",
         metavar="HOST:PORT",
@@ -91,6 +115,13 @@ def _pool_device_of(path: str, node_id: str) -> str:
     if not isinstance(devices, dict) or not all(isinstance(v, str) for v in devices.values()):
         raise ValueError('expected a JSON object {"NODE": "/dev/..."}')
     return devices.get(node_id, "")
+
+
+def _share(text: str) -> Share:
+    try:
+        return parse_share(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _metrics_installed() -> bool:
@@ -117,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         logging.error("--pool-devices %s: %s", args.pool_devices, e)
         return 2
+    try:
+        policy = CapacityPolicy(args.overprovision_ratio, args.reserve, args.low_space_watermark)
+    except ValueError as e:
+        logging.error("%s", e)
+        return 2
     opts = ServeOptions(
         endpoint=args.endpoint,
         state_dir=args.state_dir,
@@ -132,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_address,
         pool_device=pool_device,
         pool_device_wipe=args.pool_device_wipe,
+        capacity=policy,
     )
     try:
         server = Server(opts)

@@ -61,8 +61,8 @@ def check_store(state_dir: Path) -> list[Check]:
                 WARN,
                 f"{fmt_gib(provisioned)} provisioned, {fmt_gib(allocated)} allocated, {fmt_gib(free)} free: "
                 "if volumes fill up, the backing disk runs out first",
-                "add space, cap volumes with --max-volume-size, or watch "
-                "overlay_csi_backing_free_bytes (docs/operations.md, capacity planning)",
+                "add space, or keep --overprovision-ratio at 1.0 (new volumes then wait for room); "
+                "watch overlay_csi_storage_low (docs/operations.md, capacity)",
             )
         )
     else:

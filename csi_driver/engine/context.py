@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csi_driver import host
+from csi_driver.engine.capacity import Capacity, CapacityPolicy
 from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from csi_driver.ids import new_id, new_link
 from csi_driver.layerstore.backend import Built, FsUsage, LayerBackend
@@ -69,6 +70,7 @@ class EngineConfig:
     default_capacity: int = GiB
     min_capacity: int = MiB
     fs_type: str = "ext4"
+    capacity: CapacityPolicy = field(default_factory=CapacityPolicy)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class EngineContext:
         self.state = StateDir(Path(config.state_dir))
         self.store = store
         self.backend = backend
+        self.capacity = Capacity(store, backend, config.capacity)
         self.crash = crash_hook or crash_hook_from_env()
         self.staged: set[str] = set()  # volumes whose layers this process holds activated
         self._pins: dict[Path, list[str]] = {}  # scratch dir -> layers its operation installed
@@ -243,6 +246,12 @@ class EngineContext:
         if upper is None:
             raise LookupError(f"layer {v.upper} of volume {v.id} missing from store")
         return upper
+
+    def allocation(self, v: Volume) -> int:
+        """What a volume's upper occupies now: a snapshot or a clone of the volume
+        turns it into a committed layer (or copies it), so the node promises it again."""
+        upper = self.layer(v.upper)
+        return self.backend.usage(upper) if upper is not None else 0
 
     def upper_size(self, capacity: int, fs_type: str) -> int:
         """The size of a volume's upper: the volume's full capacity.

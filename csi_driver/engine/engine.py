@@ -71,12 +71,15 @@ class Engine:
         root = Path(config.state_dir)
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         store = Store(root / "state.db")
-        self.ctx = EngineContext(config, store, backend or OverlayLoopBackend(root), crash_hook)
+        # an overprovisioned node's disk may fill: each volume then holds its fixed metadata
+        backend = backend or OverlayLoopBackend(root, hold_metadata=config.capacity.ratio > 1)
+        self.ctx = EngineContext(config, store, backend, crash_hook)
         self.ctx.state.ensure()
         self.config = config
         self.store = store
         self.backend = self.ctx.backend
         self.state = self.ctx.state
+        self.capacity = self.ctx.capacity
         modifier = Modifier(self.ctx)
         self.block = BlockVolumes(self.ctx, modifier)
         self.node = NodePublisher(self.ctx, mounter or HostMounter(), self.block, modifier)

@@ -37,21 +37,25 @@ class Expander:
             raise OutOfRange(
                 f"volume {volume_id} has {v.capacity_bytes} bytes; shrinking to {capacity} is not supported"
             )
+        upper = ctx.upper_of(v)
         if v.access_type == BLOCK:
             capacity = block_aligned(capacity, limit)
-            self.block.grow(v, capacity)
-            with ctx.store.tx() as tx:
-                tx.update_layer(v.upper, image_bytes=capacity)
-                tx.update_volume(volume_id, capacity_bytes=capacity)
+            growth = f"growth of volume {volume_id}"
+            with ctx.capacity.admit(max(0, capacity - upper.image_bytes), growth, OutOfRange):
+                self.block.grow(v, capacity)
+                with ctx.store.tx() as tx:
+                    tx.update_layer(v.upper, image_bytes=capacity)
+                    tx.update_volume(volume_id, capacity_bytes=capacity)
             return capacity, False
-        upper = ctx.upper_of(v)
         size = ctx.upper_size(capacity, upper.fs_type)
-        if size > ctx.backend.size(upper):
-            ctx.backend.resize(upper, size)
-            ctx.step("expand.truncated")
-        with ctx.store.tx() as tx:
-            tx.update_layer(upper.id, image_bytes=max(size, upper.image_bytes))
-            tx.update_volume(volume_id, capacity_bytes=capacity)
+        growth = f"growth of volume {volume_id}"
+        with ctx.capacity.admit(max(0, size - upper.image_bytes), growth, OutOfRange):
+            if size > ctx.backend.size(upper):
+                ctx.backend.resize(upper, size)
+                ctx.step("expand.truncated")
+            with ctx.store.tx() as tx:
+                tx.update_layer(upper.id, image_bytes=max(size, upper.image_bytes))
+                tx.update_volume(volume_id, capacity_bytes=capacity)
         if ctx.backend.is_active(upper):
             return capacity, True
         self._count_as_empty(upper, ctx.backend.grow_fs(upper))

@@ -284,7 +284,8 @@ class NodePublisher:
         table = self.mounter.table()
         with self.ctx.store.read() as tx:
             layers = {x.id: x for x in tx.layers()}
-        return {v.id: self.condition(v, None, table, layers.get(v.upper)) for v in vols}
+        low = self.ctx.capacity.low()
+        return {v.id: self.condition(v, None, table, layers.get(v.upper), low) for v in vols}
 
     def condition(
         self,
@@ -292,9 +293,16 @@ class NodePublisher:
         path: str | None = None,
         table: host.Mounts | None = None,
         upper: Layer | None = None,
+        low: str | None = None,
     ) -> str:
         """An empty string when healthy, else what is wrong."""
-        table = table or self.mounter.table()
+        problem = self._problem(v, path, table or self.mounter.table(), upper)
+        if problem:
+            return problem
+        low = self.ctx.capacity.low() if low is None else low
+        return f"{low}; writes to this volume may fail before it is full" if low else ""
+
+    def _problem(self, v: Volume, path: str | None, table: host.Mounts, upper: Layer | None) -> str:
         if v.access_type == BLOCK:
             return self.block.condition(v, path, table)
         upper = upper or self.ctx.layer(v.upper)

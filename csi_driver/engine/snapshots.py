@@ -35,7 +35,8 @@ class Snapshots:
                     raise NotFound(f"volume {vid} does not exist")
                 vols.append(v)
         group_id = GROUP_PREFIX + new_id()
-        with self.ctx.scratch() as scratch:
+        need = sum(self.ctx.allocation(v) for v in vols)
+        with self.ctx.capacity.admit(need, f"group snapshot {name!r}"), self.ctx.scratch() as scratch:
             layers = self.capture.volumes(vols, scratch)
             with self.ctx.store.tx() as tx:
                 tx.add_group(group_id, name, members)
@@ -98,7 +99,8 @@ class Snapshots:
             v = tx.volume(source_volume_id)
             if v is None:
                 raise NotFound(f"volume {source_volume_id} does not exist")
-        with self.ctx.scratch() as scratch:
+        admitted = self.ctx.capacity.admit(self.ctx.allocation(v), f"snapshot {name!r}")
+        with admitted, self.ctx.scratch() as scratch:
             layer = self.capture.volume(source_volume_id, scratch)
             with self.ctx.store.tx() as tx:
                 snap = self._record_snapshot(tx, name, v, layer, group_id)

@@ -16,7 +16,6 @@ from csi_driver.errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
-    ResourceExhausted,
 )
 from csi_driver.ids import new_id
 from csi_driver.layerstore.backend import Built
@@ -81,12 +80,10 @@ class Volumes:
             capacity = block_aligned(capacity, spec.limit_bytes)
         if capacity < min_cap:
             raise OutOfRange(f"{capacity} bytes is smaller than the source's {min_cap} bytes")
-        free = ctx.backend.free_bytes()
-        if capacity > free:
-            raise ResourceExhausted(
-                f"{capacity} bytes do not fit in the {free} free bytes of the node's storage"
-            )
-        with ctx.scratch() as scratch:
+        need = capacity if block else ctx.upper_size(capacity, fs_type)
+        if spec.source_kind == "volume" and not block:  # a block clone copies into its own image
+            need += ctx.allocation(ctx.get_volume(spec.source_id))
+        with ctx.capacity.admit(need, f"volume {spec.name!r} of {capacity} bytes"), ctx.scratch() as scratch:
             upper_dir = scratch / "upper"
             upper_dir.mkdir()
             flat = None

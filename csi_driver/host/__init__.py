@@ -13,6 +13,7 @@ function is safe to repeat.
 from csi_driver.host import loopdev
 from csi_driver.host.files import (
     FICLONE,
+    allocate,
     allocated_bytes,
     copy_sparse,
     create_sparse,
@@ -20,8 +21,10 @@ from csi_driver.host.files import (
     file_id,
     fs_used_bytes,
     reflink,
+    release_unwritten,
     sector_size_of,
     tree_bytes,
+    unshare,
 )
 from csi_driver.host.loops import (
     loop_attach,
@@ -60,6 +63,8 @@ from csi_driver.host.mounttable import (
 )
 from csi_driver.host.tools import (
     e2fsck,
+    e2fsck_repair,
+    ext4_metadata,
     flush_buffers,
     grow_fs,
     mkfs,
@@ -78,12 +83,15 @@ __all__ = [
     "MountEntry",
     "MountTable",
     "Mounts",
+    "allocate",
     "allocated_bytes",
     "bind_mount",
     "copy_sparse",
     "create_sparse",
     "device_of",
     "e2fsck",
+    "e2fsck_repair",
+    "ext4_metadata",
     "ext4_superblock",
     "file_id",
     "flush_buffers",
@@ -111,6 +119,7 @@ __all__ = [
     "mounts_under",
     "probe_signature",
     "reflink",
+    "release_unwritten",
     "remount",
     "remount_bind",
     "remove_tree",
@@ -122,4 +131,5 @@ __all__ = [
     "tree_bytes",
     "tune2fs_reserved",
     "umount",
+    "unshare",
 ]

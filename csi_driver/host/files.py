@@ -1,15 +1,18 @@
-"""Sparse image files: creating, measuring and copying them, and reading an ext4
-superblock."""
+"""Sparse image files: creating, measuring, holding and copying them, and reading
+an ext4 superblock."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
 import os
+import struct
 from pathlib import Path
 
 from csi_driver.host import loopdev
+from csi_driver.host.libc import libc
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,79 @@ def allocated_bytes(path: str | Path) -> int:
         return os.stat(path).st_blocks * 512
     except FileNotFoundError:
         return 0
+
+
+def allocate(path: str | Path, ranges: list[tuple[int, int]]) -> None:
+    """Give the (offset, length) ranges of a sparse file real blocks (unwritten
+    extents: nothing is written, reads stay zero) so writes there need no new space.
+    fallocate(2) itself: glibc's posix_fallocate would write zeros where the file
+    system cannot allocate, racing a mounted image's own writes."""
+    _each_range(path, ranges, 0)
+
+
+def unshare(path: str | Path, ranges: list[tuple[int, int]]) -> None:
+    """Give the ranges their own blocks where a reflink shares them."""
+    _each_range(path, ranges, _UNSHARE_RANGE)
+
+
+def _each_range(path: str | Path, ranges: list[tuple[int, int]], mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        size = os.fstat(fd).st_size
+        for offset, length in ranges:
+            length = min(length, size - offset)
+            if length > 0:
+                _fallocate(fd, mode, offset, length)
+    finally:
+        os.close(fd)
+
+
+FS_IOC_FIEMAP = 0xC020660B
+_FIEMAP_HEAD = struct.Struct("=QQIIII")  # start, length, flags, mapped, count, reserved
+_FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")  # logical, physical, length, 2 reserved, flags, 3 reserved
+_FIEMAP_UNWRITTEN, _FIEMAP_LAST, _FIEMAP_FLAG_SYNC = 0x800, 0x1, 0x1
+_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+_UNSHARE_RANGE = 0x40  # FALLOC_FL_UNSHARE_RANGE
+
+
+def release_unwritten(path: str | Path) -> int:
+    """Punch out the ranges ``allocate`` held that were never written (they read as
+    zeros either way, so the contents do not change); the bytes given back."""
+    fd = os.open(path, os.O_RDWR)
+    released = 0
+    try:
+        start = 0
+        while True:
+            count = 512
+            buf = bytearray(_FIEMAP_HEAD.size + count * _FIEMAP_EXTENT.size)
+            _FIEMAP_HEAD.pack_into(buf, 0, start, (1 << 64) - 1 - start, _FIEMAP_FLAG_SYNC, 0, count, 0)
+            try:
+                fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
+            except OSError as e:
+                if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY):  # no extent map: nothing to give back
+                    return released
+                raise
+            mapped = _FIEMAP_HEAD.unpack_from(buf)[3]
+            last = mapped == 0
+            for i in range(mapped):
+                logical, _, length, _, _, flags, *_ = _FIEMAP_EXTENT.unpack_from(
+                    buf, _FIEMAP_HEAD.size + i * _FIEMAP_EXTENT.size
+                )
+                if flags & _FIEMAP_UNWRITTEN:
+                    _fallocate(fd, _PUNCH_HOLE, logical, length)
+                    released += length
+                start = logical + length
+                last = last or bool(flags & _FIEMAP_LAST)
+            if last:
+                return released
+    finally:
+        os.close(fd)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if libc().fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def copy_sparse(src: Path, dst: Path) -> int:

@@ -4,6 +4,7 @@ blockdev, blkid. Every call is safe to repeat."""
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 from pathlib import Path
 
@@ -59,6 +60,31 @@ def mkfs(image: Path, fstype: str, populate: Path | None = None, journal_mib: in
         raise ValueError(f"unsupported fs type {fstype}")
 
 
+_AT = re.compile(r"(?:superblock|descriptors|GDT blocks|bitmap|table) at (\d+)(?:-(\d+))?")
+_EXTENT = re.compile(r"\(\d+(?:-\d+)?\):(\d+)(?:-(\d+))?")
+
+
+def ext4_metadata(source: str | Path) -> list[tuple[int, int]]:
+    """Where an ext4 keeps metadata at fixed places: superblocks, group
+    descriptors (and those reserved for growth), bitmaps, inode tables and the
+    journal, as merged (offset, length) byte ranges. ``source``: an image, or the
+    loop device of a mounted one (its cache holds what the kernel just wrote)."""
+    groups = run(["dumpe2fs", str(source)]).stdout
+    m = re.search(r"^Block size:\s+(\d+)", groups, re.M)
+    if m is None:
+        raise CommandFailed(["dumpe2fs", str(source)], 0, "no block size in its output")
+    block = int(m.group(1))
+    journal = run(["debugfs", "-R", "stat <8>", str(source)]).stdout.partition("EXTENTS:")[2]
+    spans = sorted((int(a), int(b or a)) for a, b in [*_AT.findall(groups), *_EXTENT.findall(journal)])
+    merged: list[list[int]] = []
+    for first, last in spans:
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    return [(first * block, (last - first + 1) * block) for first, last in merged]
+
+
 def grow_fs(fstype: str, device: str, mountpoint: Path) -> None:
     if fstype == "xfs":
         run(["xfs_growfs", str(mountpoint)])
@@ -83,6 +109,18 @@ def e2fsck(image: Path, *, journal_only: bool = False) -> None:
     """Replay the journal only, or check and repair what is safe (-p), forced."""
     argv = ["e2fsck", "-p", "-E", "journal_only"] if journal_only else ["e2fsck", "-f", "-p"]
     run(argv + [str(image)], check=False)
+
+
+def e2fsck_repair(image: Path) -> None:
+    """Replay the journal and repair what is wrong (-p, then -y for what -p leaves);
+    CommandFailed when the file system still has errors after that."""
+    for mode in ("-p", "-y"):
+        proc = run(["e2fsck", "-f", mode, str(image)], check=False, timeout=3600)
+        if 0 <= proc.returncode < 4:  # 0 clean, 1-2 repaired; < 0: killed by a signal
+            if proc.returncode:
+                log.warning("e2fsck %s repaired %s: %s", mode, image, proc.stdout.strip()[-2000:])
+            return
+    raise CommandFailed(["e2fsck", "-f", "-y", str(image)], proc.returncode, proc.stdout + proc.stderr)
 
 
 def resize2fs(target: str | Path) -> None:

@@ -160,6 +160,9 @@ class LayerBackend(Protocol):
     def usage(self, layer: Layer) -> int:
         """Bytes the host really spends on the layer."""
 
+    def usages(self, layer_ids: Sequence[str]) -> dict[str, int]:
+        """``usage`` of many layers by id, for sums over thousands of them."""
+
     def fs_usage(self, layer: Layer) -> FsUsage | None:
         """An active layer's file system figures, None when it is not activated."""
 
@@ -187,8 +190,15 @@ class LayerBackend(Protocol):
         process left activated and nobody holds now, and detach loop devices of
         its layers except ``keep_devices`` (raw block volumes in use)."""
 
+    def settle(self) -> None:
+        """Write what active layers hold in journals to its place now (the host
+        disk is running low: later it may have no room for it)."""
+
     def free_bytes(self) -> int:
         """Bytes still free where layers are kept."""
+
+    def fs_size(self) -> int:
+        """Size of the file system where layers are kept."""
 
     def close(self) -> None:
         """Stop what the backend runs in the background (the driver stops)."""

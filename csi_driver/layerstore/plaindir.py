@@ -183,6 +183,9 @@ class PlainDirBackend:
     def usage(self, layer: Layer) -> int:
         return host.tree_bytes(self.tree(layer.id))
 
+    def usages(self, layer_ids: Sequence[str]) -> dict[str, int]:
+        return {x: host.tree_bytes(self.tree(x)) for x in layer_ids}
+
     def fs_usage(self, layer: Layer) -> FsUsage | None:
         """The host file system's size and free space, with the layer's own use."""
         if not self.is_active(layer):
@@ -227,9 +230,16 @@ class PlainDirBackend:
     def close(self) -> None:
         """Nothing runs in the background."""
 
+    def settle(self) -> None:
+        """Directories have no journal of their own to checkpoint."""
+
     def free_bytes(self) -> int:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
+
+    def fs_size(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_blocks * st.f_frsize
 
 
 def _copy_tree(source: Path, dest: Path) -> None:

@@ -224,19 +224,21 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
     @rpc()
     def GetCapacity(self, request, context):
-        for cap in request.volume_capabilities:
-            v.capability(cap)
+        caps = [v.capability(cap) for cap in request.volume_capabilities]
         v.volume_parameters(dict(request.parameters))
         if (
             request.HasField("accessible_topology")
             and request.accessible_topology.segments.get(TOPOLOGY_KEY, self.ctx.node_id) != self.ctx.node_id
         ):
             return csi.GetCapacityResponse(available_capacity=0)
-        free = self.engine.free_bytes()
-        largest = free
+        # what the node can still promise, as the capacity of one volume of the kind asked for
+        default = self.engine.config.fs_type
+        asked = {c.access_type if c.access_type == "block" else c.fs_type or default for c in caps}
+        available = min(self.engine.capacity.largest_volume(t) for t in asked or {default})
+        largest = available
         if self.engine.config.max_volume_size:
             largest = min(largest, self.engine.config.max_volume_size)
-        resp = csi.GetCapacityResponse(available_capacity=free)
+        resp = csi.GetCapacityResponse(available_capacity=available)
         resp.maximum_volume_size.value = largest
         resp.minimum_volume_size.value = self.engine.config.min_capacity
         return resp
@@ -259,7 +261,6 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if request.HasField("volume_capability"):
             v.capability(request.volume_capability)
         vol = self._existing(request.volume_id)
-        v.growth(vol.id, vol.capacity_bytes, request.capacity_range.required_bytes, self.engine.free_bytes())
         cap, node_needed = self.engine.expand(
             vol.id, request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         )

@@ -154,7 +154,6 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             raise NotFound(f"{request.volume_path[:200]} is not a path of volume {vol.id}")
         if request.HasField("volume_capability"):
             v.capability(request.volume_capability)
-        v.growth(vol.id, vol.capacity_bytes, request.capacity_range.required_bytes, self.engine.free_bytes())
         cap = self.engine.expand_node(
             vol.id,
             request.capacity_range.required_bytes or vol.capacity_bytes,

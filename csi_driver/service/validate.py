@@ -7,7 +7,7 @@ import re
 import shutil
 from dataclasses import dataclass
 
-from csi_driver.errors import InvalidArgument, OutOfRange
+from csi_driver.errors import InvalidArgument
 from csi_driver.proto import csi_pb2 as csi
 
 MAX_NAME = 256
@@ -207,13 +207,3 @@ def capabilities(caps: list[csi.VolumeCapability]) -> list[Capability]:
     if len({c.access_type for c in parsed}) > 1:
         raise InvalidArgument("a volume is either mount or block, not both")
     return parsed
-
-
-def growth(volume_id: str, current: int, required: int, free: int) -> None:
-    """An expansion must fit in the node's free space, as a new volume must: past it (up to
-    sizes no file can have) growing the image fails in the host, which is no answer."""
-    if required - current > free:
-        raise OutOfRange(
-            f"volume {volume_id} of {current} bytes cannot grow to {required}: {required - current} "
-            f"bytes do not fit in the {free} free bytes of the node's storage"
-        )

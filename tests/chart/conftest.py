@@ -52,6 +52,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "logFormat": "text",
             "maxVolumesPerNode": 500,
             "maxVolumeSize": "200Gi",
+            "overprovisionRatio": "2.5",
+            "lowSpaceWatermark": "15%",
             "extraArgs": ["--max-layer-depth=32"],
             "env": [{"name": "OVERLAY_CSI_DEBUG", "value": "1"}],
         },

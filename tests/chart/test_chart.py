@@ -255,6 +255,12 @@ def test_driver_arguments(render, value_set):
         assert arg_value(node, "--metrics-address") == f":{v['metrics']['port']}"
     assert has_flag(node, "--max-volumes-per-node") == bool(v["driver"]["maxVolumesPerNode"])
     assert has_flag(node, "--max-volume-size") == bool(v["driver"]["maxVolumeSize"])
+    capacity_flags = {"overprovisionRatio": "--overprovision-ratio",
+                      "lowSpaceWatermark": "--low-space-watermark"}
+    for key, flag in capacity_flags.items():
+        assert has_flag(node, flag) == bool(v["driver"][key])
+        if v["driver"][key]:
+            assert arg_value(node, flag) == v["driver"][key]
     for extra in v["driver"]["extraArgs"]:
         assert extra in node["args"]
     devices = v["node"]["poolDevices"]

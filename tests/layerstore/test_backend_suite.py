@@ -472,6 +472,11 @@ def test_usage_grows_with_data(rig: Rig) -> None:
                 f.write(os.urandom(MiB))
             os.fsync(f.fileno())
     assert rig.backend.usage(layer) >= before + 8 * MiB
+    other = rig.prepare()
+    assert rig.backend.usages([layer.id, other.id]) == {
+        layer.id: rig.backend.usage(layer),
+        other.id: rig.backend.usage(other),
+    }, "the same figures by id, as capacity sums them"
 
 
 def test_fs_usage_only_while_active(rig: Rig) -> None:

@@ -9,8 +9,10 @@ allocated extents (a reflink where the host file system can clone).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -23,7 +25,11 @@ from csi_driver.layerstore.overlay.images import (
     build_image,
     image_size_for,
     make_clean,
+    metadata_held,
     populate_from_tar,
+    release_metadata,
+    try_hold_metadata,
+    unshare_metadata,
 )
 from csi_driver.layerstore.overlay.layout import Layout
 from csi_driver.layerstore.overlay.mounts import LayerMounts
@@ -44,11 +50,15 @@ class OverlayLoopBackend:
     name = "overlay-loop"
     fs_types = frozenset({"ext4", "xfs", BLOCK})
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, hold_metadata: bool = False) -> None:
+        """``hold_metadata``: the node is overprovisioned, so its disk may fill;
+        every ext4 upper allocates its fixed metadata (``images.hold_metadata``)."""
         self.layout = Layout(root)
         self.layout.ensure()
         self.held = LayerMounts(self.layout)
-        self.spares = SpareImages(self.layout.spares, build_image)
+        self.hold = hold_metadata
+        self._freezing = threading.Lock()  # a capture's freeze window, or a checkpoint
+        self.spares = SpareImages(self.layout.spares, functools.partial(build_image, hold=hold_metadata))
 
     @staticmethod
     def size_for(capacity: int, fs_type: str) -> int:
@@ -59,7 +69,7 @@ class OverlayLoopBackend:
         image = build / "image"
         if self.spares.take(fs_type, size, image):
             return Built(image_bytes=size, base_bytes=host.fs_used_bytes(image, fs_type))
-        empty = build_image(image, size, fs_type)
+        empty = build_image(image, size, fs_type, hold=self.hold)
         return Built(image_bytes=size, base_bytes=empty)
 
     def prepare_block(self, build: Path, size: int, source: Path | None) -> Built:
@@ -81,7 +91,9 @@ class OverlayLoopBackend:
         allocated extents copied, then all thawed; raw block layers are copied in
         the same window."""
         frozen: list[Path] = []
+        cloned: list[Layer] = []
         out: dict[str, Built] = {}
+        self._freezing.acquire()
         try:
             for layer in layers:
                 if layer.fs_type != BLOCK:
@@ -92,11 +104,18 @@ class OverlayLoopBackend:
             for layer in layers:
                 if layer.fs_type == BLOCK:
                     out[layer.id] = self.block_capture(layer, builds[layer.id], self._devices(layer))
-                elif not host.reflink(self.layout.image(layer.id), builds[layer.id] / "image"):
+                elif host.reflink(self.layout.image(layer.id), builds[layer.id] / "image"):
+                    cloned.append(layer)
+                else:
                     host.copy_sparse(self.layout.image(layer.id), builds[layer.id] / "image")
         finally:
             for mnt in frozen:
                 host.thaw(mnt)
+            self._freezing.release()
+        for layer in cloned:
+            if metadata_held(self.layout.image(layer.id)):
+                # the clone shares the upper's blocks: make its held metadata its own again
+                unshare_metadata(self.layout.image(layer.id))
         for layer in layers:
             if layer.fs_type != BLOCK:
                 data = host.fs_used_bytes(builds[layer.id] / "image", layer.fs_type) - layer.base_bytes
@@ -160,6 +179,8 @@ class OverlayLoopBackend:
     def commit(self, layer: Layer) -> int:
         image = self.layout.image(layer.id)
         make_clean(image, layer.fs_type)
+        if metadata_held(image):  # read-only from now: it needs no held metadata
+            release_metadata(image)
         return max(0, host.fs_used_bytes(image, layer.fs_type) - layer.base_bytes)
 
     def size(self, layer: Layer) -> int:
@@ -181,6 +202,8 @@ class OverlayLoopBackend:
             if layer.fs_type == "ext4":
                 host.e2fsck(image)
                 host.resize2fs(image)
+                if metadata_held(image):
+                    try_hold_metadata(image)  # the new groups' tables
             else:
                 self.held.acquire(layer.id, layer.fs_type, readonly=False)
                 try:
@@ -199,6 +222,8 @@ class OverlayLoopBackend:
                     "privileged (the Helm chart does), or use fsType xfs, which grows online without it"
                 ) from e
             raise
+        if layer.fs_type == "ext4" and metadata_held(image):
+            try_hold_metadata(image, device)
         # mounted, the superblock on disk lags: estimate the new groups' metadata from
         # how many blocks the file system grew by (256-byte inodes per 16 KiB, as made)
         st = os.statvfs(mnt)
@@ -226,6 +251,10 @@ class OverlayLoopBackend:
 
     # ---- use ----------------------------------------------------------------
     def activate(self, layer: Layer) -> None:
+        if self.hold and layer.active and layer.fs_type == "ext4":
+            image = self.layout.image(layer.id)
+            if not metadata_held(image):  # made before the node was overprovisioned
+                try_hold_metadata(image)
         self.held.acquire(layer.id, layer.fs_type, readonly=not layer.active)
 
     def deactivate(self, layer: Layer) -> None:
@@ -233,6 +262,24 @@ class OverlayLoopBackend:
 
     def is_active(self, layer: Layer) -> bool:
         return host.is_mount_point(self.layout.mnt(layer.id))
+
+    def settle(self) -> None:
+        """A freeze checkpoints the journal: every change it holds goes to its
+        place in the image now, while the host disk has room for the blocks that
+        are still holes (a directory's new block, say), not later when it may not."""
+        for layer_id, fs_type in sorted(self.held.writable().items()):
+            if fs_type != "ext4":  # xfs retries a failed metadata write itself, and its
+                continue  # freeze would wait for those retries on a full disk
+            with self._freezing, self.held.hold(layer_id):  # never inside a capture's freeze
+                mnt = self.layout.mnt(layer_id)
+                if not host.is_mount_point(mnt):
+                    continue
+                try:
+                    host.freeze(mnt)
+                except CommandFailed as e:  # already frozen by a capture, or shut down
+                    log.info("could not checkpoint layer %s: %s", layer_id, e)
+                    continue
+                host.thaw(mnt)
 
     def active_layers(self) -> set[str]:
         """Layers this process holds activated."""
@@ -271,6 +318,10 @@ class OverlayLoopBackend:
     def usage(self, layer: Layer) -> int:
         # a string path, as in health: metrics sum this over thousands of layers
         return host.allocated_bytes(f"{self.layout.layers}/{layer.id}/image")
+
+    def usages(self, layer_ids: Sequence[str]) -> dict[str, int]:
+        root = self.layout.layers
+        return {x: host.allocated_bytes(f"{root}/{x}/image") for x in layer_ids}
 
     def fs_usage(self, layer: Layer) -> FsUsage | None:
         mnt = self.layout.mnt(layer.id)
@@ -369,6 +420,10 @@ class OverlayLoopBackend:
     def free_bytes(self) -> int:
         st = os.statvfs(self.layout.root)
         return st.f_bavail * st.f_frsize
+
+    def fs_size(self) -> int:
+        st = os.statvfs(self.layout.root)
+        return st.f_blocks * st.f_frsize
 
     # ---- helpers ------------------------------------------------------------
     def _devices(self, layer: Layer) -> list[str]:

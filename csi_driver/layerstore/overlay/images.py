@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tarfile
 from pathlib import Path
 
 from csi_driver import host
+from csi_driver.errors import CommandFailed
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,11 @@ def image_size_for(capacity: int, fs_type: str = "ext4") -> int:
     return (size + MiB - 1) // MiB * MiB
 
 
-def build_image(dest: Path, size: int, fs_type: str, populate: Path | None = None) -> int:
+def build_image(
+    dest: Path, size: int, fs_type: str, populate: Path | None = None, *, hold: bool = False
+) -> int:
     """A new sparse image at ``dest`` with empty ``upper/`` and ``work/`` dirs
-    (or with ``populate``'s tree in it)."""
+    (or with ``populate``'s tree in it); ``hold``: an upper's fixed metadata too."""
     host.create_sparse(dest, size)
     if populate is None:
         populate = dest.parent / "skel"
@@ -55,11 +59,64 @@ def build_image(dest: Path, size: int, fs_type: str, populate: Path | None = Non
         finally:
             proto.unlink()
     else:
+        empty = populate == dest.parent / "skel"
         host.mkfs(dest, "ext4", populate=populate, journal_mib=journal_bytes(size) // MiB)
+        if empty and hold:  # a writable upper on an overprovisioned node
+            hold_metadata(dest)
     skel = dest.parent / "skel"
     if skel.is_dir():
         shutil.rmtree(skel)
     return host.fs_used_bytes(dest, fs_type)
+
+
+HELD = "user.overlay-csi.held"  # an xattr of the image file: it moves with it
+
+
+def hold_metadata(image: Path, source: str | None = None) -> None:
+    """Allocate the image's fixed ext4 metadata now: its journal, superblocks,
+    group descriptors, bitmaps and inode tables (36 MiB of a 1 GiB image, 270 MiB
+    of 10 GiB; ``source``: the loop device of a mounted image).
+
+    The image is sparse, and a full host file system fails every write into a hole.
+    A data write that fails is the writer's error (its fsync says so); a metadata
+    write that fails aborts the journal and stops the whole volume, even one that
+    only commits a file it created. Held, the metadata of a volume that is not
+    filling the disk always has a place to go. Only an overprovisioned node needs
+    it: at ratio 1 the volumes cannot fill the disk.
+    """
+    host.allocate(image, host.ext4_metadata(source or image))
+    os.setxattr(image, HELD, b"1")
+
+
+def try_hold_metadata(image: Path, source: str | None = None) -> None:
+    """``hold_metadata`` where failing must not fail the call (a stage, a growth):
+    the volume works, only less safely on a full disk; the next stage tries again."""
+    try:
+        hold_metadata(image, source)
+    except (OSError, CommandFailed) as e:
+        log.warning("could not hold the metadata of %s (it stays thin): %s", image, e)
+
+
+def release_metadata(image: Path) -> None:
+    """A committed layer is read-only: give back what its hold never wrote."""
+    os.removexattr(image, HELD)  # first: a crash in between leaves it unheld, never half
+    host.release_unwritten(image)
+
+
+def unshare_metadata(image: Path) -> None:
+    """After a reflink clone the held blocks are shared, and a write to them needs
+    new space: copy them apart again (best effort)."""
+    try:
+        host.unshare(image, host.ext4_metadata(image))
+    except (OSError, CommandFailed) as e:
+        log.warning("could not unshare the held metadata of %s: %s", image, e)
+
+
+def metadata_held(image: Path) -> bool:
+    try:
+        return os.getxattr(image, HELD) == b"1"
+    except OSError:
+        return False
 
 
 #: An fsync in a volume is a journal commit of the upper's ext4, and the loop
@@ -92,6 +149,21 @@ def ext4_needs_recovery(image: Path) -> bool:
     """True when the image's journal holds transactions not yet replayed."""
     sb = host.ext4_superblock(image)
     return sb is not None and bool(int.from_bytes(sb[0x60:0x64], "little") & 0x4)  # INCOMPAT_RECOVER
+
+
+def repair_if_damaged(image: Path) -> None:
+    """Before a writable mount: an ext4 that recorded an error (its journal aborted
+    on a write that failed, most often on a full host disk) is checked and repaired
+    first, so it comes back read-write and consistent; the journal's committed
+    transactions (every acknowledged write) are replayed, not dropped."""
+    sb = host.ext4_superblock(image)
+    if sb is None:
+        return
+    errors = int.from_bytes(sb[0x3A:0x3C], "little") & 0x2  # EXT4_ERROR_FS
+    if not errors and not int.from_bytes(sb[0x194:0x198], "little"):  # s_error_count
+        return
+    log.warning("%s recorded file system errors: checking and repairing it before mounting", image)
+    host.e2fsck_repair(image)
 
 
 def make_clean(image: Path, fs_type: str) -> None:

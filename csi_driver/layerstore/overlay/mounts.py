@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager
 
 from csi_driver import host
-from csi_driver.layerstore.overlay.images import mount_options
+from csi_driver.layerstore.overlay.images import mount_options, repair_if_damaged
 from csi_driver.layerstore.overlay.layout import Layout
 from csi_driver.locks import KeyedLocks
 
@@ -23,6 +24,7 @@ class LayerMounts:
         self._locks = KeyedLocks()
         self._counts: dict[str, int] = {}
         self._devices: dict[str, str] = {}
+        self._writable: dict[str, str] = {}  # layer -> its fs type
         self._guard = threading.Lock()
 
     def acquire(self, layer_id: str, fs_type: str, readonly: bool) -> None:
@@ -31,11 +33,19 @@ class LayerMounts:
             if not host.is_mount_point(mnt):
                 mnt.mkdir(exist_ok=True)
                 image = self.layout.image(layer_id)
+                if fs_type == "ext4" and not readonly:
+                    repair_if_damaged(image)
                 device = host.mount_image(image, mnt, fs_type, mount_options(fs_type, readonly), readonly)
                 with self._guard:
                     self._devices[layer_id] = device
             with self._guard:
                 self._counts[layer_id] = self._counts.get(layer_id, 0) + 1
+                if not readonly:  # a mount adopted at start-up too
+                    self._writable[layer_id] = fs_type
+
+    def hold(self, layer_id: str) -> AbstractContextManager[None]:
+        """The layer's lock: no mount or unmount of it meanwhile."""
+        return self._locks.hold(layer_id)
 
     def release(self, layer_id: str) -> None:
         with self._locks.hold(layer_id):
@@ -46,6 +56,7 @@ class LayerMounts:
                     return
                 self._counts.pop(layer_id, None)
                 self._devices.pop(layer_id, None)
+                self._writable.pop(layer_id, None)
             host.umount(self.layout.mnt(layer_id))
 
     def forget(self, layer_id: str) -> None:
@@ -53,6 +64,7 @@ class LayerMounts:
         with self._guard:
             self._counts.pop(layer_id, None)
             self._devices.pop(layer_id, None)
+            self._writable.pop(layer_id, None)
 
     def device(self, layer_id: str) -> str | None:
         """The loop device under a mounted layer (from the mount table only for a
@@ -66,6 +78,11 @@ class LayerMounts:
     def count(self, layer_id: str) -> int:
         with self._guard:
             return self._counts.get(layer_id, 0)
+
+    def writable(self) -> dict[str, str]:
+        """Layers this process holds mounted read-write, with their fs types."""
+        with self._guard:
+            return dict(self._writable)
 
     def in_use(self) -> set[str]:
         with self._guard:

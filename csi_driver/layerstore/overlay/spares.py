@@ -6,7 +6,9 @@ size) is taken or asked for, a background thread builds replacements until
 ``keep`` of that kind wait, for the ``kinds`` most recently asked. A spare is
 complete once it has its final name (it is built under ``.build-*`` and renamed);
 start-up cleanup removes unfinished builds. Each spare costs what an empty
-volume costs on the host (a few MiB), and it counts as used space like any file.
+volume costs on the host (a few MiB; 36 MiB for 1 GiB where metadata is
+held), and it counts as used space like any file; none is built while less than
+a tenth of the state dir's file system is free.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from csi_driver.ids import new_id
 log = logging.getLogger(__name__)
 
 Builder = Callable[[Path, int, str], object]  # (image path, size, fs type)
+MIN_FREE = 0.10  # of the file system: below it, spares would spend what volumes need
 
 
 class SpareImages:
@@ -106,6 +109,9 @@ class SpareImages:
             return (fs_type, size) in self._wanted
 
     def _make(self, fs_type: str, size: int) -> bool:
+        st = os.statvfs(self.root)
+        if st.f_bavail < st.f_blocks * MIN_FREE:
+            return False
         work = self.root / f".build-{new_id()}"
         try:
             work.mkdir()

@@ -1,0 +1,281 @@
+"""Thin-provisioning admission: what the node may still promise, and whether its
+disk is running low.
+
+A volume's upper is a sparse image as large as the volume: the volume may fill
+it. So the node has promised, per layer, a writable upper's whole image and a
+committed layer's allocation (it never grows). It holds the free space of the
+state dir's file system plus what its layers already occupy, less a reserve the
+driver never promises (the host file system's own metadata, the store). It may
+promise ``ratio`` times what it holds. At ratio 1 this is exactly: the free space
+less the reserve covers what every writable upper may still allocate.
+
+Below the low-space watermark the node makes no new promise at any ratio, every
+thin volume's condition says why, and the backend checkpoints the volumes'
+journals (``settle``) each time the watch looks, so what they have committed is in
+place before the disk can fill.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from csi_driver.errors import DriverError, ResourceExhausted
+from csi_driver.layerstore.backend import LayerBackend
+from csi_driver.store import ReadTx, Store
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}  # binary either way, as --max-volume-size
+#: how long the writable uppers' allocations are reused (reading them is a stat
+#: per volume: 10 ms at 3,000); their growth since then only makes the answer
+#: more cautious, as the free space is read fresh
+HELD_TTL = 2.0
+
+
+@dataclass(frozen=True)
+class Share:
+    """A part of the state dir's file system: a percentage of its size, or bytes."""
+
+    percent: float = 0.0
+    fixed: int = 0
+
+    def of(self, fs_bytes: int) -> int:
+        return self.fixed if not self.percent else int(fs_bytes * self.percent / 100)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent else f"{self.fixed} bytes"
+
+
+def parse_share(text: str) -> Share:
+    """``10%``, ``512Mi``, ``2G`` or ``0``."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(%|[kKmMgGtT]i?)?\s*", text, re.ASCII)
+    if not m:
+        raise ValueError(f"{text!r} is neither a percentage (10%) nor a size (512Mi)")
+    number, unit = float(m.group(1)), (m.group(2) or "")
+    if unit == "%":
+        if number > 100:
+            raise ValueError(f"{text!r} is more than 100%")
+        return Share(percent=number)
+    return Share(fixed=int(number * (1 << _UNITS[unit[:1].lower()])))
+
+
+@dataclass(frozen=True)
+class CapacityPolicy:
+    ratio: float = 1.0  # promises may reach ratio x what the node holds
+    reserve: Share = Share(percent=1.0)  # never promised
+    low_watermark: Share = Share(percent=10.0)  # below this much free: no new promises
+
+    def __post_init__(self) -> None:
+        if not (self.ratio >= 1.0 and math.isfinite(self.ratio)):
+            raise ValueError(f"the overprovision ratio must be a number from 1.0, not {self.ratio}")
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One reading of the node's storage, in bytes."""
+
+    fs_bytes: int  # size of the state dir's file system
+    free: int  # free to the driver on it
+    held: int  # what our layers occupy on it
+    promised: int  # writable uppers' images + committed layers' allocations
+    pending: int  # admitted, not yet recorded
+    reserve: int
+    watermark: int
+    ratio: float
+    unwritten: int = 0  # what the writable uppers may still allocate
+
+    @property
+    def low(self) -> bool:
+        """Below the watermark, with promises the free space may not keep: always when
+        overprovisioned; at ratio 1 only when something else took the space."""
+        at_risk = self.ratio > 1 or self.unwritten > self.free - self.reserve
+        return self.free < self.watermark and at_risk
+
+    @property
+    def budget(self) -> int:
+        return int(max(0, self.free + self.held - self.reserve) * self.ratio)
+
+    @property
+    def available(self) -> int:
+        """What may still be promised."""
+        return 0 if self.low else max(0, self.budget - self.promised - self.pending)
+
+    def summary(self) -> str:
+        return (
+            f"{_mib(self.promised + self.pending)} promised of {_mib(self.budget)} "
+            f"(ratio {self.ratio:g} x ({_mib(self.free)} free + {_mib(self.held)} held - "
+            f"{_mib(self.reserve)} reserve))"
+        )
+
+    def low_message(self) -> str:
+        return (
+            f"node storage is low: {_mib(self.free)} free of {_mib(self.fs_bytes)} on the state dir's "
+            f"file system, below the {_mib(self.watermark)} watermark"
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.0f} MiB"
+
+
+class Capacity:
+    """Admission of new promises, and the low-space state (logged when it changes)."""
+
+    def __init__(
+        self,
+        store: Store,
+        backend: LayerBackend,
+        policy: CapacityPolicy,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.policy = policy
+        self.clock = clock
+        self._guard = threading.Lock()  # one admission at a time: check, then count it
+        self._sums = threading.Lock()  # the caches below
+        self._pending = 0
+        self._committed: dict[str, int] = {}  # committed layer -> allocation (fixed)
+        self._active: dict[str, int] = {}  # writable upper -> allocation, as last read
+        self._active_read = -HELD_TTL
+        self._was_low = False
+        self._state = threading.Lock()  # one log line per change, from any thread
+        self._settling = threading.Lock()
+        self.settled = 0  # checkpoints of every volume done, for tests and logs
+
+    # ---- readings -----------------------------------------------------------
+    def figures(self) -> Figures:
+        """The figures now. Allocations are read from the host per layer: a committed
+        layer's once, the writable uppers' at most every ``HELD_TTL`` seconds."""
+        fs_bytes, free = self.backend.fs_size(), self.backend.free_bytes()
+        with self._sums, self.store.read() as tx:
+            images = tx.active_image_bytes()
+            held_committed = self._committed_allocation(tx)
+            held_active = self._active_allocation(tx)
+        f = Figures(
+            fs_bytes=fs_bytes,
+            free=free,
+            # reflinked layers share blocks that each file counts: never more than is used
+            held=min(held_committed + held_active, fs_bytes - free),
+            promised=images + held_committed,
+            pending=self._pending,
+            reserve=self.policy.reserve.of(fs_bytes),
+            watermark=self.policy.low_watermark.of(fs_bytes),
+            ratio=self.policy.ratio,
+            unwritten=max(0, images - held_active),
+        )
+        self._note(f)
+        return f
+
+    def low(self) -> str:
+        """'' or why new promises are refused and thin volumes are at risk; two
+        statvfs while there is room, so conditions may ask it per call."""
+        fs_bytes, free = self.backend.fs_size(), self.backend.free_bytes()
+        if free >= self.policy.low_watermark.of(fs_bytes):
+            with self._state:
+                noted = not self._was_low
+            if noted:
+                return ""
+        f = self.figures()  # near the watermark (or leaving it): the whole picture
+        return f.low_message() if f.low else ""
+
+    def _committed_allocation(self, tx: ReadTx) -> int:
+        known = self._committed
+        ids = tx.layer_ids(active=False)
+        known.update(self.backend.usages([x for x in ids if x not in known]))
+        if len(known) > len(ids):  # forget collected layers
+            for gone in known.keys() - set(ids):
+                del known[gone]
+        return sum(known[x] for x in ids)
+
+    def _active_allocation(self, tx: ReadTx) -> int:
+        """Of the uppers writable now: a removed or committed one no longer counts, a
+        new one is read at once, all of them again every ``HELD_TTL`` seconds."""
+        ids = tx.layer_ids(active=True)
+        now = self.clock()
+        if now - self._active_read >= HELD_TTL:
+            self._active = self.backend.usages(ids)
+            self._active_read = now
+        else:
+            self._active.update(self.backend.usages([x for x in ids if x not in self._active]))
+        return sum(self._active[x] for x in ids)
+
+    def watch(self) -> bool:
+        """One look of the background watch: True while storage is low (and then the
+        volumes' journals are checkpointed)."""
+        if not self.low():
+            return False
+        self.settle()
+        return True
+
+    def settle(self) -> None:
+        """Checkpoint every volume's journal; one run at a time, a second caller returns."""
+        if not self._settling.acquire(blocking=False):
+            return
+        try:
+            self.backend.settle()
+            self.settled += 1
+        finally:
+            self._settling.release()
+
+    def _note(self, f: Figures) -> None:
+        """Log each change of the low-space state once; on entering it, checkpoint."""
+        with self._state:
+            if f.low == self._was_low:
+                return
+            self._was_low = f.low
+        if f.low:
+            log.warning("%s; new volumes, snapshots and clones are refused", f.low_message())
+            threading.Thread(target=self.settle, name="settle", daemon=True).start()
+        else:
+            log.info(
+                "node storage recovered: %s free of %s; new volumes are admitted again",
+                _mib(f.free),
+                _mib(f.fs_bytes),
+            )
+
+    def largest_volume(self, fs_type: str) -> int:
+        """The capacity of the largest volume the node can still promise."""
+        room = self.figures().available
+        if fs_type == "block":
+            return room // 4096 * 4096
+        lo, hi = 0, room // MiB
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.backend.size_for(mid * MiB, fs_type) <= room:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo * MiB
+
+    # ---- admission ----------------------------------------------------------
+    @contextmanager
+    def admit(self, need: int, what: str, refuse: type[DriverError] = ResourceExhausted) -> Iterator[None]:
+        """Count ``need`` bytes as promised while the caller builds and records
+        ``what``; ``refuse`` (RESOURCE_EXHAUSTED), with the figures, when they do not fit."""
+        if need <= 0:  # nothing new is promised (an expansion to the size it has)
+            yield
+            return
+        with self._guard:
+            f = self.figures()
+            if f.low:
+                raise refuse(f"{what} refused: {f.low_message()}; free space on the node")
+            if need > f.available:
+                raise refuse(
+                    f"{what} needs {_mib(need)} but the node can promise only {_mib(f.available)} more: "
+                    f"{f.summary()}; raise --overprovision-ratio to promise more than the disk holds"
+                )
+            self._pending += need
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._pending -= need
