@@ -312,3 +312,32 @@ def test_held_ranges_are_allocated_and_given_back_without_changing_a_byte(tmp_pa
     assert released >= 14 * MiB - 4096
     assert os.stat(f).st_blocks * 512 < 3 * MiB, "only what was written stays"
     assert hashlib.sha256(f.read_bytes()).hexdigest() == before
+
+
+def test_a_block_volume_reports_low_node_storage_too(small_disk: Path):
+    d = start(small_disk, ratio=4.0)
+    try:
+        cap = csi.VolumeCapability(
+            block=csi.VolumeCapability.BlockVolume(),
+            access_mode=csi.VolumeCapability.AccessMode(
+                mode=csi.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+            ),
+        )
+        vid = d.client.create_volume("raw", 16 * MiB, cap=cap).volume_id
+        staging, _ = d.paths("raw")
+        d.client.stage(vid, staging, cap)
+        assert not d.client.stats(vid, staging).volume_condition.abnormal
+        ballast = d.state / "ballast"
+        ballast.touch()
+        fd = os.open(ballast, os.O_WRONLY)
+        try:
+            os.posix_fallocate(fd, 0, state_free(d) - 40 * MiB)  # below the 10% watermark
+        finally:
+            os.close(fd)
+        c = d.client.stats(vid, staging).volume_condition
+        assert c.abnormal and "node storage is low" in c.message, c.message
+        ballast.unlink()
+        assert not d.client.stats(vid, staging).volume_condition.abnormal
+        d.client.unstage(vid, staging)
+    finally:
+        d.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from csi_driver import host
@@ -251,7 +252,9 @@ class NodePublisher:
             raise NotFound(f"{path} is not a path of volume {volume_id}")
         table = self.mounter.table()
         if v.access_type == BLOCK:
-            return self.block.stats(v, path, table)
+            st = self.block.stats(v, path, table)
+            low = "" if st.abnormal else self.ctx.capacity.low()
+            return replace(st, abnormal=True, message=at_risk(low)) if low else st
         try:
             chain = ctx.chain(v.upper)
         except LookupError:  # deleted while we looked
@@ -300,7 +303,7 @@ class NodePublisher:
         if problem:
             return problem
         low = self.ctx.capacity.low() if low is None else low
-        return f"{low}; writes to this volume may fail before it is full" if low else ""
+        return at_risk(low) if low else ""
 
     def _problem(self, v: Volume, path: str | None, table: host.Mounts, upper: Layer | None) -> str:
         if v.access_type == BLOCK:
@@ -315,3 +318,8 @@ class NodePublisher:
             if not self.shows(table, p, v):
                 return f"{p} is not mounted (node restarted?); stage and publish again"
         return ""
+
+
+def at_risk(low: str) -> str:
+    """A volume's condition while node storage is low."""
+    return f"{low}; writes to this volume may fail before it is full"
