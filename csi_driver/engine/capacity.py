@@ -226,6 +226,11 @@ class Capacity:
         finally:
             self._settling.release()
 
+    def close(self, timeout: float = 60.0) -> None:
+        """Wait for a checkpoint in progress (the driver stops): none is left frozen."""
+        if self._settling.acquire(timeout=timeout):
+            self._settling.release()
+
     def _note(self, f: Figures) -> None:
         """Log each change of the low-space state once; on entering it, checkpoint."""
         with self._state:

@@ -143,5 +143,6 @@ class Engine:
         return self.store.healthy()
 
     def close(self) -> None:
+        self.capacity.close()
         self.backend.close()
         self.store.close()

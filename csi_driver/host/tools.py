@@ -19,9 +19,12 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """Run a host tool; raise CommandFailed with its stderr when it fails."""
     log.debug("exec %s", " ".join(argv))
-    proc = subprocess.run(
-        argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-    )
+    try:
+        proc = subprocess.run(
+            argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired as e:
+        raise CommandFailed(argv, -1, f"timed out after {timeout:g} s") from e
     if check and proc.returncode != 0:
         raise CommandFailed(argv, proc.returncode, proc.stderr or proc.stdout)
     return proc
@@ -60,7 +63,7 @@ def mkfs(image: Path, fstype: str, populate: Path | None = None, journal_mib: in
         raise ValueError(f"unsupported fs type {fstype}")
 
 
-_AT = re.compile(r"(?:superblock|descriptors|GDT blocks|bitmap|table) at (\d+)(?:-(\d+))?")
+_AT = re.compile(r"(?:superblock|descriptors?|GDT blocks|bitmap|table) at (\d+)(?:-(\d+))?")
 _EXTENT = re.compile(r"\(\d+(?:-\d+)?\):(\d+)(?:-(\d+))?")
 
 

@@ -270,9 +270,10 @@ class OverlayLoopBackend:
         for layer_id, fs_type in sorted(self.held.writable().items()):
             if fs_type != "ext4":  # xfs retries a failed metadata write itself, and its
                 continue  # freeze would wait for those retries on a full disk
-            with self._freezing, self.held.hold(layer_id):  # never inside a capture's freeze
+            # never inside a capture's freeze; a layer being mounted or checked is skipped
+            with self._freezing, self.held.try_hold(layer_id) as free:
                 mnt = self.layout.mnt(layer_id)
-                if not host.is_mount_point(mnt):
+                if not free or not host.is_mount_point(mnt):
                     continue
                 try:
                     host.freeze(mnt)

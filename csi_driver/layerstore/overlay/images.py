@@ -61,8 +61,8 @@ def build_image(
     else:
         empty = populate == dest.parent / "skel"
         host.mkfs(dest, "ext4", populate=populate, journal_mib=journal_bytes(size) // MiB)
-        if empty and hold:  # a writable upper on an overprovisioned node
-            hold_metadata(dest)
+        if empty and hold:  # a writable upper on an overprovisioned node (else at stage)
+            try_hold_metadata(dest)
     skel = dest.parent / "skel"
     if skel.is_dir():
         shutil.rmtree(skel)
@@ -100,7 +100,10 @@ def try_hold_metadata(image: Path, source: str | None = None) -> None:
 def release_metadata(image: Path) -> None:
     """A committed layer is read-only: give back what its hold never wrote."""
     os.removexattr(image, HELD)  # first: a crash in between leaves it unheld, never half
-    host.release_unwritten(image)
+    try:
+        host.release_unwritten(image)
+    except OSError as e:  # the layer is complete either way; only the space stays taken
+        log.warning("could not give back the unwritten metadata of %s: %s", image, e)
 
 
 def unshare_metadata(image: Path) -> None:

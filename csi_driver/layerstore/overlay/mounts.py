@@ -43,9 +43,9 @@ class LayerMounts:
                 if not readonly:  # a mount adopted at start-up too
                     self._writable[layer_id] = fs_type
 
-    def hold(self, layer_id: str) -> AbstractContextManager[None]:
-        """The layer's lock: no mount or unmount of it meanwhile."""
-        return self._locks.hold(layer_id)
+    def try_hold(self, layer_id: str) -> AbstractContextManager[bool]:
+        """The layer's lock if it is free (True): no mount or unmount of it meanwhile."""
+        return self._locks.try_hold(layer_id)
 
     def release(self, layer_id: str) -> None:
         with self._locks.hold(layer_id):
