@@ -192,8 +192,9 @@ class StateCollector(Collector):
         )
         yield GaugeMetricFamily(
             f"{PREFIX}_storage_low",
-            "1 while the state dir's free space is below --low-space-watermark: new volumes, "
-            "snapshots and clones are refused and volumes report an abnormal condition",
+            "1 while node storage is low (free space below --low-space-watermark on an "
+            "overprovisioned node, or promises no longer covered): new volumes, snapshots and "
+            "clones are refused and volumes report an abnormal condition",
             value=int(room.low),
         )
         st = os.statvfs(engine.state.root)
