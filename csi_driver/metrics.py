@@ -197,16 +197,15 @@ class StateCollector(Collector):
             "clones are refused and volumes report an abnormal condition",
             value=int(room.low),
         )
-        st = os.statvfs(engine.state.root)
         yield GaugeMetricFamily(
             f"{PREFIX}_backing_size_bytes",
             "Size of the file system holding the state dir",
-            value=st.f_blocks * st.f_frsize,
+            value=room.fs_bytes,
         )
         yield GaugeMetricFamily(
             f"{PREFIX}_backing_free_bytes",
             "Bytes still available to the driver on the state dir's file system",
-            value=st.f_bavail * st.f_frsize,
+            value=room.free,
         )
 
         counts = count_mounts(staging, targets, len(engine.backend.active_layers()))

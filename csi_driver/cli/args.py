@@ -1,4 +1,4 @@
-"""Argument types and option groups the commands share: sizes, ``KEY=VALUE``
+"""Argument types and option groups the commands share: sizes and shares, ``KEY=VALUE``
 pairs, the options every socket command takes (``--endpoint``, ``--json``,
 ``--timeout``) and the options that make a volume capability."""
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from csi_driver.cli.output import CliError
 from csi_driver.client import mount_capability
+from csi_driver.engine.capacity import Share
 from csi_driver.proto import csi_pb2 as csi
 
 DEFAULT_STATE_DIR = "/var/lib/overlay-csi"
@@ -26,13 +27,31 @@ ACCESS_MODES = {
 }
 
 
+_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}  # binary units either way
+_SHARE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(%|[kKmMgGtT]i?)?\s*", re.ASCII)
+
+
 def parse_size(text: str) -> int:
     """'10Gi', '512M', '1073741824' -> bytes (binary units either way)."""
     m = _SIZE_RE.match(text.strip())
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}")
     n, unit = int(m.group(1)), (m.group(2) or "").upper().rstrip("I")
-    return n << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}[unit]
+    return n << _SHIFT[unit]
+
+
+def parse_share(text: str) -> Share:
+    """A part of the state dir's file system: ``10%``, ``512Mi``, ``2G`` or ``0``
+    (ValueError otherwise)."""
+    m = _SHARE_RE.fullmatch(text)
+    if not m:
+        raise ValueError(f"{text!r} is neither a percentage (10%) nor a size (512Mi)")
+    number, unit = float(m.group(1)), (m.group(2) or "")
+    if unit == "%":
+        if number > 100:
+            raise ValueError(f"{text!r} is more than 100%")
+        return Share(percent=number)
+    return Share(fixed=int(number * (1 << _SHIFT[unit[:1].upper()])))
 
 
 def parse_kv(items: list[str], what: str) -> dict[str, str]:

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from csi_driver import logs
-from csi_driver.cli.args import DEFAULT_ENDPOINT, DEFAULT_STATE_DIR, parse_size
-from csi_driver.engine.capacity import CapacityPolicy, Share, parse_share
+from csi_driver.cli.args import DEFAULT_ENDPOINT, DEFAULT_STATE_DIR, parse_share, parse_size
+from csi_driver.engine.capacity import CapacityPolicy, Share
 
 DEFAULT_DRIVER_NAME = "overlay.csi.dev"
 

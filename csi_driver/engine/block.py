@@ -155,10 +155,10 @@ class BlockVolumes:
             return f"{path} is not published (node restarted?); publish it again"
         return ""
 
-    def stats(self, v: Volume, path: str, table: host.Mounts) -> VolumeStats:
-        problem = self.condition(v, path, table)
+    def stats(self, v: Volume, condition: str) -> VolumeStats:
+        """The device's size, with the volume's condition (``NodePublisher.condition``)."""
         size = os.path.getsize(self.file(v))
-        return VolumeStats(size, 0, 0, 0, 0, 0, bool(problem), problem or "volume is healthy")
+        return VolumeStats(size, 0, 0, 0, 0, 0, bool(condition), condition or "volume is healthy")
 
     def grow(self, v: Volume, size: int) -> None:
         """Make the file at least ``size`` bytes; either way its devices learn its size."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +32,6 @@ from csi_driver.store import ReadTx, Store
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}  # binary either way, as --max-volume-size
 #: how long the writable uppers' allocations are reused (reading them is a stat
 #: per volume: 10 ms at 3,000); their growth since then only makes the answer
 #: more cautious, as the free space is read fresh
@@ -52,19 +50,6 @@ class Share:
 
     def __str__(self) -> str:
         return f"{self.percent:g}%" if self.percent else f"{self.fixed} bytes"
-
-
-def parse_share(text: str) -> Share:
-    """``10%``, ``512Mi``, ``2G`` or ``0``."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(%|[kKmMgGtT]i?)?\s*", text, re.ASCII)
-    if not m:
-        raise ValueError(f"{text!r} is neither a percentage (10%) nor a size (512Mi)")
-    number, unit = float(m.group(1)), (m.group(2) or "")
-    if unit == "%":
-        if number > 100:
-            raise ValueError(f"{text!r} is more than 100%")
-        return Share(percent=number)
-    return Share(fixed=int(number * (1 << _UNITS[unit[:1].lower()])))
 
 
 @dataclass(frozen=True)

@@ -250,8 +250,7 @@ class EngineContext:
     def allocation(self, v: Volume) -> int:
         """What a volume's upper occupies now: a snapshot or a clone of the volume
         turns it into a committed layer (or copies it), so the node promises it again."""
-        upper = self.layer(v.upper)
-        return self.backend.usage(upper) if upper is not None else 0
+        return self.backend.usages([v.upper])[v.upper]
 
     def upper_size(self, capacity: int, fs_type: str) -> int:
         """The size of a volume's upper: the volume's full capacity.

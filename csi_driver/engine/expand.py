@@ -38,9 +38,9 @@ class Expander:
                 f"volume {volume_id} has {v.capacity_bytes} bytes; shrinking to {capacity} is not supported"
             )
         upper = ctx.upper_of(v)
+        growth = f"growth of volume {volume_id}"
         if v.access_type == BLOCK:
             capacity = block_aligned(capacity, limit)
-            growth = f"growth of volume {volume_id}"
             with ctx.capacity.admit(max(0, capacity - upper.image_bytes), growth, OutOfRange):
                 self.block.grow(v, capacity)
                 with ctx.store.tx() as tx:
@@ -48,7 +48,6 @@ class Expander:
                     tx.update_volume(volume_id, capacity_bytes=capacity)
             return capacity, False
         size = ctx.upper_size(capacity, upper.fs_type)
-        growth = f"growth of volume {volume_id}"
         with ctx.capacity.admit(max(0, size - upper.image_bytes), growth, OutOfRange):
             if size > ctx.backend.size(upper):
                 ctx.backend.resize(upper, size)

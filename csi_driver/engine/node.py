@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
 
 from csi_driver import host
@@ -252,9 +251,7 @@ class NodePublisher:
             raise NotFound(f"{path} is not a path of volume {volume_id}")
         table = self.mounter.table()
         if v.access_type == BLOCK:
-            st = self.block.stats(v, path, table)
-            low = "" if st.abnormal else self.ctx.capacity.low()
-            return replace(st, abnormal=True, message=at_risk(low)) if low else st
+            return self.block.stats(v, self.condition(v, path, table))
         try:
             chain = ctx.chain(v.upper)
         except LookupError:  # deleted while we looked
@@ -303,7 +300,7 @@ class NodePublisher:
         if problem:
             return problem
         low = self.ctx.capacity.low() if low is None else low
-        return at_risk(low) if low else ""
+        return f"{low}; writes to this volume may fail before it is full" if low else ""
 
     def _problem(self, v: Volume, path: str | None, table: host.Mounts, upper: Layer | None) -> str:
         if v.access_type == BLOCK:
@@ -318,8 +315,3 @@ class NodePublisher:
             if not self.shows(table, p, v):
                 return f"{p} is not mounted (node restarted?); stage and publish again"
         return ""
-
-
-def at_risk(low: str) -> str:
-    """A volume's condition while node storage is low."""
-    return f"{low}; writes to this volume may fail before it is full"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.engine.capacity import Capacity, CapacityPolicy, Share, parse_share
+from csi_driver.cli.args import parse_share
+from csi_driver.engine.capacity import Capacity, CapacityPolicy, Share
 from csi_driver.errors import OutOfRange, ResourceExhausted
 from csi_driver.store import Layer, Store
 

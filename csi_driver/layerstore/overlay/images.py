@@ -47,6 +47,7 @@ def build_image(
     """A new sparse image at ``dest`` with empty ``upper/`` and ``work/`` dirs
     (or with ``populate``'s tree in it); ``hold``: an upper's fixed metadata too."""
     host.create_sparse(dest, size)
+    upper = populate is None  # an empty writable upper, not a layer's tree
     if populate is None:
         populate = dest.parent / "skel"
         (populate / "upper").mkdir(parents=True, exist_ok=True)
@@ -59,9 +60,8 @@ def build_image(
         finally:
             proto.unlink()
     else:
-        empty = populate == dest.parent / "skel"
         host.mkfs(dest, "ext4", populate=populate, journal_mib=journal_bytes(size) // MiB)
-        if empty and hold:  # a writable upper on an overprovisioned node (else at stage)
+        if upper and hold:  # on an overprovisioned node (else at stage)
             try_hold_metadata(dest)
     skel = dest.parent / "skel"
     if skel.is_dir():
