@@ -54,12 +54,14 @@ class Client:
         volume: str = "",
         parameters: dict[str, str] | None = None,
         cap: csi.VolumeCapability | None = None,
+        secrets: dict[str, str] | None = None,
     ) -> csi.Volume:
         req = csi.CreateVolumeRequest(
             name=name,
             capacity_range=csi.CapacityRange(required_bytes=size),
             volume_capabilities=[cap or mount_capability()],
             parameters=parameters or {},
+            secrets=secrets or {},
         )
         if snapshot:
             req.volume_content_source.snapshot.snapshot_id = snapshot
@@ -70,10 +72,18 @@ class Client:
     def delete_volume(self, volume_id: str) -> None:
         self.controller.DeleteVolume(csi.DeleteVolumeRequest(volume_id=volume_id), timeout=self.timeout)
 
-    def create_snapshot(self, name: str, volume_id: str) -> csi.Snapshot:
-        return self.controller.CreateSnapshot(
-            csi.CreateSnapshotRequest(name=name, source_volume_id=volume_id), timeout=self.timeout
-        ).snapshot
+    def create_snapshot(
+        self,
+        name: str,
+        volume_id: str,
+        *,
+        parameters: dict[str, str] | None = None,
+        secrets: dict[str, str] | None = None,
+    ) -> csi.Snapshot:
+        req = csi.CreateSnapshotRequest(
+            name=name, source_volume_id=volume_id, parameters=parameters or {}, secrets=secrets or {}
+        )
+        return self.controller.CreateSnapshot(req, timeout=self.timeout).snapshot
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.controller.DeleteSnapshot(

@@ -5,6 +5,8 @@ Two kinds of figures:
 - Per-RPC figures, counted as calls happen: a counter by method and status
   code and a latency histogram by method (fed by ``service.rpc``'s observer
   hook), and an in-flight gauge by method (a gRPC server interceptor).
+- Registry transfers, counted as blobs move (``registry.progress``): bytes
+  pushed and pulled, and blobs by result (transferred, skipped, failed).
 - Node state, computed when scraped (a custom collector): volumes, snapshots
   and layers by state, bytes provisioned (the sum of volume capacities) against
   bytes allocated (what the layer images really occupy), the backing file
@@ -36,11 +38,12 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from csi_driver import host
 from csi_driver.engine.engine import Engine
+from csi_driver.registry import progress
 from csi_driver.service import rpc
 
 log = logging.getLogger(__name__)
@@ -223,6 +226,24 @@ class StateCollector(Collector):
             "Loop devices backed by files in the state dir",
             value=count_loop_devices(str(engine.state.root)),
         )
+        moved, blobs = progress.totals()
+        c = CounterMetricFamily(
+            f"{PREFIX}_registry_bytes",
+            "Bytes of layer blobs sent to (push) or received from (pull) OCI registries",
+            labels=["direction"],
+        )
+        for direction in ("push", "pull"):
+            c.add_metric([direction], moved.get(direction, 0))
+        yield c
+        c = CounterMetricFamily(
+            f"{PREFIX}_registry_blobs",
+            "Layer blobs by direction and result: transferred, skipped (the other side had it), failed",
+            labels=["direction", "result"],
+        )
+        for direction in ("push", "pull"):
+            for result in ("transferred", "skipped", "failed"):
+                c.add_metric([direction, result], blobs.get((direction, result), 0))
+        yield c
         info = GaugeMetricFamily(
             f"{PREFIX}_build_info", "The driver's version, name and node", labels=list(self.labels)
         )

@@ -58,6 +58,7 @@ class ServeOptions:
     pool_device: str = ""  # a disk to format (xfs, reflink) and mount as the state dir
     pool_device_wipe: bool = False  # format it even when it holds another file system
     capacity: CapacityPolicy = field(default_factory=CapacityPolicy)  # what the node may promise
+    insecure_registries: frozenset[str] = frozenset()  # registry hosts reached over plain HTTP
 
 
 def socket_path(endpoint: str) -> Path:
@@ -101,6 +102,7 @@ class Server:
                 max_depth=opts.max_layer_depth,
                 fs_type=opts.default_fs_type,
                 capacity=opts.capacity,
+                insecure_registries=opts.insecure_registries,
             )
         )
         report = reconcile(self.engine)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,20 @@ class StateDir:
     def ephemeral(self) -> Path:
         """Private staging dirs of ephemeral inline volumes."""
         return self.root / "ephemeral"
+
+    def served(self) -> bool:
+        """Whether a driver holds the state dir's lock (it serves this state dir)."""
+        try:
+            fd = os.open(self.lockfile, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def ensure(self) -> None:
         for d in (self.root, self.tmp, self.ephemeral):

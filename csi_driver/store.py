@@ -119,7 +119,8 @@ CREATE TABLE IF NOT EXISTS snapshots (
     source_capacity INTEGER NOT NULL,
     size_bytes INTEGER NOT NULL,
     group_id TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    exported TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS groups (
     id TEXT PRIMARY KEY,
@@ -132,6 +133,14 @@ CREATE INDEX IF NOT EXISTS snapshots_layer ON snapshots(layer);
 CREATE INDEX IF NOT EXISTS snapshots_source ON snapshots(source_volume_id);
 CREATE INDEX IF NOT EXISTS volumes_staging ON volumes(staging_path);
 CREATE INDEX IF NOT EXISTS publications_target ON publications(target_path);
+CREATE TABLE IF NOT EXISTS layer_blobs (
+    layer TEXT NOT NULL REFERENCES layers(id) ON DELETE CASCADE,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    media_type TEXT NOT NULL,
+    PRIMARY KEY (layer, digest)
+);
+CREATE INDEX IF NOT EXISTS layer_blobs_digest ON layer_blobs(digest);
 """
 
 
@@ -190,6 +199,17 @@ class Snapshot:
     size_bytes: int
     group_id: str
     created_at: float
+    exported: str = ""  # an exported snapshot's manifest digest, once the registry holds it
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A registry blob that holds a layer: an OCI layer tar, maybe compressed."""
+
+    layer: str
+    digest: str
+    size: int
+    media_type: str
 
 
 _LAYER_COLUMNS = ", ".join(f.name for f in fields(Layer))
@@ -278,6 +298,21 @@ class ReadTx:
             (layer_id, layer_id, layer_id),
         ).fetchone()
         return int(row[0])
+
+    # ---- registry blobs -----------------------------------------------
+    def layer_blobs(self, layer_id: str) -> list[Blob]:
+        """The registry blobs known to hold this layer (what it was pulled from or pushed as)."""
+        rows = self.c.execute("SELECT * FROM layer_blobs WHERE layer=? ORDER BY digest", (layer_id,))
+        return [Blob(**dict(r)) for r in rows]
+
+    def layer_from_blob(self, digest: str, parent: str | None) -> Layer | None:
+        """The committed layer a blob made over ``parent`` (None: at the bottom)."""
+        row = self.c.execute(
+            "SELECT l.* FROM layer_rows l JOIN layer_blobs b ON b.layer=l.id"
+            " WHERE b.digest=? AND l.parent IS ? AND NOT l.active ORDER BY l.created_at LIMIT 1",
+            (digest, parent),
+        ).fetchone()
+        return Layer(**dict(row)) if row else None
 
     # ---- volumes ------------------------------------------------------
     def volume(self, volume_id: str) -> Volume | None:
@@ -424,6 +459,12 @@ class Tx(ReadTx):
                 sets = ", ".join(f"{k}=?" for k in cols)
                 self.c.execute(f"UPDATE {table} SET {sets} WHERE {key}=?", (*cols.values(), layer_id))
 
+    def add_layer_blob(self, blob: Blob) -> None:
+        self.c.execute(
+            "INSERT OR IGNORE INTO layer_blobs (layer,digest,size,media_type) VALUES (?,?,?,?)",
+            (blob.layer, blob.digest, blob.size, blob.media_type),
+        )
+
     # ---- volumes ------------------------------------------------------
     def add_volume(self, v: Volume) -> Volume:
         cur = self.c.execute(
@@ -490,7 +531,7 @@ class Tx(ReadTx):
     def add_snapshot(self, s: Snapshot) -> Snapshot:
         cur = self.c.execute(
             "INSERT INTO snapshots (id,name,source_volume_id,layer,access_type,fs_type,"
-            "source_capacity,size_bytes,group_id,created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "source_capacity,size_bytes,group_id,created_at,exported) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 s.id,
                 s.name,
@@ -502,10 +543,14 @@ class Tx(ReadTx):
                 s.size_bytes,
                 s.group_id,
                 s.created_at,
+                s.exported,
             ),
         )
         row = self.c.execute("SELECT * FROM snapshots WHERE seq=?", (cur.lastrowid,)).fetchone()
         return Snapshot(**dict(row))
+
+    def set_exported(self, snapshot_id: str, manifest_digest: str) -> None:
+        self.c.execute("UPDATE snapshots SET exported=? WHERE id=?", (manifest_digest, snapshot_id))
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.c.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
@@ -594,6 +639,9 @@ class Store:
                 finally:
                     self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + _LAYERS + _LAYER_VIEW + "COMMIT;")
+            columns = {r[1] for r in self._conn.execute("PRAGMA table_info(snapshots)")}
+            if "exported" not in columns:  # added with registry exports; older stores lack it
+                self._conn.execute("ALTER TABLE snapshots ADD COLUMN exported TEXT NOT NULL DEFAULT ''")
         with self.tx() as tx:
             row = tx.c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:

@@ -2,7 +2,8 @@
 # Install what overlay-csi needs on a Debian/Ubuntu host: the host tools the node
 # plugin calls, and a virtualenv (.venv) with the package. `--test` adds the test
 # tools (pytest, ruff, helm for the chart tests, fio for the data-path bench,
-# podman and debootstrap for the image test). Safe to run again.
+# podman and debootstrap for the image test, docker-registry for the registry
+# tests). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
@@ -21,6 +22,8 @@ if [ "$want_test" = 1 ]; then
     # tests/image: build the image with podman on a base made by debootstrap
     command -v podman >/dev/null 2>&1 || need+=(podman)
     command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+    # tests/test_registry.py: a real OCI registry (distribution) on 127.0.0.1
+    [ -x /usr/bin/docker-registry ] || need+=(docker-registry)
 fi
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then echo "run as root to install: ${need[*]}" >&2; exit 1; fi

@@ -168,10 +168,10 @@ def test_in_flight_and_latency_of_a_slow_call(mdriver: Driver):
     entered, release = threading.Event(), threading.Event()
     real = engine.create_volume
 
-    def held(spec):
+    def held(spec, *rest):
         entered.set()
         assert release.wait(30)
-        return real(spec)
+        return real(spec, *rest)
 
     engine.create_volume = held
     before = scrape(port)

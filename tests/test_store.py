@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.store import Layer, ReadTx, Store
+from csi_driver.store import Blob, Layer, ReadTx, Store
 
 QUERIES = (
     "layer layer_by_name layers chain volume volume_by_name volumes count_staged count_attached"
@@ -281,3 +281,37 @@ def test_a_schema_1_store_moves_the_backend_fields_to_their_own_table(tmp_path):
     finally:
         store.close()
     Store(db).close()  # opening a migrated store again changes nothing
+
+
+def test_a_store_from_before_registries_gains_the_exported_column_and_blob_table(tmp_path):
+    """Snapshots recorded before exports existed read as local (not exported), and
+    a layer's blob rows go with the layer."""
+    db = tmp_path / "state.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(V1)
+    conn.executescript(
+        """CREATE TABLE snapshots (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, name TEXT NOT NULL UNIQUE,
+            source_volume_id TEXT NOT NULL, layer TEXT NOT NULL REFERENCES layers(id),
+            access_type TEXT NOT NULL, fs_type TEXT NOT NULL, source_capacity INTEGER NOT NULL,
+            size_bytes INTEGER NOT NULL, group_id TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL);
+        INSERT INTO snapshots (id, name, source_volume_id, layer, access_type, fs_type, source_capacity,
+            size_bytes, created_at) VALUES ('snap-1', 's', 'vol-1', 'b', 'mount', 'ext4', 200, 40, 4.0);"""
+    )
+    conn.close()
+    store = Store(db)
+    try:
+        with store.tx() as tx:
+            assert tx.snapshot("snap-1").exported == ""
+            tx.set_exported("snap-1", "sha256:" + "a" * 64)
+            tx.add_layer_blob(Blob("b", "sha256:" + "b" * 64, 10, "application/vnd.oci.image.layer.v1.tar"))
+            assert tx.layer_from_blob("sha256:" + "b" * 64, None).id == "b"
+            assert tx.layer_from_blob("sha256:" + "b" * 64, "u") is None, "one blob, one parent"
+            tx.delete_snapshot("snap-1")
+            tx.delete_volume("vol-1")
+            tx.update_layer("b", name=None)
+            tx.collect_garbage()
+            assert tx.c.execute("SELECT COUNT(*) FROM layer_blobs").fetchone()[0] == 0
+    finally:
+        store.close()
+    Store(db).close()

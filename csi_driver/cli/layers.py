@@ -30,23 +30,6 @@ def _layer_engine(args: argparse.Namespace, create: bool = False) -> Any:
     return Engine(EngineConfig(state_dir=args.state_dir, node_id=os.uname().nodename))
 
 
-def _driver_serving(state_dir: Path) -> bool:
-    """Whether a driver holds the state dir's lock (then it does the reclaiming)."""
-    import fcntl
-
-    try:
-        fd = os.open(StateDir(state_dir).lockfile, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 def _layer_dict(x: Any, disk: int) -> dict[str, Any]:
     return {
         "id": x.id,
@@ -210,7 +193,7 @@ def cmd_layer_inspect(args: argparse.Namespace) -> int:
 def cmd_layer_delete(args: argparse.Namespace) -> int:
     engine = _layer_engine(args)
     try:
-        engine.delete_named_layer(args.name, collect=not _driver_serving(args.state_dir))
+        engine.delete_named_layer(args.name, collect=not StateDir(args.state_dir).served())
     finally:
         engine.close()
     return emit(
@@ -245,3 +228,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("layer", help="a layer name or id")
     p = layer_command("delete", cmd_layer_delete, "forget a named layer (reclaimed once unused)")
     p.add_argument("name")
+    from csi_driver.cli.transfer import add_layer_pull
+
+    add_layer_pull(lsub)

@@ -76,6 +76,14 @@ def add_parser(sub: Any) -> None:
         help="format the pool device even when it holds a file system or partition table (destroys it)",
     )
     s.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="reach this registry over plain HTTP, not HTTPS (repeatable; for a registry on a trusted "
+        "network only)",
+    )
+    s.add_argument(
         "--overprovision-ratio",
         type=float,
         default=1.0,
@@ -169,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         pool_device=pool_device,
         pool_device_wipe=args.pool_device_wipe,
         capacity=policy,
+        insecure_registries=frozenset(args.insecure_registry),
     )
     try:
         server = Server(opts)

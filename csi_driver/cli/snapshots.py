@@ -8,6 +8,7 @@ from typing import Any
 
 from csi_driver.cli.args import add_command, client_options, parse_kv
 from csi_driver.cli.output import emit, fmt_bytes, fmt_time, table
+from csi_driver.cli.transfer import add_snapshot_transfer, registry_secrets
 from csi_driver.client import Client
 from csi_driver.proto import csi_pb2 as csi
 
@@ -44,7 +45,10 @@ def _snapshot_table(snaps: list[dict[str, Any]]) -> str:
 def cmd_snapshot_create(args: argparse.Namespace, c: Client) -> int:
     snap = c.controller.CreateSnapshot(
         csi.CreateSnapshotRequest(
-            name=args.name, source_volume_id=args.volume_id, parameters=parse_kv(args.param, "parameter")
+            name=args.name,
+            source_volume_id=args.volume_id,
+            parameters=parse_kv(args.param, "parameter"),
+            secrets=registry_secrets(),  # for --param repository=...
         ),
         timeout=args.timeout,
     ).snapshot
@@ -82,7 +86,9 @@ def cmd_snapshot_get(args: argparse.Namespace, c: Client) -> int:
 
 def cmd_snapshot_delete(args: argparse.Namespace, c: Client) -> int:
     for sid in args.snapshot_id:
-        c.controller.DeleteSnapshot(csi.DeleteSnapshotRequest(snapshot_id=sid), timeout=args.timeout)
+        c.controller.DeleteSnapshot(
+            csi.DeleteSnapshotRequest(snapshot_id=sid, secrets=registry_secrets()), timeout=args.timeout
+        )
     return emit(
         args, {"deleted": args.snapshot_id}, lambda: "\n".join(f"deleted {s}" for s in args.snapshot_id)
     )
@@ -105,3 +111,4 @@ def add_parser(sub: Any) -> None:
     p.add_argument("snapshot_id")
     p = add_command(snap, "delete", cmd_snapshot_delete, "DeleteSnapshot", common)
     p.add_argument("snapshot_id", nargs="+")
+    add_snapshot_transfer(snap)

@@ -15,6 +15,7 @@ from csi_driver.cli.args import (
     parse_size,
 )
 from csi_driver.cli.output import CliError, emit, fields, fmt_bytes, table
+from csi_driver.cli.transfer import registry_secrets
 from csi_driver.client import Client
 from csi_driver.proto import csi_pb2 as csi
 
@@ -75,6 +76,7 @@ def cmd_volume_create(args: argparse.Namespace, c: Client) -> int:
         capacity_range=csi.CapacityRange(required_bytes=args.size, limit_bytes=args.limit),
         volume_capabilities=[capability(args)],
         parameters=parse_kv(args.param, "parameter"),
+        secrets=registry_secrets(),  # for a snapshot or an image pulled from a registry
     )
     if args.from_snapshot:
         req.volume_content_source.snapshot.snapshot_id = args.from_snapshot

@@ -71,6 +71,7 @@ class EngineConfig:
     min_capacity: int = MiB
     fs_type: str = "ext4"
     capacity: CapacityPolicy = field(default_factory=CapacityPolicy)
+    insecure_registries: frozenset[str] = frozenset()  # hosts reached over plain HTTP
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,12 @@ class EngineContext:
         chain = [top]  # top may be a flattened layer not stored yet
         if top.parent:
             chain += self.chain(top.parent)
-        return sum(x.used_bytes for x in chain if not x.active and x.name is None)
+        data = 0
+        for layer in chain:
+            if layer.name is not None:  # a base layer: it and all below it are the base's
+                break
+            data += 0 if layer.active else layer.used_bytes
+        return data
 
     def flatten(self, chain: list[Layer], build: Path) -> Layer:
         """Build one committed layer holding the merged view of a committed chain

@@ -38,10 +38,13 @@ from csi_driver.engine.modify import Modifier
 from csi_driver.engine.mounter import HostMounter, Mounter
 from csi_driver.engine.node import NodePublisher
 from csi_driver.engine.snapshots import Snapshots
+from csi_driver.engine.transfers import Transfers, snapshot_reference
 from csi_driver.engine.volumes import Volumes
 from csi_driver.layerstore.backend import LayerBackend
 from csi_driver.layerstore.overlay.backend import OverlayLoopBackend
-from csi_driver.store import Layer, Store, Volume
+from csi_driver.registry.client import Credentials
+from csi_driver.registry.reference import Reference, Repository, looks_like_reference
+from csi_driver.store import Layer, Snapshot, Store, Volume
 
 __all__ = [
     "GiB",
@@ -89,14 +92,12 @@ class Engine:
         self.expander = Expander(self.ctx, self.block)
         self.ephemeral = Ephemeral(self.ctx, self.volumes, self.node)
         self.base_layers = BaseLayers(self.ctx)
+        self.transfers = Transfers(self.ctx, config.insecure_registries)
         self.attachments = Attachments(self.ctx)
         self.modifier = modifier
 
         # the calls, by concern
-        self.create_volume = self.volumes.create_volume
         self.delete_volume = self.volumes.delete_volume
-        self.create_snapshot = self.snapshots.create_snapshot
-        self.delete_snapshot = self.snapshots.delete_snapshot
         self.get_snapshot = self.snapshots.get_snapshot
         self.list_snapshots = self.snapshots.list_snapshots
         self.create_group_snapshot = self.snapshots.create_group_snapshot
@@ -123,6 +124,42 @@ class Engine:
         self.get_volume = self.ctx.get_volume
         self.resolve_capacity = self.ctx.resolve_capacity
         self.free_bytes = self.backend.free_bytes
+
+    def create_volume(self, spec: VolumeSpec, credentials: Credentials | None = None) -> Volume:
+        """A volume; an exported snapshot or an image it starts from is pulled first
+        when this node does not hold it (``credentials`` for its registry)."""
+        exported = spec.source_kind == "snapshot" and snapshot_reference(spec.source_id) is not None
+        if exported and self.get_snapshot(spec.source_id) is None and not self._exists(spec.name):
+            with self.transfers.restoring(spec.source_id, credentials):
+                return self.volumes.create_volume(spec)
+        if spec.base_layer and looks_like_reference(spec.base_layer) and not self._exists(spec.name):
+            self.transfers.pull_image(Reference.parse(spec.base_layer), credentials)
+        return self.volumes.create_volume(spec)
+
+    def _exists(self, volume_name: str) -> bool:
+        with self.store.read() as tx:
+            return tx.volume_by_name(volume_name) is not None
+
+    def create_snapshot(
+        self,
+        name: str,
+        source_volume_id: str,
+        repository: Repository | None = None,
+        credentials: Credentials | None = None,
+    ) -> Snapshot:
+        """A snapshot; with ``repository``, pushed there before it is reported ready."""
+        snap = self.snapshots.create_snapshot(name, source_volume_id, repository=repository)
+        if repository is not None and not snap.exported:
+            self.transfers.push_snapshot(snap, credentials)
+            snap = self.get_snapshot(snap.id) or snap
+        return snap
+
+    def delete_snapshot(self, snapshot_id: str, credentials: Credentials | None = None) -> None:
+        """Delete a snapshot; an exported one's artifact goes from its registry first
+        (so a retry after a registry failure still finds what to delete)."""
+        if snapshot_reference(snapshot_id) is not None:
+            self.transfers.delete_exported(snapshot_id, credentials)
+        self.snapshots.delete_snapshot(snapshot_id)
 
     def list_volumes(self, after_seq: int, limit: int) -> list[Volume]:
         with self.store.read() as tx:

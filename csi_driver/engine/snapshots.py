@@ -7,8 +7,10 @@ import time
 
 from csi_driver.engine.capture import Capture
 from csi_driver.engine.context import BLOCK, GROUP_PREFIX, SNAPSHOT_PREFIX, EngineContext
-from csi_driver.errors import AlreadyExists, NotFound
+from csi_driver.engine.transfers import exported_id, snapshot_reference
+from csi_driver.errors import AlreadyExists, InvalidArgument, NotFound
 from csi_driver.ids import new_id
+from csi_driver.registry.reference import Repository
 from csi_driver.store import Layer, ReadTx, Snapshot, Tx, Volume
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,9 @@ class Snapshots:
             gone = tx.collect_garbage()
         self.ctx.discard(gone)
 
-    def _record_snapshot(self, tx: Tx, name: str, v: Volume, layer: Layer, group_id: str = "") -> Snapshot:
+    def _record_snapshot(
+        self, tx: Tx, name: str, v: Volume, layer: Layer, group_id: str = "", snapshot_id: str = ""
+    ) -> Snapshot:
         # a block snapshot restores the whole device; a file system one what it holds
         size = (
             v.capacity_bytes
@@ -76,7 +80,7 @@ class Snapshots:
         return tx.add_snapshot(
             Snapshot(
                 seq=0,
-                id=SNAPSHOT_PREFIX + new_id(),
+                id=snapshot_id or SNAPSHOT_PREFIX + new_id(),
                 name=name,
                 source_volume_id=v.id,
                 layer=layer.id,
@@ -89,21 +93,33 @@ class Snapshots:
             )
         )
 
-    def create_snapshot(self, name: str, source_volume_id: str, group_id: str = "") -> Snapshot:
+    def create_snapshot(
+        self, name: str, source_volume_id: str, group_id: str = "", repository: Repository | None = None
+    ) -> Snapshot:
+        """``repository``: the snapshot is for export there, and its id is its
+        artifact's reference (``Transfers.push_snapshot`` pushes it)."""
+        snapshot_id = SNAPSHOT_PREFIX + new_id()
+        if repository is not None:
+            snapshot_id = exported_id(repository, snapshot_id)
         with self.ctx.store.tx() as tx:
             existing = tx.snapshot_by_name(name)
             if existing is not None:
-                if existing.source_volume_id == source_volume_id:
-                    return existing
-                raise AlreadyExists(f"snapshot {name!r} exists for another volume")
+                if existing.source_volume_id != source_volume_id:
+                    raise AlreadyExists(f"snapshot {name!r} exists for another volume")
+                ref = snapshot_reference(existing.id)
+                if (ref.repository if ref else None) != repository:
+                    raise AlreadyExists(f"snapshot {name!r} exists with another repository parameter")
+                return existing
             v = tx.volume(source_volume_id)
             if v is None:
                 raise NotFound(f"volume {source_volume_id} does not exist")
+            if repository is not None and v.access_type == BLOCK:
+                raise InvalidArgument("a block volume's snapshot cannot be exported to a registry")
         admitted = self.ctx.capacity.admit(self.ctx.allocation(v), f"snapshot {name!r}")
         with admitted, self.ctx.scratch() as scratch:
             layer = self.capture.volume(source_volume_id, scratch)
             with self.ctx.store.tx() as tx:
-                snap = self._record_snapshot(tx, name, v, layer, group_id)
+                snap = self._record_snapshot(tx, name, v, layer, group_id, snapshot_id)
                 self.ctx.step("snapshot.recorded")
         return snap
 

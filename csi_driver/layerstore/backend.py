@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from csi_driver.host import MountEntry, Mounts
 from csi_driver.store import Layer
@@ -109,6 +109,12 @@ class LayerBackend(Protocol):
     def import_tree(self, build: Path, source: Path) -> Built:
         """A committed layer holding a directory's tree or a tar archive's."""
 
+    def import_diff(self, build: Path, diff: BinaryIO, parents: Sequence[Layer], size_hint: int = 0) -> Built:
+        """A committed layer over ``parents`` (nearest first) from an OCI layer tar
+        (uncompressed, read as a stream): its files, and its whiteouts hiding what
+        the parents hold. ``size_hint``: the tar's size when known (the backend may
+        then build in place). The tar is untrusted (``ocidiff.DiffError``)."""
+
     def install(self, build: Path, layer: Layer) -> None:
         """Move a build into place as ``layer`` (inside the transaction adding its row)."""
 
@@ -117,6 +123,11 @@ class LayerBackend(Protocol):
 
     def remove(self, layer: Layer) -> None:
         """Delete a layer the store no longer knows; a missing layer is fine."""
+
+    def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> None:
+        """Write the top layer of the committed ``chain`` (nearest first) to ``out``
+        as an OCI layer tar: what it changes over the layers below it. ``scratch``
+        is an empty private dir for views the export may mount."""
 
     # ---- changes in place ---------------------------------------------------
     def commit(self, layer: Layer) -> int:

@@ -691,3 +691,73 @@ def import_as_upper(tar: BinaryIO, upper: Path) -> DiffStats:
     finally:
         imp.close()
     return imp.stats
+
+
+def _inside(tree: Path, rel: str) -> Path:
+    """``tree/rel`` when no component of ``rel`` is a symlink (an earlier entry
+    must not lead a whiteout or an extraction out of the tree), else DiffError."""
+    path = tree
+    for part in rel.split("/") if rel else ():
+        path = path / part
+        if path.is_symlink():
+            raise DiffError(f"{rel}: a path below a symlink")
+    return path
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            _remove_path(child)
+        path.rmdir()
+    elif path.is_symlink() or path.exists():
+        path.unlink()
+
+
+def apply_to_tree(tar: BinaryIO, tree: Path) -> DiffStats:
+    """Apply the OCI layer tar ``tar`` onto the complete tree ``tree``, for a
+    backend that cannot stack: a whiteout removes its path, an opaque marker
+    empties its directory of what this tar did not write, other entries are
+    extracted with tarfile's ``data`` filter (which drops setuid bits and
+    group/other write bits, and keeps every entry inside ``tree``). Device
+    nodes are refused. Not atomic: apply to a copy, and discard it on error."""
+    stats = DiffStats()
+    written: set[str] = set()
+    try:
+        with tarfile.open(
+            fileobj=tar, mode="r|", bufsize=_CHUNK, encoding="utf-8", errors="surrogateescape"
+        ) as tf:
+            while (ti := tf.next()) is not None:
+                rel = _clean(ti.name)
+                parent, _, base = rel.rpartition("/")
+                stats.entries += 1
+                folder = _inside(tree, parent)
+                if base == WH_OPAQUE or (base.startswith(WH_PREFIX) and not base.startswith(WH_META_PREFIX)):
+                    stats.whiteouts += 1
+                    if base == WH_OPAQUE:
+                        doomed = [c for c in folder.iterdir() if _join(parent, c.name) not in written]
+                    else:
+                        name = base[len(WH_PREFIX) :]
+                        if name in ("", ".", ".."):
+                            raise DiffError(f"{rel}: a whiteout without a name")
+                        doomed = [folder / name] if _join(parent, name) not in written else []
+                    for path in doomed:
+                        _remove_path(path)
+                    continue
+                if base.startswith(WH_META_PREFIX):
+                    continue
+                if ti.ischr() or ti.isblk():
+                    raise DiffError(f"{rel}: device nodes are refused in a layer")
+                if rel:
+                    dest = folder / base
+                    if (dest.is_symlink() or dest.exists()) and not (ti.isdir() and dest.is_dir()):
+                        _remove_path(dest)
+                    if ti.isreg():
+                        stats.bytes += ti.size
+                try:
+                    tf.extract(ti, tree, filter="data")
+                except tarfile.FilterError as e:
+                    raise DiffError(f"{rel}: {e}") from e
+                written.add(rel)
+    except tarfile.TarError as e:
+        raise DiffError(f"not a valid layer tar: {e}") from e
+    return stats

@@ -30,9 +30,11 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import BinaryIO
 
 from csi_driver import host
 from csi_driver.ids import ID_RE
+from csi_driver.layerstore import ocidiff
 from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount, Unsupported
 from csi_driver.locks import KeyedLocks
 from csi_driver.store import Layer
@@ -115,6 +117,23 @@ class PlainDirBackend:
                 tar.extractall(dest, filter="data")
         used = host.tree_bytes(dest)
         return Built(image_bytes=used, used_bytes=used, fs_type=DIR)
+
+    def import_diff(self, build: Path, diff: BinaryIO, parents: Sequence[Layer], size_hint: int = 0) -> Built:
+        """A copy of the parent's (complete) tree with the diff applied to it."""
+        dest = build / "tree"
+        if parents:
+            with self._locks.hold(parents[0].id):
+                _copy_tree(self.tree(parents[0].id), dest)
+        else:
+            dest.mkdir(mode=0o755)
+        ocidiff.apply_to_tree(diff, dest)
+        used = host.tree_bytes(dest)
+        return Built(image_bytes=used, used_bytes=used, fs_type=DIR)
+
+    def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> None:
+        """Every tree is complete: the naive diff of the parent's tree and the top's."""
+        below = self.tree(chain[1].id) if len(chain) > 1 else None
+        ocidiff.export_naive(below, self.tree(chain[0].id), out)
 
     def install(self, build: Path, layer: Layer) -> None:
         os.rename(build, self.layer_dir(layer.id))

@@ -6,9 +6,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_driver.engine.engine import VolumeSpec
 from csi_driver.engine.modify import validate_mutable
+from csi_driver.engine.transfers import snapshot_reference
 from csi_driver.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.proto import csi_pb2_grpc
+from csi_driver.registry.client import Credentials
+from csi_driver.registry.reference import looks_like_reference
 from csi_driver.service import validate as v
 from csi_driver.service.context import TOPOLOGY_KEY, DriverContext
 from csi_driver.service.rpc import rpc
@@ -60,7 +63,7 @@ def snapshot_msg(s: Snapshot) -> csi.Snapshot:
         source_volume_id=s.source_volume_id,
         size_bytes=s.size_bytes,
         creation_time=timestamp(s.created_at),
-        ready_to_use=True,
+        ready_to_use=s.exported != "" or snapshot_reference(s.id) is None,
         group_snapshot_id=s.group_id,
     )
 
@@ -144,6 +147,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return csi.CreateVolumeResponse(volume=self._volume_msg(vol))
 
     def _create(self, name, request, caps, params, mutable, source_kind, source_id) -> Volume:
+        base = params.get("baseLayer", "")
+        remote = snapshot_reference(source_id) is not None or looks_like_reference(base)
+        credentials = Credentials.from_secrets(dict(request.secrets)) if remote else None
         return self.engine.create_volume(
             VolumeSpec(
                 name=name,
@@ -156,7 +162,8 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 source_id=source_id,
                 base_layer=params.get("baseLayer", ""),
                 mutable=mutable,
-            )
+            ),
+            credentials,
         )
 
     @rpc(guard=lambda r: [r.volume_id])
@@ -307,19 +314,19 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def CreateSnapshot(self, request, context):
         name = v.name(request.name)
         v.required(request.source_volume_id, "source_volume_id")
-        params = v.string_map(dict(request.parameters), "parameters")
-        unknown = sorted(k for k in params if not k.startswith(v.PARAM_PREFIX))
-        if unknown:
-            raise InvalidArgument(f"unknown snapshot parameters {unknown}")
+        repository = v.snapshot_parameters(dict(request.parameters))
         if not v.VOLUME_ID_RE.match(request.source_volume_id):
             raise NotFound(f"volume {request.source_volume_id[:80]!r} does not exist")
-        snap = self.engine.create_snapshot(name, request.source_volume_id)
+        credentials = Credentials.from_secrets(dict(request.secrets)) if repository else None
+        snap = self.engine.create_snapshot(name, request.source_volume_id, repository, credentials)
         return csi.CreateSnapshotResponse(snapshot=snapshot_msg(snap))
 
     @rpc(guard=lambda r: [r.snapshot_id])
     def DeleteSnapshot(self, request, context):
         if v.known_id(request.snapshot_id, v.SNAPSHOT_ID_RE, "snapshot_id"):
-            self.engine.delete_snapshot(request.snapshot_id)
+            remote = snapshot_reference(request.snapshot_id) is not None
+            credentials = Credentials.from_secrets(dict(request.secrets)) if remote else None
+            self.engine.delete_snapshot(request.snapshot_id, credentials)
         return csi.DeleteSnapshotResponse()
 
     @rpc()

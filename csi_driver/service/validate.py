@@ -9,13 +9,22 @@ from dataclasses import dataclass
 
 from csi_driver.errors import InvalidArgument
 from csi_driver.proto import csi_pb2 as csi
+from csi_driver.registry.reference import (
+    HOST_PATTERN,
+    PATH_PATTERN,
+    BadReference,
+    Reference,
+    Repository,
+    looks_like_reference,
+)
 
 MAX_NAME = 256
 MAX_PATH = 4096
 MAX_MAP_ENTRIES = 64
 MAX_VALUE = 4096
 VOLUME_ID_RE = re.compile(r"^vol-[0-9a-f]{32}$")
-SNAPSHOT_ID_RE = re.compile(r"^snap-[0-9a-f]{32}$")
+# a local snapshot's id, or an exported one's: the reference of its artifact (REPOSITORY:snap-...)
+SNAPSHOT_ID_RE = re.compile(rf"^(?:{HOST_PATTERN}/{PATH_PATTERN}:)?snap-[0-9a-f]{{32}}$")
 GROUP_ID_RE = re.compile(r"^group-[0-9a-f]{32}$")
 LAYER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$")
 
@@ -163,9 +172,35 @@ def volume_parameters(params: dict[str, str]) -> dict[str, str]:
     unknown = sorted(k for k in params if k not in VOLUME_PARAMETERS and not k.startswith(PARAM_PREFIX))
     if unknown:
         raise InvalidArgument(f"unknown parameters {unknown}; supported: {sorted(VOLUME_PARAMETERS)}")
-    if "baseLayer" in params and not LAYER_NAME_RE.match(params["baseLayer"]):
-        raise InvalidArgument("baseLayer must be a layer name ([a-zA-Z0-9._-], at most 63)")
+    base = params.get("baseLayer", "")
+    if base and looks_like_reference(base):
+        try:
+            Reference.parse(base)
+        except BadReference as e:
+            raise InvalidArgument(f"baseLayer: {e}") from e
+    elif base and not LAYER_NAME_RE.match(base):
+        raise InvalidArgument(
+            "baseLayer must be a layer name ([a-zA-Z0-9._-], at most 63) or an image reference "
+            "(HOST/PATH:TAG or HOST/PATH@sha256:...)"
+        )
     return params
+
+
+SNAPSHOT_PARAMETERS = {"repository"}
+
+
+def snapshot_parameters(params: dict[str, str]) -> Repository | None:
+    """A VolumeSnapshotClass's parameters: ``repository`` exports the snapshot there."""
+    params = string_map(params, "parameters")
+    unknown = sorted(k for k in params if k not in SNAPSHOT_PARAMETERS and not k.startswith(PARAM_PREFIX))
+    if unknown:
+        raise InvalidArgument(f"unknown snapshot parameters {unknown}; supported: ['repository']")
+    if "repository" not in params:
+        return None
+    try:
+        return Repository.parse(params["repository"])
+    except BadReference as e:
+        raise InvalidArgument(f"repository: {e}") from e
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "maxVolumeSize": "200Gi",
             "overprovisionRatio": "2.5",
             "lowSpaceWatermark": "15%",
+            "insecureRegistries": ["registry.lan:5000", "10.0.0.7"],
             "extraArgs": ["--max-layer-depth=32"],
             "env": [{"name": "OVERLAY_CSI_DEBUG", "value": "1"}],
         },
@@ -75,12 +76,17 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
         "storageClass": {
             "isDefault": True,
-            "baseLayer": "debian-12",
+            "baseLayer": "registry.lan:5000/base/debian:12",
             "parameters": {"inodeLimit": "100000"},
             "mountOptions": ["noatime"],
             "reclaimPolicy": "Retain",
         },
-        "volumeSnapshotClass": {"isDefault": True, "deletionPolicy": "Retain"},
+        "volumeSnapshotClass": {
+            "isDefault": True,
+            "deletionPolicy": "Retain",
+            "repository": "registry.lan:5000/backups",
+        },
+        "registry": {"secret": {"name": "registry-credentials", "namespace": "storage"}},
         "metrics": {
             "enabled": True,
             "port": 9900,

@@ -261,6 +261,8 @@ def test_driver_arguments(render, value_set):
         assert has_flag(node, flag) == bool(v["driver"][key])
         if v["driver"][key]:
             assert arg_value(node, flag) == v["driver"][key]
+    insecure = [a.split("=", 1)[1] for a in node["args"] if a.startswith("--insecure-registry=")]
+    assert insecure == v["driver"]["insecureRegistries"]
     for extra in v["driver"]["extraArgs"]:
         assert extra in node["args"]
     devices = v["node"]["poolDevices"]
@@ -538,9 +540,29 @@ def test_storage_and_snapshot_classes(render, value_set):
         assert all(isinstance(x, str) for x in params.values())
     vscs = r.of_kind("VolumeSnapshotClass")
     assert bool(vscs) == (v["volumeSnapshotClass"]["create"] and v["sidecars"]["snapshotter"]["enabled"])
+    secret = v["registry"]["secret"]
+    prefix = "csi.storage.k8s.io/"
     for vsc in vscs:
         assert vsc["driver"] == v["driverName"]
         assert vsc["deletionPolicy"] == v["volumeSnapshotClass"]["deletionPolicy"]
+        params = vsc.get("parameters", {})
+        assert params.get("repository", "") == v["volumeSnapshotClass"]["repository"]
+        assert params.get(prefix + "snapshotter-secret-name", "") == secret["name"]
+    for sc in scs:
+        params = sc.get("parameters", {})
+        assert params.get(prefix + "provisioner-secret-name", "") == secret["name"]
+        if secret["name"]:
+            namespace = secret["namespace"] or "default"
+            assert params[prefix + "provisioner-secret-namespace"] == namespace
+
+
+def test_sidecars_may_read_the_registry_secret_only_when_there_is_one(render, value_set):
+    r = render(value_set)
+    if not r.values["rbac"]["create"]:
+        pytest.skip("rbac.create=false renders no RBAC")
+    node_sa = pod_spec(r.daemonset)["serviceAccountName"]
+    read = [("", "secrets", ("get",), "cluster")]
+    assert bool(_missing(r, node_sa, read)) != bool(r.values["registry"]["secret"]["name"])
 
 
 def test_pdb_covers_the_deployment(render, value_set):

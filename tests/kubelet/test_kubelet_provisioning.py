@@ -122,8 +122,8 @@ def test_retry_after_a_timeout_reuses_the_name(node: NodeEnv):
     engine = node.driver.engine
     create = engine.create_volume
 
-    def slow_create(spec):  # the first CreateVolume takes longer than --timeout
-        vol = create(spec)
+    def slow_create(spec, *rest):  # the first CreateVolume takes longer than --timeout
+        vol = create(spec, *rest)
         if not slow.is_set():
             slow.set()
             time.sleep(1.5)

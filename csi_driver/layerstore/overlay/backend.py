@@ -9,16 +9,19 @@ allocated extents (a reflink where the host file system can clone).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from csi_driver import host
 from csi_driver.errors import CommandFailed, FailedPrecondition
 from csi_driver.ids import ID_RE
+from csi_driver.layerstore import ocidiff
 from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount
 from csi_driver.layerstore.overlay.compose import overlay_options, view_options
 from csi_driver.layerstore.overlay.images import (
@@ -26,6 +29,7 @@ from csi_driver.layerstore.overlay.images import (
     image_size_for,
     make_clean,
     metadata_held,
+    mount_options,
     populate_from_tar,
     release_metadata,
     try_hold_metadata,
@@ -158,6 +162,80 @@ class OverlayLoopBackend:
             host.umount(root / "upper")
         host.remove_tree(root)  # unmounts again whatever is still below (a bind of the source)
         return Built(image_bytes=size, used_bytes=used, fs_type="ext4")
+
+    def import_diff(self, build: Path, diff: BinaryIO, parents: Sequence[Layer], size_hint: int = 0) -> Built:
+        """The tar becomes an overlay upper (whiteouts as 0:0 devices, opaque dirs as
+        xattrs) in a fresh ext4 image, which needs nothing of the parents. With a
+        size, it is written in place into the image, mounted; without one (or when
+        that image is too small, e.g. for a tar of many empty directories), into a
+        directory that mkfs then copies in."""
+        if size_hint and diff.seekable():
+            start = diff.tell()
+            try:
+                return self._import_in_place(build, diff, image_size_for(4 * size_hint + 64 * MiB))
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                log.info(
+                    "layer tar of %d bytes did not fit its image in place; importing it via a tree", size_hint
+                )
+                host.remove_tree(build / "mnt")
+                (build / "image").unlink(missing_ok=True)
+                diff.seek(start)
+        root = build / "root"
+        (root / "work").mkdir(parents=True)
+        (root / "upper").mkdir()
+        ocidiff.import_as_upper(diff, root / "upper")
+        used = host.tree_bytes(root / "upper")
+        size = image_size_for(used + used // 4 + 64 * MiB)
+        build_image(build / "image", size, "ext4", populate=root)
+        host.remove_tree(root)
+        return Built(image_bytes=size, used_bytes=used, fs_type="ext4")
+
+    def _import_in_place(self, build: Path, diff: BinaryIO, size: int) -> Built:
+        """Write the tar straight into a new image's ``upper/`` (one write of the data, not two)."""
+        image, mnt = build / "image", build / "mnt"
+        build_image(image, size, "ext4")
+        mnt.mkdir()
+        host.mount_image(image, mnt, "ext4", mount_options("ext4", readonly=False), readonly=False)
+        try:
+            ocidiff.import_as_upper(diff, mnt / "upper")
+            used = host.tree_bytes(mnt / "upper")
+        finally:
+            host.umount(mnt)
+        mnt.rmdir()
+        return Built(image_bytes=size, used_bytes=used, fs_type="ext4")
+
+    def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> None:
+        """The upper alone when it is a complete diff; else (a renamed directory)
+        the naive diff of two read-only views, the chain with and without it."""
+        top = chain[0]
+        self.held.acquire(top.id, top.fs_type, readonly=True)
+        try:
+            upper = self.layout.upper(top.id)
+            if not ocidiff.needs_naive_diff(upper):
+                ocidiff.export_upper(upper, out)
+                return
+            below, merged = scratch / "below", scratch / "merged"
+            below.mkdir()
+            merged.mkdir()
+            for layer in chain[1:]:
+                self.held.acquire(layer.id, layer.fs_type, readonly=True)
+            try:
+                if len(chain) > 1:
+                    self._mount_view(chain[1:], below)
+                self._mount_view(chain, merged)
+                try:
+                    ocidiff.export_naive(below if len(chain) > 1 else None, merged, out)
+                finally:
+                    host.umount(merged)
+                    if len(chain) > 1:
+                        host.umount(below)
+            finally:
+                for layer in chain[1:]:
+                    self.deactivate(layer)
+        finally:
+            self.deactivate(top)
 
     def install(self, build: Path, layer: Layer) -> None:
         os.rename(build, self.layout.layer_dir(layer.id))

@@ -1,0 +1,449 @@
+"""Layers to and from OCI registries: snapshot exports, restores anywhere, base images.
+
+A snapshot is pushed as an OCI artifact: one blob per layer of its chain,
+bottom first, each an uncompressed OCI layer tar (``LayerBackend.export_diff``),
+and a manifest whose annotations say what the snapshot is. A layer's blob
+digest is recorded when it is first exported or pulled, so a later push asks
+the registry about it (HEAD) before exporting anything: a chain shares blobs
+with the snapshots before it, and a second push uploads only new layers.
+
+A pull goes the other way. Each blob is downloaded into a scratch dir and
+checked (size, sha256) before it becomes a layer; a layer this node already
+made from the same blob over the same parent is used again. All new layers and
+the record that uses them (a snapshot row, or a named base layer) are added in
+one store transaction at the end, so a failed or partial pull leaves nothing
+installed: its scratch dir goes, and a crash leaves only a scratch dir, which
+the next start removes.
+
+Registry answers are untrusted: ``registry.client`` checks digests, sizes and
+the manifest schema; this module checks what the manifest claims about the
+snapshot, and ``ocidiff`` what the tars hold.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import platform
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from csi_driver.engine.context import BLOCK, SNAPSHOT_PREFIX, EngineContext
+from csi_driver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi_driver.layerstore.ocidiff import DiffError
+from csi_driver.locks import KeyedLocks
+from csi_driver.registry.client import (
+    DOCKER_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    BadContent,
+    Credentials,
+    Descriptor,
+    Manifest,
+    RegistryClient,
+    descriptors,
+)
+from csi_driver.registry.progress import count_blob
+from csi_driver.registry.reference import BadReference, Reference, Repository
+from csi_driver.store import Blob, Layer, Snapshot
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+ARTIFACT_TYPE = "application/vnd.overlay-csi.snapshot.v1"
+LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+GZIP_TYPES = frozenset(
+    {"application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip"}
+)
+EMPTY_CONFIG = Descriptor(
+    "application/vnd.oci.empty.v1+json",
+    "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",  # b"{}"
+    2,
+)
+NOTE = "dev.overlay-csi.snapshot."  # the manifest annotations' prefix
+MAX_SNAPSHOT_ID = 128  # CSI: an id of at most 128 bytes
+MAX_LAYERS = 128  # more than a chain at the default depth cap ever holds
+GZIP_RATIO = 20  # a compressed layer may expand this much (plus 1 GiB), no further
+
+
+@dataclass(frozen=True)
+class Access:
+    """How to reach registries: credentials, and which hosts speak plain HTTP."""
+
+    credentials: Credentials | None = None
+    insecure: frozenset[str] = frozenset()
+
+
+def exported_id(repository: Repository, local_id: str) -> str:
+    """An exported snapshot's id is the reference of its artifact: any node can pull it."""
+    snapshot_id = str(repository.at(local_id))
+    if len(snapshot_id.encode()) > MAX_SNAPSHOT_ID:
+        raise InvalidArgument(
+            f"repository {str(repository)[:80]!r} is too long: a snapshot id ({snapshot_id[:40]}...) "
+            f"must fit in {MAX_SNAPSHOT_ID} bytes; use a repository of at most "
+            f"{MAX_SNAPSHOT_ID - len(local_id) - 1} characters"
+        )
+    return snapshot_id
+
+
+def snapshot_reference(snapshot_id: str) -> Reference | None:
+    """The artifact an exported snapshot's id names, or None for a local id."""
+    repo, sep, tag = snapshot_id.rpartition(":")
+    if not sep or "/" not in repo or not tag.startswith(SNAPSHOT_PREFIX):
+        return None
+    try:
+        return Repository.parse(repo).at(tag)
+    except BadReference:
+        return None
+
+
+class _Hashing:
+    """A write-only file that hashes what goes through it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        n = self._f.write(data)
+        self.sha.update(data[:n])
+        self.size += n
+        return n
+
+
+class _Bounded:
+    """A reader that refuses to go past ``limit`` bytes (a decompression bomb)."""
+
+    def __init__(self, f: BinaryIO, limit: int, what: str) -> None:
+        self._f, self._left, self._what = f, limit, what
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._left -= len(data)
+        if self._left < 0:
+            raise DiffError(f"{self._what} expands beyond {GZIP_RATIO} times its size")
+        return data
+
+
+class Transfers:
+    def __init__(self, ctx: EngineContext, insecure: frozenset[str] = frozenset()) -> None:
+        self.ctx = ctx
+        self.insecure = insecure
+        self._pulls = KeyedLocks()  # one pull per reference at a time
+
+    def client(self, repository: Repository, credentials: Credentials | None) -> RegistryClient:
+        return RegistryClient(repository, credentials, insecure=repository.host in self.insecure)
+
+    @contextmanager
+    def _pinned(self, layer_ids: list[str]) -> Iterator[None]:
+        """Keep layers from garbage collection while a transfer reads or builds on them."""
+        for layer_id in layer_ids:
+            self.ctx.store.pin(layer_id)
+        try:
+            yield
+        finally:
+            for layer_id in layer_ids:
+                self.ctx.store.unpin(layer_id)
+
+    # ---- push -----------------------------------------------------------------
+    def push_snapshot(
+        self, snap: Snapshot, credentials: Credentials | None, repository: Repository | None = None
+    ) -> Reference:
+        """Push a snapshot to ``repository`` (default: the one its id names), tagged
+        with its local id; return the artifact's reference, which is the id to
+        restore it by anywhere. Repeating it uploads nothing the registry has."""
+        own = snapshot_reference(snap.id)
+        if repository is None and own is None:
+            raise InvalidArgument(f"snapshot {snap.id} names no repository; say where to push it")
+        local_id = own.tag if own is not None else snap.id
+        ref = Reference.parse(exported_id(repository, local_id)) if repository else own
+        assert ref is not None
+        if snap.access_type == BLOCK:
+            raise InvalidArgument("a block volume's snapshot cannot be exported")
+        client = self.client(ref.repository, credentials)
+        chain = self.ctx.chain(snap.layer)
+        with self._pinned([x.id for x in chain]):
+            layers = [self._push_layer(client, chain[i:]) for i in reversed(range(len(chain)))]
+            with self.ctx.scratch() as scratch:
+                config = scratch / "config"
+                config.write_bytes(b"{}")
+                client.push_blob(config, EMPTY_CONFIG.digest, EMPTY_CONFIG.size)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": ARTIFACT_TYPE,
+            "config": EMPTY_CONFIG.as_json(),
+            "layers": [x.as_json() for x in layers],
+            "annotations": {
+                NOTE + "source-volume": snap.source_volume_id,
+                NOTE + "fs-type": snap.fs_type,
+                NOTE + "source-capacity": str(snap.source_capacity),
+                NOTE + "size": str(snap.size_bytes),
+                "org.opencontainers.image.created": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(snap.created_at)
+                ),
+            },
+        }
+        digest = client.push_manifest(manifest, ref.tag or "")
+        if str(ref) == snap.id:
+            with self.ctx.store.tx() as tx:
+                tx.set_exported(snap.id, digest)
+        log.info("snapshot %s pushed as %s: %d layers, manifest %s", snap.id, ref, len(layers), digest[:19])
+        return ref
+
+    def _push_layer(self, client: RegistryClient, chain: list[Layer]) -> Descriptor:
+        """The blob of ``chain[0]``, uploaded unless the registry has it."""
+        layer = chain[0]
+        with self.ctx.store.read() as tx:
+            known = [b for b in tx.layer_blobs(layer.id) if b.media_type == LAYER_TAR]
+        for blob in known:
+            if client.has_blob(blob.digest):
+                count_blob("push", "skipped")
+                return Descriptor(LAYER_TAR, blob.digest, blob.size)
+        with self.ctx.scratch() as scratch:
+            tar = scratch / "layer.tar"
+            views = scratch / "views"
+            views.mkdir()
+            with open(tar, "wb") as f:
+                out = _Hashing(f)
+                self.ctx.backend.export_diff(chain, views, out)  # type: ignore[arg-type]
+            digest = "sha256:" + out.sha.hexdigest()
+            with self.ctx.store.tx() as tx:
+                if tx.layer(layer.id) is not None:
+                    tx.add_layer_blob(Blob(layer.id, digest, out.size, LAYER_TAR))
+            client.push_blob(tar, digest, out.size)
+        return Descriptor(LAYER_TAR, digest, out.size)
+
+    # ---- pull -----------------------------------------------------------------
+    def pull_snapshot(self, snapshot_id: str, credentials: Credentials | None) -> Snapshot:
+        """Keep a copy of an exported snapshot on this node (listed, restorable
+        without the registry, until DeleteSnapshot)."""
+        with self._pulls.hold(snapshot_id):
+            return self._pull_snapshot(snapshot_id, credentials)
+
+    @contextmanager
+    def restoring(self, snapshot_id: str, credentials: Credentials | None) -> Iterator[Snapshot]:
+        """An exported snapshot this node does not hold, for one restore: its
+        layers are pulled (or found) and recorded as a snapshot while the restore
+        runs; afterwards only the new volume keeps them. A failed restore leaves
+        nothing: what it pulled is collected with the record."""
+        with self._pulls.hold(snapshot_id):
+            snap = self._pull_snapshot(snapshot_id, credentials)
+            try:
+                yield snap
+            finally:
+                with self.ctx.store.tx() as tx:
+                    tx.delete_snapshot(snapshot_id)
+                    gone = tx.collect_garbage()
+                self.ctx.discard(gone)
+
+    def _pull_snapshot(self, snapshot_id: str, credentials: Credentials | None) -> Snapshot:
+        ref = snapshot_reference(snapshot_id)
+        if ref is None:
+            raise NotFound(f"snapshot {snapshot_id[:80]!r} does not exist")
+        with self.ctx.store.read() as tx:
+            existing = tx.snapshot(snapshot_id)
+        if existing is not None:
+            return existing
+        client = self.client(ref.repository, credentials)
+        manifest = client.pull_manifest(ref.version)
+        what = f"snapshot {snapshot_id}"
+        if manifest.media_type != OCI_MANIFEST or manifest.body.get("artifactType") != ARTIFACT_TYPE:
+            raise FailedPrecondition(f"{ref} is not an overlay-csi snapshot")
+        blobs = descriptors(manifest.body.get("layers"), what)
+        if not blobs:
+            raise BadContent(f"{what}: its manifest has no layers")
+        notes = _annotations(manifest.body.get("annotations"), what)
+        with self._pull_chain(client, blobs, what) as (tx, top):
+            snap = tx.add_snapshot(
+                Snapshot(
+                    seq=0,
+                    id=snapshot_id,
+                    name=snapshot_id,
+                    source_volume_id=notes["source-volume"],
+                    layer=top.id,
+                    access_type="mount",
+                    fs_type=notes["fs-type"],
+                    source_capacity=notes["source-capacity"],
+                    size_bytes=notes["size"],
+                    group_id="",
+                    created_at=time.time(),
+                    exported=manifest.digest,
+                )
+            )
+        log.info("snapshot %s pulled: %d layers", snapshot_id, len(blobs))
+        return snap
+
+    def delete_exported(self, snapshot_id: str, credentials: Credentials | None) -> None:
+        """Remove an exported snapshot's artifact from its registry (a registry that
+        does not allow deletes keeps it; the log says so)."""
+        ref = snapshot_reference(snapshot_id)
+        if ref is None:
+            return
+        client = self.client(ref.repository, credentials)
+        try:
+            digest = client.manifest_digest(ref.version)
+        except NotFound:
+            return
+        client.delete_manifest(digest)
+
+    def pull_image(self, ref: Reference, credentials: Credentials | None, *, refresh: bool = False) -> Layer:
+        """An OCI image's layers as a base layer named by the reference (as written):
+        kept until deleted, and used without asking the registry again unless ``refresh``."""
+        name = str(ref)
+        with self._pulls.hold(name):
+            with self.ctx.store.read() as tx:
+                existing = tx.layer_by_name(name)
+            if existing is not None and not refresh:
+                return existing
+            client = self.client(ref.repository, credentials)
+            manifest = self._platform_manifest(client, client.pull_manifest(ref.version), name)
+            blobs = descriptors(manifest.body.get("layers"), f"image {name}")
+            if not blobs:
+                raise FailedPrecondition(f"image {name} has no layers")
+            with self._pull_chain(client, blobs, f"image {name}") as (tx, top):
+                if top.name == name:
+                    return top
+                if top.name is not None and not top.name.startswith("retired:"):
+                    raise AlreadyExists(
+                        f"image {name} is already on this node as base layer {top.name!r}; "
+                        "use that name, or delete it first"
+                    )
+                old = tx.layer_by_name(name)
+                if old is not None:  # refreshed: the old image goes once nothing uses it
+                    tx.update_layer(old.id, name=f"retired:{old.id}")
+                tx.update_layer(top.id, name=name)
+                gone = tx.collect_garbage()
+            self.ctx.discard(gone)
+            log.info("image %s pulled: %d layers, manifest %s", name, len(blobs), manifest.digest[:19])
+            with self.ctx.store.read() as tx:
+                top_now = tx.layer(top.id)
+            assert top_now is not None
+            return top_now
+
+    @staticmethod
+    def _platform_manifest(client: RegistryClient, manifest: Manifest, name: str) -> Manifest:
+        """An index names one manifest per platform: take linux on this machine's architecture."""
+        if manifest.media_type not in (OCI_INDEX, DOCKER_LIST):
+            return manifest
+        arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+        for item in manifest.body.get("manifests") or []:
+            plat = (item.get("platform") if isinstance(item, dict) else None) or {}
+            if plat.get("os") == "linux" and plat.get("architecture") == arch:
+                digest = item.get("digest", "")
+                chosen = client.pull_manifest(digest if isinstance(digest, str) else "")
+                if chosen.media_type in (OCI_INDEX, DOCKER_LIST):
+                    raise BadContent(f"image {name}: an index inside an index")
+                return chosen
+        raise FailedPrecondition(f"image {name} has no manifest for linux/{arch}")
+
+    @contextmanager
+    def _pull_chain(self, client: RegistryClient, blobs: list[Descriptor], what: str) -> Iterator[Any]:
+        """Build what is missing of the chain ``blobs`` (bottom first) in scratch,
+        then yield (tx, top layer) inside the one transaction that installs it all."""
+        ctx = self.ctx
+        if len(blobs) > MAX_LAYERS:
+            raise BadContent(f"{what}: {len(blobs)} layers (at most {MAX_LAYERS})")
+        for blob in blobs:
+            if blob.media_type != LAYER_TAR and blob.media_type not in GZIP_TYPES:
+                raise FailedPrecondition(f"{what}: layer {blob.digest[:19]} is a {blob.media_type[:80]!r}")
+        reused: list[str] = []
+        try:
+            with ctx.scratch() as scratch:
+                plan: list[tuple[Descriptor, Layer, Path | None]] = []  # (blob, layer, build or None)
+                parent: Layer | None = None
+                need = 0
+                for blob in blobs:  # what this node already has, from the bottom up
+                    with ctx.store.read() as tx:
+                        have = tx.layer_from_blob(blob.digest, parent.id if parent else None)
+                    if have is None:
+                        break
+                    ctx.store.pin(have.id)
+                    reused.append(have.id)
+                    plan.append((blob, have, None))
+                    parent = have
+                missing = blobs[len(plan) :]
+                for blob in missing:
+                    ratio = 4 if blob.media_type in GZIP_TYPES else 1
+                    need += blob.size * ratio + 16 * MiB
+                with ctx.capacity.admit(need, what):
+                    for i, blob in enumerate(missing):
+                        build = scratch / f"layer{i}"
+                        build.mkdir()
+                        built = self._import_blob(client, blob, build, scratch, plan, what)
+                        layer = ctx.new_layer(parent, built, active=False, fs_type=built.fs_type)
+                        plan.append((blob, layer, build))
+                        parent = layer
+                    assert parent is not None
+                    with ctx.store.tx() as tx:
+                        for _blob, layer, build in plan:
+                            if build is None and tx.layer(layer.id) is None:
+                                raise FailedPrecondition(f"{what}: layer {layer.id} went meanwhile; retry")
+                        for blob, layer, build in plan:
+                            if build is not None:
+                                tx.add_layer(layer)
+                                ctx.install(build, layer)
+                            tx.add_layer_blob(Blob(layer.id, blob.digest, blob.size, blob.media_type))
+                        yield tx, parent
+                    for _blob, layer, build in plan:
+                        if build is not None:
+                            ctx.backend.expose(layer)
+        finally:
+            for layer_id in reused:
+                ctx.store.unpin(layer_id)
+
+    def _import_blob(
+        self,
+        client: RegistryClient,
+        blob: Descriptor,
+        build: Path,
+        scratch: Path,
+        plan: list[tuple[Descriptor, Layer, Path | None]],
+        what: str,
+    ) -> Any:
+        """Download one blob (checked) and build its layer over the chain so far."""
+        download = scratch / "blob"
+        client.pull_blob(blob.digest, blob.size, download)
+        parents = [layer for _b, layer, _p in reversed(plan)]
+        try:
+            with open(download, "rb") as raw:
+                if blob.media_type in GZIP_TYPES:
+                    with gzip.open(raw) as unzipped:
+                        limit = blob.size * GZIP_RATIO + (1 << 30)
+                        bounded = _Bounded(unzipped, limit, f"layer {blob.digest[:19]}")  # type: ignore[arg-type]
+                        return self.ctx.backend.import_diff(build, bounded, parents)  # type: ignore[arg-type]
+                return self.ctx.backend.import_diff(build, raw, parents, blob.size)
+        except (DiffError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise BadContent(f"{what}: layer {blob.digest[:19]} is not a valid layer: {e}") from e
+        finally:
+            download.unlink(missing_ok=True)
+
+
+def _annotations(raw: Any, what: str) -> dict[str, Any]:
+    """What an exported snapshot's manifest says of it (untrusted), checked."""
+    if not isinstance(raw, dict):
+        raise BadContent(f"{what}: its manifest has no annotations")
+    out: dict[str, Any] = {}
+    source = raw.get(NOTE + "source-volume", "")
+    if not isinstance(source, str) or not 0 < len(source) <= 128:
+        raise BadContent(f"{what}: no valid source volume in its manifest")
+    out["source-volume"] = source
+    fs_type = raw.get(NOTE + "fs-type", "")
+    if fs_type not in ("ext4", "xfs", "dir"):
+        raise BadContent(f"{what}: file system {str(fs_type)[:20]!r} in its manifest")
+    out["fs-type"] = fs_type
+    for key in ("source-capacity", "size"):
+        value = raw.get(NOTE + key, "")
+        if not isinstance(value, str) or not value.isdigit() or len(value) > 18:
+            raise BadContent(f"{what}: no valid {key} in its manifest")
+        out[key] = int(value)
+    if out["source-capacity"] <= 0:
+        raise BadContent(f"{what}: a source capacity of 0 in its manifest")
+    return out

@@ -1,0 +1,1 @@
+"""Layers that travel: OCI references, a checked registry client, transfer progress."""

@@ -1,0 +1,429 @@
+"""A registry client for layer blobs and manifests, on the ``oras`` package.
+
+``oras`` gives the distribution API's URLs, its token and basic auth flows and
+the request plumbing; this module narrows it to what moving layers needs and
+what a driver may not do without:
+
+* every answer is untrusted: a manifest is read up to 4 MiB, checked against
+  the OCI schema and, when fetched by digest, against that digest; a blob is
+  written no further than its declared size and its sha256 is checked before
+  anyone may use it;
+* bodies stream both ways (a 1 GiB layer never sits in memory);
+* a pull that loses its connection resumes with a ``Range`` request (distribution
+  serves them), up to ``RESUMES`` times;
+* reads are retried briefly (``ATTEMPTS``), writes are not; a failure is one of
+  the driver's errors, with a status code and a message for the operator;
+* credentials go to the registry only: never to a log, never to ``~/.docker``
+  (``oras`` would read it; this client does not).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import oras.auth
+import oras.container
+import oras.provider
+import oras.schemas
+import requests
+
+from csi_driver.errors import DriverError, FailedPrecondition, NotFound, Unavailable
+from csi_driver.registry.progress import CHUNK, Meter, MeteredReader, count_blob
+from csi_driver.registry.reference import DIGEST_RE, Repository
+
+log = logging.getLogger("csi_driver.registry")
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
+MAX_MANIFEST = 4 << 20
+ATTEMPTS = 3  # a read that fails for want of the registry is tried this often
+RESUMES = 3  # a blob download that breaks off is resumed this often
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
+
+
+class Unauthenticated(DriverError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(DriverError):
+    code = "PERMISSION_DENIED"
+
+
+class BadContent(DriverError):
+    """The registry sent bytes that are not what was asked for (digest, size, schema)."""
+
+    code = "DATA_LOSS"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+
+    @classmethod
+    def from_secrets(cls, secrets: Mapping[str, str]) -> Credentials | None:
+        """``username`` and ``password`` from a CSI request's secrets (none: anonymous)."""
+        user, password = secrets.get("username", ""), secrets.get("password", "")
+        if not user and not password:
+            return None
+        if not user or not password:
+            raise FailedPrecondition("registry secrets need both 'username' and 'password'")
+        return cls(user, password)
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        return out
+
+
+@dataclass(frozen=True)
+class Manifest:
+    digest: str
+    media_type: str
+    body: dict[str, Any]
+
+
+class _Oras(oras.provider.Registry):
+    """oras' Registry with requests that time out, fail fast and never read ~/.docker."""
+
+    def __init__(self, host: str, insecure: bool, credentials: Credentials | None, scheme: str) -> None:
+        super().__init__(hostname=host, insecure=insecure, auth_backend=scheme)
+        self.auth.load_configs = lambda *a, **k: None  # type: ignore[method-assign]
+        self._basic = ""
+        if credentials is not None:
+            self.auth.set_basic_auth(credentials.username, credentials.password)
+            if scheme == "basic":
+                raw = f"{credentials.username}:{credentials.password}".encode()
+                self._basic = "Basic " + base64.b64encode(raw).decode()
+
+    def do_request(  # type: ignore[override]
+        self,
+        url: str,
+        method: str = "GET",
+        data: Any = None,
+        headers: dict | None = None,
+        json: dict | None = None,
+        stream: bool = False,
+    ) -> requests.Response:
+        headers = dict(headers or {})
+        if self._basic:  # sent at once: a streamed body cannot be sent twice after a 401
+            headers["Authorization"] = self._basic
+        plain = oras.provider.Registry.do_request.__wrapped__  # without oras' 131 s of retries
+        return plain(self, url, method, data, headers, json, stream)
+
+
+def _timeout_session(session: requests.Session) -> None:
+    send = session.request
+
+    def request(method: str, url: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", (CONNECT_TIMEOUT, READ_TIMEOUT))
+        return send(method, url, **kwargs)
+
+    session.request = request  # type: ignore[method-assign]
+
+
+class RegistryClient:
+    """Blobs and manifests of one repository."""
+
+    def __init__(
+        self, repository: Repository, credentials: Credentials | None = None, *, insecure: bool = False
+    ) -> None:
+        self.repository = repository
+        self.where = str(repository)
+        self._credentials = credentials
+        self._insecure = insecure
+        self._reg: _Oras | None = None
+        self._container = oras.container.Container(f"{repository.path}:latest", registry=repository.host)
+
+    # ---- connection ---------------------------------------------------------
+    def _registry(self) -> _Oras:
+        """Connect on first use; the registry's challenge picks the auth flow."""
+        if self._reg is None:
+            probe = requests.Session()
+            _timeout_session(probe)
+            r = self._call(lambda: probe.get(self._url("/v2/")), "reach it")
+            challenge = r.headers.get("WWW-Authenticate", "") if r.status_code == 401 else ""
+            r.close()
+            basic = challenge.lower().startswith("basic")
+            if basic and self._credentials is None:
+                raise Unauthenticated(
+                    f"registry {self.repository.host} asks for a username and password: "
+                    "give them in the request's secrets"
+                )
+            reg = _Oras(
+                self.repository.host, self._insecure, self._credentials, "basic" if basic else "token"
+            )
+            _timeout_session(reg.session)
+            self._reg = reg
+        return self._reg
+
+    def _url(self, path: str) -> str:
+        return f"{'http' if self._insecure else 'https'}://{self.repository.host}{path}"
+
+    def _call(self, do: Any, what: str, *, retry: bool = True) -> requests.Response:
+        """One request: transport failures and 5xx/429 tried again (reads), then mapped."""
+        for attempt in range(ATTEMPTS if retry else 1):
+            try:
+                r = do()
+            except requests.exceptions.SSLError as e:
+                raise Unavailable(f"registry {self.repository.host}: TLS failed: {e}") from e
+            except (requests.exceptions.RequestException, ValueError, OSError) as e:
+                problem = f"cannot {what}: {type(e).__name__}: {str(e)[:200]}"
+            else:
+                if r.status_code < 500 and r.status_code != 429:
+                    return r
+                problem = f"cannot {what}: the registry answered {r.status_code}{_oci_error(r)}"
+                r.close()
+            if attempt + 1 < (ATTEMPTS if retry else 1):
+                time.sleep(0.5 * (attempt + 1))
+        raise Unavailable(f"registry {self.repository.host}: {problem}")
+
+    def _check(self, r: requests.Response, what: str, ok: tuple[int, ...] = (200,)) -> requests.Response:
+        if r.status_code in ok:
+            return r
+        detail = _oci_error(r)
+        r.close()
+        where = f"registry {self.repository.host}, repository {self.repository.path}"
+        if r.status_code == 401:
+            raise Unauthenticated(f"{where}: cannot {what}: not authenticated (check the credentials)")
+        if r.status_code == 403:
+            raise PermissionDenied(f"{where}: cannot {what}: access denied{detail}")
+        if r.status_code == 404:
+            raise NotFound(f"{where}: cannot {what}: not found{detail}")
+        if 400 <= r.status_code < 500:  # the registry refuses what was asked: retrying will not help
+            raise FailedPrecondition(f"{where}: cannot {what}: refused ({r.status_code}){detail}")
+        raise Unavailable(f"{where}: cannot {what}: unexpected answer {r.status_code}{detail}")
+
+    # ---- blobs --------------------------------------------------------------
+    def has_blob(self, digest: str) -> bool:
+        reg = self._registry()
+        url = f"{reg.prefix}://{self._container.get_blob_url(digest)}"
+        r = self._call(lambda: reg.do_request(url, "HEAD"), f"look up blob {digest[:19]}")
+        if r.status_code == 404:
+            return False
+        self._check(r, f"look up blob {digest[:19]}")
+        return True
+
+    def push_blob(self, path: Path, digest: str, size: int) -> bool:
+        """Upload ``path`` as blob ``digest`` unless the repository has it; True if uploaded."""
+        if self.has_blob(digest):
+            count_blob("push", "skipped")
+            log.info("blob %s is already in %s", digest[:19], self.where)
+            return False
+        try:
+            self._upload(path, digest, size)
+        except DriverError:
+            count_blob("push", "failed")
+            raise
+        return True
+
+    def _upload(self, path: Path, digest: str, size: int) -> None:
+        reg = self._registry()
+        start = f"{reg.prefix}://{self._container.upload_blob_url()}"
+        what = f"upload blob {digest[:19]}"
+        r = self._call(lambda: reg.do_request(start, "POST", headers={"Content-Length": "0"}), what)
+        self._check(r, what, (202,))
+        location = reg._get_location(r, self._container)
+        if not location:
+            raise BadContent(f"registry {self.repository.host}: an upload answer without a Location")
+        sep = "&" if "?" in location else "?"
+        meter = Meter("push", digest, size, self.where)
+        with open(path, "rb") as f:
+            body = MeteredReader(f, meter)
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+            r = self._call(
+                lambda: reg.do_request(f"{location}{sep}digest={digest}", "PUT", data=body, headers=headers),
+                what,
+                retry=False,
+            )
+        self._check(r, what, (201,))
+        meter.finish()
+
+    def pull_blob(self, digest: str, size: int, dest: Path) -> None:
+        """Write blob ``digest`` to ``dest``, checked: exactly ``size`` bytes whose sha256 is ``digest``."""
+        if not DIGEST_RE.match(digest):
+            raise BadContent(f"registry {self.repository.host}: {digest[:80]!r} is not a sha256 digest")
+        reg = self._registry()
+        url = f"{reg.prefix}://{self._container.get_blob_url(digest)}"
+        what = f"download blob {digest[:19]}"
+        meter = Meter("pull", digest, size, self.where)
+        hasher = hashlib.sha256()
+        done = 0
+        try:
+            with open(dest, "wb") as out:
+                for resume in range(RESUMES + 1):
+                    headers = {"Range": f"bytes={done}-"} if done else {}
+                    r = self._call(lambda h=headers: reg.do_request(url, "GET", headers=h, stream=True), what)
+                    self._check(r, what, (200, 206))
+                    if done and r.status_code == 200:  # no ranges here: start again
+                        out.seek(0)
+                        out.truncate()
+                        hasher, done = hashlib.sha256(), 0
+                    try:
+                        with r:
+                            for chunk in r.iter_content(CHUNK):
+                                if done + len(chunk) > size:
+                                    raise BadContent(
+                                        f"registry {self.repository.host}: blob {digest[:19]} is longer "
+                                        f"than the {size} bytes its manifest declares"
+                                    )
+                                out.write(chunk)
+                                hasher.update(chunk)
+                                done += len(chunk)
+                                meter.add(len(chunk))
+                    except (requests.exceptions.RequestException, OSError) as e:
+                        if done >= size or resume == RESUMES:
+                            raise Unavailable(
+                                f"registry {self.repository.host}: {what} broke off after {done} of "
+                                f"{size} bytes: {type(e).__name__}"
+                            ) from e
+                        log.warning("%s broke off at %d of %d bytes; resuming", what, done, size)
+                        continue
+                    if done >= size:
+                        break
+                    if resume == RESUMES:
+                        break
+                    log.warning("%s ended at %d of %d bytes; resuming", what, done, size)
+        except DriverError:
+            count_blob("pull", "failed")
+            raise
+        if done != size:
+            count_blob("pull", "failed")
+            raise BadContent(
+                f"registry {self.repository.host}: blob {digest[:19]} is truncated: {done} of {size} bytes"
+            )
+        got = "sha256:" + hasher.hexdigest()
+        if got != digest:
+            count_blob("pull", "failed")
+            raise BadContent(
+                f"registry {self.repository.host}: blob {digest[:19]} does not match its digest "
+                f"(its bytes hash to {got[:19]}); nothing was installed"
+            )
+        meter.finish()
+
+    # ---- manifests ----------------------------------------------------------
+    def push_manifest(self, manifest: dict[str, Any], tag: str) -> str:
+        """Store ``manifest`` under ``tag``; return its digest."""
+        reg = self._registry()
+        body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        url = f"{reg.prefix}://{self._container.manifest_url(tag)}"
+        headers = {"Content-Type": manifest.get("mediaType", OCI_MANIFEST)}
+        what = f"store manifest {tag}"
+        r = self._call(lambda: reg.do_request(url, "PUT", data=body, headers=headers), what)
+        self._check(r, what, (201,))
+        answered = r.headers.get("Docker-Content-Digest")
+        if answered and answered != digest:
+            raise BadContent(f"registry {self.repository.host} stored {tag} as {answered}, not {digest}")
+        return digest
+
+    def manifest_digest(self, version: str) -> str:
+        """The digest of the manifest a tag names (HEAD), or NotFound."""
+        reg = self._registry()
+        url = f"{reg.prefix}://{self._container.manifest_url(version)}"
+        what = f"look up manifest {version}"
+        headers = {"Accept": ", ".join(MANIFEST_TYPES)}
+        r = self._check(self._call(lambda: reg.do_request(url, "HEAD", headers=headers), what), what)
+        digest = r.headers.get("Docker-Content-Digest", "")
+        if not DIGEST_RE.match(digest):
+            return self.pull_manifest(version).digest
+        return digest
+
+    def delete_manifest(self, digest: str) -> None:
+        """Delete a manifest (and so its tags); a registry without deletes keeps it."""
+        reg = self._registry()
+        url = f"{reg.prefix}://{self._container.manifest_url(digest)}"
+        what = f"delete manifest {digest[:19]}"
+        r = self._call(lambda: reg.do_request(url, "DELETE"), what)
+        if r.status_code == 405:
+            log.warning("registry %s allows no deletes: %s stays there", self.where, digest[:19])
+            return
+        if r.status_code != 404:
+            self._check(r, what, (200, 202))
+
+    def pull_manifest(self, version: str) -> Manifest:
+        """The manifest (or index) a tag or digest names, checked."""
+        reg = self._registry()
+        url = f"{reg.prefix}://{self._container.manifest_url(version)}"
+        what = f"read manifest {version}"
+        headers = {"Accept": ", ".join(MANIFEST_TYPES)}
+        r = self._call(lambda: reg.do_request(url, "GET", headers=headers, stream=True), what)
+        self._check(r, what)
+        with r:
+            raw = b""
+            for chunk in r.iter_content(64 << 10):
+                raw += chunk
+                if len(raw) > MAX_MANIFEST:
+                    raise BadContent(f"registry {self.repository.host}: manifest {version} exceeds 4 MiB")
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        if DIGEST_RE.match(version) and digest != version:
+            raise BadContent(f"registry {self.repository.host}: manifest {version[:19]} does not match it")
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise BadContent(f"registry {self.repository.host}: manifest {version} is not JSON") from e
+        if not isinstance(body, dict):
+            raise BadContent(f"registry {self.repository.host}: manifest {version} is not an object")
+        media_type = body.get("mediaType") or r.headers.get("Content-Type", "").split(";")[0]
+        if media_type not in MANIFEST_TYPES:
+            raise BadContent(f"registry {self.repository.host}: {version} is a {media_type[:80]!r}")
+        if media_type in (OCI_MANIFEST, DOCKER_MANIFEST):
+            try:
+                jsonschema.validate(body, schema=oras.schemas.manifest)
+            except jsonschema.ValidationError as e:
+                raise BadContent(f"registry {self.repository.host}: manifest {version}: {e.message}") from e
+        return Manifest(digest, media_type, body)
+
+
+def _oci_error(r: requests.Response) -> str:
+    """The registry's own error message, bounded (``: message``) or nothing."""
+    try:
+        errors = r.json().get("errors") or []
+        message = errors[0].get("message") or errors[0].get("code")
+    except Exception:
+        return ""
+    return f": {str(message)[:200]}" if message else ""
+
+
+def descriptors(items: Any, what: str) -> list[Descriptor]:
+    """A manifest's ``layers`` (untrusted) as descriptors, or BadContent."""
+    if not isinstance(items, list):
+        raise BadContent(f"{what}: layers is not a list")
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise BadContent(f"{what}: a layer is not an object")
+        digest, size, media = item.get("digest"), item.get("size"), item.get("mediaType")
+        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+            raise BadContent(f"{what}: a layer's digest is not sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 1 << 44:
+            raise BadContent(f"{what}: layer {digest[:19]} has no valid size")
+        if not isinstance(media, str):
+            raise BadContent(f"{what}: layer {digest[:19]} has no media type")
+        notes = item.get("annotations") or {}
+        if not isinstance(notes, dict) or not all(isinstance(v, str) for v in notes.values()):
+            raise BadContent(f"{what}: layer {digest[:19]} has bad annotations")
+        out.append(Descriptor(media, digest, size, notes))
+    return out

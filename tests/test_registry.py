@@ -1,0 +1,503 @@
+"""Layers that travel: snapshots pushed to a real OCI registry (Debian's
+distribution 2.8 on 127.0.0.1) by one driver and restored by another with its
+own state dir (two nodes), base layers from OCI images, and a registry that
+fails: 500s, a wrong digest, a truncated blob, bad credentials."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_driver.cli import main
+from csi_driver.host import MountTable
+from csi_driver.proto import csi_pb2 as csi
+from csi_driver.registry import progress
+from csi_driver.registry.client import OCI_INDEX, OCI_MANIFEST, Credentials, RegistryClient
+from csi_driver.registry.reference import Repository
+from driver_harness import Driver, serving
+from registry_harness import REGISTRY_BINARY, FaultProxy, LocalRegistry
+
+pytestmark = [
+    pytest.mark.mounts,
+    pytest.mark.skipif(not REGISTRY_BINARY.exists(), reason="needs Debian's docker-registry package"),
+]
+
+MiB = 1 << 20
+REPO = "backups/db"
+
+
+def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        call(*args, **kwargs)
+    return e.value.code(), e.value.details()
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root``: kind, mode, and contents, link target or hard-link group."""
+    out: dict[str, tuple] = {}
+    inodes: dict[int, str] = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = Path(dirpath, name)
+            rel = str(path.relative_to(root))
+            if rel == "lost+found":
+                continue
+            st = path.lstat()
+            mode = oct(stat.S_IMODE(st.st_mode))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", mode)
+            else:
+                first = inodes.setdefault(st.st_ino, rel) if st.st_nlink > 1 else rel
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+                out[rel] = ("file", mode, digest, first)
+    return out
+
+
+@contextmanager
+def staged(d: Driver, volume_id: str) -> Iterator[Path]:
+    staging, _ = d.paths("s-" + volume_id)
+    d.client.stage(volume_id, staging)
+    try:
+        yield staging
+    finally:
+        d.client.unstage(volume_id, staging)
+
+
+def committed_layers(d: Driver) -> list[str]:
+    return [x.id for x in d.engine.layers() if not x.active]
+
+
+def nothing_left(d: Driver) -> None:
+    """No volume, no snapshot, no layer and no scratch build on a node."""
+    assert d.engine.layers() == []
+    assert d.engine.list_snapshots(0, 100) == []
+    assert list((d.state / "tmp").iterdir()) == []
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[tuple[LocalRegistry, Driver, Driver]]:
+    """A registry and two drivers (node A and node B) that reach it over HTTP."""
+    with ExitStack() as stack:
+        reg = stack.enter_context(LocalRegistry(tmp_path / "registry"))
+        insecure = frozenset({reg.host})
+        roots = [tmp_path / "a", tmp_path / "b"]
+        for root in roots:
+            root.mkdir()
+        a = stack.enter_context(serving(roots[0], insecure_registries=insecure))
+        b = stack.enter_context(serving(roots[1], insecure_registries=insecure))
+        yield reg, a, b
+
+
+def through(d: Driver, proxy: FaultProxy) -> None:
+    """Let a running driver reach the proxy over plain HTTP too."""
+    d.engine.transfers.insecure = d.engine.transfers.insecure | {proxy.host}
+
+
+def fill(root: Path) -> None:
+    (root / "etc").mkdir()
+    (root / "etc" / "app.conf").write_text("port = 5432\n")
+    (root / "data" / "tables").mkdir(parents=True)
+    (root / "data" / "tables" / "t1").write_bytes(os.urandom(2 * MiB))
+    (root / "data" / "tables" / "t2").write_bytes(b"")
+    (root / "data" / "wal").mkdir()
+    (root / "data" / "wal" / "000001").write_bytes(os.urandom(300_000))
+    os.link(root / "data" / "tables" / "t1", root / "data" / "t1.hard")
+    (root / "current").symlink_to("data/tables/t1")
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    (root / "run.sh").chmod(0o750)
+
+
+def change(root: Path) -> None:
+    """A whiteout, a renamed directory (an incomplete upper), an appended file, a new file."""
+    (root / "etc" / "app.conf").unlink()
+    (root / "data" / "wal").rename(root / "data" / "wal.old")
+    with open(root / "data" / "tables" / "t2", "ab") as f:
+        f.write(b"row\n")
+    (root / "data" / "new").write_bytes(os.urandom(100_000))
+
+
+def test_a_snapshot_moves_between_nodes(nodes: tuple[LocalRegistry, Driver, Driver]) -> None:
+    reg, a, b = nodes
+    repository = f"{reg.host}/{REPO}"
+    moved, blobs = progress.totals()
+    vid = a.client.create_volume("db", 64 * MiB).volume_id
+    with staged(a, vid) as root:
+        fill(root)
+        first = tree(root)
+    s1 = a.client.create_snapshot("s1", vid, parameters={"repository": repository})
+    assert s1.snapshot_id.startswith(f"{repository}:snap-") and s1.ready_to_use
+    one = reg.blob_count(REPO)
+    assert one == 2, "the config and the snapshot's one layer"
+
+    with staged(a, vid) as root:
+        change(root)
+        second = tree(root)
+    s2 = a.client.create_snapshot("s2", vid, parameters={"repository": repository})
+    assert reg.blob_count(REPO) == one + 1, "the second push uploads only the new layer"
+    again = a.client.create_snapshot("s2", vid, parameters={"repository": repository})
+    assert again.snapshot_id == s2.snapshot_id and reg.blob_count(REPO) == one + 1
+    moved_now, blobs_now = progress.totals()
+    assert moved_now.get("push", 0) - moved.get("push", 0) > 2 * MiB, "the metrics count the bytes pushed"
+    skipped = blobs_now.get(("push", "skipped"), 0) - blobs.get(("push", "skipped"), 0)
+    assert skipped >= 2, "s2's push found s1's layer and the config in the registry"
+    code, _ = code_of(a.client.create_snapshot, "s2", vid, parameters={"repository": f"{reg.host}/other"})
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+
+    # node B has none of it: it pulls, checks and builds the chain, then the volume
+    restored = b.client.create_volume("db-copy", 64 * MiB, snapshot=s2.snapshot_id)
+    assert restored.content_source.snapshot.snapshot_id == s2.snapshot_id
+    with staged(b, restored.volume_id) as root:
+        assert tree(root) == second
+        (root / "written-on-b").write_text("b\n")
+    assert b.engine.list_snapshots(0, 10) == [], "a restore keeps no snapshot on B, only layers"
+    layers = committed_layers(b)
+    assert len(layers) == 2
+
+    older = b.client.create_volume("db-older", 64 * MiB, snapshot=s1.snapshot_id)
+    assert committed_layers(b) == layers, "s1's chain is part of s2's: nothing new is pulled"
+    with staged(b, older.volume_id) as root:
+        assert tree(root) == first
+    assert b.client.create_volume("db-older", 64 * MiB, snapshot=s1.snapshot_id) == older, "idempotent"
+
+    # A's snapshots are gone from the registry with them; B's volumes keep their layers
+    a.client.delete_snapshot(s1.snapshot_id)
+    a.client.delete_snapshot(s1.snapshot_id)
+    code, message = code_of(b.client.create_volume, "late", 64 * MiB, snapshot=s1.snapshot_id)
+    assert code == grpc.StatusCode.NOT_FOUND, message
+    with staged(b, older.volume_id) as root:
+        assert tree(root) == first
+    for volume in (restored, older):
+        b.client.delete_volume(volume.volume_id)
+    nothing_left(b)
+    a.client.delete_snapshot(s2.snapshot_id)
+    a.client.delete_volume(vid)
+    nothing_left(a)
+
+
+def test_a_failed_pull_leaves_nothing(nodes: tuple[LocalRegistry, Driver, Driver]) -> None:
+    reg, a, b = nodes
+    with FaultProxy(reg.url) as proxy:
+        through(a, proxy)
+        through(b, proxy)
+        vid = a.client.create_volume("v", 64 * MiB).volume_id
+        with staged(a, vid) as root:
+            fill(root)
+            expected = tree(root)
+        snap = a.client.create_snapshot("s", vid, parameters={"repository": f"{proxy.host}/{REPO}"})
+        sid = snap.snapshot_id
+        blob = r"/blobs/sha256:(?!44136fa3)"  # a layer, not the empty config
+
+        cases = [
+            ("a registry that answers 500", lambda: proxy.fail("GET", "/manifests/", 500, times=-1),
+             grpc.StatusCode.UNAVAILABLE, "answered 500"),
+            ("a wrong digest", lambda: proxy.corrupt(blob, times=-1),
+             grpc.StatusCode.DATA_LOSS, "does not match its digest"),
+            ("a truncated blob", lambda: proxy.truncate(blob, keep=4096, times=-1),
+             grpc.StatusCode.UNAVAILABLE, "broke off"),
+        ]  # fmt: skip
+        for what, fault, want, words in cases:
+            fault()
+            code, message = code_of(b.client.create_volume, "r", 64 * MiB, snapshot=sid)
+            assert (code, words in message) == (want, True), f"{what}: {code} {message}"
+            nothing_left(b)
+            proxy.clear()
+
+        # what a registry does once is tried again (a 500) or resumed (a broken body)
+        proxy.fail("GET", blob, 500, times=1)
+        proxy.truncate(blob, keep=1 << 20, times=1)
+        restored = b.client.create_volume("r", 64 * MiB, snapshot=sid)
+        ranged = [r for r in proxy.requests if r[0] == "GET" and r[2] == 206]
+        assert ranged, f"the broken download resumed with a Range request: {proxy.requests}"
+        with staged(b, restored.volume_id) as root:
+            assert tree(root) == expected
+        b.client.delete_volume(restored.volume_id)
+        nothing_left(b)
+
+        # a push that fails leaves a snapshot that is not ready; its retry finishes it
+        proxy.fail("PUT", r"/blobs/uploads/", 500, times=-1)
+        with staged(a, vid) as root:
+            (root / "more").write_text("more\n")
+        code, message = code_of(
+            a.client.create_snapshot, "t", vid, parameters={"repository": f"{proxy.host}/{REPO}"}
+        )
+        assert code == grpc.StatusCode.UNAVAILABLE, message
+        listed = [e.snapshot for e in a.client.controller.ListSnapshots(csi.ListSnapshotsRequest()).entries]
+        assert {s.snapshot_id: s.ready_to_use for s in listed} == {sid: True, listed[1].snapshot_id: False}
+        proxy.clear()
+        done = a.client.create_snapshot("t", vid, parameters={"repository": f"{proxy.host}/{REPO}"})
+        assert done.snapshot_id == listed[1].snapshot_id and done.ready_to_use
+
+
+def test_registry_credentials_come_from_secrets_and_stay_out_of_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    password = "pa55-w0rd-never-logged"
+    good = {"username": "ci", "password": password}
+    with ExitStack() as stack:
+        reg = stack.enter_context(LocalRegistry(tmp_path / "registry", username="ci", password=password))
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        a = stack.enter_context(serving(tmp_path / "a", insecure_registries=frozenset({reg.host})))
+        b = stack.enter_context(serving(tmp_path / "b", insecure_registries=frozenset({reg.host})))
+        caplog.set_level(logging.DEBUG)
+        params = {"repository": f"{reg.host}/{REPO}"}
+        vid = a.client.create_volume("v", 64 * MiB).volume_id
+        with staged(a, vid) as root:
+            (root / "f").write_text("secret data\n")
+        for secrets, want in (
+            ({}, grpc.StatusCode.UNAUTHENTICATED),
+            ({"username": "ci", "password": "x"}, grpc.StatusCode.UNAUTHENTICATED),
+        ):
+            code, message = code_of(
+                a.client.create_snapshot, f"s{len(secrets)}", vid, parameters=params, secrets=secrets
+            )
+            assert code == want, message
+        code, _ = code_of(
+            a.client.create_snapshot, "half", vid, parameters=params, secrets={"username": "ci"}
+        )
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        snap = a.client.create_snapshot("s", vid, parameters=params, secrets=good)
+        code, _ = code_of(b.client.create_volume, "r", 64 * MiB, snapshot=snap.snapshot_id)
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        r = b.client.create_volume("r", 64 * MiB, snapshot=snap.snapshot_id, secrets=good)
+        with staged(b, r.volume_id) as root:
+            assert (root / "f").read_text() == "secret data\n"
+        b.client.delete_volume(r.volume_id)
+    logged = caplog.text + "".join(str(rec.__dict__) for rec in caplog.records)
+    assert password not in logged and "stripped" in logged, "secrets are redacted, never logged"
+
+
+# ---- base layers from OCI images -----------------------------------------------
+
+
+def layer_tar(entries: list[tuple[str, bytes | None, int]]) -> bytes:
+    """A gzipped layer tar: (name, data or None for a directory, mode)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, mode in entries:
+            ti = tarfile.TarInfo(name)
+            ti.mode = mode
+            if data is None:
+                ti.type = tarfile.DIRTYPE
+                tar.addfile(ti)
+            else:
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def push_image(
+    reg: LocalRegistry,
+    path: str,
+    tag: str,
+    layers: list[bytes],
+    scratch: Path,
+    creds: Credentials | None = None,
+) -> None:
+    """An image (config and gzipped layers) behind a two-platform index, pushed with the driver's client."""
+    client = RegistryClient(Repository(reg.host, path), creds, insecure=True)
+    descriptors = []
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}).encode()
+    for i, blob in enumerate([config, *layers]):
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        (scratch / f"blob{i}").write_bytes(blob)
+        client.push_blob(scratch / f"blob{i}", digest, len(blob))
+        kind = (
+            "application/vnd.oci.image.config.v1+json"
+            if i == 0
+            else "application/vnd.oci.image.layer.v1.tar+gzip"
+        )
+        descriptors.append({"mediaType": kind, "digest": digest, "size": len(blob)})
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptors[0],
+        "layers": descriptors[1:],
+    }
+    digest = client.push_manifest(manifest, "amd64-" + tag)
+    size = len(json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode())
+    other = {**manifest, "layers": [], "annotations": {"for": "another platform"}}
+    other_digest = client.push_manifest(other, "s390x-" + tag)
+    other_size = len(json.dumps(other, separators=(",", ":"), sort_keys=True).encode())
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": other_digest, "size": other_size,
+             "platform": {"os": "linux", "architecture": "s390x"}},
+            {"mediaType": OCI_MANIFEST, "digest": digest, "size": size,
+             "platform": {"os": "linux", "architecture": "amd64"}},
+        ],
+    }  # fmt: skip
+    client.push_manifest(index, tag)
+
+
+def test_a_base_layer_from_an_oci_image(tmp_path: Path) -> None:
+    if os.uname().machine != "x86_64":
+        pytest.skip("the test image is linux/amd64")
+    base = layer_tar(
+        [
+            ("etc", None, 0o755),
+            ("etc/os-release", b"ID=test\n", 0o644),
+            ("usr/bin/tool", b"#!/bin/sh\n", 0o755),
+            ("cfg/a", b"a", 0o644),
+            ("cfg/b", b"b", 0o644),
+        ]
+    )
+    top = layer_tar(
+        [("usr/bin/.wh.tool", b"", 0o644), ("cfg/.wh..wh..opq", b"", 0o644), ("cfg/c", b"c", 0o600)]
+    )
+    with ExitStack() as stack:
+        reg = stack.enter_context(LocalRegistry(tmp_path / "registry"))
+        proxy = stack.enter_context(FaultProxy(reg.url))
+        (tmp_path / "node").mkdir()
+        scratch = tmp_path / "scratch"
+        scratch.mkdir()
+        push_image(reg, "base/tools", "1", [base, top], scratch)
+        d = stack.enter_context(serving(tmp_path / "node", insecure_registries=frozenset({proxy.host})))
+        ref = f"{proxy.host}/base/tools:1"
+        vol = d.client.create_volume("app", 64 * MiB, parameters={"baseLayer": ref})
+        with staged(d, vol.volume_id) as root:
+            view = tree(root)
+        assert view["etc/os-release"][0] == "file" and view["cfg/c"][1] == "0o600"
+        assert "usr/bin/tool" not in view and "cfg/a" not in view and "cfg/b" not in view
+        assert view["usr/bin"] == ("dir", "0o755")
+        named = [x for x in d.engine.layers() if x.name]
+        assert [x.name for x in named] == [ref] and len(committed_layers(d)) == 2
+
+        pulled = len(proxy.requests)
+        again = d.client.create_volume("app2", 64 * MiB, parameters={"baseLayer": ref})
+        assert len(proxy.requests) == pulled, "a pulled image is used without asking the registry"
+        for volume in (vol, again):
+            d.client.delete_volume(volume.volume_id)
+        assert len(committed_layers(d)) == 2, "the image stays until its layer is deleted"
+        d.engine.delete_named_layer(ref)
+        nothing_left(d)
+
+        code, message = code_of(
+            d.client.create_volume, "x", 64 * MiB, parameters={"baseLayer": f"{proxy.host}/base/none:1"}
+        )
+        assert code == grpc.StatusCode.NOT_FOUND, message
+        code, _ = code_of(d.client.create_volume, "x", 64 * MiB, parameters={"baseLayer": "Bad/Ref:1"})
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        nothing_left(d)
+        shutil.rmtree(scratch)
+
+
+def test_what_a_registry_claims_is_checked(
+    nodes: tuple[LocalRegistry, Driver, Driver], tmp_path: Path
+) -> None:
+    """Manifests under a snapshot's tag that are not one, or lie about it."""
+    reg, _a, b = nodes
+    client = RegistryClient(Repository(reg.host, REPO), insecure=True)
+    (tmp_path / "empty").write_bytes(b"{}")
+    empty = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+    client.push_blob(tmp_path / "empty", empty, 2)
+    config = {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2}
+    notes = {
+        "dev.overlay-csi.snapshot.source-volume": "vol-1",
+        "dev.overlay-csi.snapshot.fs-type": "ntfs",
+        "dev.overlay-csi.snapshot.source-capacity": "1",
+        "dev.overlay-csi.snapshot.size": "1",
+    }
+    ours = "application/vnd.overlay-csi.snapshot.v1"
+    lying = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": ours,
+             "config": config, "layers": [config], "annotations": notes}  # fmt: skip
+    not_ours = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [config]}
+    for manifest, want in (
+        (lying, grpc.StatusCode.DATA_LOSS),
+        (not_ours, grpc.StatusCode.FAILED_PRECONDITION),
+    ):
+        tag = "snap-" + hashlib.md5(json.dumps(manifest).encode()).hexdigest()
+        client.push_manifest(manifest, tag)
+        code, message = code_of(b.client.create_volume, "r", 64 * MiB, snapshot=f"{reg.host}/{REPO}:{tag}")
+        assert code == want, message
+        nothing_left(b)
+    missing = f"{reg.host}/{REPO}:snap-" + "0" * 32
+    code, _ = code_of(b.client.create_volume, "r", 64 * MiB, snapshot=missing)
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = code_of(b.client.create_volume, "r", 64 * MiB, snapshot="no-host/x:snap-" + "0" * 32)
+    assert code == grpc.StatusCode.NOT_FOUND
+    nothing_left(b)
+
+
+def test_the_cli_pushes_pulls_and_keeps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``snapshot push`` of a snapshot taken without a repository, ``snapshot pull``
+    keeping a copy on another node, ``layer pull``; credentials from the environment."""
+    good = {"username": "ops", "password": "cli-pa55"}
+    monkeypatch.setenv("OVERLAY_CSI_REGISTRY_USERNAME", good["username"])
+    monkeypatch.setenv("OVERLAY_CSI_REGISTRY_PASSWORD", good["password"])
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        rc = main(list(argv))
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    with LocalRegistry(tmp_path / "registry", **good) as reg:
+        opts = ["--insecure-registry", reg.host]
+        a, b = tmp_path / "a", tmp_path / "b"
+        a.mkdir()
+        b.mkdir()
+        with serving(a) as d:
+            vid = d.client.create_volume("v", 64 * MiB).volume_id
+            with staged(d, vid) as root:
+                fill(root)
+                expected = tree(root)
+            sid = d.client.create_snapshot("s", vid).snapshot_id
+            rc, _, err = run(
+                "snapshot", "push", sid, f"{reg.host}/cli/db", "--state-dir", str(d.state), *opts
+            )
+            assert rc == 1 and err.startswith("error: FAILED_PRECONDITION: a driver serves"), err
+        rc, out, err = run("snapshot", "push", sid, f"{reg.host}/cli/db", "--state-dir", str(a / "state"),
+                           *opts, "--json")  # fmt: skip
+        assert rc == 0, err
+        ref = json.loads(out)["reference"]
+        assert ref == f"{reg.host}/cli/db:{sid}" and reg.blob_count("cli/db") == 2
+        assert not MountTable.read().under(a), "the push released the layers it mounted"
+        rc, out, err = run("snapshot", "pull", ref, "--state-dir", str(b / "state"), *opts)
+        assert rc == 0 and "kept on this node" in out, err
+
+        with serving(b, insecure_registries=frozenset({reg.host})) as d:
+            listed = d.client.controller.ListSnapshots(csi.ListSnapshotsRequest()).entries
+            assert [(e.snapshot.snapshot_id, e.snapshot.ready_to_use) for e in listed] == [(ref, True)]
+            restored = d.client.create_volume("r", 64 * MiB, snapshot=ref)  # local: no secrets needed
+            with staged(d, restored.volume_id) as root:
+                assert tree(root) == expected
+            d.client.delete_volume(restored.volume_id)
+            code, _ = code_of(d.client.delete_snapshot, ref)
+            assert code == grpc.StatusCode.UNAUTHENTICATED, "deleting it deletes the artifact: a login"
+            d.client.controller.DeleteSnapshot(csi.DeleteSnapshotRequest(snapshot_id=ref, secrets=good))
+            assert d.engine.list_snapshots(0, 10) == []
+            code, _ = code_of(d.client.create_volume, "again", 64 * MiB, snapshot=ref, secrets=good)
+            assert code == grpc.StatusCode.NOT_FOUND, "the artifact went with it"
+
+        scratch = tmp_path / "scratch"
+        scratch.mkdir()
+        base = layer_tar([("etc/motd", b"hello\n", 0o644)])
+        push_image(reg, "base/motd", "v1", [base], scratch, Credentials(**good))
+        rc, out, err = run(
+            "layer", "pull", f"{reg.host}/base/motd:v1", "--state-dir", str(b / "state"), *opts
+        )
+        assert rc == 0 and "1 layers" in out, err
+        monkeypatch.delenv("OVERLAY_CSI_REGISTRY_PASSWORD")
+        rc, _, err = run("layer", "pull", f"{reg.host}/base/motd:v1", "--state-dir", str(b / "state"), *opts,
+                         "--refresh")  # fmt: skip
+        assert rc == 1 and "OVERLAY_CSI_REGISTRY_PASSWORD" in err, err
