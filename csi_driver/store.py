@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: snapshots.exported and layer_blobs (registries); older drivers refuse it
 
 # Layers: the graph and what the engine accounts (layers), apart from what the
 # layer backend keeps for itself (layer_storage, one row per layer); the view
@@ -650,6 +650,8 @@ class Store:
                 )
             elif int(row[0]) > SCHEMA_VERSION:
                 raise RuntimeError(f"store schema {row[0]} is newer than this driver ({SCHEMA_VERSION})")
+            elif int(row[0]) < SCHEMA_VERSION:  # migrated above
+                tx.c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
 
     @property
     def schema_version(self) -> int:

@@ -6,6 +6,7 @@ is used (tests may use ``requests`` on top)."""
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -22,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 REGISTRY_BINARY = Path("/usr/bin/docker-registry")
 CHUNK = 1 << 20
@@ -236,9 +237,46 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass  # FaultProxy.requests is the log
 
+    def _bearer(self, path: str) -> bool:
+        """Token auth as Docker Hub or Harbor do it: answered here (True) or let through."""
+        proxy = self.server.proxy
+        if path == "/token":
+            query = parse_qs(urlsplit(self.path).query)
+            expected = "Basic " + base64.b64encode(":".join(proxy.token_auth).encode()).decode()
+            proxy.token_requests.append(" ".join(query.get("scope", [])))
+            if self.headers.get("Authorization") != expected:
+                self._answer(401, b'{"details":"bad credentials"}', path)
+                return True
+            token = "tok:" + " ".join(query.get("scope", []))
+            self._answer(200, json.dumps({"token": token, "access_token": token}).encode(), path)
+            return True
+        m = re.match(r"^/v2/(.+)/(blobs|manifests|tags)/", path)
+        need = "pull" if self.command in ("GET", "HEAD") else "push"
+        granted = self.headers.get("Authorization", "").removeprefix("Bearer tok:")
+        if m is None or (granted.startswith(f"repository:{m[1]}:") and need in granted.rsplit(":", 1)[1]):
+            return False
+        self._drain_body()
+        scope = f"repository:{m[1]}:{'pull' if need == 'pull' else 'pull,push'}"
+        challenge = f'Bearer realm="{proxy.url}/token",service="fake",scope="{scope}"'
+        self._answer(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', path, challenge)
+        return True
+
+    def _answer(self, status: int, body: bytes, path: str, challenge: str = "") -> None:
+        self.server.proxy._record(self.command, path, status)
+        self.send_response_only(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if challenge:
+            self.send_header("WWW-Authenticate", challenge)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
     def _dispatch(self) -> None:
         proxy = self.server.proxy
         path = urlsplit(self.path).path
+        if proxy.token_auth is not None and self._bearer(path):
+            return
         fault = proxy._take(("fail",), self.command, path)
         if fault is not None:
             self._drain_body()
@@ -389,7 +427,11 @@ class FaultProxy:
     not empty; for ``truncate``, longer than ``keep``). The first matching
     fault, in the order they were set, wins."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, token_auth: tuple[str, str] | None = None) -> None:
+        """``token_auth``: (user, password) the proxy's own ``/token`` service wants; every
+        repository call then needs a bearer token of a scope that covers it (push for writes)."""
+        self.token_auth = token_auth
+        self.token_requests: list[str] = []  # the scopes asked of /token
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.netloc:
             raise ValueError(f"upstream must be http://host:port, not {upstream!r}")

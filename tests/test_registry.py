@@ -229,19 +229,48 @@ def test_a_failed_pull_leaves_nothing(nodes: tuple[LocalRegistry, Driver, Driver
         b.client.delete_volume(restored.volume_id)
         nothing_left(b)
 
-        # a push that fails leaves a snapshot that is not ready; its retry finishes it
+        # a push that fails takes its snapshot back (nobody got its id); the retry takes a new one
         proxy.fail("PUT", r"/blobs/uploads/", 500, times=-1)
         with staged(a, vid) as root:
             (root / "more").write_text("more\n")
-        code, message = code_of(
-            a.client.create_snapshot, "t", vid, parameters={"repository": f"{proxy.host}/{REPO}"}
-        )
+        params = {"repository": f"{proxy.host}/{REPO}"}
+        code, message = code_of(a.client.create_snapshot, "t", vid, parameters=params)
         assert code == grpc.StatusCode.UNAVAILABLE, message
         listed = [e.snapshot for e in a.client.controller.ListSnapshots(csi.ListSnapshotsRequest()).entries]
-        assert {s.snapshot_id: s.ready_to_use for s in listed} == {sid: True, listed[1].snapshot_id: False}
+        assert [s.snapshot_id for s in listed] == [sid]
+        with a.engine.store.read() as tx:
+            assert tx.unreferenced_layers() == [], "nothing is left that only a DeleteSnapshot could reclaim"
         proxy.clear()
-        done = a.client.create_snapshot("t", vid, parameters={"repository": f"{proxy.host}/{REPO}"})
-        assert done.snapshot_id == listed[1].snapshot_id and done.ready_to_use
+        done = a.client.create_snapshot("t", vid, parameters=params)
+        assert done.ready_to_use and done.snapshot_id != sid
+        assert [s.id for s in a.engine.list_snapshots(0, 10)] == [sid, done.snapshot_id]
+
+
+def test_bearer_tokens_of_each_scope(nodes: tuple[LocalRegistry, Driver, Driver]) -> None:
+    """A registry with a token service (Docker Hub, Harbor): a push needs a token of
+    another scope than the lookups before it; wrong credentials are refused at once."""
+    reg, a, b = nodes
+    good = {"username": "robot", "password": "t0ken-pass"}
+    with FaultProxy(reg.url, token_auth=(good["username"], good["password"])) as proxy:
+        through(a, proxy)
+        through(b, proxy)
+        params = {"repository": f"{proxy.host}/{REPO}"}
+        vid = a.client.create_volume("v", 64 * MiB).volume_id
+        with staged(a, vid) as root:
+            fill(root)
+            expected = tree(root)
+        code, message = code_of(
+            a.client.create_snapshot, "s", vid, parameters=params, secrets={**good, "password": "wrong"}
+        )
+        assert code == grpc.StatusCode.UNAUTHENTICATED, message
+        assert len(proxy.token_requests) == 1, "refused credentials are not tried again"
+        snap = a.client.create_snapshot("s", vid, parameters=params, secrets=good)
+        assert any("pull,push" in scope for scope in proxy.token_requests)
+        restored = b.client.create_volume("r", 64 * MiB, snapshot=snap.snapshot_id, secrets=good)
+        with staged(b, restored.volume_id) as root:
+            assert tree(root) == expected
+        b.client.delete_volume(restored.volume_id)
+        nothing_left(b)
 
 
 def test_registry_credentials_come_from_secrets_and_stay_out_of_logs(

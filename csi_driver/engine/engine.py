@@ -149,10 +149,20 @@ class Engine:
     ) -> Snapshot:
         """A snapshot; with ``repository``, pushed there before it is reported ready."""
         snap = self.snapshots.create_snapshot(name, source_volume_id, repository=repository)
-        if repository is not None and not snap.exported:
+        return self.export_snapshot(snap, credentials)
+
+    def export_snapshot(self, snap: Snapshot, credentials: Credentials | None) -> Snapshot:
+        """Push a snapshot taken for export, unless it is pushed already. A push that
+        fails takes the snapshot back (nobody was given its id), so nothing is left
+        that only a DeleteSnapshot could reclaim; the caller's retry takes it anew."""
+        if snapshot_reference(snap.id) is None or snap.exported:
+            return snap
+        try:
             self.transfers.push_snapshot(snap, credentials)
-            snap = self.get_snapshot(snap.id) or snap
-        return snap
+        except BaseException:
+            self.snapshots.delete_snapshot(snap.id)
+            raise
+        return self.get_snapshot(snap.id) or snap
 
     def delete_snapshot(self, snapshot_id: str, credentials: Credentials | None = None) -> None:
         """Delete a snapshot; an exported one's artifact goes from its registry first

@@ -22,6 +22,7 @@ snapshot, and ``ocidiff`` what the tars hold.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import logging
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from csi_driver.engine.context import BLOCK, SNAPSHOT_PREFIX, EngineContext
-from csi_driver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from csi_driver.layerstore.ocidiff import DiffError
 from csi_driver.locks import KeyedLocks
 from csi_driver.registry.client import (
@@ -50,7 +51,7 @@ from csi_driver.registry.client import (
     descriptors,
 )
 from csi_driver.registry.progress import count_blob
-from csi_driver.registry.reference import BadReference, Reference, Repository
+from csi_driver.registry.reference import DIGEST_RE, BadReference, Reference, Repository
 from csi_driver.store import Blob, Layer, Snapshot
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,8 @@ class Transfers:
             if client.has_blob(blob.digest):
                 count_blob("push", "skipped")
                 return Descriptor(LAYER_TAR, blob.digest, blob.size)
-        with self.ctx.scratch() as scratch:
+        need = layer.used_bytes + 16 * MiB  # the tar holds the layer's data and headers
+        with self.ctx.capacity.admit(need, f"export of layer {layer.id}"), self.ctx.scratch() as scratch:
             tar = scratch / "layer.tar"
             views = scratch / "views"
             views.mkdir()
@@ -235,14 +237,17 @@ class Transfers:
         runs; afterwards only the new volume keeps them. A failed restore leaves
         nothing: what it pulled is collected with the record."""
         with self._pulls.hold(snapshot_id):
-            snap = self._pull_snapshot(snapshot_id, credentials)
+            with self.ctx.store.read() as tx:
+                kept = tx.snapshot(snapshot_id)  # a copy kept here: used, and left as it is
+            snap = kept or self._pull_snapshot(snapshot_id, credentials)
             try:
                 yield snap
             finally:
-                with self.ctx.store.tx() as tx:
-                    tx.delete_snapshot(snapshot_id)
-                    gone = tx.collect_garbage()
-                self.ctx.discard(gone)
+                if kept is None:
+                    with self.ctx.store.tx() as tx:
+                        tx.delete_snapshot(snapshot_id)
+                        gone = tx.collect_garbage()
+                    self.ctx.discard(gone)
 
     def _pull_snapshot(self, snapshot_id: str, credentials: Credentials | None) -> Snapshot:
         ref = snapshot_reference(snapshot_id)
@@ -288,10 +293,14 @@ class Transfers:
         if ref is None:
             return
         client = self.client(ref.repository, credentials)
-        try:
-            digest = client.manifest_digest(ref.version)
-        except NotFound:
-            return
+        with self.ctx.store.read() as tx:
+            snap = tx.snapshot(snapshot_id)
+        digest = snap.exported if snap is not None and snap.exported else ""
+        if not digest:  # not recorded here (taken on another node): what the tag names now
+            try:
+                digest = client.manifest_digest(ref.version)
+            except NotFound:
+                return
         client.delete_manifest(digest)
 
     def pull_image(self, ref: Reference, credentials: Credentials | None, *, refresh: bool = False) -> Layer:
@@ -312,7 +321,7 @@ class Transfers:
                 if top.name == name:
                     return top
                 if top.name is not None and not top.name.startswith("retired:"):
-                    raise AlreadyExists(
+                    raise FailedPrecondition(
                         f"image {name} is already on this node as base layer {top.name!r}; "
                         "use that name, or delete it first"
                     )
@@ -334,11 +343,18 @@ class Transfers:
         if manifest.media_type not in (OCI_INDEX, DOCKER_LIST):
             return manifest
         arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-        for item in manifest.body.get("manifests") or []:
-            plat = (item.get("platform") if isinstance(item, dict) else None) or {}
+        items = manifest.body.get("manifests")
+        if not isinstance(items, list):
+            raise BadContent(f"image {name}: its index lists no manifests")
+        for item in items:
+            plat = item.get("platform") if isinstance(item, dict) else None
+            if not isinstance(plat, dict):
+                continue
             if plat.get("os") == "linux" and plat.get("architecture") == arch:
-                digest = item.get("digest", "")
-                chosen = client.pull_manifest(digest if isinstance(digest, str) else "")
+                digest = item.get("digest")
+                if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+                    raise BadContent(f"image {name}: its index names a manifest without a sha256 digest")
+                chosen = client.pull_manifest(digest)
                 if chosen.media_type in (OCI_INDEX, DOCKER_LIST):
                     raise BadContent(f"image {name}: an index inside an index")
                 return chosen
@@ -363,10 +379,11 @@ class Transfers:
                 for blob in blobs:  # what this node already has, from the bottom up
                     with ctx.store.read() as tx:
                         have = tx.layer_from_blob(blob.digest, parent.id if parent else None)
+                        if have is not None:  # pinned before the read ends: no collection in between
+                            ctx.store.pin(have.id)
+                            reused.append(have.id)
                     if have is None:
                         break
-                    ctx.store.pin(have.id)
-                    reused.append(have.id)
                     plan.append((blob, have, None))
                     parent = have
                 missing = blobs[len(plan) :]
@@ -382,16 +399,22 @@ class Transfers:
                         plan.append((blob, layer, build))
                         parent = layer
                     assert parent is not None
-                    with ctx.store.tx() as tx:
-                        for _blob, layer, build in plan:
-                            if build is None and tx.layer(layer.id) is None:
-                                raise FailedPrecondition(f"{what}: layer {layer.id} went meanwhile; retry")
-                        for blob, layer, build in plan:
-                            if build is not None:
-                                tx.add_layer(layer)
-                                ctx.install(build, layer)
-                            tx.add_layer_blob(Blob(layer.id, blob.digest, blob.size, blob.media_type))
-                        yield tx, parent
+                    installed: list[Layer] = []
+                    try:
+                        with ctx.store.tx() as tx:
+                            gone = [x.id for _b, x, build in plan if build is None and tx.layer(x.id) is None]
+                            if gone:
+                                raise FailedPrecondition(f"{what}: layer {gone[0]} went meanwhile; retry")
+                            for blob, layer, build in plan:
+                                if build is not None:
+                                    tx.add_layer(layer)
+                                    ctx.install(build, layer)
+                                    installed.append(layer)
+                                tx.add_layer_blob(Blob(layer.id, blob.digest, blob.size, blob.media_type))
+                            yield tx, parent
+                    except BaseException:
+                        ctx.discard(installed)  # moved into place, but their rows were rolled back
+                        raise
                     for _blob, layer, build in plan:
                         if build is not None:
                             ctx.backend.expose(layer)
@@ -420,7 +443,18 @@ class Transfers:
                         bounded = _Bounded(unzipped, limit, f"layer {blob.digest[:19]}")  # type: ignore[arg-type]
                         return self.ctx.backend.import_diff(build, bounded, parents)  # type: ignore[arg-type]
                 return self.ctx.backend.import_diff(build, raw, parents, blob.size)
-        except (DiffError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"{what}: no room to build layer {blob.digest[:19]}") from e
+            if isinstance(e, gzip.BadGzipFile) or e.errno in (
+                errno.EOPNOTSUPP,
+                errno.EPERM,
+                errno.EINVAL,
+                errno.EFBIG,
+            ):
+                raise BadContent(f"{what}: layer {blob.digest[:19]} is not a valid layer: {e}") from e
+            raise
+        except (DiffError, EOFError, zlib.error, OverflowError, ValueError, RecursionError) as e:
             raise BadContent(f"{what}: layer {blob.digest[:19]} is not a valid layer: {e}") from e
         finally:
             download.unlink(missing_ok=True)

@@ -532,6 +532,8 @@ class _Importer:
             return
         if ti.ischr() or ti.isblk():
             raise DiffError(f"{rel}: device nodes are refused in a layer")
+        if ti.issparse():  # its declared size is not bounded by the tar's: refused
+            raise DiffError(f"{rel}: sparse tar members are refused in a layer")
         xattrs = _tar_xattrs(rel, ti)
         if not rel:
             if not ti.isdir():
@@ -717,9 +719,9 @@ def apply_to_tree(tar: BinaryIO, tree: Path) -> DiffStats:
     """Apply the OCI layer tar ``tar`` onto the complete tree ``tree``, for a
     backend that cannot stack: a whiteout removes its path, an opaque marker
     empties its directory of what this tar did not write, other entries are
-    extracted with tarfile's ``data`` filter (which drops setuid bits and
-    group/other write bits, and keeps every entry inside ``tree``). Device
-    nodes are refused. Not atomic: apply to a copy, and discard it on error."""
+    extracted as they are (owners, modes, symlinks to anywhere), each below a
+    checked name whose parents are no symlinks. Device nodes and sparse members
+    are refused. Not atomic: apply to a copy, and discard it on error."""
     stats = DiffStats()
     written: set[str] = set()
     try:
@@ -734,7 +736,8 @@ def apply_to_tree(tar: BinaryIO, tree: Path) -> DiffStats:
                 if base == WH_OPAQUE or (base.startswith(WH_PREFIX) and not base.startswith(WH_META_PREFIX)):
                     stats.whiteouts += 1
                     if base == WH_OPAQUE:
-                        doomed = [c for c in folder.iterdir() if _join(parent, c.name) not in written]
+                        children = folder.iterdir() if folder.is_dir() else ()
+                        doomed = [c for c in children if _join(parent, c.name) not in written]
                     else:
                         name = base[len(WH_PREFIX) :]
                         if name in ("", ".", ".."):
@@ -747,16 +750,21 @@ def apply_to_tree(tar: BinaryIO, tree: Path) -> DiffStats:
                     continue
                 if ti.ischr() or ti.isblk():
                     raise DiffError(f"{rel}: device nodes are refused in a layer")
+                if ti.issparse():
+                    raise DiffError(f"{rel}: sparse tar members are refused in a layer")
                 if rel:
                     dest = folder / base
                     if (dest.is_symlink() or dest.exists()) and not (ti.isdir() and dest.is_dir()):
                         _remove_path(dest)
                     if ti.isreg():
                         stats.bytes += ti.size
-                try:
-                    tf.extract(ti, tree, filter="data")
-                except tarfile.FilterError as e:
-                    raise DiffError(f"{rel}: {e}") from e
+                if ti.islnk():  # a hard link to an earlier entry of the tree, reached without symlinks
+                    linked = _inside(tree, _clean(ti.linkname))
+                    if linked.is_symlink() or not linked.is_file():
+                        raise DiffError(f"{rel}: a hard link to {ti.linkname!r}, which is no file here")
+                # names, parents and link targets are checked above: ownership, modes and
+                # symlinks to anywhere are kept as a layer holds them
+                tf.extract(ti, tree, numeric_owner=True, filter="fully_trusted")
                 written.add(rel)
     except tarfile.TarError as e:
         raise DiffError(f"not a valid layer tar: {e}") from e

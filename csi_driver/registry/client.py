@@ -20,6 +20,7 @@ what a driver may not do without:
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import oras.auth
@@ -36,7 +38,7 @@ import oras.provider
 import oras.schemas
 import requests
 
-from csi_driver.errors import DriverError, FailedPrecondition, NotFound, Unavailable
+from csi_driver.errors import DriverError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from csi_driver.registry.progress import CHUNK, Meter, MeteredReader, count_blob
 from csi_driver.registry.reference import DIGEST_RE, Repository
 
@@ -131,7 +133,15 @@ class _Oras(oras.provider.Registry):
         if self._basic:  # sent at once: a streamed body cannot be sent twice after a 401
             headers["Authorization"] = self._basic
         plain = oras.provider.Registry.do_request.__wrapped__  # without oras' 131 s of retries
-        return plain(self, url, method, data, headers, json, stream)
+        r = plain(self, url, method, data, headers, json, stream)
+        token = getattr(self.auth, "token", None)
+        if r.status_code == 401 and token is not None and not hasattr(data, "read"):
+            # oras answers every later 401 with the token it has; a token for another
+            # scope (pull, not push) or one that expired needs a new one, asked for now
+            r.close()
+            self.auth.token = None
+            r = plain(self, url, method, data, dict(headers), json, stream)
+        return r
 
 
 def _timeout_session(session: requests.Session) -> None:
@@ -189,7 +199,15 @@ class RegistryClient:
                 r = do()
             except requests.exceptions.SSLError as e:
                 raise Unavailable(f"registry {self.repository.host}: TLS failed: {e}") from e
-            except (requests.exceptions.RequestException, ValueError, OSError) as e:
+            except (oras.auth.AuthenticationException, ValueError) as e:
+                if "authenticat" not in str(e):
+                    raise BadContent(f"registry {self.repository.host}: cannot {what}: {str(e)[:200]}") from e
+                # oras could not answer the challenge (or the token service refused):
+                # retrying with the same credentials would only lock an account
+                raise Unauthenticated(
+                    f"registry {self.repository.host}: cannot {what}: the credentials were refused"
+                ) from e
+            except (requests.exceptions.RequestException, OSError) as e:
                 problem = f"cannot {what}: {type(e).__name__}: {str(e)[:200]}"
             else:
                 if r.status_code < 500 and r.status_code != 429:
@@ -248,6 +266,11 @@ class RegistryClient:
         location = reg._get_location(r, self._container)
         if not location:
             raise BadContent(f"registry {self.repository.host}: an upload answer without a Location")
+        if urlsplit(location)[:2] != urlsplit(start)[:2]:  # credentials and data go to the registry only
+            raise BadContent(
+                f"registry {self.repository.host}: the upload Location points elsewhere "
+                f"({urlsplit(location).scheme}://{urlsplit(location).netloc[:80]})"
+            )
         sep = "&" if "?" in location else "?"
         meter = Meter("push", digest, size, self.where)
         with open(path, "rb") as f:
@@ -281,24 +304,32 @@ class RegistryClient:
                         out.seek(0)
                         out.truncate()
                         hasher, done = hashlib.sha256(), 0
-                    try:
-                        with r:
-                            for chunk in r.iter_content(CHUNK):
-                                if done + len(chunk) > size:
-                                    raise BadContent(
-                                        f"registry {self.repository.host}: blob {digest[:19]} is longer "
-                                        f"than the {size} bytes its manifest declares"
-                                    )
-                                out.write(chunk)
-                                hasher.update(chunk)
-                                done += len(chunk)
-                                meter.add(len(chunk))
-                    except (requests.exceptions.RequestException, OSError) as e:
+                    broke: Exception | None = None
+                    with r:
+                        chunks = r.iter_content(CHUNK)
+                        while True:
+                            try:  # the transfer may break off (resumed); a local write error may not
+                                chunk = next(chunks, None)
+                            except (requests.exceptions.RequestException, OSError) as e:
+                                broke = e
+                                break
+                            if chunk is None:
+                                break
+                            if done + len(chunk) > size:
+                                raise BadContent(
+                                    f"registry {self.repository.host}: blob {digest[:19]} is longer "
+                                    f"than the {size} bytes its manifest declares"
+                                )
+                            out.write(chunk)
+                            hasher.update(chunk)
+                            done += len(chunk)
+                            meter.add(len(chunk))
+                    if broke is not None:
                         if done >= size or resume == RESUMES:
                             raise Unavailable(
                                 f"registry {self.repository.host}: {what} broke off after {done} of "
-                                f"{size} bytes: {type(e).__name__}"
-                            ) from e
+                                f"{size} bytes: {type(broke).__name__}"
+                            ) from broke
                         log.warning("%s broke off at %d of %d bytes; resuming", what, done, size)
                         continue
                     if done >= size:
@@ -309,6 +340,13 @@ class RegistryClient:
         except DriverError:
             count_blob("pull", "failed")
             raise
+        except OSError as e:  # writing the download here, not the registry
+            count_blob("pull", "failed")
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(
+                    f"no room for blob {digest[:19]} ({size} bytes) in {dest.parent}"
+                ) from e
+            raise DriverError(f"cannot write blob {digest[:19]} to {dest}: {e}") from e
         if done != size:
             count_blob("pull", "failed")
             raise BadContent(
@@ -371,18 +409,21 @@ class RegistryClient:
         headers = {"Accept": ", ".join(MANIFEST_TYPES)}
         r = self._call(lambda: reg.do_request(url, "GET", headers=headers, stream=True), what)
         self._check(r, what)
-        with r:
-            raw = b""
-            for chunk in r.iter_content(64 << 10):
-                raw += chunk
-                if len(raw) > MAX_MANIFEST:
-                    raise BadContent(f"registry {self.repository.host}: manifest {version} exceeds 4 MiB")
+        raw = b""
+        try:
+            with r:
+                for chunk in r.iter_content(64 << 10):
+                    raw += chunk
+                    if len(raw) > MAX_MANIFEST:
+                        raise BadContent(f"registry {self.repository.host}: manifest {version} exceeds 4 MiB")
+        except (requests.exceptions.RequestException, OSError) as e:
+            raise Unavailable(f"registry {self.repository.host}: cannot {what}: {type(e).__name__}") from e
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         if DIGEST_RE.match(version) and digest != version:
             raise BadContent(f"registry {self.repository.host}: manifest {version[:19]} does not match it")
         try:
             body = json.loads(raw)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise BadContent(f"registry {self.repository.host}: manifest {version} is not JSON") from e
         if not isinstance(body, dict):
             raise BadContent(f"registry {self.repository.host}: manifest {version} is not an object")
@@ -392,7 +433,7 @@ class RegistryClient:
         if media_type in (OCI_MANIFEST, DOCKER_MANIFEST):
             try:
                 jsonschema.validate(body, schema=oras.schemas.manifest)
-            except jsonschema.ValidationError as e:
+            except (jsonschema.ValidationError, RecursionError) as e:
                 raise BadContent(f"registry {self.repository.host}: manifest {version}: {e.message}") from e
         return Manifest(digest, media_type, body)
 

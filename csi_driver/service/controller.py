@@ -310,15 +310,21 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return csi.ControllerUnpublishVolumeResponse()
 
     # ---------------------------------------------------------------- snapshots
-    @rpc(guard=lambda r: ["snapname:" + r.name, r.source_volume_id])
+    @rpc(guard=lambda r: ["snapname:" + r.name])
     def CreateSnapshot(self, request, context):
-        name = v.name(request.name)
-        v.required(request.source_volume_id, "source_volume_id")
-        repository = v.snapshot_parameters(dict(request.parameters))
-        if not v.VOLUME_ID_RE.match(request.source_volume_id):
-            raise NotFound(f"volume {request.source_volume_id[:80]!r} does not exist")
-        credentials = Credentials.from_secrets(dict(request.secrets)) if repository else None
-        snap = self.engine.create_snapshot(name, request.source_volume_id, repository, credentials)
+        source = request.source_volume_id
+        # the source volume is owned while the snapshot is taken, not while it uploads
+        with self.locks.try_hold(*([source] if source else [])) as owned:
+            if not owned:
+                raise Aborted(f"an operation on {source} is already in progress")
+            name = v.name(request.name)
+            v.required(source, "source_volume_id")
+            repository = v.snapshot_parameters(dict(request.parameters))
+            if not v.VOLUME_ID_RE.match(source):
+                raise NotFound(f"volume {source[:80]!r} does not exist")
+            credentials = Credentials.from_secrets(dict(request.secrets)) if repository else None
+            snap = self.engine.snapshots.create_snapshot(name, source, repository=repository)
+        snap = self.engine.export_snapshot(snap, credentials)
         return csi.CreateSnapshotResponse(snapshot=snapshot_msg(snap))
 
     @rpc(guard=lambda r: [r.snapshot_id])

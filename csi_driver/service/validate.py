@@ -96,7 +96,10 @@ def known_id(value: str, pattern: re.Pattern[str], what: str) -> bool:
 
 
 def path(value: str, what: str) -> str:
-    """An absolute, normalised host path with no '..' and no symlink at its end."""
+    """An absolute, normalised host path with no '..' and no symlink at its end,
+    its parent resolved: the kernel records a mount at the resolved path, so the
+    driver records and compares that one too (a symlinked parent would otherwise
+    leave a mount no recorded path names)."""
     required(value, what)
     if len(value) > MAX_PATH or "\x00" in value:
         raise InvalidArgument(f"{what} is too long or contains NUL")
@@ -114,7 +117,11 @@ def path(value: str, what: str) -> str:
     norm = os.path.normpath(value)
     if os.path.islink(norm):
         raise InvalidArgument(f"{what} must not be a symlink")
-    return norm
+    parent, name = os.path.split(norm)
+    resolved = os.path.join(os.path.realpath(parent), name)
+    if len(resolved) > MAX_PATH:
+        raise InvalidArgument(f"{what} is too long or contains NUL")
+    return resolved
 
 
 def outside_state(path: str, state_dir: str | os.PathLike, what: str) -> str:

@@ -121,7 +121,7 @@ def test_snapshot_retry_after_a_timeout_gives_the_same_snapshot(node: NodeEnv):
     answer with the one snapshot, not a second."""
     pvc, pv = node.provision("slow-src", 32 * MiB)
     engine = node.driver.engine
-    create, slowed = engine.create_snapshot, threading.Event()
+    create, slowed = engine.export_snapshot, threading.Event()
 
     def slow_create(*args, **kwargs):  # the first CreateSnapshot outlives the sidecar's timeout
         snap = create(*args, **kwargs)
@@ -130,7 +130,7 @@ def test_snapshot_retry_after_a_timeout_gives_the_same_snapshot(node: NodeEnv):
             time.sleep(1.5)
         return snap
 
-    engine.create_snapshot = slow_create
+    engine.export_snapshot = slow_create
     snapper = Snapshotter(node.client, timeout=0.5)
     vs = VolumeSnapshot("slow", source=pvc)
     content = snapper.create(vs, poll_interval=0.2)

@@ -578,6 +578,8 @@ def test_diffs_export_and_import_a_chain(rig: Rig, tmp_path: Path) -> None:
         put(view, "d/x", "x1")
         put(view, "d/y", "y1")
         put(view, "rm-me", "r")
+        put(view, "usr/bin/su", "#!/bin/sh\n", 0o4755)  # setuid, as images hold it
+        (view / "localtime").symlink_to("/usr/share/zoneinfo/UTC")  # absolute, out of the tree
     one, _ = rig.commit(one)
     two = rig.prepare(one)
     with rig.open(two) as view:
@@ -609,6 +611,7 @@ def test_diffs_export_and_import_a_chain(rig: Rig, tmp_path: Path) -> None:
     assert copy is not None
     merged = rig.view(copy)
     assert "rm-me" not in merged and "d" not in merged and merged["e/y"][0] == "file"
+    assert merged["usr/bin/su"][1] == "0o4755" and merged["localtime"] == ("link", "/usr/share/zoneinfo/UTC")
     assert not any(k.startswith("data/deep/") for k in merged)
 
 

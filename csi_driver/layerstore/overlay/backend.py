@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
@@ -208,34 +209,28 @@ class OverlayLoopBackend:
 
     def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> None:
         """The upper alone when it is a complete diff; else (a renamed directory)
-        the naive diff of two read-only views, the chain with and without it."""
+        the naive diff of two read-only views, the chain with and without it.
+        Whatever it holds or mounts is released however it ends."""
         top = chain[0]
-        self.held.acquire(top.id, top.fs_type, readonly=True)
-        try:
+        with ExitStack() as held:
+            self.held.acquire(top.id, top.fs_type, readonly=True)
+            held.callback(self.deactivate, top)
             upper = self.layout.upper(top.id)
             if not ocidiff.needs_naive_diff(upper):
                 ocidiff.export_upper(upper, out)
                 return
+            for layer in chain[1:]:
+                self.held.acquire(layer.id, layer.fs_type, readonly=True)
+                held.callback(self.deactivate, layer)
             below, merged = scratch / "below", scratch / "merged"
             below.mkdir()
             merged.mkdir()
-            for layer in chain[1:]:
-                self.held.acquire(layer.id, layer.fs_type, readonly=True)
-            try:
-                if len(chain) > 1:
-                    self._mount_view(chain[1:], below)
-                self._mount_view(chain, merged)
-                try:
-                    ocidiff.export_naive(below if len(chain) > 1 else None, merged, out)
-                finally:
-                    host.umount(merged)
-                    if len(chain) > 1:
-                        host.umount(below)
-            finally:
-                for layer in chain[1:]:
-                    self.deactivate(layer)
-        finally:
-            self.deactivate(top)
+            if len(chain) > 1:
+                self._mount_view(chain[1:], below)
+                held.callback(host.umount, below)
+            self._mount_view(chain, merged)
+            held.callback(host.umount, merged)
+            ocidiff.export_naive(below if len(chain) > 1 else None, merged, out)
 
     def install(self, build: Path, layer: Layer) -> None:
         os.rename(build, self.layout.layer_dir(layer.id))
