@@ -21,7 +21,6 @@ ratio to the client alone. Usage: python -m bench.registry [--data-mib 1024] [--
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import statistics
@@ -33,6 +32,7 @@ from pathlib import Path
 import oras.provider
 
 from bench.common import reexec_in_private_namespace, running_driver
+from csi_driver.engine.transfers import HashingWriter
 from csi_driver.registry.reference import Repository
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -70,16 +70,10 @@ def main() -> None:
             chain = a.engine.chain(snap.layer)
             views = wa / "views"
             views.mkdir()
-            sha = hashlib.sha256()
             with open(blob, "wb") as f:
-
-                class Hashing:
-                    def write(self, data: bytes) -> int:
-                        sha.update(data)
-                        return f.write(data)
-
-                a.engine.backend.export_diff(chain, views, Hashing())  # type: ignore[arg-type]
-            digest, size = "sha256:" + sha.hexdigest(), blob.stat().st_size
+                out = HashingWriter(f)
+                a.engine.backend.export_diff(chain, views, out)  # type: ignore[arg-type]
+            digest, size = "sha256:" + out.sha.hexdigest(), out.size
             plain = oras.provider.Registry(hostname=reg.host, insecure=True)
             layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": size}
 

@@ -64,6 +64,18 @@ def parse_kv(items: list[str], what: str) -> dict[str, str]:
     return out
 
 
+def add_insecure_registry_option(p: argparse.ArgumentParser) -> None:
+    """``--insecure-registry HOST[:PORT]``, for ``serve`` and the commands that reach registries."""
+    p.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="reach this registry over plain HTTP, not HTTPS (repeatable; for a registry on a trusted "
+        "network only)",
+    )
+
+
 def client_options() -> argparse.ArgumentParser:
     """The parent parser of every command that talks to the driver's socket."""
     common = argparse.ArgumentParser(add_help=False)

@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from csi_driver import logs
-from csi_driver.cli.args import DEFAULT_ENDPOINT, DEFAULT_STATE_DIR, parse_share, parse_size
+from csi_driver.cli.args import (
+    DEFAULT_ENDPOINT,
+    DEFAULT_STATE_DIR,
+    add_insecure_registry_option,
+    parse_share,
+    parse_size,
+)
 from csi_driver.engine.capacity import CapacityPolicy, Share
 
 DEFAULT_DRIVER_NAME = "overlay.csi.dev"
@@ -75,14 +81,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="format the pool device even when it holds a file system or partition table (destroys it)",
     )
-    s.add_argument(
-        "--insecure-registry",
-        action="append",
-        default=[],
-        metavar="HOST[:PORT]",
-        help="reach this registry over plain HTTP, not HTTPS (repeatable; for a registry on a trusted "
-        "network only)",
-    )
+    add_insecure_registry_option(s)
     s.add_argument(
         "--overprovision-ratio",
         type=float,

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from csi_driver.cli.args import DEFAULT_STATE_DIR, add_command
+from csi_driver.cli.args import DEFAULT_STATE_DIR, add_command, add_insecure_registry_option
 from csi_driver.cli.output import CliError, emit, fmt_bytes
 from csi_driver.registry.client import Credentials
 from csi_driver.registry.reference import BadReference, Reference, Repository
@@ -113,13 +113,7 @@ def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", default=Path(DEFAULT_STATE_DIR), type=Path)
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
-    common.add_argument(
-        "--insecure-registry",
-        action="append",
-        default=[],
-        metavar="HOST[:PORT]",
-        help="reach this registry over plain HTTP (repeatable)",
-    )
+    add_insecure_registry_option(common)
     return common
 
 

@@ -31,7 +31,6 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -73,14 +72,6 @@ MAX_LAYERS = 128  # more than a chain at the default depth cap ever holds
 GZIP_RATIO = 20  # a compressed layer may expand this much (plus 1 GiB), no further
 
 
-@dataclass(frozen=True)
-class Access:
-    """How to reach registries: credentials, and which hosts speak plain HTTP."""
-
-    credentials: Credentials | None = None
-    insecure: frozenset[str] = frozenset()
-
-
 def exported_id(repository: Repository, local_id: str) -> str:
     """An exported snapshot's id is the reference of its artifact: any node can pull it."""
     snapshot_id = str(repository.at(local_id))
@@ -104,8 +95,8 @@ def snapshot_reference(snapshot_id: str) -> Reference | None:
         return None
 
 
-class _Hashing:
-    """A write-only file that hashes what goes through it."""
+class HashingWriter:
+    """A write-only file that hashes what goes through it (an export becoming a blob)."""
 
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
@@ -214,7 +205,7 @@ class Transfers:
             views = scratch / "views"
             views.mkdir()
             with open(tar, "wb") as f:
-                out = _Hashing(f)
+                out = HashingWriter(f)
                 self.ctx.backend.export_diff(chain, views, out)  # type: ignore[arg-type]
             digest = "sha256:" + out.sha.hexdigest()
             with self.ctx.store.tx() as tx:

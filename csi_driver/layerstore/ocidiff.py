@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import stat
 import tarfile
 from dataclasses import dataclass
@@ -707,12 +708,11 @@ def _inside(tree: Path, rel: str) -> Path:
 
 
 def _remove_path(path: Path) -> None:
+    """A file, a symlink (not what it points to) or a whole directory."""
     if path.is_dir() and not path.is_symlink():
-        for child in path.iterdir():
-            _remove_path(child)
-        path.rmdir()
-    elif path.is_symlink() or path.exists():
-        path.unlink()
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def apply_to_tree(tar: BinaryIO, tree: Path) -> DiffStats:

@@ -40,12 +40,12 @@ def _mib(n: int) -> str:
 class Meter:
     """Counts one blob's bytes as they move; logs progress and a summary."""
 
-    def __init__(self, direction: str, digest: str, total: int, where: str, *, start_at: int = 0) -> None:
+    def __init__(self, direction: str, digest: str, total: int, where: str) -> None:
         self.direction = direction  # "push" or "pull"
         self.digest = digest
         self.total = total
         self.where = ("to " if direction == "push" else "from ") + where
-        self.done = start_at
+        self.done = 0
         self._start = time.monotonic()
         self._last = self._start
 
