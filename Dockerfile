@@ -51,10 +51,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
 
+# The kubernetes client's asyncio half (kubernetes/aio, about half its size) is
+# never imported: the driver uses the synchronous client only.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels "overlay-csi[metrics]" \
+    && rm -rf "$(python -c 'import kubernetes, os; print(os.path.dirname(kubernetes.__file__))')/aio" \
     && python -m pip uninstall --yes --quiet pip setuptools \
-    && overlay-csi --help >/dev/null
+    && overlay-csi --help >/dev/null \
+    && python -c 'import csi_driver.kube.api, kubernetes.client'
 
 # The node plugin needs root (mounts, loop devices); the chart runs it
 # privileged. The controller-expand companion runs unprivileged.

@@ -18,10 +18,16 @@ from csi_driver import __version__, pool
 from csi_driver.engine.capacity import CapacityPolicy
 from csi_driver.engine.engine import Engine, EngineConfig
 from csi_driver.engine.reconcile import reconcile
+from csi_driver.engine.transfers import snapshot_reference
+from csi_driver.errors import Aborted
+from csi_driver.kube.api import KubeApi, connect
+from csi_driver.kube.contents import ContentAdopter
+from csi_driver.kube.modify_relay import ModifyRelay, ModifyWatcher
+from csi_driver.kube.periodic import Periodic
 from csi_driver.proto import csi_pb2_grpc
+from csi_driver.service.central import CentralControllerServicer
 from csi_driver.service.context import DriverContext
 from csi_driver.service.controller import ControllerServicer
-from csi_driver.service.expand_only import ExpandOnlyControllerServicer
 from csi_driver.service.group import GroupControllerServicer
 from csi_driver.service.identity import IdentityServicer
 from csi_driver.service.node import NodeServicer
@@ -59,6 +65,9 @@ class ServeOptions:
     pool_device_wipe: bool = False  # format it even when it holds another file system
     capacity: CapacityPolicy = field(default_factory=CapacityPolicy)  # what the node may promise
     insecure_registries: frozenset[str] = frozenset()  # registry hosts reached over plain HTTP
+    kubernetes: str = "auto"  # the in-cluster API when there is one ("off": never)
+    kube_api: KubeApi | None = None  # given instead of connecting (tests)
+    registry_snapshotter_node: str = ""  # label pre-provisioned exported contents for this name
 
 
 def socket_path(endpoint: str) -> Path:
@@ -131,9 +140,22 @@ class Server:
             ],
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(self.ctx), self.grpc)
+        self.kube = opts.kube_api or connect(opts.kubernetes)
+        self.background: list[Periodic] = []
         if opts.mode == "controller-expand":
-            csi_pb2_grpc.add_ControllerServicer_to_server(ExpandOnlyControllerServicer(self.ctx), self.grpc)
+            relay = ModifyRelay(self.kube, opts.driver_name) if self.kube else None
+            central = CentralControllerServicer(self.ctx, relay)
+            csi_pb2_grpc.add_ControllerServicer_to_server(central, self.grpc)
+            if self.kube and opts.registry_snapshotter_node:
+                self.background.append(ContentAdopter(
+                    self.kube, opts.driver_name, opts.registry_snapshotter_node,
+                    lambda handle: snapshot_reference(handle) is not None,
+                ))
         else:
+            if self.kube:
+                self.background.append(
+                    ModifyWatcher(self.kube, opts.driver_name, opts.node_id, self._apply_modification)
+                )
             csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(self.ctx), self.grpc)
             csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(self.ctx), self.grpc)
             csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerServicer(self.ctx), self.grpc)
@@ -154,6 +176,8 @@ class Server:
             log.info("serving metrics on http://%s:%d/metrics", *addr)
         self.grpc.start()
         self._watch.start()
+        for worker in self.background:
+            worker.start()
         os.chmod(self.socket, 0o660)
         log.info(
             "serving %s %s as node %s on %s",
@@ -170,6 +194,8 @@ class Server:
         self._stopped.set()
         self.ctx.ready = False
         self.grpc.stop(self.opts.drain_seconds if grace is None else grace).wait()
+        for worker in self.background:
+            worker.stop()
         if self._watch.is_alive():  # not in the middle of a checkpoint when the engine closes
             self._watch.join()
         if self.metrics:
@@ -178,6 +204,14 @@ class Server:
         self.socket.unlink(missing_ok=True)
         os.close(self._lock_fd)
         log.info("stopped")
+
+    def _apply_modification(self, volume_id: str, parameters: dict[str, str]) -> None:
+        """A VolumeAttributesClass change relayed from the central resizer: the node's own
+        ControllerModifyVolume, with its guard."""
+        with self.ctx.locks.try_hold(volume_id) as owned:
+            if not owned:
+                raise Aborted(f"an operation on {volume_id} is already in progress")
+            self.engine.modify_volume(volume_id, parameters)
 
     def _watch_storage(self) -> None:
         """Read the free space now and then, so entering and leaving the low-space

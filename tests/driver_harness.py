@@ -106,7 +106,7 @@ def cleanup(root: Path) -> tuple[list[str], list[str]]:
 class Driver:
     """A real server on a temp socket, in this process."""
 
-    def __init__(self, root: Path, **opts) -> None:
+    def __init__(self, root: Path, node_id: str = "node-1", **opts) -> None:
         from csi_driver.client import Client
         from csi_driver.server import ServeOptions, Server
 
@@ -116,7 +116,7 @@ class Driver:
         self.kubelet = root / "kubelet"
         self.kubelet.mkdir(exist_ok=True)
         self.server = Server(ServeOptions(endpoint=f"unix://{self.sock}", state_dir=self.state,
-                                          node_id="node-1", **opts))
+                                          node_id=node_id, **opts))
         self.server.start()
         self.client = Client(self.sock)
         self.client.wait_ready()
@@ -380,28 +380,49 @@ def invariant_problems(
     return problems
 
 
+PAGE_SIZE = 3  # small, so a handful of objects already takes several pages
+
+
+def list_pages(call, request, expected: int, page_size: int = PAGE_SIZE, timeout: float = 60) -> list:
+    """Every entry of a paged List call (``ListVolumes``, ``ListSnapshots``), ``page_size`` a
+    page, for about ``expected`` entries. Bounded: a driver that ignores ``starting_token``,
+    or hands a token back twice, fails here within a few calls instead of paging until the
+    test's timeout; one that pages on past ``expected // page_size + 2`` pages fails too."""
+    what = type(request).__name__.removesuffix("Request")
+    limit = expected // page_size + 2
+    entries: list = []
+    seen: set[str] = set()
+    token = ""
+    for n in range(1, limit + 1):
+        req = type(request)()
+        req.CopyFrom(request)
+        req.max_entries, req.starting_token = page_size, token
+        page = call(req, timeout=timeout)
+        entries += page.entries
+        token = page.next_token
+        if not token:
+            return entries
+        assert token not in seen, (
+            f"{what} handed back next_token {token!r} a second time (page {n}, {len(entries)} entries "
+            f"so far, {expected} expected): it ignores starting_token, the paging would never end"
+        )
+        seen.add(token)
+    raise AssertionError(
+        f"{what} still gave a next_token ({token!r}) after {limit} pages of {page_size} "
+        f"({len(entries)} entries, {expected} expected): the paging does not end"
+    )
+
+
 def _answers_problems(client, volumes: dict, snapshots: dict) -> list[str]:
     from csi_driver.proto import csi_pb2 as csi
 
     problems: list[str] = []
-    listed: dict[str, int] = {}
-    token = ""
-    while True:
-        page = client.controller.ListVolumes(csi.ListVolumesRequest(max_entries=3, starting_token=token))
-        listed.update({e.volume.volume_id: e.volume.capacity_bytes for e in page.entries})
-        token = page.next_token
-        if not token:
-            break
+    pages = list_pages(client.controller.ListVolumes, csi.ListVolumesRequest(), len(volumes))
+    listed = {e.volume.volume_id: e.volume.capacity_bytes for e in pages}
     if listed != {v["id"]: v["capacity_bytes"] for v in volumes.values()}:
         problems.append(f"ListVolumes {sorted(listed)} != store {sorted(volumes)}")
-    snaps: set[str] = set()
-    token = ""
-    while True:
-        page = client.controller.ListSnapshots(csi.ListSnapshotsRequest(max_entries=3, starting_token=token))
-        snaps |= {e.snapshot.snapshot_id for e in page.entries}
-        token = page.next_token
-        if not token:
-            break
+    pages = list_pages(client.controller.ListSnapshots, csi.ListSnapshotsRequest(), len(snapshots))
+    snaps = {e.snapshot.snapshot_id for e in pages}
     if snaps != set(snapshots):
         problems.append(f"ListSnapshots {sorted(snaps)} != store {sorted(snapshots)}")
     for vid in volumes:

@@ -246,7 +246,8 @@ def test_layer_commands_refuse_a_wrong_state_dir(capsys: pytest.CaptureFixture[s
 
 
 def test_info_on_a_controller_expand_instance(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    """The central resizer's instance serves no node service: info says so, no error."""
+    """The central instance serves no node service: info says so, no error. Outside a pod it
+    has no Kubernetes API, so no MODIFY_VOLUME either."""
     from driver_harness import MOUNT_SKIP, cleanup
 
     if MOUNT_SKIP:
@@ -256,7 +257,7 @@ def test_info_on_a_controller_expand_instance(tmp_path: Path, capsys: pytest.Cap
         rc = main(["info", "--endpoint", f"unix://{d.sock}"])
         out, err = capsys.readouterr()
         assert rc == 0, err
-        assert re.search(r"^controller\s+EXPAND_VOLUME$", out, re.M)
+        assert re.search(r"^controller\s+EXPAND_VOLUME, CREATE_DELETE_SNAPSHOT, LIST_SNAPSHOTS$", out, re.M)
         assert re.search(r"^node service\s+\(not served\)$", out, re.M)
         assert "capacity" not in out
         rc = main(["info", "--endpoint", f"unix://{d.sock}", "--json"])

@@ -55,7 +55,22 @@ def add_parser(sub: Any) -> None:
         "--mode",
         default="all",
         choices=["all", "node", "controller-expand"],
-        help="controller-expand: serve only ControllerExpandVolume for a central resizer",
+        help="controller-expand: the central controller for cluster-wide sidecars (the resizer's "
+        "expansion and VolumeAttributesClass changes, the registry snapshotter's exported snapshots)",
+    )
+    s.add_argument(
+        "--kubernetes",
+        default="auto",
+        choices=["auto", "off"],
+        help="auto: use the in-cluster Kubernetes API when running in a pod (VolumeAttributesClass "
+        "changes reach the volume's node through its PersistentVolume); off: never",
+    )
+    s.add_argument(
+        "--registry-snapshotter-node",
+        default="",
+        metavar="NAME",
+        help="controller-expand mode: label pre-provisioned VolumeSnapshotContents that name an "
+        "exported snapshot managed-by NAME, the NODE_NAME of the csi-snapshotter beside this instance",
     )
     s.add_argument(
         "--kubelet-dir",
@@ -177,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
         pool_device_wipe=args.pool_device_wipe,
         capacity=policy,
         insecure_registries=frozenset(args.insecure_registry),
+        kubernetes=args.kubernetes,
+        registry_snapshotter_node=args.registry_snapshotter_node,
     )
     try:
         server = Server(opts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 
 from csi_driver import host
@@ -104,7 +105,11 @@ class BlockVolumes:
             if pub is not None and self._target_ok(v, pub, target_path, table) and pub.readonly == readonly:
                 return
             raise AlreadyExists(f"{target_path} is already published with other arguments")
-        ctx.check_single_writer(v, target_path, readonly, single_writer)
+
+        def live(p: Publication) -> bool:
+            return self._target_ok(v, p, p.target_path, table)
+
+        ctx.check_single_writer(v, target_path, readonly, single_writer, live=live)
         ctx.check_hides_nothing(target_path)
         if readonly:  # a read-only bind mount does not stop writes to a device node
             earlier = pub.options.get("device") if pub and pub.volume_id == v.id else None
@@ -154,6 +159,34 @@ class BlockVolumes:
         if path and path != v.staging_path and not table.is_mounted(path):
             return f"{path} is not published (node restarted?); publish it again"
         return ""
+
+    def devices(self, v: Volume) -> list[str]:
+        """The loop devices attached for the volume now: its staging one (read-write)
+        and those of its read-only publications."""
+        with self.ctx.store.read() as tx:
+            pubs = tx.publications(v.id)
+        found = [v.stage_options.get("device"), *(p.options.get("device") for p in pubs if p.readonly)]
+        image = self.file(v)
+        return [d for d in dict.fromkeys(found) if d and self.device_ok(v, d, image)]
+
+    def shows_device(self, v: Volume, path: str) -> bool:
+        """Whether ``path`` itself (not followed if a symlink) is a block device node of one
+        of the volume's own loop devices: kubelet asks stats at its bind mount of the publish
+        path (csi_plugin.go NewBlockVolumeMapper, util.MapBlockVolume), not at a path the
+        driver knows."""
+        try:
+            st = os.lstat(path)
+        except (OSError, ValueError):
+            return False
+        if not stat.S_ISBLK(st.st_mode):
+            return False
+        for device in self.devices(v):
+            try:
+                if os.stat(device).st_rdev == st.st_rdev:
+                    return True
+            except OSError:
+                continue
+        return False
 
     def stats(self, v: Volume, condition: str) -> VolumeStats:
         """The device's size, with the volume's condition (``NodePublisher.condition``)."""

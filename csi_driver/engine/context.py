@@ -19,7 +19,7 @@ from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, Out
 from csi_driver.ids import new_id, new_link
 from csi_driver.layerstore.backend import Built, FsUsage, LayerBackend
 from csi_driver.statedir import StateDir
-from csi_driver.store import Layer, Store, Volume
+from csi_driver.store import Layer, Publication, Store, Volume
 
 log = logging.getLogger(__name__)
 
@@ -312,13 +312,25 @@ class EngineContext:
                 f"{path} contains {other}, a path of volume {volume_id}; a mount there would hide it"
             )
 
-    def check_single_writer(self, v: Volume, target_path: str, readonly: bool, single_writer: bool) -> None:
-        """SINGLE_NODE_SINGLE_WRITER: while published read-write, nowhere else."""
+    def check_single_writer(
+        self,
+        v: Volume,
+        target_path: str,
+        readonly: bool,
+        single_writer: bool,
+        *,
+        live: Callable[[Publication], bool],
+    ) -> None:
+        """SINGLE_NODE_SINGLE_WRITER: while published read-write, nowhere else. Only
+        publications whose target still shows the volume (``live``) count: a record whose
+        mount is gone (a reboot, a manual umount) must not lock the volume out forever."""
         with self.store.read() as tx:
             others = [p for p in tx.publications(v.id) if p.target_path != target_path]
+        others = [p for p in others if live(p)]
         if single_writer and others:
             raise FailedPrecondition(
                 f"volume {v.id} is single-writer and already published at {others[0].target_path}"
             )
-        if any(p.options.get("single_writer") and not p.readonly for p in others):
-            raise FailedPrecondition(f"volume {v.id} has a single writer at {others[0].target_path}")
+        writer = next((p for p in others if p.options.get("single_writer") and not p.readonly), None)
+        if writer is not None:
+            raise FailedPrecondition(f"volume {v.id} has a single writer at {writer.target_path}")

@@ -109,7 +109,9 @@ class Engine:
         self.unpublish = self.node.unpublish
         self.set_mount_group = self.node.set_mount_group
         self.release_orphan_target = self.node.release_orphan_target
+        self.release_orphan_staging = self.node.release_orphan_staging
         self.volume_paths = self.node.volume_paths
+        self.block_expand_path_ok = self.node.block_expand_path_ok
         self.stats = self.node.stats
         self.condition = self.node.condition
         self.conditions = self.node.conditions

@@ -23,6 +23,33 @@ from csi_driver.store import Layer, Publication, Volume
 
 log = logging.getLogger(__name__)
 
+SELINUX_ENFORCE = Path("/sys/fs/selinux/enforce")
+SELINUX_CONTEXT = "context="
+# kubelet's own paths for a block volume (csi_block.go): the publish path, its bind
+# mount in the global map path (util.MapBlockVolume), and the staging path
+_BLOCK_PUBLISH = "plugins/kubernetes.io/csi/volumeDevices/publish/{pv}/"
+_BLOCK_MAP = "plugins/kubernetes.io/csi/volumeDevices/{pv}/dev/"
+_BLOCK_STAGING = "plugins/kubernetes.io/csi/volumeDevices/staging/"
+
+
+def selinux_enabled() -> bool:
+    return SELINUX_ENFORCE.exists()
+
+
+def without_selinux_context(flags: list[str] | None) -> list[str]:
+    return [f for f in flags or [] if not f.startswith(SELINUX_CONTEXT)]
+
+
+def stage_mount_flags(flags: list[str] | None) -> list[str]:
+    """The flags of the stage mount: kubelet's seLinuxMount ``context="..."`` labels the
+    whole mount, so it applies here only, and only on a host with SELinux enabled."""
+    kept = without_selinux_context(flags)
+    dropped = [f for f in flags or [] if f not in kept]
+    if dropped and not selinux_enabled():
+        log.debug("SELinux is not enabled on this host; ignoring mount flag %s", dropped[0])
+        return kept
+    return [*kept, *dropped]
+
 
 class NodePublisher:
     def __init__(self, ctx: EngineContext, mounter: Mounter, block: BlockVolumes, modifier: Modifier) -> None:
@@ -100,10 +127,9 @@ class NodePublisher:
         if v.id not in ctx.staged:
             self.hold(v, chain)
         try:
+            flags = stage_mount_flags(mount_flags)
             for m in ctx.backend.mounts(chain):
-                self.mounter.mount(
-                    Mount(m.type, m.source, (*m.options, *(mount_flags or [])), m.cwd), staging_path
-                )
+                self.mounter.mount(Mount(m.type, m.source, (*m.options, *flags), m.cwd), staging_path)
             self.modifier.apply(v)
         except Exception:
             self.mounter.umount(staging_path)
@@ -131,6 +157,12 @@ class NodePublisher:
                 tx.update_volume(volume_id, staging_path=None, stage_options={})
         ctx.step("unstage.done")
 
+    def release_orphan_staging(self, staging_path: str) -> bool:
+        """Unstage of a volume that no longer exists (deleted while the node was down,
+        kubelet then reconstructs and unstages it): done if nothing is mounted at the
+        staging path, which is left as it is (kubelet removes its own dir)."""
+        return not self.mounter.table().is_mounted(staging_path)
+
     # ---- publish / unpublish ------------------------------------------------
     def publish(
         self,
@@ -148,6 +180,8 @@ class NodePublisher:
             return self.block.publish(v, staging_path, target_path, readonly, single_writer, table)
         if v.staging_path != staging_path or not self.shows(table, staging_path, v):
             raise FailedPrecondition(f"volume {volume_id} is not staged at {staging_path}")
+        # a bind shares the staging mount's SELinux context; a remount cannot change it
+        mount_flags = without_selinux_context(mount_flags)
         want = (["ro"] if readonly else []) + list(mount_flags or [])
         entry = table.at(target_path)
         if entry is not None:
@@ -164,7 +198,9 @@ class NodePublisher:
                     self.mounter.remount_bind(target_path, ["ro" if readonly else "rw", *(mount_flags or [])])
                 return
             raise AlreadyExists(f"{target_path} is already published with other arguments")
-        ctx.check_single_writer(v, target_path, readonly, single_writer)
+        ctx.check_single_writer(
+            v, target_path, readonly, single_writer, live=lambda p: self.shows(table, p.target_path, v)
+        )
         ctx.check_hides_nothing(target_path)
         with ctx.store.tx() as tx:
             tx.add_publication(
@@ -244,10 +280,32 @@ class NodePublisher:
             paths.add(v.staging_path)
         return paths
 
+    def block_expand_path_ok(self, v: Volume, volume_path: str, staging_path: str) -> bool:
+        """NodeExpandVolume of a staged block volume: kubelet's GenerateExpandInUseVolumeFunc
+        sends the device path recorded when the first pod mapped it (that pod may be gone)
+        and the staging path. Accept the staging path the volume is staged at, or a path
+        shaped like kubelet's publish or map path for the same PV beside that staging
+        path. The path is never opened nor mounted: block growth works on the image."""
+        if v.access_type != BLOCK or not v.staging_path or not self.block.is_staged(v):
+            return False
+        if staging_path and os.path.normpath(staging_path) == v.staging_path:
+            return True
+        root, sep, pv = v.staging_path.rpartition("/" + _BLOCK_STAGING)
+        if not sep or not pv or "/" in pv:
+            return False
+        path = os.path.normpath(volume_path)
+        for shape in (_BLOCK_PUBLISH, _BLOCK_MAP):
+            prefix = f"{root}/{shape.format(pv=pv)}"
+            rest = path[len(prefix) :] if path.startswith(prefix) else ""
+            if rest and "/" not in rest:
+                return True
+        return False
+
     def stats(self, volume_id: str, path: str) -> VolumeStats:
         ctx = self.ctx
         v = ctx.get_volume(volume_id)
-        if os.path.normpath(path) not in self.volume_paths(v):
+        known = os.path.normpath(path) in self.volume_paths(v)
+        if not known and not (v.access_type == BLOCK and self.block.shows_device(v, path)):
             raise NotFound(f"{path} is not a path of volume {volume_id}")
         table = self.mounter.table()
         if v.access_type == BLOCK:

@@ -9,7 +9,7 @@ from csi_driver.engine.capture import Capture
 from csi_driver.engine.context import BLOCK, GROUP_PREFIX, SNAPSHOT_PREFIX, EngineContext
 from csi_driver.engine.transfers import exported_id, snapshot_reference
 from csi_driver.errors import AlreadyExists, InvalidArgument, NotFound
-from csi_driver.ids import new_id
+from csi_driver.ids import issued_id, new_id
 from csi_driver.registry.reference import Repository
 from csi_driver.store import Layer, ReadTx, Snapshot, Tx, Volume
 
@@ -80,7 +80,7 @@ class Snapshots:
         return tx.add_snapshot(
             Snapshot(
                 seq=0,
-                id=snapshot_id or SNAPSHOT_PREFIX + new_id(),
+                id=snapshot_id or issued_id(SNAPSHOT_PREFIX, self.ctx.config.node_id),
                 name=name,
                 source_volume_id=v.id,
                 layer=layer.id,
@@ -98,9 +98,10 @@ class Snapshots:
     ) -> Snapshot:
         """``repository``: the snapshot is for export there, and its id is its
         artifact's reference (``Transfers.push_snapshot`` pushes it)."""
-        snapshot_id = SNAPSHOT_PREFIX + new_id()
-        if repository is not None:
-            snapshot_id = exported_id(repository, snapshot_id)
+        if repository is None:
+            snapshot_id = issued_id(SNAPSHOT_PREFIX, self.ctx.config.node_id)
+        else:  # any node can restore it: its id (and its artifact's tag) names no node
+            snapshot_id = exported_id(repository, SNAPSHOT_PREFIX + new_id())
         with self.ctx.store.tx() as tx:
             existing = tx.snapshot_by_name(name)
             if existing is not None:

@@ -22,6 +22,7 @@ snapshot, and ``ocidiff`` what the tars hold.
 
 from __future__ import annotations
 
+import calendar
 import errno
 import gzip
 import hashlib
@@ -36,6 +37,7 @@ from typing import Any, BinaryIO
 
 from csi_driver.engine.context import BLOCK, SNAPSHOT_PREFIX, EngineContext
 from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from csi_driver.ids import untagged
 from csi_driver.layerstore.ocidiff import DiffError
 from csi_driver.locks import KeyedLocks
 from csi_driver.registry.client import (
@@ -154,7 +156,7 @@ class Transfers:
         own = snapshot_reference(snap.id)
         if repository is None and own is None:
             raise InvalidArgument(f"snapshot {snap.id} names no repository; say where to push it")
-        local_id = own.tag if own is not None else snap.id
+        local_id = own.tag if own is not None else untagged(snap.id)  # an OCI tag holds no '@'
         ref = Reference.parse(exported_id(repository, local_id)) if repository else own
         assert ref is not None
         if snap.access_type == BLOCK:
@@ -293,6 +295,33 @@ class Transfers:
             except NotFound:
                 return
         client.delete_manifest(digest)
+
+    def describe_exported(self, snapshot_id: str, credentials: Credentials | None) -> Snapshot:
+        """What an exported snapshot's manifest says of it, without pulling a layer (the
+        registry snapshotter's ListSnapshots for a pre-provisioned content). NotFound when
+        its registry has no such artifact."""
+        ref = snapshot_reference(snapshot_id)
+        if ref is None:
+            raise NotFound(f"snapshot {snapshot_id[:80]!r} is not an exported snapshot")
+        manifest = self.client(ref.repository, credentials).pull_manifest(ref.version)
+        what = f"snapshot {snapshot_id}"
+        if manifest.media_type != OCI_MANIFEST or manifest.body.get("artifactType") != ARTIFACT_TYPE:
+            raise FailedPrecondition(f"{ref} is not an overlay-csi snapshot")
+        notes = _annotations(manifest.body.get("annotations"), what)
+        return Snapshot(
+            seq=0,
+            id=snapshot_id,
+            name=snapshot_id,
+            source_volume_id=notes["source-volume"],
+            layer="",
+            access_type="mount",
+            fs_type=notes["fs-type"],
+            source_capacity=notes["source-capacity"],
+            size_bytes=notes["size"],
+            group_id="",
+            created_at=_created(manifest.body.get("annotations")),
+            exported=manifest.digest,
+        )
 
     def pull_image(self, ref: Reference, credentials: Credentials | None, *, refresh: bool = False) -> Layer:
         """An OCI image's layers as a base layer named by the reference (as written):
@@ -449,6 +478,15 @@ class Transfers:
             raise BadContent(f"{what}: layer {blob.digest[:19]} is not a valid layer: {e}") from e
         finally:
             download.unlink(missing_ok=True)
+
+
+def _created(raw: Any) -> float:
+    """The manifest's creation time (untrusted): 0 when absent or malformed."""
+    text = raw.get("org.opencontainers.image.created", "") if isinstance(raw, dict) else ""
+    try:
+        return float(calendar.timegm(time.strptime(str(text)[:32], "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        return 0.0
 
 
 def _annotations(raw: Any, what: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from csi_driver.errors import (
     NotFound,
     OutOfRange,
 )
-from csi_driver.ids import new_id
+from csi_driver.ids import issued_id
 from csi_driver.layerstore.backend import Built
 from csi_driver.store import Layer, ReadTx, Tx, Volume
 
@@ -112,7 +112,7 @@ class Volumes:
                 vol = tx.add_volume(
                     Volume(
                         seq=0,
-                        id=VOLUME_PREFIX + new_id(),
+                        id=issued_id(VOLUME_PREFIX, ctx.config.node_id),
                         name=spec.name,
                         capacity_bytes=capacity,
                         upper=upper.id,

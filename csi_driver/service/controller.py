@@ -8,6 +8,7 @@ from csi_driver.engine.engine import VolumeSpec
 from csi_driver.engine.modify import validate_mutable
 from csi_driver.engine.transfers import snapshot_reference
 from csi_driver.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
+from csi_driver.ids import node_of
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.proto import csi_pb2_grpc
 from csi_driver.registry.client import Credentials
@@ -114,12 +115,48 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return self.engine.attachments.attached(volume_id)
 
     # ---------------------------------------------------------------- volumes
+    def _check_source_node(self, request: csi.CreateVolumeRequest) -> None:
+        """A clone or restore whose source another node made and holds: RESOURCE_EXHAUSTED,
+        which external-provisioner's checkError turns into a reschedule (the scheduler ignores
+        a claim's dataSource), where NOT_FOUND would retry on this node for ever. An id no
+        node made stays NOT_FOUND (see CreateVolume)."""
+        if not request.HasField("volume_content_source"):
+            return
+        src = request.volume_content_source
+        kind = src.WhichOneof("type")
+        if kind == "snapshot":
+            source_id, pattern = src.snapshot.snapshot_id, v.SNAPSHOT_ID_RE
+        elif kind == "volume":
+            source_id, pattern = src.volume.volume_id, v.VOLUME_ID_RE
+        else:
+            return
+        owner = node_of(source_id) if pattern.match(source_id) else ""
+        if not owner or owner == self.ctx.node_id or self._holds(kind, source_id):
+            return  # (held here though tagged for another node: the node was renamed)
+        raise ResourceExhausted(
+            f"{kind} {source_id} was made on node {owner} and lives there; this node is "
+            f"{self.ctx.node_id}: a volume from it can only be created on {owner} "
+            "(the claim is scheduled again)"
+        )
+
+    def _holds(self, kind: str, source_id: str) -> bool:
+        if kind == "snapshot":
+            return self.engine.get_snapshot(source_id) is not None
+        try:
+            self.engine.get_volume(source_id)
+        except NotFound:
+            return False
+        return True
+
     @rpc(guard=lambda r: ["name:" + r.name])
     def CreateVolume(self, request, context):
+        self._check_source_node(request)
         name = v.name(request.name)
         caps = v.capabilities(list(request.volume_capabilities))
-        params = v.volume_parameters(dict(request.parameters))
-        kind = "block" if caps[0].access_type == "block" else caps[0].fs_type
+        params = v.volume_parameters(dict(request.parameters), caps)
+        block = caps[0].access_type == "block"
+        fs_type = "" if block else caps[0].fs_type or v.fs_type_parameter(params)
+        kind = "block" if block else fs_type
         mutable = validate_mutable(v.string_map(dict(request.mutable_parameters), "mutable_parameters"), kind)
         if request.HasField("accessibility_requirements"):
             self._check_topology(request.accessibility_requirements)
@@ -137,34 +174,31 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                     raise NotFound(f"volume {source_id[:80]!r} does not exist")
             else:
                 raise InvalidArgument("volume_content_source needs a snapshot or a volume")
+        spec = VolumeSpec(
+            name=name,
+            required_bytes=request.capacity_range.required_bytes,
+            limit_bytes=request.capacity_range.limit_bytes,
+            access_type=caps[0].access_type,
+            fs_type=fs_type,
+            parameters=params,
+            source_kind=source_kind,
+            source_id=source_id,
+            base_layer=params.get("baseLayer", ""),
+            mutable=mutable,
+        )
         if source_kind == "volume":
             with self.locks.try_hold(source_id) as owned:
                 if not owned:
                     raise Aborted(f"an operation on {source_id} is already in progress")
-                vol = self._create(name, request, caps, params, mutable, source_kind, source_id)
+                vol = self._create(spec, request)
         else:
-            vol = self._create(name, request, caps, params, mutable, source_kind, source_id)
+            vol = self._create(spec, request)
         return csi.CreateVolumeResponse(volume=self._volume_msg(vol))
 
-    def _create(self, name, request, caps, params, mutable, source_kind, source_id) -> Volume:
-        base = params.get("baseLayer", "")
-        remote = snapshot_reference(source_id) is not None or looks_like_reference(base)
+    def _create(self, spec: VolumeSpec, request: csi.CreateVolumeRequest) -> Volume:
+        remote = snapshot_reference(spec.source_id) is not None or looks_like_reference(spec.base_layer)
         credentials = Credentials.from_secrets(dict(request.secrets)) if remote else None
-        return self.engine.create_volume(
-            VolumeSpec(
-                name=name,
-                required_bytes=request.capacity_range.required_bytes,
-                limit_bytes=request.capacity_range.limit_bytes,
-                access_type=caps[0].access_type,
-                fs_type=caps[0].fs_type,
-                parameters=params,
-                source_kind=source_kind,
-                source_id=source_id,
-                base_layer=params.get("baseLayer", ""),
-                mutable=mutable,
-            ),
-            credentials,
-        )
+        return self.engine.create_volume(spec, credentials)
 
     @rpc(guard=lambda r: [r.volume_id])
     def DeleteVolume(self, request, context):
@@ -185,7 +219,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         vol = self._existing(request.volume_id)
         try:
             caps = v.capabilities(list(request.volume_capabilities))
-            v.volume_parameters(dict(request.parameters))
+            v.volume_parameters(dict(request.parameters), caps)
         except InvalidArgument as e:
             return csi.ValidateVolumeCapabilitiesResponse(message=str(e))
         if any(c.access_type != vol.access_type for c in caps):
@@ -232,14 +266,16 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     @rpc()
     def GetCapacity(self, request, context):
         caps = [v.capability(cap) for cap in request.volume_capabilities]
-        v.volume_parameters(dict(request.parameters))
+        params = v.volume_parameters(dict(request.parameters), caps)
         if (
             request.HasField("accessible_topology")
             and request.accessible_topology.segments.get(TOPOLOGY_KEY, self.ctx.node_id) != self.ctx.node_id
         ):
             return csi.GetCapacityResponse(available_capacity=0)
         # what the node can still promise, as the capacity of one volume of the kind asked for
-        default = self.engine.config.fs_type
+        # (external-provisioner's capacity controller sends no capabilities, only the
+        # StorageClass's parameters: a legacy fsType there names the kind)
+        default = v.fs_type_parameter(params) or self.engine.config.fs_type
         asked = {c.access_type if c.access_type == "block" else c.fs_type or default for c in caps}
         available = min(self.engine.capacity.largest_volume(t) for t in asked or {default})
         largest = available

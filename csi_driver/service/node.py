@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from csi_driver.engine.context import VolumeSpec
-from csi_driver.errors import InvalidArgument, NotFound
+from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.proto import csi_pb2_grpc
 from csi_driver.service import validate as v
@@ -11,13 +11,16 @@ from csi_driver.service.context import DriverContext
 from csi_driver.service.rpc import rpc
 
 NodeRPC = csi.NodeServiceCapability.RPC
+# No VOLUME_MOUNT_GROUP: with it kubelet hands every fsGroup to the driver whatever the
+# CSIDriver's fsGroupPolicy, and never applies fsGroupChangePolicy (csi_mounter.go SetUpAt).
+# Without it kubelet applies fsGroup itself, per policy, as for any other driver. A
+# volume_mount_group another caller sends is still honoured (set_mount_group).
 NODE_CAPABILITIES = [
     NodeRPC.STAGE_UNSTAGE_VOLUME,
     NodeRPC.GET_VOLUME_STATS,
     NodeRPC.VOLUME_CONDITION,
     NodeRPC.EXPAND_VOLUME,
     NodeRPC.SINGLE_NODE_MULTI_WRITER,
-    NodeRPC.VOLUME_MOUNT_GROUP,
 ]
 
 
@@ -63,7 +66,17 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodeUnstageVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
         staging = self._path(request.staging_target_path, "staging_target_path")
-        vol = self._volume(request.volume_id)
+        try:
+            vol = self._volume(request.volume_id)
+        except NotFound:
+            # Deleted while the node was down (nothing was mounted, so DeleteVolume
+            # succeeded); kubelet reconstructs and unstages it, retrying forever on an
+            # error (csi_attacher.go UnmountDevice): done, if nothing is mounted there.
+            if not self.engine.release_orphan_staging(staging):
+                raise FailedPrecondition(
+                    f"volume {request.volume_id[:80]!r} does not exist, yet {staging} is mounted"
+                ) from None
+            return csi.NodeUnstageVolumeResponse()
         self.engine.unstage(vol.id, staging)
         return csi.NodeUnstageVolumeResponse()
 
@@ -145,12 +158,19 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             usage=usage, volume_condition=csi.VolumeCondition(abnormal=st.abnormal, message=st.message)
         )
 
+    def _expand_path_ok(self, vol, volume_path: str, staging_path: str) -> bool:
+        """A path the volume is staged or published at or, for a staged block volume,
+        kubelet's recorded device path of a pod that may be gone (engine.block_expand_path_ok)."""
+        if volume_path in self.engine.volume_paths(vol):
+            return True
+        return self.engine.block_expand_path_ok(vol, volume_path, staging_path)
+
     @rpc(guard=lambda r: [r.volume_id])
     def NodeExpandVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
         v.required(request.volume_path, "volume_path")
         vol = self._volume(request.volume_id)
-        if request.volume_path not in self.engine.volume_paths(vol):
+        if not self._expand_path_ok(vol, request.volume_path, request.staging_target_path):
             raise NotFound(f"{request.volume_path[:200]} is not a path of volume {vol.id}")
         if request.HasField("volume_capability"):
             v.capability(request.volume_capability)

@@ -8,6 +8,7 @@ import shutil
 from dataclasses import dataclass
 
 from csi_driver.errors import InvalidArgument
+from csi_driver.ids import NODE_PATTERN
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.registry.reference import (
     HOST_PATTERN,
@@ -22,9 +23,13 @@ MAX_NAME = 256
 MAX_PATH = 4096
 MAX_MAP_ENTRIES = 64
 MAX_VALUE = 4096
-VOLUME_ID_RE = re.compile(r"^vol-[0-9a-f]{32}$")
-# a local snapshot's id, or an exported one's: the reference of its artifact (REPOSITORY:snap-...)
-SNAPSHOT_ID_RE = re.compile(rf"^(?:{HOST_PATTERN}/{PATH_PATTERN}:)?snap-[0-9a-f]{{32}}$")
+# ids this driver issued: optionally tagged with the node that made them (csi_driver.ids)
+VOLUME_ID_RE = re.compile(rf"^vol-[0-9a-f]{{32}}(?:@{NODE_PATTERN})?$")
+# a local snapshot's id (node-tagged or not), or an exported one's: the reference of its
+# artifact (REPOSITORY:snap-...), which any node can restore
+SNAPSHOT_ID_RE = re.compile(
+    rf"^(?:snap-[0-9a-f]{{32}}(?:@{NODE_PATTERN})?|{HOST_PATTERN}/{PATH_PATTERN}:snap-[0-9a-f]{{32}})$"
+)
 GROUP_ID_RE = re.compile(r"^group-[0-9a-f]{32}$")
 LAYER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$")
 
@@ -53,6 +58,11 @@ ALLOWED_MOUNT_FLAGS = {
     "sync",
     "dirsync",
 }
+# kubelet's seLinuxMount option (pkg/volume/util/selinux.go AddSELinuxMountOption):
+# context="user:role:type[:level]", double-quoted so the level's commas stay in it.
+SELINUX_CONTEXT_PREFIX = "context="
+MAX_SELINUX_CONTEXT = 256
+_SELINUX_CONTEXT_RE = re.compile(r'^context="[\w.-]+:[\w.-]+:[\w.-]+(?::[\w.,:-]+)?"$', re.ASCII)
 PARAM_PREFIX = "csi.storage.k8s.io/"
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 EPHEMERAL_ATTRIBUTES = {"size", "baseLayer"}
@@ -72,6 +82,7 @@ _QUANTITY_UNITS = {
     "P": 10**15,
 }
 VOLUME_PARAMETERS = {"baseLayer"}
+LEGACY_FS_TYPE = "fstype"  # compared lowercased, as prepareProvision does
 
 
 def required(value: str, what: str) -> str:
@@ -174,11 +185,39 @@ def ephemeral_attributes(context: dict[str, str]) -> dict:
     return {"size": quantity(context["size"], "size") if "size" in context else 0, "baseLayer": base}
 
 
-def volume_parameters(params: dict[str, str]) -> dict[str, str]:
+def fs_type_parameter(params: dict[str, str]) -> str:
+    """The legacy StorageClass key ``fsType`` (any case; '' when absent): external-provisioner
+    (prepareProvision) keeps it in the parameters besides the capability's fs_type, and its
+    capacity controller (syncCapacity) sends it with no capability at all."""
+    values = {v for k, v in params.items() if k.lower() == LEGACY_FS_TYPE}
+    if len(values) > 1:
+        raise InvalidArgument(f"parameters name more than one fsType: {sorted(values)}")
+    fs_type = values.pop() if values else ""
+    if fs_type not in SUPPORTED_FS:
+        raise InvalidArgument(
+            f"parameter fsType {fs_type[:40]!r} is not supported; use one of {sorted(SUPPORTED_FS - {''})}"
+        )
+    return fs_type
+
+
+def volume_parameters(params: dict[str, str], caps: list[Capability] | None = None) -> dict[str, str]:
+    """A StorageClass's parameters; a legacy fsType must agree with each mount capability."""
     params = string_map(params, "parameters")
-    unknown = sorted(k for k in params if k not in VOLUME_PARAMETERS and not k.startswith(PARAM_PREFIX))
+    unknown = sorted(
+        k
+        for k in params
+        if k not in VOLUME_PARAMETERS and k.lower() != LEGACY_FS_TYPE and not k.startswith(PARAM_PREFIX)
+    )
     if unknown:
-        raise InvalidArgument(f"unknown parameters {unknown}; supported: {sorted(VOLUME_PARAMETERS)}")
+        raise InvalidArgument(
+            f"unknown parameters {unknown}; supported: {sorted(VOLUME_PARAMETERS | {'fsType'})}"
+        )
+    fs_type = fs_type_parameter(params)
+    clash = next((c.fs_type for c in caps or [] if fs_type and c.fs_type and c.fs_type != fs_type), "")
+    if clash:  # (a block capability has no fs_type: one StorageClass serves both kinds)
+        raise InvalidArgument(
+            f"parameter fsType {fs_type!r} conflicts with the capability's fs_type {clash!r}"
+        )
     base = params.get("baseLayer", "")
     if base and looks_like_reference(base):
         try:
@@ -219,6 +258,31 @@ class Capability:
     volume_mount_group: str
 
 
+def is_selinux_context(flag: str) -> bool:
+    return flag.startswith(SELINUX_CONTEXT_PREFIX)
+
+
+def mount_flags(flags: tuple[str, ...]) -> tuple[str, ...]:
+    """Generic VFS flags, and at most one well-formed SELinux ``context="..."``: its
+    shape is checked strictly, as it reaches the mount options of the stage mount."""
+    bad = [f for f in flags if f not in ALLOWED_MOUNT_FLAGS and not is_selinux_context(f)]
+    if bad:
+        raise InvalidArgument(
+            f"mount flags {[f[:80] for f in bad[:8]]} are not supported; allowed: "
+            f'{sorted(ALLOWED_MOUNT_FLAGS)} and context="<SELinux label>"'
+        )
+    contexts = [f for f in flags if is_selinux_context(f)]
+    for f in contexts:
+        if len(f) > MAX_SELINUX_CONTEXT or not _SELINUX_CONTEXT_RE.fullmatch(f):
+            raise InvalidArgument(
+                f'mount flag {f[:80]!r} is not context="user:role:type[:level]" '
+                f"(double-quoted, SELinux label characters, at most {MAX_SELINUX_CONTEXT} bytes)"
+            )
+    if len(contexts) > 1:
+        raise InvalidArgument("at most one context= mount flag")
+    return flags
+
+
 def capability(cap: csi.VolumeCapability) -> Capability:
     """Parse one capability, refusing what this driver cannot do."""
     kind = cap.WhichOneof("access_type")
@@ -235,10 +299,7 @@ def capability(cap: csi.VolumeCapability) -> Capability:
         raise InvalidArgument(
             f"fs_type {fs_type!r} is not supported; use one of {sorted(SUPPORTED_FS - {''})}"
         )
-    flags = tuple(cap.mount.mount_flags)
-    bad = [f for f in flags if f not in ALLOWED_MOUNT_FLAGS]
-    if bad:
-        raise InvalidArgument(f"mount flags {bad} are not supported; allowed: {sorted(ALLOWED_MOUNT_FLAGS)}")
+    flags = mount_flags(tuple(cap.mount.mount_flags))
     return Capability(kind, fs_type, flags, mode, cap.mount.volume_mount_group)
 
 

@@ -93,6 +93,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
         },
         "snapshotController": {"install": True},
+        "csiDriver": {"fsGroupPolicy": "None", "seLinuxMount": True},
     },
     "minimal": {
         "rbac": {"create": False},

@@ -517,6 +517,7 @@ def test_csidriver(render, value_set):
     assert spec["podInfoOnMount"] is True
     assert spec["fsGroupPolicy"] == r.values["csiDriver"]["fsGroupPolicy"]
     assert spec["storageCapacity"] is r.values["csiDriver"]["storageCapacity"]
+    assert spec["seLinuxMount"] is r.values["csiDriver"]["seLinuxMount"]
     assert spec["volumeLifecycleModes"] == ["Persistent", "Ephemeral"]
 
 

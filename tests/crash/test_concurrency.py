@@ -354,17 +354,26 @@ def _stub(c: Client, service: str, method: str):
 
 
 # What a request needs besides the id for the call to reach its guard (CreateVolume owns a
-# source volume only once its own name and capabilities are valid).
+# source volume only once its own name and capabilities are valid). NodeExpandVolume gets a
+# complete request, the one kubelet sends (a real path of the staged and published volume,
+# its size, its capability): a request the driver would refuse anyway could pass for a
+# guard. ``where`` holds what the test knows of the volume: volume_path and capacity.
 REQUEST_BASE = {
-    "CreateVolume": lambda: csi.CreateVolumeRequest(
+    "CreateVolume": lambda where: csi.CreateVolumeRequest(
         name="guard-probe", capacity_range=csi.CapacityRange(required_bytes=16 * MiB),
         volume_capabilities=[mount_capability()]),
+    "NodeExpandVolume": lambda where: csi.NodeExpandVolumeRequest(
+        volume_path=str(where["volume_path"]),
+        capacity_range=csi.CapacityRange(required_bytes=where["capacity"]),
+        volume_capability=mount_capability()),
 }
+NODE_EXPAND = ("Node", "NodeExpandVolume", "volume_id")
 
 
-def _request(method: str, path: str, value: str):
+def _request(method: str, path: str, value: str, where: dict | None = None):
     desc = next(m for s in csi.DESCRIPTOR.services_by_name.values() for m in s.methods if m.name == method)
-    top = REQUEST_BASE[method]() if method in REQUEST_BASE else getattr(csi, desc.input_type.name)()
+    base = REQUEST_BASE.get(method)
+    top = base(where or {}) if base else getattr(csi, desc.input_type.name)()
     *parents, field = path.split(".")
     msg = top
     for p in parents:
@@ -394,22 +403,30 @@ def test_every_rpc_that_names_an_object_owns_it(driver: Driver):
     as an in-flight call holds it. A new RPC, or a guard dropped from one, fails here."""
     c = driver.client
     groups = csi_pb2_grpc.GroupControllerStub(c.channel)
-    vol = c.create_volume("owned", 16 * MiB).volume_id
+    created = c.create_volume("owned", 16 * MiB)
+    vol = created.volume_id
     snap = c.create_snapshot("owned-snap", vol).snapshot_id
     group = groups.CreateVolumeGroupSnapshot(
         csi.CreateVolumeGroupSnapshotRequest(name="owned-group", source_volume_ids=[vol])
     ).group_snapshot.group_snapshot_id
+    staging, target = driver.paths("owned")
+    c.stage(vol, staging)
+    c.publish(vol, staging, target)
+    where = {"volume_path": target, "capacity": created.capacity_bytes}
     ids = {"volume": vol, "snapshot": snap, "group": group}
+    assert NODE_EXPAND in OWNING_RPCS, OWNING_RPCS
     before = store_dump(driver.state), disk_dump(driver.state)
     codes = {}
     for service, method, path in OWNING_RPCS:
         with driver.server.ctx.locks.try_hold(ids[_kind(path)]) as owned:
             assert owned
-            request = _request(method, path, ids[_kind(path)])
+            request = _request(method, path, ids[_kind(path)], where)
             codes[f"{method} {path}"] = _code(_stub(c, service, method), request)
     assert {k: v for k, v in codes.items() if v != "ABORTED"} == {}, "calls that did not own what they name"
     assert (store_dump(driver.state), disk_dump(driver.state)) == before, "an aborted call changed something"
-    # nobody owns them now: the same calls go ahead
+    # nobody owns them now: the same calls go ahead (the NodeExpandVolume request is complete
+    # and valid, so only the guard could have refused it above)
+    assert _code(_stub(c, *NODE_EXPAND[:2]), _request(*NODE_EXPAND[1:], vol, where)) == "OK"
     assert _code(groups.DeleteVolumeGroupSnapshot,
                  csi.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=group)) == "OK"
     assert _code(c.delete_snapshot, snap) == "OK"
@@ -419,7 +436,8 @@ def test_every_rpc_that_names_an_object_owns_it(driver: Driver):
 
 def test_second_operation_on_a_busy_volume_is_aborted(driver: Driver):
     c = driver.client
-    vol = c.create_volume("busy", 32 * MiB).volume_id
+    created = c.create_volume("busy", 32 * MiB)
+    vol = created.volume_id
     staging, target = driver.paths("busy")
     c.stage(vol, staging)
     c.publish(vol, staging, target)
@@ -431,8 +449,10 @@ def test_second_operation_on_a_busy_volume_is_aborted(driver: Driver):
     other_staging, other_target = driver.paths("other")
     expand = csi.ControllerExpandVolumeRequest(volume_id=vol, capacity_range=csi.CapacityRange(
         required_bytes=64 * MiB))
+    where = {"volume_path": target, "capacity": created.capacity_bytes}  # a complete NodeExpandVolume
+    assert NODE_EXPAND in OWNING_RPCS, OWNING_RPCS
     codes = {  # every RPC that names the busy volume, as the servicers and the proto have them
-        f"{method} {path}": _code(_stub(c, service, method), _request(method, path, vol))
+        f"{method} {path}": _code(_stub(c, service, method), _request(method, path, vol, where))
         for service, method, path in OWNING_RPCS
         if _kind(path) == "volume"
     }
@@ -463,6 +483,8 @@ def test_second_operation_on_a_busy_volume_is_aborted(driver: Driver):
     assert "error" not in out, out
     driver.engine.ctx.crash = lambda step: None
     assert _code(c.create_snapshot, "snap-1", vol) == "OK", "the same call is fine once the first is done"
+    assert _code(_stub(c, *NODE_EXPAND[:2]), _request(*NODE_EXPAND[1:], vol, where)) == "OK", (
+        "the NodeExpandVolume request is complete and valid: only the busy guard may refuse it")
     assert_invariants(driver.state, c, root=driver.root)
     teardown_all(c, driver.state)
 

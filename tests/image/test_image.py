@@ -106,8 +106,10 @@ def test_image_is_lean_and_holds_nothing_of_the_machine(image: imagebuild.BuiltI
                    "var/lib/apt/lists/lock", "var/cache/apt/pkgcache.bin", "opt/venv/bin/pip"):
         assert not (image_root / absent).exists(), f"{absent} should not be in the image"
     assert not list((image_root / "var/cache/apt/archives").glob("*.deb"))
-    # Debian's python3 (~220 MB with the base) plus the tools and wheels: 289 MB when measured
-    assert image.size_bytes < 320e6, f"{image.size_bytes / 1e6:.0f} MB"
+    # Debian's python3 (~220 MB with the base) plus the tools and wheels: 386 MB when measured,
+    # 97 MB of it the official kubernetes client with its dependencies (its asyncio half removed)
+    assert image.size_bytes < 400e6, f"{image.size_bytes / 1e6:.0f} MB"
+    assert not list(image_root.glob("opt/venv/lib/python3*/site-packages/kubernetes/aio"))
 
 
 def test_chart_node_pod_serves_a_pod_volume_through_the_hostpath_socket(image_root: Path, node: Node):

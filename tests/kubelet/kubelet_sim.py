@@ -8,9 +8,10 @@ its source code (read, not copied):
   node_register.go) and kubelet's plugin registration
   (kubernetes/kubernetes pkg/volume/csi/csi_plugin.go RegisterPlugin,
   pkg/volume/csi/nodeinfomanager/nodeinfomanager.go InstallCSIDriver).
-* ``Provisioner``: kubernetes-csi/external-provisioner pkg/controller/controller.go
-  (prepareProvision, Provision, checkError, makeVolumeName,
-  removePrefixedParameters, getSnapshotSource, getPVCSource) and
+* ``Provisioner``: kubernetes-csi/external-provisioner v6.3.0 pkg/controller/controller.go
+  (prepareProvision incl. the legacy fsType key, Provision, checkError, checkNode,
+  makeVolumeName, removePrefixedParameters, getSnapshotSource, getPVCSource), the
+  vendored sig-storage-lib-external-provisioner controller.go (rescheduleProvisioning) and
   pkg/controller/topology.go (GenerateAccessibilityRequirements),
   pkg/capacity/capacity.go (GetCapacity), cmd/csi-provisioner/csi-provisioner.go
   (flags and the provisioner identity).
@@ -19,6 +20,10 @@ its source code (read, not copied):
   (SetUpAt/TearDownAt, removeMountDir, supportsFSGroup, makeVolumeHandle),
   csi_client.go (request shapes, access mode mapping, isFinalError,
   NodeGetVolumeStats), csi_metrics.go, expander.go, csi_block.go,
+  csi_plugin.go (NewBlockVolumeMapper's stats path),
+  pkg/volume/util/util.go (MapBlockVolume, UnmapBlockVolume) with
+  pkg/volume/util/volumepathhandler (MapDevice, UnmapDevice, RemoveMapPath),
+  pkg/volume/util/selinux.go (AddSELinuxMountOption),
   pkg/volume/volume_linux.go (SetVolumeOwnership),
   pkg/volume/util/operationexecutor/operation_generator.go (the order of
   stage, publish and NodeExpandVolume), pkg/kubelet/volumemanager/reconciler/
@@ -31,17 +36,23 @@ its source code (read, not copied):
   (NewResizerFromClient, Resize, GetVolumeCapabilities), pkg/csi/client.go
   (Expand, SupportsNodeResize), pkg/resizer/trivial_resizer.go.
 
+The sidecars that act on API objects (the resizer's modify controller, a
+csi-snapshotter checking pre-provisioned contents) are in ``api_sidecars.py``,
+against the small API server of ``tests/kube_apiserver.py``.
+
 Where a caller would itself fail (not the driver call), the model raises
 ``KubeletError`` / ``CallerError`` with the message the caller logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
+import shutil
 import stat
 import time
 import uuid
@@ -105,6 +116,7 @@ class PVC:
     volume: PV | None = None  # bound PV
     conditions: list[str] = field(default_factory=list)
     status_capacity: int = 0
+    annotations: dict[str, str] = field(default_factory=dict)  # e.g. SELECTED_NODE_KEY
 
 
 @dataclass
@@ -130,6 +142,8 @@ class Pod:
     service_account: str = "default"
     fs_group: int | None = None
     fs_group_change_policy: str = "Always"
+    # the one SELinux label of all its containers (GetMountSELinuxLabel), "" for none
+    se_linux_label: str = ""
 
 
 @dataclass
@@ -142,6 +156,7 @@ class CSIDriverObject:
     fs_group_policy: str = "File"
     volume_lifecycle_modes: tuple[str, ...] = ("Persistent", "Ephemeral")
     requires_republish: bool = False
+    se_linux_mount: bool = False
 
 
 @dataclass
@@ -349,6 +364,9 @@ def remove_prefixed_parameters(params: dict[str, str], known: set[str]) -> dict[
     return out
 
 
+SELECTED_NODE_KEY = "volume.kubernetes.io/selected-node"  # the scheduler's pick (WaitForFirstConsumer)
+
+
 class ProvisioningState:
     FINISHED = "Finished"
     IN_BACKGROUND = "InBackground"
@@ -493,7 +511,7 @@ class Provisioner:
             fs_type = self.default_fstype
         snmw = CtrlRPC.SINGLE_NODE_MULTI_WRITER in self.ctrl_caps
         caps = []
-        for mode in pvc.access_modes:
+        for mode in pvc.access_modes:  # getVolumeCapability: fs_type from either key
             cap = csi.VolumeCapability(access_mode=Mode(mode=to_csi_access_mode(mode, snmw)))
             if pvc.volume_mode == "Block":
                 cap.block.SetInParent()
@@ -512,6 +530,9 @@ class Provisioner:
             requirement = self.accessibility_requirements(pvc, sc, selected_node)
             if requirement is not None:
                 req.accessibility_requirements.CopyFrom(requirement)
+        # only csi.storage.k8s.io/* keys go: a legacy "fsType" (any case) stays in the
+        # parameters besides the capability's fs_type ("not stripped to preserve backwards
+        # compatibility")
         params = remove_prefixed_parameters(sc.parameters, _PROVISIONER_RESERVED)
         if self.extra_create_metadata:
             params[CSI_PREFIX + "pvc/name"] = pvc.name
@@ -572,10 +593,28 @@ class Provisioner:
             except grpc.RpcError as e:
                 self.errors.append(e.code())
                 state = check_error(e, may_reschedule)
+                if state == ProvisioningState.RESCHEDULE:
+                    self.reschedule_provisioning(pvc)
                 if state != ProvisioningState.IN_BACKGROUND or attempt >= max_attempts:
                     raise ProvisioningFailed(state, e) from e
                 time.sleep(self.retry_delay)
         return self._make_pv(pvc, sc, req, vol)
+
+    def reschedule_provisioning(self, pvc: PVC) -> None:
+        """sig-storage-lib-external-provisioner provisionVolumeErrorHandling ->
+        rescheduleProvisioning: ProvisioningReschedule on a claim with a selected node
+        removes that annotation, so the scheduler picks a node again."""
+        pvc.annotations.pop(SELECTED_NODE_KEY, None)
+
+    def sync_claim(self, pvc: PVC, sc: StorageClass) -> PV | None:
+        """One sync of a claim by this node's provisioner (--node-deployment): checkNode
+        provisions only a claim whose selected node is this node; another node's claim is
+        ignored (IgnoredError, NoChange) and so is an unscheduled WaitForFirstConsumer one
+        (becomeOwner for Immediate binding is not modelled). None when nothing was done."""
+        selected = pvc.annotations.get(SELECTED_NODE_KEY, "")
+        if not selected or selected != self.node_name:
+            return None
+        return self.provision(pvc, sc, selected)
 
     def _make_pv(self, pvc: PVC, sc: StorageClass, req: csi.CreateVolumeRequest, vol: csi.Volume) -> PV:
         attrs = {PROVISIONER_ID_KEY: self.identity}
@@ -613,7 +652,9 @@ class Provisioner:
         self.client.controller.DeleteVolume(req, timeout=self.timeout)
 
     def get_capacity(self, sc: StorageClass, segment: dict[str, str] | None) -> csi.GetCapacityResponse:
-        """pkg/capacity/capacity.go: raw StorageClass parameters, no capabilities, one segment."""
+        """pkg/capacity/capacity.go (*Controller).syncCapacity: the raw StorageClass parameters
+        (a legacy fsType and the csi.storage.k8s.io/ keys included), no capabilities ("the
+        capacity is independent of the capabilities"), one topology segment."""
         req = csi.GetCapacityRequest(parameters=sc.parameters)
         if segment is not None:
             req.accessible_topology.segments.update(segment)
@@ -722,7 +763,8 @@ class Snapshotter:
 
 # --------------------------------------------------------------------------- resizer
 class Resizer:
-    """external-resizer: NewResizerFromClient chooses the CSI resizer or the trivial one."""
+    """external-resizer: NewResizerFromClient chooses the CSI resizer (controller
+    EXPAND_VOLUME advertised) or the trivial one (node EXPAND_VOLUME only)."""
 
     def __init__(self, client, timeout: float = 60.0) -> None:
         self.client = client
@@ -770,7 +812,11 @@ class Resizer:
                 volume_capability=self.capability(pv),
             )
             self.calls.append(req)
-            resp = self.client.controller.ControllerExpandVolume(req, timeout=self.timeout)
+            try:
+                resp = self.client.controller.ControllerExpandVolume(req, timeout=self.timeout)
+            except grpc.RpcError as e:
+                self.mark_failed(pvc, e)
+                raise
             size, node_needed = resp.capacity_bytes, resp.node_expansion_required
         pv.capacity = size
         if node_needed:
@@ -778,6 +824,19 @@ class Resizer:
         else:
             pvc.status_capacity = size
         return size, node_needed
+
+    @staticmethod
+    def mark_failed(pvc: PVC, err: grpc.RpcError) -> None:
+        """controller.go callResizeOnPlugin (RecoverVolumeExpansionFailure): a final error that
+        IsInfeasibleError (INVALID_ARGUMENT, OUT_OF_RANGE, NOT_FOUND) marks the claim
+        ControllerResizeInfeasible (slow retry), another final one ControllerResizeFailed; a
+        non-final one changes no status. The PV keeps its size either way."""
+        if not is_final_error(err):
+            return
+        infeasible = code_of(err) in {
+            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND
+        }
+        pvc.conditions.append("ControllerResizeInfeasible" if infeasible else "ControllerResizeFailed")
 
 
 # --------------------------------------------------------------------------- kubelet
@@ -793,34 +852,63 @@ class Metrics:
     message: str | None = None
 
 
-def set_volume_ownership(path: Path, fs_group: int, read_only: bool, policy: str = "Always") -> None:
-    """pkg/volume/volume_linux.go SetVolumeOwnership: walk the volume, lchown every entry to
-    (uid unchanged, fsGroup); skip symlinks for chmod; add rw (ro when read-only) for the
-    group, and setgid + group exec on directories. OnRootMismatch skips the walk when the
-    root already has the group and the permissions."""
-    rw, ro, exe = 0o660, 0o440, 0o110
-    if policy == "OnRootMismatch":
-        st = path.lstat()
-        want = (ro if read_only else rw) | exe | stat.S_ISGID
-        if st.st_gid == fs_group and st.st_mode & want == want:
-            return
-    def change(name: str) -> None:
-        st = os.lstat(name)
-        os.lchown(name, -1, fs_group)
-        if stat.S_ISLNK(st.st_mode):
-            return
-        mask = ro if read_only else rw
-        if stat.S_ISDIR(st.st_mode):
-            mask |= stat.S_ISGID | exe
-        os.chmod(name, stat.S_IMODE(st.st_mode) | mask)
+RW_MASK, RO_MASK, EXEC_MASK = 0o660, 0o440, 0o110  # volume_linux.go rwMask, roMask, execMask
 
-    for root, dirs, files in os.walk(path):
-        change(root)
-        for d in dirs:
-            if os.path.islink(os.path.join(root, d)):
-                change(os.path.join(root, d))
-        for f in files:
-            change(os.path.join(root, f))
+
+def requires_permission_change(root: Path, fs_group: int, read_only: bool) -> bool:
+    """volume_linux.go requiresPermissionChange: the root (os.Stat, symlink followed) is a
+    directory with the group, g+rwx (g+rx read-only) and setgid; anything else: change."""
+    try:
+        st = os.stat(root)
+    except OSError:
+        return True
+    if st.st_gid != fs_group or not stat.S_ISDIR(st.st_mode):
+        return True
+    want = (RO_MASK if read_only else RW_MASK) | EXEC_MASK
+    return st.st_mode & 0o777 & want != want or not st.st_mode & stat.S_ISGID
+
+
+def change_file_permission(name: str, st: os.stat_result, fs_group: int, read_only: bool) -> None:
+    """volume_linux.go changeFilePermission: Lchown(-1, fsGroup), no chmod of a symlink,
+    Chmod(mode | g+rw (g+r read-only), directories also g+x and setgid); errors are only
+    logged by kubelet."""
+    try:
+        os.lchown(name, -1, fs_group)
+    except OSError:
+        pass
+    if stat.S_ISLNK(st.st_mode):
+        return
+    mask = RO_MASK if read_only else RW_MASK
+    if stat.S_ISDIR(st.st_mode):
+        mask |= stat.S_ISGID | EXEC_MASK
+    try:
+        os.chmod(name, stat.S_IMODE(st.st_mode) | mask)
+    except OSError:
+        pass
+
+
+def walk_deep(path: str, st: os.stat_result, fn: Callable[[str, os.stat_result], None]) -> None:
+    """volume_linux.go walkDeep/walk: Lstat every entry, never follow a symlink, children
+    before their directory."""
+    if stat.S_ISDIR(st.st_mode):
+        for name in os.listdir(path):
+            child = os.path.join(path, name)
+            walk_deep(child, os.lstat(child), fn)
+    fn(path, st)
+
+
+def set_volume_ownership(path: Path, fs_group: int | None, read_only: bool, policy: str = "Always") -> None:
+    """volume_linux.go SetVolumeOwnership: nothing without an fsGroup; skipPermissionChange
+    (OnRootMismatch and the root needs no change); else every entry gets the group and
+    the group permissions. The uid never changes."""
+    if fs_group is None:
+        return
+    if policy == "OnRootMismatch" and not requires_permission_change(path, fs_group, read_only):
+        return
+    def change(name: str, st: os.stat_result) -> None:
+        change_file_permission(name, st, fs_group, read_only)
+
+    walk_deep(str(path), os.lstat(path), change)
 
 
 class Kubelet:
@@ -833,9 +921,12 @@ class Kubelet:
         self.node_name = node_name
         self.csidriver = csidriver or CSIDriverObject()
         self.calls: list[tuple[str, object]] = []
-        # DelegateFSGroupToCSIDriver (GA in 1.26, always on since): with it off, as in older
-        # kubelets, kubelet never passes volume_mount_group and applies fsGroup itself
-        self.delegate_fs_group = True
+        # selinux.GetSELinuxSupport of the host: the label is only computed when SELinux
+        # is enabled (a test may pretend it is; the driver checks its own host)
+        self.selinux_host = os.path.exists("/sys/fs/selinux/enforce")
+        self.feature_selinux_mount = False  # SELinuxMount gate: any PV, not only RWOP ones
+        # ASW devicePath of a mapped block device (operation_generator.go GenerateMapVolumeFunc)
+        self.block_device_paths: dict[str, str] = {}
 
     # -------- paths
     @property
@@ -860,6 +951,39 @@ class Kubelet:
 
     def block_publish_path(self, pv: PV, pod: Pod) -> Path:
         return self.plugin_dir / "volumeDevices" / "publish" / pv.name / pod.uid  # getPublishPath
+
+    def block_global_map_path(self, pv: PV) -> Path:
+        return self.plugin_dir / "volumeDevices" / pv.name / "dev"  # csi_block.go GetGlobalMapPath
+
+    def block_map_file(self, pv: PV, pod: Pod) -> Path:
+        """<global map path>/<podUID>: MapBlockVolume's bind mount of the device, and the
+        volume_path of NodeGetVolumeStats (csi_plugin.go NewBlockVolumeMapper)."""
+        return self.block_global_map_path(pv) / pod.uid
+
+    def pod_device_map_path(self, pod_uid: str, pv: PV) -> Path:
+        """GetPodDeviceMapPath: pods/<uid>/volumeDevices/kubernetes.io~csi, then <pv name>."""
+        return self.root / "pods" / pod_uid / "volumeDevices" / ESCAPED_PLUGIN_NAME / pv.name
+
+    # -------- fsGroup and SELinux decisions
+    def fs_group_policy(self) -> str:
+        """csi_mounter.go getFSGroupPolicy: an unset policy on the CSIDriver is an error
+        (SetUpAt fails transiently). Without a CSIDriver it would be
+        ReadWriteOnceWithFSType; this model always has one (the chart installs it)."""
+        policy = self.csidriver.fs_group_policy
+        if not policy:
+            raise KubeletError("expected valid fsGroupPolicy, received nil value or empty string")
+        return policy
+
+    def selinux_mount_option(self, pod: Pod, pv: PV | None) -> list[str]:
+        """AddSELinuxMountOption when the label applies: GetMountSELinuxLabel (host SELinux
+        on, a label), SupportsSELinuxContextMount (CSIDriver seLinuxMount: true) and
+        VolumeSupportsSELinuxMount (a PV; only RWOP without the SELinuxMount gate).
+        Go formats it with %q: literal double quotes."""
+        if not (pod.se_linux_label and self.selinux_host and self.csidriver.se_linux_mount):
+            return []
+        if pv is None or not (self.feature_selinux_mount or pv.access_modes == ["ReadWriteOncePod"]):
+            return []
+        return [f'context="{pod.se_linux_label}"']
 
     # -------- capabilities (kubelet asks every time)
     def node_caps(self) -> set[int]:
@@ -904,19 +1028,27 @@ class Kubelet:
             raise KubeletError(f"failed to delete volume path [{vol_dir}]: {e}") from e
 
     # -------- MountDevice / UnmountDevice (csi_attacher.go)
-    def mount_device(self, pv: PV, fs_group: int | None = None) -> Path:
+    def mount_device(self, pv: PV, fs_group: int | None = None,
+                     selinux_option: list[str] | None = None) -> Path:
+        """csi_attacher.go MountDevice: the fsGroup goes to the driver only with
+        VOLUME_MOUNT_GROUP (whatever the fsGroupPolicy); the SELinux context option
+        (``selinux_mount_option``) follows the PV's mountOptions."""
         caps = self.node_caps()
         path = self.device_mount_path(pv)
         path.mkdir(mode=0o750, parents=True, exist_ok=True)  # MkdirAllWithPathCheck(deviceMountPath, 0750)
-        _save_volume_data(path.parent, {"volumeHandle": pv.handle, "driverName": pv.driver})
+        data = {"volumeHandle": pv.handle, "driverName": pv.driver}
+        if selinux_option:
+            data["seLinuxMountContext"] = selinux_option[0][len('context="'):-1]
+        _save_volume_data(path.parent, data)
         if NodeRPC.STAGE_UNSTAGE_VOLUME not in caps:
             return path
-        group = fs_group if self.delegate_fs_group and NodeRPC.VOLUME_MOUNT_GROUP in caps else None
+        group = fs_group if NodeRPC.VOLUME_MOUNT_GROUP in caps else None
+        options = [*pv.mount_options, *(selinux_option or [])]
         req = csi.NodeStageVolumeRequest(
             volume_id=pv.handle,
             publish_context={},  # attachRequired: false, no VolumeAttachment
             staging_target_path=str(path),
-            volume_capability=self._capability(pv.fs_type, pv.mount_options, pv.access_modes[0], group),
+            volume_capability=self._capability(pv.fs_type, options, pv.access_modes[0], group),
             volume_context=pv.volume_attributes,
         )
         try:
@@ -952,8 +1084,11 @@ class Kubelet:
 
     def supports_fs_group(self, fs_type: str, fs_group: int | None, read_only: bool,
                           access_modes: list[str] | None) -> bool:
-        """csi_mounter.go supportsFSGroup."""
-        policy = self.csidriver.fs_group_policy
+        """csi_mounter.go supportsFSGroup: never without an fsGroup, with policy None or
+        read-only; always with File; else (ReadWriteOnceWithFSType) only with an fsType and a
+        PV whose access modes include ReadWriteOnce (hasReadWriteOnce: RWOP does not count),
+        or an inline volume (mounted RWO)."""
+        policy = self.fs_group_policy()
         if fs_group is None or policy == "None" or read_only:
             return False
         if policy == "File":
@@ -970,8 +1105,9 @@ class Kubelet:
         target = self.target_path(pod.uid, pv.name)
         staging = str(self.device_mount_path(pv)) if NodeRPC.STAGE_UNSTAGE_VOLUME in caps else ""
         attrs = dict(pv.volume_attributes)
+        options = [*pv.mount_options, *self.selinux_mount_option(pod, pv)]
         return self._set_up(pod, target, pv.handle, pv.name, "Persistent", attrs, staging,
-                            pv.fs_type, pv.mount_options, pv.access_modes, read_only)
+                            pv.fs_type, options, pv.access_modes, read_only)
 
     def set_up_inline(self, pod: Pod, spec_name: str, attributes: dict[str, str],
                       read_only: bool = False, fs_type: str = "") -> tuple[str, Path]:
@@ -994,7 +1130,9 @@ class Kubelet:
         parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         if self.csidriver.pod_info_on_mount:
             attrs.update(self.pod_info(pod, lifecycle == "Ephemeral"))
-        group_by_driver = self.delegate_fs_group and NodeRPC.VOLUME_MOUNT_GROUP in caps
+        self.fs_group_policy()  # getFSGroupPolicy fails SetUpAt before any call
+        # NodeSupportsVolumeMountGroup: the driver gets the fsGroup, whatever the policy
+        group_by_driver = NodeRPC.VOLUME_MOUNT_GROUP in caps
         _save_volume_data(parent, {
             "specVolID": spec_name,
             "volumeHandle": handle,
@@ -1024,7 +1162,7 @@ class Kubelet:
                 self.remove_mount_dir(target)
             raise
         if not group_by_driver and self.supports_fs_group(fs_type, pod.fs_group, read_only, access_modes):
-            set_volume_ownership(target, pod.fs_group, read_only, pod.fs_group_change_policy)  # type: ignore[arg-type]
+            set_volume_ownership(target, pod.fs_group, read_only, pod.fs_group_change_policy)
         return target
 
     def tear_down(self, pod_uid: str, spec_name: str) -> None:
@@ -1051,6 +1189,47 @@ class Kubelet:
         return path
 
     def map_pod_device(self, pod: Pod, pv: PV, read_only: bool = False) -> Path:
+        """GenerateMapVolumeFunc after SetUpDevice: MapPodDevice (NodePublish), the device
+        path recorded in the ASW (EvalHostSymlinks of the publish path), MapBlockVolume."""
+        publish = self._publish_for_block(pod, pv, read_only)
+        device = os.path.realpath(publish)  # hu.EvalHostSymlinks(devicePath)
+        self.block_device_paths.setdefault(pv.name, device)
+        self.map_block_volume(Path(device), pv, pod)
+        return publish
+
+    def map_block_volume(self, device: Path, pv: PV, pod: Pod) -> None:
+        """util.go MapBlockVolume: MapDevice(bindMount=true) creates <global map path>/<podUID>
+        and bind-mounts the device onto it; MapDevice(bindMount=false) makes the pod's
+        symlink. (The loop device it then attaches as an fd lock is not modelled.)"""
+        global_map = self.block_global_map_path(pv)
+        global_map.mkdir(mode=0o750, parents=True, exist_ok=True)
+        link = self.block_map_file(pv, pod)
+        if not link.exists():
+            link.touch(mode=0o750)
+        if not host.is_mounted(link):
+            host.bind_mount(device, link)
+        pod_map = self.pod_device_map_path(pod.uid, pv)
+        pod_map.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if pod_map.is_symlink():
+            pod_map.unlink()
+        pod_map.symlink_to(device)
+
+    def unmap_block_volume(self, pv: PV, pod_uid: str) -> None:
+        """util.go UnmapBlockVolume: remove the pod's symlink (UnmapDevice) and its map dir
+        (RemoveMapPath; modelled as removing it once empty), then unmount and remove
+        <global map path>/<podUID> (UnmapDevice with bindMount)."""
+        pod_map = self.pod_device_map_path(pod_uid, pv)
+        if pod_map.is_symlink():
+            pod_map.unlink()
+        with contextlib.suppress(OSError):
+            pod_map.parent.rmdir()
+        link = self.block_global_map_path(pv) / pod_uid
+        if host.is_mounted(link):
+            host.umount(link)
+        link.unlink(missing_ok=True)
+
+    def _publish_for_block(self, pod: Pod, pv: PV, read_only: bool) -> Path:
+        """csi_block.go publishVolumeForBlock."""
         publish = self.block_publish_path(pv, pod)
         publish.parent.mkdir(mode=0o750, parents=True, exist_ok=True)  # the driver creates publish itself
         attrs = dict(pv.volume_attributes)
@@ -1063,6 +1242,8 @@ class Kubelet:
         return publish
 
     def unmap_pod_device(self, pod: Pod, pv: PV) -> None:
+        """GenerateUnmapVolumeFunc: UnmapBlockVolume, then UnmapPodDevice (NodeUnpublish)."""
+        self.unmap_block_volume(pv, pod.uid)
         self._call("NodeUnpublishVolume", csi.NodeUnpublishVolumeRequest(
             volume_id=pv.handle, target_path=str(self.block_publish_path(pv, pod))))
 
@@ -1076,10 +1257,26 @@ class Kubelet:
                 for child in path.iterdir():
                     raise KubeletError(f"staging path {path} still holds {child.name}")
             path.rmdir()
+        self.remove_map_path(self.block_global_map_path(pv))
+        self.block_device_paths.pop(pv.name, None)
         publish_dir = self.block_publish_path(pv, Pod("x")).parent
         try:
             publish_dir.rmdir()
         except FileNotFoundError:
+            pass
+
+    def remove_map_path(self, global_map: Path) -> None:
+        """GenerateUnmapDeviceFunc: GetDeviceBindMountRefs refuses while a pod's bind mount
+        remains; then RemoveMapPath(globalMapPath) and (cleanupOrphanDeviceFiles) the
+        volumeDevices/<pv name> dir."""
+        if global_map.is_dir():
+            refs = [c.name for c in global_map.iterdir() if host.is_mounted(c)]
+            if refs:
+                raise KubeletError(f"the device {global_map} is still referenced by pods {refs}")
+            shutil.rmtree(global_map)
+        try:
+            global_map.parent.rmdir()
+        except (FileNotFoundError, OSError):
             pass
 
     # -------- metrics (csi_metrics.go + csi_client.go NodeGetVolumeStats)
@@ -1109,14 +1306,23 @@ class Kubelet:
         caps = self.node_caps()
         if NodeRPC.EXPAND_VOLUME not in caps:
             raise KubeletError(f"NodeExpand is not supported by the CSI driver {pv.driver}")
+        block = pv.volume_mode == "Block"
+        if block:
+            # expander.go: volumePath = DevicePath, the device path the ASW recorded when the
+            # device was first mapped (that pod may be gone); DeviceStagePath = GetStagingPath
+            volume_path = self.block_device_paths[pv.name]
+            staging = str(self.block_staging_path(pv))
+        else:
+            volume_path = str(self.target_path(pod.uid, pv.name))
+            staging = str(self.device_mount_path(pv))
         req = csi.NodeExpandVolumeRequest(
             volume_id=pv.handle,
-            volume_path=str(self.target_path(pod.uid, pv.name)),
+            volume_path=volume_path,
             capacity_range=csi.CapacityRange(required_bytes=pv.capacity),
-            volume_capability=self._capability(pv.fs_type, pv.mount_options, pv.access_modes[0]),
+            volume_capability=self._capability(pv.fs_type, pv.mount_options, pv.access_modes[0], block=block),
         )
         if NodeRPC.STAGE_UNSTAGE_VOLUME in caps:
-            req.staging_target_path = str(self.device_mount_path(pv))
+            req.staging_target_path = staging
         resp = self._call("NodeExpandVolume", req)
         claim = pv.claim
         if claim is not None:
@@ -1231,7 +1437,7 @@ class NodeEnv:
         """MountDevice once per volume (kubelet skips it when the device is already
         mounted), then SetUp for the pod."""
         if not host.is_mounted(self.kubelet.device_mount_path(pv)):
-            self.kubelet.mount_device(pv, pod.fs_group)
+            self.kubelet.mount_device(pv, pod.fs_group, self.kubelet.selinux_mount_option(pod, pv))
         return self.kubelet.set_up(pod, pv, read_only)
 
     def stop_pod(self, pod: Pod, pv: PV, last_user: bool = True) -> None:

@@ -13,7 +13,9 @@ Block: pkg/volume/csi/csi_block.go (SetUpDevice: kubelet creates
 plugins/kubernetes.io/csi/volumeDevices/staging/<pv name> and calls NodeStageVolume with a
 block capability and no mount options; MapPodDevice: kubelet creates only
 volumeDevices/publish/<pv name>, the driver creates the publish path file
-<pv name>/<pod uid>; UnmapPodDevice: NodeUnpublishVolume even if the path is gone;
+<pv name>/<pod uid>; then util.go MapBlockVolume bind-mounts it onto
+volumeDevices/<pv name>/dev/<pod uid> and links the pod's volumeDevices entry to it;
+UnmapPodDevice: NodeUnpublishVolume even if the path is gone, after UnmapBlockVolume;
 TearDownDevice: NodeUnstageVolume, then the staging dir is removed).
 """
 
@@ -84,6 +86,8 @@ def test_block_volume_as_kubelet_maps_it(node: NodeEnv):
     pa = kubelet.map_pod_device(a, pv)
     pb = kubelet.map_pod_device(b, pv)
     assert pa == kubelet.root / "plugins/kubernetes.io/csi/volumeDevices/publish" / pv.name / a.uid
+    assert host.is_mounted(kubelet.root / "plugins/kubernetes.io/csi/volumeDevices" / pv.name / "dev" / a.uid)
+    assert os.readlink(kubelet.root / "pods" / a.uid / "volumeDevices/kubernetes.io~csi" / pv.name) == str(pa)
     fd = os.open(pa, os.O_RDWR)
     try:
         os.pwrite(fd, b"raw-bytes", 4 * MiB)

@@ -21,12 +21,14 @@ import grpc
 import pytest
 from kubelet_sim import (
     DRIVER_NAME,
+    PVC,
     VOL_DATA_FILE,
     CSIDriverObject,
     NodeEnv,
     NodeRPC,
     Pod,
     StorageClass,
+    VolumeSnapshot,
     mount_count,
     run_as,
 )
@@ -151,58 +153,137 @@ def test_read_only_pod_and_read_only_many(node: NodeEnv):
     node.provisioner.delete(rox)
 
 
-@pytest.mark.parametrize(
-    ("policy", "fstype", "delegate", "applied_by"),
-    [
-        ("File", "", True, "driver"),
-        ("ReadWriteOnceWithFSType", "", True, "driver"),  # kubelet delegates whatever the policy
-        ("File", "", False, "kubelet"),
-        ("ReadWriteOnceWithFSType", "ext4", False, "kubelet"),
-        ("ReadWriteOnceWithFSType", "", False, None),  # no fsType: kubelet skips fsGroup
-    ],
-)
-def test_fs_group(node: NodeEnv, policy: str, fstype: str, delegate: bool, applied_by: str | None):
-    """fsGroup: the driver announces VOLUME_MOUNT_GROUP, so kubelet (DelegateFSGroupToCSIDriver)
-    passes volume_mount_group in NodeStage/NodePublish and does nothing itself; the driver makes
-    the volume's root group-owned and setgid. A kubelet without delegation (csi_mounter.go
-    supportsFSGroup) applies SetVolumeOwnership to the target after NodePublish when
-    fsGroupPolicy is File, or ReadWriteOnceWithFSType with an fsType and RWO: a walk that must
-    work on the driver's overlay. A pod process (uid 1000, gid 1000, supplemental group =
-    fsGroup) can then write, and new files get the group; with neither, it cannot."""
-    node.kubelet.csidriver = CSIDriverObject(fs_group_policy=policy)
-    node.kubelet.delegate_fs_group = delegate
-    node.sc = StorageClass(parameters={"csi.storage.k8s.io/fstype": fstype} if fstype else {})
-    pvc, pv = node.provision("grp", 32 * MiB)
-    earlier = Pod("earlier")  # a pod without fsGroup left a file behind
-    (node.start_pod(earlier, pv) / "old").write_text("x")
-    node.stop_pod(earlier, pv, last_user=False)
+def _restored(node: NodeEnv, name: str, **kw) -> tuple:
+    """A claim restored from a snapshot of a volume a pod without fsGroup filled: its
+    files (root:root, 0644, a directory 0755) come from a lower layer of the overlay."""
+    src_pvc, src = node.provision(f"{name}-src", 32 * MiB)
+    writer = Pod("writer")
+    t = node.start_pod(writer, src)
+    (t / "old").write_text("from the snapshot")
+    (t / "dir").mkdir(mode=0o755)
+    (t / "dir" / "nested").write_text("deeper")
+    os.sync()
+    vs = VolumeSnapshot(f"{name}-snap", source=src_pvc)
+    content = node.snapshotter.create(vs)
+    node.stop_pod(writer, src)
+    claim = PVC(name=name, request=src_pvc.request, data_source=("VolumeSnapshot", vs), **kw)
+    pv = node.provisioner.provision(claim, node.sc, "node-1")
+    return pv, src, content
+
+
+def _drop_restored(node: NodeEnv, pv, src, content) -> None:
+    node.provisioner.delete(pv)
+    node.snapshotter.delete(content)
+    node.provisioner.delete(src)
+
+
+def test_fs_group_is_never_delegated_to_the_driver(node: NodeEnv):
+    """The driver does not announce VOLUME_MOUNT_GROUP, so kubelet (csi_attacher.go
+    MountDevice, csi_mounter.go SetUpAt) never sends volume_mount_group and applies fsGroup
+    itself, per fsGroupPolicy and fsGroupChangePolicy, as for other drivers."""
+    assert NodeRPC.VOLUME_MOUNT_GROUP not in node.kubelet.node_caps()
+    pvc, pv = node.provision("nodelegation", 32 * MiB)
     pod = Pod("app", fs_group=2000)
-    target = node.start_pod(pod, pv)
-    assert NodeRPC.VOLUME_MOUNT_GROUP in node.kubelet.node_caps()
-    sent = last(node, "NodePublishVolume").volume_capability.mount.volume_mount_group
-    assert sent == ("2000" if delegate else "")
-    rc, out = run_as(1000, 1000, [2000], target, "echo hi > f && stat -c %g f")
-    root, old = target.stat(), (target / "old").stat()
-    if applied_by is None:
-        assert rc != 0, "without fsGroup the pod's user cannot write the volume's root"
-        assert root.st_gid == 0 and not root.st_mode & stat.S_ISGID
-    else:
-        assert rc == 0, out
-        assert out == "2000", "new files belong to the fsGroup (setgid directory)"
-        assert root.st_gid == 2000 and root.st_mode & stat.S_ISGID
-        # kubelet walks every file; the driver changes only the root, which new files inherit
-        assert old.st_gid == (2000 if applied_by == "kubelet" else 0)
-    # the change is on the volume, not on one mount: the staging path shows the same
-    staged = node.kubelet.device_mount_path(pv).stat()
-    assert (staged.st_gid, staged.st_mode) == (root.st_gid, root.st_mode)
+    node.start_pod(pod, pv)
+    assert last(node, "NodeStageVolume").volume_capability.mount.volume_mount_group == ""
+    assert last(node, "NodePublishVolume").volume_capability.mount.volume_mount_group == ""
     node.stop_pod(pod, pv)
     node.provisioner.delete(pv)
 
 
+def test_fs_group_policy_none_changes_nothing(node: NodeEnv):
+    """fsGroupPolicy None: supportsFSGroup is false, nothing is chowned, not the root nor
+    the files a snapshot restore brought; the pod's non-root user cannot write the root."""
+    node.kubelet.csidriver = CSIDriverObject(fs_group_policy="None")
+    pv, src, content = _restored(node, "none")
+    pod = Pod("app", fs_group=2000)
+    target = node.start_pod(pod, pv)
+    for p in (target, target / "old", target / "dir", target / "dir" / "nested"):
+        assert p.stat().st_gid == 0, p
+    assert not target.stat().st_mode & stat.S_ISGID
+    rc, _ = run_as(1000, 1000, [2000], target, "echo hi > f")
+    assert rc != 0, "without fsGroup the pod's user cannot write the volume's root"
+    node.stop_pod(pod, pv)
+    _drop_restored(node, pv, src, content)
+
+
+def test_fs_group_policy_file_changes_every_file(node: NodeEnv):
+    """fsGroupPolicy File: SetVolumeOwnership walks the pod's target after NodePublish:
+    every entry, those restored from a snapshot included, gets the group and g+rw,
+    directories also g+x and setgid; a pod user in the group can write them all."""
+    node.kubelet.csidriver = CSIDriverObject(fs_group_policy="File")
+    pv, src, content = _restored(node, "file")
+    pod = Pod("app", fs_group=2000)
+    target = node.start_pod(pod, pv)
+    for p in (target, target / "old", target / "dir", target / "dir" / "nested"):
+        st = p.stat()
+        assert st.st_gid == 2000 and st.st_mode & 0o060 == 0o060, p
+        assert st.st_uid == 0, "only the group changes"
+    for d in (target, target / "dir"):
+        assert d.stat().st_mode & (stat.S_ISGID | 0o010)
+    script = "echo more >> old && echo more >> dir/nested && echo hi > dir/new && stat -c %g dir/new"
+    rc, out = run_as(1000, 1000, [2000], target, script)
+    assert rc == 0, out
+    assert out == "2000", "new files belong to the fsGroup (setgid directory)"
+    assert (target / "old").read_text() == "from the snapshotmore\n"
+    # the change is on the volume, not on one mount: the staging path shows the same
+    staged = node.kubelet.device_mount_path(pv) / "old"
+    assert staged.stat().st_gid == 2000
+    node.stop_pod(pod, pv)
+    _drop_restored(node, pv, src, content)
+
+
+@pytest.mark.parametrize(
+    ("fstype", "modes", "applied"),
+    [
+        ("ext4", ["ReadWriteOnce"], True),
+        ("", ["ReadWriteOnce"], False),  # no fsType: "skipping fsGroup, fsType not provided"
+        ("ext4", ["ReadWriteOncePod"], False),  # hasReadWriteOnce: only ReadWriteOnce counts
+    ],
+)
+def test_fs_group_policy_read_write_once_with_fs_type(node: NodeEnv, fstype: str, modes: list[str],
+                                                      applied: bool):
+    """fsGroupPolicy ReadWriteOnceWithFSType: kubelet applies fsGroup only to a PV with an
+    fsType whose access modes include ReadWriteOnce."""
+    node.kubelet.csidriver = CSIDriverObject(fs_group_policy="ReadWriteOnceWithFSType")
+    node.sc = StorageClass(parameters={"csi.storage.k8s.io/fstype": fstype} if fstype else {})
+    pvc, pv = node.provision("rwofs", 32 * MiB, access_modes=modes)
+    assert pv.fs_type == fstype
+    earlier = Pod("earlier")
+    (node.start_pod(earlier, pv) / "old").write_text("x")
+    node.stop_pod(earlier, pv)
+    pod = Pod("app", fs_group=2000)
+    target = node.start_pod(pod, pv)
+    want = 2000 if applied else 0
+    assert (target.stat().st_gid, (target / "old").stat().st_gid) == (want, want)
+    assert bool(target.stat().st_mode & stat.S_ISGID) == applied
+    node.stop_pod(pod, pv)
+    node.provisioner.delete(pv)
+
+
+@pytest.mark.parametrize(("change_policy", "fixed"), [("OnRootMismatch", False), ("Always", True)])
+def test_fs_group_change_policy(node: NodeEnv, change_policy: str, fixed: bool):
+    """fsGroupChangePolicy (volume_linux.go skipPermissionChange / requiresPermissionChange):
+    with OnRootMismatch a root that already has the group, g+rwx and setgid skips the walk,
+    so a file whose group was changed back since stays so; Always walks again and fixes it."""
+    node.kubelet.csidriver = CSIDriverObject(fs_group_policy="File")
+    pvc, pv = node.provision("changepolicy", 32 * MiB)
+    first = Pod("first", fs_group=2000)
+    t1 = node.start_pod(first, pv)
+    (t1 / "f").write_text("x")
+    os.chown(t1 / "f", -1, 0)
+    node.stop_pod(first, pv, last_user=False)
+    second = Pod("second", fs_group=2000, fs_group_change_policy=change_policy)
+    t2 = node.start_pod(second, pv)
+    assert t2.stat().st_gid == 2000
+    assert (t2 / "f").stat().st_gid == (2000 if fixed else 0)
+    node.stop_pod(second, pv)
+    node.provisioner.delete(pv)
+
+
 def test_fs_group_is_not_applied_to_a_read_only_mount(node: NodeEnv):
-    """supportsFSGroup returns false for a read-only mount: kubelet does not walk it. (With
-    VOLUME_MOUNT_GROUP kubelet passes the group even for a read-only publish and leaves it
-    to the driver.) The read-only pod reads; the writer's files keep their group."""
+    """supportsFSGroup returns false for a read-only mount: kubelet does not walk it. The
+    read-only pod reads; the writer's files keep their group."""
     pvc, pv = node.provision("grp-ro", 32 * MiB)
     writer = Pod("w")
     tw = node.start_pod(writer, pv)
@@ -210,7 +291,7 @@ def test_fs_group_is_not_applied_to_a_read_only_mount(node: NodeEnv):
     reader = Pod("r", fs_group=3000)
     tr = node.start_pod(reader, pv, read_only=True)
     assert (tr / "f").read_text() == "x"
-    assert (tr / "f").stat().st_gid == 0
+    assert (tr / "f").stat().st_gid == 0 and tr.stat().st_gid == 0
     node.stop_pod(reader, pv, last_user=False)
     node.stop_pod(writer, pv)
     node.provisioner.delete(pv)

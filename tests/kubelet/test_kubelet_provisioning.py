@@ -12,6 +12,7 @@ charts/overlay-csi/templates/node-daemonset.yaml).
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -68,7 +69,8 @@ def test_wait_for_first_consumer_with_strict_topology(node: NodeEnv):
     assert got.volume.capacity_bytes == vol.capacity_bytes == pv.capacity
     assert [dict(t.segments) for t in got.volume.accessible_topology] == [{TOPOLOGY_KEY: "node-1"}]
     # the PV the provisioner writes
-    assert pv.handle.startswith("vol-")
+    # the handle names the node that made (and holds) the volume: csi_driver.ids
+    assert re.fullmatch(r"vol-[0-9a-f]{32}@node-1", pv.handle), pv.handle
     assert pv.capacity >= pvc.request, "a reply below the request makes the provisioner delete the volume"
     assert pv.node_affinity == [{TOPOLOGY_KEY: "node-1"}]
     assert pv.volume_attributes[PROVISIONER_ID_KEY] == node.provisioner.identity
@@ -117,30 +119,65 @@ def test_immediate_binding_sends_no_topology(node: NodeEnv):
 def test_retry_after_a_timeout_reuses_the_name(node: NodeEnv):
     """Provision: CreateVolume runs under --timeout; DEADLINE_EXCEEDED and ABORTED are
     ProvisioningInBackground (checkError), so the claim is requeued and the identical request
-    (same name pvc-<uid>) is sent again until it succeeds. Exactly one volume may result."""
-    slow = threading.Event()
+    (same name pvc-<uid>) is sent again until it succeeds. The driver refuses (ABORTED) a retry
+    that arrives while the first call still runs, and answers every later one with the volume
+    the first call made: exactly one volume results, of the size asked."""
+    from driver_harness import list_pages, store_dump  # here: only this test reads the driver's store
+
     engine = node.driver.engine
     create = engine.create_volume
+    first: dict = {}  # the first CreateVolume to reach the engine: its volume id, when it ended
+    first_done = threading.Event()
 
-    def slow_create(spec, *rest):  # the first CreateVolume takes longer than --timeout
-        vol = create(spec, *rest)
-        if not slow.is_set():
-            slow.set()
+    def slow_create(spec, *args, **kwargs):  # the first CreateVolume takes longer than --timeout
+        if first:
+            return create(spec, *args, **kwargs)
+        first["start"] = time.monotonic()
+        try:
+            vol = create(spec, *args, **kwargs)
+            first["id"] = vol.id
             time.sleep(1.5)
-        return vol
+            return vol
+        finally:
+            first["end"] = time.monotonic()
+            first_done.set()
 
     engine.create_volume = slow_create
     prov = Provisioner(node.client, node.cluster, timeout=0.5)
     prov.retry_delay = 0.2
+    answers: list[tuple[float, str, str]] = []  # (when, code, volume id) of each driver answer
+    send = prov.create_once
+
+    def create_once(req, timeout=None):
+        try:
+            vol = send(req, timeout)
+        except grpc.RpcError as e:
+            answers.append((time.monotonic(), e.code().name, ""))
+            raise
+        answers.append((time.monotonic(), "OK", vol.volume_id))
+        return vol
+
+    prov.create_once = create_once
+    before = {v["id"] for v in store_dump(node.driver.state)["volumes"]}
     pvc = PVC(name="slow", request=32 * MiB)
     pv = prov.provision(pvc, node.sc, "node-1")
-    assert slow.is_set()
-    assert len(prov.calls) >= 2, "the first call must have timed out"
-    assert prov.errors[0] == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert set(prov.errors) <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
-    assert all(c == prov.calls[0] for c in prov.calls), "every retry is the very same request"
-    vols = volumes_named(node, f"pvc-{pvc.uid}")
-    assert [v.volume_id for v in vols] == [pv.handle]
+    assert first_done.wait(30), "the first CreateVolume never finished in the driver"
+    assert "id" in first, "the first CreateVolume made no volume"
+    codes = [code for _, code, _ in answers]
+    assert codes[0] == "DEADLINE_EXCEEDED", f"the first call must have timed out: {codes}"
+    assert codes[-1] == "OK" and set(codes[1:-1]) <= {"ABORTED"}, f"only the first call may time out: {codes}"
+    busy = [when for when, code, _ in answers[1:] if code == "ABORTED" and when < first["end"]]
+    assert busy, f"no retry was answered ABORTED while the first call ran (to {first['end']}): {answers}"
+    made = first["id"]
+    assert {vid for _, code, vid in answers if code == "OK"} == {made}, f"another volume answered: {answers}"
+    assert pv.handle == made
+    # the driver holds exactly one new volume, the one the first call made, named for the claim
+    listed = list_pages(node.client.controller.ListVolumes, csi.ListVolumesRequest(), len(before) + 1)
+    new = [e.volume for e in listed if e.volume.volume_id not in before]
+    assert [v.volume_id for v in new] == [made], f"new volumes listed: {[v.volume_id for v in new]}"
+    stored = [v for v in store_dump(node.driver.state)["volumes"] if v["id"] not in before]
+    assert [(v["id"], v["name"]) for v in stored] == [(made, f"pvc-{pvc.uid}")], stored
+    assert new[0].capacity_bytes == stored[0]["capacity_bytes"] == pv.capacity == pvc.request
 
 
 def test_restore_and_clone_as_the_provisioner_sends_them(node: NodeEnv):

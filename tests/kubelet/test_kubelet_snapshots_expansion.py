@@ -20,16 +20,26 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from kubelet_sim import PVC, NodeEnv, Pod, Resizer, Snapshotter, StorageClass, VolumeSnapshot
 
+from csi_driver.client import Client
 from csi_driver.proto import csi_pb2 as csi
-from driver_harness import MOUNT_SKIP, Driver, cleanup, online_ext4_growth_missing, store_dump
+from driver_harness import (
+    MOUNT_SKIP,
+    Driver,
+    DriverProcess,
+    cleanup,
+    online_ext4_growth_missing,
+    store_dump,
+)
 
 MiB = 1 << 20
 
@@ -232,3 +242,72 @@ def test_resizer_against_the_node_controller_grows_a_detached_volume(node: NodeE
     assert "NodeExpandVolume" not in [n for n, _ in node.kubelet.calls]
     node.stop_pod(pod, pv)
     node.provisioner.delete(pv)
+
+
+@pytest.fixture
+def limited_expand_controller(tmp_path: Path):
+    """`overlay-csi serve --mode controller-expand --max-volume-size 256Mi`, as the chart runs
+    it with driver.maxVolumeSize set (a real process: the flag must reach that mode)."""
+    if MOUNT_SKIP:
+        pytest.skip(MOUNT_SKIP)
+    root = tmp_path / "limited"
+    root.mkdir()
+    proc = DriverProcess(root, None, "--mode", "controller-expand", "--max-volume-size", "256Mi")
+    proc.start()
+    client = Client(proc.sock)
+    try:
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
+        cleanup(root)
+
+
+def test_the_central_resizer_refuses_a_size_above_the_max_volume_size(
+    node: NodeEnv, limited_expand_controller: Client
+):
+    """NewResizerFromClient takes the CSI resizer (controller EXPAND_VOLUME). A claim grown
+    past --max-volume-size gets OUT_OF_RANGE from ControllerExpandVolume: IsInfeasibleError,
+    so the claim is marked ControllerResizeInfeasible (slow retry) and the PV keeps its size:
+    no node is asked to grow past the limit. A size within it still goes to the node."""
+    pvc, pv = node.provision("capped", 64 * MiB)
+    resizer = Resizer(limited_expand_controller)
+    assert not resizer.trivial
+    with pytest.raises(grpc.RpcError) as e:
+        resizer.resize(pvc, 512 * MiB)
+    assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "exceeds the driver's --max-volume-size 268435456" in e.value.details()
+    assert pvc.conditions == ["ControllerResizeInfeasible"] and pv.capacity == 64 * MiB
+    size, node_needed = resizer.resize(pvc, 256 * MiB)
+    assert (size, node_needed) == (256 * MiB, True) and pv.capacity == 256 * MiB
+    assert pvc.conditions[-1] == "FileSystemResizePending"
+    node.provisioner.delete(pv)
+
+
+def test_the_chart_passes_the_max_volume_size_to_the_central_instance(tmp_path: Path):
+    """charts/overlay-csi: driver.maxVolumeSize reaches the controller-expand instance as
+    --max-volume-size, as it reaches the node plugin; unset, neither gets the flag."""
+    helm = shutil.which("helm")
+    if helm is None:
+        pytest.skip("helm is not installed (bash .ci/install-helm.sh)")
+    chart = Path(__file__).resolve().parents[2] / "charts" / "overlay-csi"
+
+    def args(*sets: str) -> dict[str, list[str]]:
+        out = subprocess.run([helm, "template", "x", str(chart), *sets], check=True, capture_output=True,
+                             text=True, timeout=120).stdout
+        found = {}
+        for doc in yaml.safe_load_all(out):
+            if not doc or doc["kind"] not in ("Deployment", "DaemonSet"):
+                continue
+            name = doc["metadata"]["name"]
+            if name in ("x-overlay-csi-controller", "x-overlay-csi-node"):  # the resizer's, the node's
+                pod = doc["spec"]["template"]["spec"]
+                ours = [c for c in pod["containers"] if c["name"] == "overlay-csi"]
+                found[name] = [str(a) for a in ours[0]["args"]]
+        assert len(found) == 2, sorted(found)
+        return found
+
+    for kind, a in args("--set", "driver.maxVolumeSize=100Gi").items():
+        assert "--max-volume-size=100Gi" in a, (kind, a)
+    for kind, a in args().items():
+        assert not any(x.startswith("--max-volume-size") for x in a), (kind, a)

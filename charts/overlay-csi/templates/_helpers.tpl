@@ -133,3 +133,11 @@ capabilities:
   drop:
     - ALL
 {{- end -}}
+
+{{/*
+The registry snapshotter's name: its csi-snapshotter's NODE_NAME and the
+managed-by label value of the contents it checks (a label value: 63 characters).
+*/}}
+{{- define "overlay-csi.registrySnapshotterName" -}}
+{{- printf "%s-registry" (include "overlay-csi.fullname" . | trunc 54 | trimSuffix "-") -}}
+{{- end }}
