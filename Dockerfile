@@ -55,7 +55,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # never imported: the driver uses the synchronous client only.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels "overlay-csi[metrics]" \
-    && rm -rf "$(python -c 'import kubernetes, os; print(os.path.dirname(kubernetes.__file__))')/aio" \
+    && python -c "__import__('shutil').rmtree(__import__('kubernetes.aio', fromlist=['_']).__path__[0])" \
     && python -m pip uninstall --yes --quiet pip setuptools \
     && overlay-csi --help >/dev/null \
     && python -c 'import csi_driver.kube.api, kubernetes.client'
