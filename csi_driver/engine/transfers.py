@@ -133,7 +133,9 @@ class Transfers:
         self._pulls = KeyedLocks()  # one pull per reference at a time
 
     def client(self, repository: Repository, credentials: Credentials | None) -> RegistryClient:
-        return RegistryClient(repository, credentials, insecure=repository.host in self.insecure)
+        return RegistryClient(
+            repository, credentials, insecure=repository.host in self.insecure, insecure_hosts=self.insecure
+        )
 
     @contextmanager
     def _pinned(self, layer_ids: list[str]) -> Iterator[None]:
