@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import shutil
 import ssl
 import subprocess
@@ -22,8 +23,10 @@ import grpc
 import pytest
 
 from csi_driver.proto import csi_pb2 as csi
+from csi_driver.registry.client import OCI_MANIFEST, RegistryClient
+from csi_driver.registry.reference import Repository
 from driver_harness import Driver, serving
-from registry_harness import REGISTRY_BINARY, LocalRegistry
+from registry_harness import REGISTRY_BINARY, FaultProxy, LocalRegistry
 
 pytestmark = [
     pytest.mark.mounts,
@@ -296,3 +299,72 @@ def test_credentials_go_only_to_the_registry_they_are_for(tmp_path: Path) -> Non
             csi.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id, secrets=bound)
         )
         d.client.delete_volume(vid)
+
+
+def test_a_layer_is_not_given_for_knowing_its_digest(tmp_path: Path) -> None:
+    """Node B holds tenant A's layer (restored from A's repository). A manifest on another
+    registry that names its digest gets it only if that registry serves the blob: a
+    hostile one that cannot (but says it has it) gets NOT_FOUND; an honest copy is
+    downloaded once, checked, and the layer B holds is used (nothing is built twice)."""
+    with ExitStack() as stack:
+        reg = stack.enter_context(LocalRegistry(tmp_path / "registry"))
+        reg2 = stack.enter_context(LocalRegistry(tmp_path / "registry2"))
+        proxy = stack.enter_context(FaultProxy(reg2.url))
+        served: dict[str, bytes] = {}
+
+        def hostile(method: str, path: str, headers: dict[str, str]) -> Answer:
+            if path == "/v2/":
+                return 200, {}, b"{}"
+            if "/manifests/" in path and "manifest" in served:
+                return 200, {"Content-Type": OCI_MANIFEST}, served["manifest"]
+            if "/blobs/" in path and method == "HEAD":
+                return 200, {}, b""  # it claims to have every blob
+            return 404, {"Content-Type": "application/json"}, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}'
+
+        evil = stack.enter_context(Hostile(hostile))
+        insecure = frozenset({reg.host, proxy.host, evil.host})
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+        a = stack.enter_context(serving(tmp_path / "a", insecure_registries=insecure))
+        b = stack.enter_context(serving(tmp_path / "b", insecure_registries=insecure))
+
+        vid = a.client.create_volume("v", 64 * MiB).volume_id
+        with staged(a, vid) as root:
+            (root / "secret").write_text("tenant A only\n")
+        snap = a.client.create_snapshot("s", vid, parameters={"repository": f"{reg.host}/tenant-a/db"})
+        mine = b.client.create_volume("mine", 64 * MiB, snapshot=snap.snapshot_id)
+        held = committed(b)
+        assert len(held) == 1
+
+        # the attacker's registry serves A's manifest (only digests) under its own name
+        source = RegistryClient(Repository(reg.host, "tenant-a/db"), insecure=True)
+        manifest = source.pull_manifest(snap.snapshot_id.rsplit(":", 1)[1])
+        served["manifest"] = json.dumps(manifest.body).encode()
+        layer = manifest.body["layers"][0]
+        code, message = code_of(
+            b.client.create_volume, "stolen", 64 * MiB, snapshot=f"{evil.host}/tenant-b/x:{SNAP}"
+        )
+        assert code == grpc.StatusCode.NOT_FOUND and "download blob" in message, message
+        assert ("GET", f"/v2/tenant-b/x/blobs/{layer['digest']}") in [(m, p) for m, p, _h in evil.requests]
+        assert committed(b) == held and [v.name for v in b.engine.list_volumes(0, 10)] == ["mine"]
+
+        # an honest copy in another registry: B downloads it to prove access, then uses its layer
+        copy = RegistryClient(Repository(reg2.host, "tenant-b/copy"), insecure=True)
+        for blob in (manifest.body["config"], layer):
+            source.pull_blob(blob["digest"], blob["size"], tmp_path / "blob")
+            copy.push_blob(tmp_path / "blob", blob["digest"], blob["size"])
+        copy.push_manifest(manifest.body, SNAP)
+        copied = f"{proxy.host}/tenant-b/copy:{SNAP}"
+        gets = lambda: [
+            r for r in proxy.requests if r[:2] == ("GET", f"/v2/tenant-b/copy/blobs/{layer['digest']}")
+        ]  # noqa: E731
+        first = b.client.create_volume("copy", 64 * MiB, snapshot=copied)
+        assert len(gets()) == 1 and gets()[0][2] == 200, "the registry served the blob to this caller"
+        assert committed(b) == held, "and the layer B holds was used, not built again"
+        with staged(b, first.volume_id) as root:
+            assert (root / "secret").read_text() == "tenant A only\n"
+        second = b.client.create_volume("copy2", 64 * MiB, snapshot=copied)
+        assert len(gets()) == 1, "pulled from that repository once: the manifest is enough after"
+        for volume in (mine, first, second):
+            b.client.delete_volume(volume.volume_id)
+        assert b.engine.layers() == []
