@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 3  # 3: snapshots.exported and layer_blobs (registries); older drivers refuse it
+SCHEMA_VERSION = 4  # 3: snapshots.exported and layer_blobs (registries); 4: layer_blob_sources
+# (the repositories a blob was pulled from or pushed to); older drivers refuse it
 
 # Layers: the graph and what the engine accounts (layers), apart from what the
 # layer backend keeps for itself (layer_storage, one row per layer); the view
@@ -141,6 +142,14 @@ CREATE TABLE IF NOT EXISTS layer_blobs (
     PRIMARY KEY (layer, digest)
 );
 CREATE INDEX IF NOT EXISTS layer_blobs_digest ON layer_blobs(digest);
+CREATE TABLE IF NOT EXISTS layer_blob_sources (
+    layer TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    PRIMARY KEY (digest, repository, layer),
+    FOREIGN KEY (layer, digest) REFERENCES layer_blobs(layer, digest) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS layer_blob_sources_layer ON layer_blob_sources(layer, digest);
 """
 
 
@@ -305,14 +314,30 @@ class ReadTx:
         rows = self.c.execute("SELECT * FROM layer_blobs WHERE layer=? ORDER BY digest", (layer_id,))
         return [Blob(**dict(r)) for r in rows]
 
-    def layer_from_blob(self, digest: str, parent: str | None) -> Layer | None:
-        """The committed layer a blob made over ``parent`` (None: at the bottom)."""
+    def layer_from_blob(self, digest: str, parent: str | None, repository: str | None = None) -> Layer | None:
+        """The committed layer a blob made over ``parent`` (None: at the bottom); with
+        ``repository`` (``host/path``), only one this node pulled from or pushed to it."""
+        if repository is None:
+            sql = "SELECT l.* FROM layer_rows l JOIN layer_blobs b ON b.layer=l.id WHERE b.digest=?"
+            args: tuple[Any, ...] = (digest, parent)
+        else:
+            sql = (
+                "SELECT l.* FROM layer_rows l JOIN layer_blob_sources b ON b.layer=l.id"
+                " WHERE b.digest=? AND b.repository=?"
+            )
+            args = (digest, repository, parent)
         row = self.c.execute(
-            "SELECT l.* FROM layer_rows l JOIN layer_blobs b ON b.layer=l.id"
-            " WHERE b.digest=? AND l.parent IS ? AND NOT l.active ORDER BY l.created_at LIMIT 1",
-            (digest, parent),
+            sql + " AND l.parent IS ? AND NOT l.active ORDER BY l.created_at LIMIT 1", args
         ).fetchone()
         return Layer(**dict(row)) if row else None
+
+    def blob_sources(self, layer_id: str) -> list[tuple[str, str]]:
+        """(digest, repository) of every repository this node got the layer's blobs from or put them in."""
+        rows = self.c.execute(
+            "SELECT digest, repository FROM layer_blob_sources WHERE layer=? ORDER BY digest, repository",
+            (layer_id,),
+        )
+        return [(r[0], r[1]) for r in rows]
 
     # ---- volumes ------------------------------------------------------
     def volume(self, volume_id: str) -> Volume | None:
@@ -459,11 +484,18 @@ class Tx(ReadTx):
                 sets = ", ".join(f"{k}=?" for k in cols)
                 self.c.execute(f"UPDATE {table} SET {sets} WHERE {key}=?", (*cols.values(), layer_id))
 
-    def add_layer_blob(self, blob: Blob) -> None:
+    def add_layer_blob(self, blob: Blob, repository: str = "") -> None:
+        """Record that ``blob`` holds the layer; with ``repository`` (``host/path``), that
+        this node pulled it from there (the registry served it) or pushed it there."""
         self.c.execute(
             "INSERT OR IGNORE INTO layer_blobs (layer,digest,size,media_type) VALUES (?,?,?,?)",
             (blob.layer, blob.digest, blob.size, blob.media_type),
         )
+        if repository:
+            self.c.execute(
+                "INSERT OR IGNORE INTO layer_blob_sources (layer,digest,repository) VALUES (?,?,?)",
+                (blob.layer, blob.digest, repository),
+            )
 
     # ---- volumes ------------------------------------------------------
     def add_volume(self, v: Volume) -> Volume:

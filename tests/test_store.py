@@ -8,11 +8,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from csi_driver.store import Blob, Layer, ReadTx, Store
+from csi_driver.store import SCHEMA_VERSION, Blob, Layer, ReadTx, Store
 
 QUERIES = (
     "layer layer_by_name layers chain volume volume_by_name volumes count_staged count_attached"
@@ -262,7 +263,7 @@ def test_a_schema_1_store_moves_the_backend_fields_to_their_own_table(tmp_path):
 
     store = Store(db)
     try:
-        assert store.schema_version == 3
+        assert store.schema_version == SCHEMA_VERSION
         with store.read() as r:
             chain = r.chain("u")
             columns = {row[1] for row in r.c.execute("PRAGMA table_info(layers)")}
@@ -301,7 +302,7 @@ def test_a_store_from_before_registries_gains_the_exported_column_and_blob_table
     conn.close()
     store = Store(db)
     try:
-        assert store.schema_version == 3, "a driver before registries refuses it instead of misreading it"
+        assert store.schema_version == SCHEMA_VERSION, "an older driver refuses it, not misreads it"
         with store.tx() as tx:
             assert tx.snapshot("snap-1").exported == ""
             tx.set_exported("snap-1", "sha256:" + "a" * 64)
@@ -313,6 +314,40 @@ def test_a_store_from_before_registries_gains_the_exported_column_and_blob_table
             tx.update_layer("b", name=None)
             tx.collect_garbage()
             assert tx.c.execute("SELECT COUNT(*) FROM layer_blobs").fetchone()[0] == 0
+    finally:
+        store.close()
+    Store(db).close()
+
+
+def test_a_schema_3_store_gains_blob_sources_and_trusts_no_old_blob_row(tmp_path):
+    """Schema 4 records the repositories a layer's blob came from or went to. A store of
+    schema 3 knows blobs but not where from: its layers are found by digest, but none as
+    coming from a repository, so a pull makes the registry serve the blob once."""
+    db = tmp_path / "state.db"
+    digest, tar = "sha256:" + "c" * 64, "application/vnd.oci.image.layer.v1.tar"
+    store = Store(db)
+    with store.tx() as tx:
+        tx.add_layer(replace(_layer(), id="b"))
+        tx.add_layer_blob(Blob("b", digest, 10, tar))
+    store.close()
+    conn = sqlite3.connect(db)  # what a driver of schema 3 left: no sources table
+    conn.executescript("DROP TABLE layer_blob_sources; UPDATE meta SET value='3' WHERE key='schema_version';")
+    conn.close()
+
+    store = Store(db)
+    try:
+        assert store.schema_version == SCHEMA_VERSION == 4
+        repo = "reg.io/a/db"
+        with store.tx() as tx:
+            assert tx.layer_from_blob(digest, None).id == "b", "the blob still names its layer"
+            assert tx.layer_from_blob(digest, None, repo) is None, "but no repository served it here"
+            tx.add_layer_blob(Blob("b", digest, 10, tar), repository=repo)
+            assert tx.layer_from_blob(digest, None, repo).id == "b"
+            assert tx.layer_from_blob(digest, None, "reg.io/b/db") is None, "one repository is not another"
+            assert tx.blob_sources("b") == [(digest, repo)]
+            tx.update_layer("b", name=None)
+            assert [x.id for x in tx.collect_garbage()] == ["b"]
+            assert tx.c.execute("SELECT COUNT(*) FROM layer_blob_sources").fetchone()[0] == 0, "gone with it"
     finally:
         store.close()
     Store(db).close()

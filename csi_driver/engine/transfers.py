@@ -8,8 +8,13 @@ the registry about it (HEAD) before exporting anything: a chain shares blobs
 with the snapshots before it, and a second push uploads only new layers.
 
 A pull goes the other way. Each blob is downloaded into a scratch dir and
-checked (size, sha256) before it becomes a layer; a layer this node already
-made from the same blob over the same parent is used again. All new layers and
+checked (size, sha256) before it becomes a layer. A layer this node already
+made from the same blob over the same parent is used again, but knowing a
+digest is not access to its content: the layer is used as it is only when this
+node pulled that blob from the same repository or pushed it there (and the
+registry just served the manifest to the caller); otherwise the caller's
+registry must serve the blob itself, which is downloaded and checked, and only
+then is the layer used (and the repository recorded for next time). All new layers and
 the record that uses them (a snapshot row, or a named base layer) are added in
 one store transaction at the end, so a failed or partial pull leaves nothing
 installed: its scratch dir goes, and a crash leaves only a scratch dir, which
@@ -133,7 +138,9 @@ class Transfers:
         self._pulls = KeyedLocks()  # one pull per reference at a time
 
     def client(self, repository: Repository, credentials: Credentials | None) -> RegistryClient:
-        return RegistryClient(repository, credentials, insecure=repository.host in self.insecure)
+        return RegistryClient(
+            repository, credentials, insecure=repository.host in self.insecure, insecure_hosts=self.insecure
+        )
 
     @contextmanager
     def _pinned(self, layer_ids: list[str]) -> Iterator[None]:
@@ -200,6 +207,7 @@ class Transfers:
         for blob in known:
             if client.has_blob(blob.digest):
                 count_blob("push", "skipped")
+                self._pushed(blob, client)
                 return Descriptor(LAYER_TAR, blob.digest, blob.size)
         need = layer.used_bytes + 16 * MiB  # the tar holds the layer's data and headers
         with self.ctx.capacity.admit(need, f"export of layer {layer.id}"), self.ctx.scratch() as scratch:
@@ -214,7 +222,14 @@ class Transfers:
                 if tx.layer(layer.id) is not None:
                     tx.add_layer_blob(Blob(layer.id, digest, out.size, LAYER_TAR))
             client.push_blob(tar, digest, out.size)
+        self._pushed(Blob(layer.id, digest, out.size, LAYER_TAR), client)
         return Descriptor(LAYER_TAR, digest, out.size)
+
+    def _pushed(self, blob: Blob, client: RegistryClient) -> None:
+        """The repository holds the layer's blob now: pulls from it may use the layer."""
+        with self.ctx.store.tx() as tx:
+            if tx.layer(blob.layer) is not None:
+                tx.add_layer_blob(blob, repository=client.where)
 
     # ---- pull -----------------------------------------------------------------
     def pull_snapshot(self, snapshot_id: str, credentials: Credentials | None) -> Snapshot:
@@ -391,14 +406,19 @@ class Transfers:
             if blob.media_type != LAYER_TAR and blob.media_type not in GZIP_TYPES:
                 raise FailedPrecondition(f"{what}: layer {blob.digest[:19]} is a {blob.media_type[:80]!r}")
         reused: list[str] = []
+        source = client.where  # host/path: the repository the caller's credentials just reached
         try:
             with ctx.scratch() as scratch:
                 plan: list[tuple[Descriptor, Layer, Path | None]] = []  # (blob, layer, build or None)
+                unproven: list[Descriptor] = []  # held here, but not from this repository
                 parent: Layer | None = None
                 need = 0
                 for blob in blobs:  # what this node already has, from the bottom up
+                    below = parent.id if parent else None
                     with ctx.store.read() as tx:
-                        have = tx.layer_from_blob(blob.digest, parent.id if parent else None)
+                        have = tx.layer_from_blob(blob.digest, below, source)
+                        if have is None and (have := tx.layer_from_blob(blob.digest, below)) is not None:
+                            unproven.append(blob)
                         if have is not None:  # pinned before the read ends: no collection in between
                             ctx.store.pin(have.id)
                             reused.append(have.id)
@@ -410,7 +430,10 @@ class Transfers:
                 for blob in missing:
                     ratio = 4 if blob.media_type in GZIP_TYPES else 1
                     need += blob.size * ratio + 16 * MiB
+                need += sum(blob.size for blob in unproven)
                 with ctx.capacity.admit(need, what):
+                    for blob in unproven:  # a digest is no access: the registry serves it, or no layer
+                        self._prove(client, blob, scratch)
                     for i, blob in enumerate(missing):
                         build = scratch / f"layer{i}"
                         build.mkdir()
@@ -430,7 +453,9 @@ class Transfers:
                                     tx.add_layer(layer)
                                     ctx.install(build, layer)
                                     installed.append(layer)
-                                tx.add_layer_blob(Blob(layer.id, blob.digest, blob.size, blob.media_type))
+                                tx.add_layer_blob(
+                                    Blob(layer.id, blob.digest, blob.size, blob.media_type), repository=source
+                                )
                             yield tx, parent
                     except BaseException:
                         ctx.discard(installed)  # moved into place, but their rows were rolled back
@@ -441,6 +466,16 @@ class Transfers:
         finally:
             for layer_id in reused:
                 ctx.store.unpin(layer_id)
+
+    def _prove(self, client: RegistryClient, blob: Descriptor, scratch: Path) -> None:
+        """Download ``blob`` from the caller's registry, checked, and drop it: a layer this
+        node made from it for someone else is used only once that registry has served it."""
+        download = scratch / "proof"
+        try:
+            client.pull_blob(blob.digest, blob.size, download)
+        finally:
+            download.unlink(missing_ok=True)
+        log.info("blob %s served by %s: the layer made of it here is used", blob.digest[:19], client.where)
 
     def _import_blob(
         self,

@@ -14,7 +14,11 @@ what a driver may not do without:
 * reads are retried briefly (``ATTEMPTS``), writes are not; a failure is one of
   the driver's errors, with a status code and a message for the operator;
 * credentials go to the registry only: never to a log, never to ``~/.docker``
-  (``oras`` would read it; this client does not).
+  (``oras`` would read it; this client does not); credentials bound to a registry
+  (the secret's ``registry`` or ``server`` key) go to that host and its token
+  service only, and nothing is sent to a token service on plain HTTP unless the
+  registry itself is reached over HTTP and the service's host is an
+  ``--insecure-registry`` too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import errno
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,7 +45,7 @@ import requests
 
 from csi_driver.errors import DriverError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from csi_driver.registry.progress import CHUNK, Meter, MeteredReader, count_blob
-from csi_driver.registry.reference import DIGEST_RE, Repository
+from csi_driver.registry.reference import DIGEST_RE, HOST_PATTERN, Repository
 
 log = logging.getLogger("csi_driver.registry")
 
@@ -70,20 +75,51 @@ class BadContent(DriverError):
     code = "DATA_LOSS"
 
 
+_HOST_RE = re.compile(rf"^{HOST_PATTERN}$", re.ASCII)
+
+
+def _bound_registry(secrets: Mapping[str, str]) -> str:
+    """The registry host a secret's ``registry`` (or docker config's ``server``) key
+    names, lowercased; '' when it names none. ``https://host[:port]/path`` is read as
+    ``host[:port]``, as in a docker config."""
+    named = set()
+    for key in ("registry", "server"):
+        value = secrets.get(key, "").strip()
+        if not value:
+            continue
+        host = re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*://", "", value).split("/", 1)[0].lower()
+        if not _HOST_RE.match(host):
+            raise FailedPrecondition(
+                f"registry secrets: {key!r} must name a registry host (HOST[:PORT], e.g. "
+                f"registry.example.com:5000), not {value[:80]!r}"
+            )
+        named.add(host)
+    if len(named) > 1:
+        raise FailedPrecondition("registry secrets: 'registry' and 'server' name different hosts")
+    return named.pop() if named else ""
+
+
 @dataclass(frozen=True)
 class Credentials:
     username: str
     password: str = field(repr=False)
+    registry: str = ""  # the registry host they are for: '' for any (over HTTPS, or --insecure-registry)
 
     @classmethod
     def from_secrets(cls, secrets: Mapping[str, str]) -> Credentials | None:
-        """``username`` and ``password`` from a CSI request's secrets (none: anonymous)."""
+        """``username`` and ``password`` from a CSI request's secrets (none: anonymous),
+        bound to the host their ``registry`` (or ``server``) key names."""
         user, password = secrets.get("username", ""), secrets.get("password", "")
+        registry = _bound_registry(secrets)
         if not user and not password:
             return None
         if not user or not password:
             raise FailedPrecondition("registry secrets need both 'username' and 'password'")
-        return cls(user, password)
+        return cls(user, password, registry)
+
+    def for_host(self, host: str) -> bool:
+        """Whether these credentials may go to registry ``host`` (HOST[:PORT])."""
+        return not self.registry or self.registry == host.lower()
 
 
 @dataclass(frozen=True)
@@ -110,15 +146,51 @@ class Manifest:
 class _Oras(oras.provider.Registry):
     """oras' Registry with requests that time out, fail fast and never read ~/.docker."""
 
-    def __init__(self, host: str, insecure: bool, credentials: Credentials | None, scheme: str) -> None:
+    def __init__(
+        self,
+        host: str,
+        insecure: bool,
+        credentials: Credentials | None,
+        scheme: str,
+        http_hosts: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__(hostname=host, insecure=insecure, auth_backend=scheme)
         self.auth.load_configs = lambda *a, **k: None  # type: ignore[method-assign]
+        self._host = host
+        self._http_hosts = http_hosts  # hosts that may be reached over plain HTTP (--insecure-registry)
         self._basic = ""
         if credentials is not None:
             self.auth.set_basic_auth(credentials.username, credentials.password)
             if scheme == "basic":
                 raw = f"{credentials.username}:{credentials.password}".encode()
                 self._basic = "Basic " + base64.b64encode(raw).decode()
+        for name in ("request_token", "request_anonymous_token"):  # the token flow's two ways out
+            ask = getattr(self.auth, name, None)
+            if ask is not None:
+                setattr(self.auth, name, self._guarded(ask))
+
+    def _guarded(self, ask: Any) -> Any:
+        def guarded(h: Any) -> Any:
+            self._check_realm(getattr(h, "realm", None))
+            return ask(h)
+
+        return guarded
+
+    def _check_realm(self, realm: Any) -> None:
+        """A token service the registry's challenge names (untrusted): https, or plain
+        HTTP only from a registry reached over HTTP and on an --insecure-registry host."""
+        parts = urlsplit(realm if isinstance(realm, str) else "")
+        scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
+        if scheme not in ("http", "https") or not netloc:
+            raise BadContent(
+                f"registry {self._host}: its token service {str(realm)[:80]!r} is not an http(s) URL"
+            )
+        if scheme == "http" and not (self.prefix == "http" and netloc in self._http_hosts):
+            raise FailedPrecondition(
+                f"registry {self._host}: its token service http://{netloc[:80]} is plain HTTP: "
+                "nothing is sent there (a token service over HTTP is used only by a registry "
+                "reached over HTTP, and only when its host is an --insecure-registry too)"
+            )
 
     def do_request(  # type: ignore[override]
         self,
@@ -158,12 +230,27 @@ class RegistryClient:
     """Blobs and manifests of one repository."""
 
     def __init__(
-        self, repository: Repository, credentials: Credentials | None = None, *, insecure: bool = False
+        self,
+        repository: Repository,
+        credentials: Credentials | None = None,
+        *,
+        insecure: bool = False,
+        insecure_hosts: frozenset[str] = frozenset(),
     ) -> None:
+        """``insecure``: reach this registry over plain HTTP; ``insecure_hosts``: every
+        --insecure-registry host (a token service on plain HTTP must be one of them).
+        Credentials bound to another registry are not used here: it is asked anonymously."""
         self.repository = repository
         self.where = str(repository)
+        self._withheld = ""
+        if credentials is not None and not credentials.for_host(repository.host):
+            self._withheld = credentials.registry
+            credentials = None
         self._credentials = credentials
         self._insecure = insecure
+        self._http_hosts = frozenset(h.lower() for h in insecure_hosts) | (
+            {repository.host.lower()} if insecure else frozenset()
+        )
         self._reg: _Oras | None = None
         self._container = oras.container.Container(f"{repository.path}:latest", registry=repository.host)
 
@@ -180,14 +267,24 @@ class RegistryClient:
             if basic and self._credentials is None:
                 raise Unauthenticated(
                     f"registry {self.repository.host} asks for a username and password: "
-                    "give them in the request's secrets"
+                    f"give them in the request's secrets{self._hint()}"
                 )
             reg = _Oras(
-                self.repository.host, self._insecure, self._credentials, "basic" if basic else "token"
+                self.repository.host,
+                self._insecure,
+                self._credentials,
+                "basic" if basic else "token",
+                self._http_hosts,
             )
             _timeout_session(reg.session)
             self._reg = reg
         return self._reg
+
+    def _hint(self) -> str:
+        """Why no credentials were sent, when the request's are bound to another registry."""
+        if not self._withheld:
+            return ""
+        return f" (the request's credentials are for registry {self._withheld} only)"
 
     def _url(self, path: str) -> str:
         return f"{'http' if self._insecure else 'https'}://{self.repository.host}{path}"
@@ -205,7 +302,8 @@ class RegistryClient:
                 # oras could not answer the challenge (or the token service refused):
                 # retrying with the same credentials would only lock an account
                 raise Unauthenticated(
-                    f"registry {self.repository.host}: cannot {what}: the credentials were refused"
+                    f"registry {self.repository.host}: cannot {what}: "
+                    f"the credentials were refused{self._hint()}"
                 ) from e
             except (requests.exceptions.RequestException, OSError) as e:
                 problem = f"cannot {what}: {type(e).__name__}: {str(e)[:200]}"
@@ -225,7 +323,9 @@ class RegistryClient:
         r.close()
         where = f"registry {self.repository.host}, repository {self.repository.path}"
         if r.status_code == 401:
-            raise Unauthenticated(f"{where}: cannot {what}: not authenticated (check the credentials)")
+            raise Unauthenticated(
+                f"{where}: cannot {what}: not authenticated (check the credentials){self._hint()}"
+            )
         if r.status_code == 403:
             raise PermissionDenied(f"{where}: cannot {what}: access denied{detail}")
         if r.status_code == 404:

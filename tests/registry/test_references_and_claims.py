@@ -93,6 +93,23 @@ def test_credentials_from_secrets() -> None:
         Credentials.from_secrets({"password": "p"})
 
 
+def test_credentials_bound_to_a_registry() -> None:
+    """``registry`` (or docker config's ``server``) binds credentials to one host."""
+    for secrets in (
+        {"registry": "Reg.IO:5000"},
+        {"server": "https://reg.io:5000/v1/"},
+        {"registry": "reg.io:5000", "server": "reg.io:5000"},
+    ):
+        creds = Credentials.from_secrets({"username": "u", "password": "p", **secrets})
+        assert creds is not None and creds.registry == "reg.io:5000"
+        assert creds.for_host("reg.io:5000") and creds.for_host("REG.io:5000")
+        assert not creds.for_host("reg.io") and not creds.for_host("evil.io:5000")
+    assert Credentials.from_secrets({"username": "u", "password": "p"}).for_host("any.io"), "unbound: any"
+    for bad in ({"registry": "bad host"}, {"server": "https://"}, {"registry": "a.io", "server": "b.io"}):
+        with pytest.raises(FailedPrecondition, match="registry secrets"):
+            Credentials.from_secrets({"username": "u", "password": "p", **bad})
+
+
 def test_descriptors_are_checked() -> None:
     good = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": DIGEST, "size": 10}
     assert descriptors([good], "x")[0].size == 10

@@ -1,0 +1,370 @@
+"""What a registry (or whoever names one) may obtain from a node: credentials only
+for the registry they were given for, never over plain HTTP to a host that is not
+an --insecure-registry, and a layer the node holds only by proving access to it.
+
+The attackers are small HTTP(S) servers of the test's own on 127.0.0.1 that record
+every request's headers; the honest side is Debian's real docker-registry."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import shutil
+import ssl
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_driver.proto import csi_pb2 as csi
+from csi_driver.registry.client import OCI_MANIFEST, RegistryClient
+from csi_driver.registry.reference import Repository
+from driver_harness import Driver, serving
+from registry_harness import REGISTRY_BINARY, FaultProxy, LocalRegistry
+
+pytestmark = [
+    pytest.mark.mounts,
+    pytest.mark.skipif(not REGISTRY_BINARY.exists(), reason="needs Debian's docker-registry package"),
+]
+
+MiB = 1 << 20
+SECRET_PASSWORD = "n0t-f0r-y0u"
+SNAP = "snap-" + "5" * 32
+
+# (status, headers, body) for a request: (method, path, headers)
+Answer = tuple[int, dict[str, str], bytes]
+Handler = Callable[[str, str, dict[str, str]], Answer]
+
+
+class Hostile:
+    """A threaded HTTP(S) server on 127.0.0.1 that answers with ``handler`` and
+    records (method, path, headers) of every request it receives."""
+
+    def __init__(self, handler: Handler, tls: tuple[Path, Path] | None = None) -> None:
+        self.handler = handler
+        self.tls = tls
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.host = ""
+        self._server: ThreadingHTTPServer | None = None
+
+    def __enter__(self) -> Hostile:
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _any(self) -> None:
+                headers = dict(self.headers.items())
+                outer.requests.append((self.command, self.path, headers))
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                status, extra, body = outer.handler(self.command, self.path, headers)
+                self.send_response(status)
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        server.daemon_threads = True
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(self.tls[0]), str(self.tls[1]))
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+        self._server = server
+        self.host = f"127.0.0.1:{server.server_address[1]}"
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def authorizations(self) -> list[str]:
+        return [h["Authorization"] for _m, _p, h in self.requests if "Authorization" in h]
+
+
+def self_signed(where: Path) -> tuple[Path, Path]:
+    """A certificate for IP 127.0.0.1 and its key (``cryptography``, else the openssl CLI)."""
+    cert, key = where / "cert.pem", where / "key.pem"
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        if shutil.which("openssl") is None:
+            pytest.skip("needs the cryptography package or the openssl CLI for a TLS server")
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        return cert, key
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(private, hashes.SHA256())
+    )
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert, key
+
+
+def token_registry(realm: str) -> Handler:
+    """A registry that wants a bearer token from ``realm``; with one, it has nothing (404)."""
+
+    def handle(method: str, path: str, headers: dict[str, str]) -> Answer:
+        if headers.get("Authorization", "").startswith("Bearer "):
+            return 404, {"Content-Type": "application/json"}, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}'
+        challenge = f'Bearer realm="{realm}",service="evil",scope="repository:x/db:pull"'
+        return 401, {"WWW-Authenticate": challenge, "Content-Type": "application/json"}, b"{}"
+
+    return handle
+
+
+def token_service(method: str, path: str, headers: dict[str, str]) -> Answer:
+    return 200, {"Content-Type": "application/json"}, b'{"token": "t", "access_token": "t"}'
+
+
+def basic_registry(method: str, path: str, headers: dict[str, str]) -> Answer:
+    """A registry that asks for a username and password (and so would read them)."""
+    return 401, {"WWW-Authenticate": 'Basic realm="evil"', "Content-Type": "application/json"}, b"{}"
+
+
+def code_of(call: Callable[..., object], *args: object, **kwargs: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        call(*args, **kwargs)
+    return e.value.code(), e.value.details()
+
+
+@contextmanager
+def staged(d: Driver, volume_id: str) -> Iterator[Path]:
+    staging, _ = d.paths("s-" + volume_id)
+    d.client.stage(volume_id, staging)
+    try:
+        yield staging
+    finally:
+        d.client.unstage(volume_id, staging)
+
+
+def committed(d: Driver) -> list[str]:
+    return sorted(x.id for x in d.engine.layers() if not x.active)
+
+
+def test_a_token_service_on_plain_http_never_sees_the_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HTTPS registry whose challenge names an http:// realm: refused before anything
+    is sent there. A realm over HTTPS on another host is used, as docker clients do."""
+    cert, key = self_signed(tmp_path)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))  # the driver trusts our TLS registry
+    secrets = {"username": "victim", "password": SECRET_PASSWORD}
+    (tmp_path / "node").mkdir()
+    with ExitStack() as stack:
+        plain = stack.enter_context(Hostile(token_service))
+        tls = stack.enter_context(Hostile(token_registry(f"http://{plain.host}/token"), tls=(cert, key)))
+        d = stack.enter_context(serving(tmp_path / "node"))
+        answers = [
+            code_of(
+                d.client.create_volume, "r", 64 * MiB, snapshot=snapshot, parameters=params, secrets=secrets
+            )
+            for params, snapshot in (
+                ({}, f"{tls.host}/x/db:{SNAP}"),
+                ({"baseLayer": f"{tls.host}/x/db:1"}, ""),
+            )
+        ]
+        assert any(p == "/v2/" for _m, p, _h in tls.requests), "the HTTPS registry was asked (over TLS)"
+        assert plain.authorizations() == [], "no Authorization header reached the plain-HTTP realm"
+        assert plain.requests == [], "nothing at all went to it"
+        for code, message in answers:
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, message
+            assert f"token service http://{plain.host} is plain HTTP" in message, message
+
+        # the same over HTTPS to a token service on another host:port is what docker does
+        realm = stack.enter_context(Hostile(token_service, tls=(cert, key)))
+        other = stack.enter_context(Hostile(token_registry(f"https://{realm.host}/token"), tls=(cert, key)))
+        code, message = code_of(
+            d.client.create_volume, "r", 64 * MiB, snapshot=f"{other.host}/x/db:{SNAP}", secrets=secrets
+        )
+        assert code == grpc.StatusCode.NOT_FOUND, message
+        assert len(realm.authorizations()) == 1 and realm.authorizations()[0].startswith("Basic ")
+        assert d.engine.layers() == []
+
+
+def test_credentials_go_only_to_the_registry_they_are_for(tmp_path: Path) -> None:
+    """A secret with ``registry: HOST`` logs in there and nowhere else: a snapshot id or
+    a baseLayer naming another host is asked anonymously, and the error says why."""
+    with ExitStack() as stack:
+        reg = stack.enter_context(
+            LocalRegistry(tmp_path / "registry", username="ci", password=SECRET_PASSWORD)
+        )
+        evil = stack.enter_context(Hostile(basic_registry))
+        (tmp_path / "node").mkdir()
+        d = stack.enter_context(
+            serving(tmp_path / "node", insecure_registries=frozenset({reg.host, evil.host}))
+        )
+        bound = {"username": "ci", "password": SECRET_PASSWORD, "registry": reg.host}
+
+        vid = d.client.create_volume("v", 64 * MiB).volume_id
+        with staged(d, vid) as root:
+            (root / "f").write_text("tenant data\n")
+        snap = d.client.create_snapshot(
+            "s", vid, parameters={"repository": f"{reg.host}/a/db"}, secrets=bound
+        )
+        assert snap.ready_to_use, "the registry they are bound to gets them"
+
+        answers = [
+            code_of(
+                d.client.create_volume, "r", 64 * MiB, snapshot=snapshot, parameters=params, secrets=bound
+            )
+            for params, snapshot in (
+                ({}, f"{evil.host}/x/db:{SNAP}"),
+                ({"baseLayer": f"{evil.host}/x/img:1"}, ""),
+            )
+        ]
+        assert evil.requests, "the other registry was asked (anonymously)"
+        assert evil.authorizations() == [], "and never given the credentials"
+        for code, message in answers:
+            assert code == grpc.StatusCode.UNAUTHENTICATED, message
+            assert f"the request's credentials are for registry {reg.host} only" in message, message
+
+        # docker config's key names the registry as well, with or without a scheme
+        for key, value in (("server", f"https://{reg.host}/v1/"), ("registry", f"http://{reg.host}")):
+            secrets = {"username": "ci", "password": SECRET_PASSWORD, key: value}
+            code, message = code_of(
+                d.client.create_volume, "r", 64 * MiB, snapshot=f"{evil.host}/x/db:{SNAP}", secrets=secrets
+            )
+            assert code == grpc.StatusCode.UNAUTHENTICATED, message
+        assert evil.authorizations() == []
+        code, message = code_of(
+            d.client.create_volume,
+            "r",
+            64 * MiB,
+            snapshot=snap.snapshot_id,
+            secrets={**bound, "registry": "bad host!"},
+        )
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "must name a registry host" in message, message
+        d.client.controller.DeleteSnapshot(
+            csi.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id, secrets=bound)
+        )
+        d.client.delete_volume(vid)
+
+
+def test_a_layer_is_not_given_for_knowing_its_digest(tmp_path: Path) -> None:
+    """Node B holds tenant A's layer (restored from A's repository). A manifest on another
+    registry that names its digest gets it only if that registry serves the blob: a
+    hostile one that cannot (but says it has it) gets NOT_FOUND; an honest copy is
+    downloaded once, checked, and the layer B holds is used (nothing is built twice)."""
+    with ExitStack() as stack:
+        reg = stack.enter_context(LocalRegistry(tmp_path / "registry"))
+        reg2 = stack.enter_context(LocalRegistry(tmp_path / "registry2"))
+        proxy = stack.enter_context(FaultProxy(reg2.url))
+        served: dict[str, bytes] = {}
+
+        def hostile(method: str, path: str, headers: dict[str, str]) -> Answer:
+            if path == "/v2/":
+                return 200, {}, b"{}"
+            if "/manifests/" in path and "manifest" in served:
+                return 200, {"Content-Type": OCI_MANIFEST}, served["manifest"]
+            if "/blobs/" in path and method == "HEAD":
+                return 200, {}, b""  # it claims to have every blob
+            return 404, {"Content-Type": "application/json"}, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}'
+
+        evil = stack.enter_context(Hostile(hostile))
+        insecure = frozenset({reg.host, proxy.host, evil.host})
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+        a = stack.enter_context(serving(tmp_path / "a", insecure_registries=insecure))
+        b = stack.enter_context(serving(tmp_path / "b", insecure_registries=insecure))
+
+        vid = a.client.create_volume("v", 64 * MiB).volume_id
+        with staged(a, vid) as root:
+            (root / "secret").write_text("tenant A only\n")
+        snap = a.client.create_snapshot("s", vid, parameters={"repository": f"{reg.host}/tenant-a/db"})
+        mine = b.client.create_volume("mine", 64 * MiB, snapshot=snap.snapshot_id)
+        held = committed(b)
+        assert len(held) == 1
+
+        # the attacker's registry serves A's manifest (only digests) under its own name
+        source = RegistryClient(Repository(reg.host, "tenant-a/db"), insecure=True)
+        manifest = source.pull_manifest(snap.snapshot_id.rsplit(":", 1)[1])
+        served["manifest"] = json.dumps(manifest.body).encode()
+        layer = manifest.body["layers"][0]
+        code, message = code_of(
+            b.client.create_volume, "stolen", 64 * MiB, snapshot=f"{evil.host}/tenant-b/x:{SNAP}"
+        )
+        assert code == grpc.StatusCode.NOT_FOUND and "download blob" in message, message
+        assert ("GET", f"/v2/tenant-b/x/blobs/{layer['digest']}") in [(m, p) for m, p, _h in evil.requests]
+        assert committed(b) == held and [v.name for v in b.engine.list_volumes(0, 10)] == ["mine"]
+
+        # an honest copy in another registry: B downloads it to prove access, then uses its layer
+        copy = RegistryClient(Repository(reg2.host, "tenant-b/copy"), insecure=True)
+        for blob in (manifest.body["config"], layer):
+            source.pull_blob(blob["digest"], blob["size"], tmp_path / "blob")
+            copy.push_blob(tmp_path / "blob", blob["digest"], blob["size"])
+        copy.push_manifest(manifest.body, SNAP)
+        copied = f"{proxy.host}/tenant-b/copy:{SNAP}"
+        gets = lambda: [
+            r for r in proxy.requests if r[:2] == ("GET", f"/v2/tenant-b/copy/blobs/{layer['digest']}")
+        ]  # noqa: E731
+        first = b.client.create_volume("copy", 64 * MiB, snapshot=copied)
+        assert len(gets()) == 1 and gets()[0][2] == 200, "the registry served the blob to this caller"
+        assert committed(b) == held, "and the layer B holds was used, not built again"
+        with staged(b, first.volume_id) as root:
+            assert (root / "secret").read_text() == "tenant A only\n"
+        second = b.client.create_volume("copy2", 64 * MiB, snapshot=copied)
+        assert len(gets()) == 1, "pulled from that repository once: the manifest is enough after"
+        for volume in (mine, first, second):
+            b.client.delete_volume(volume.volume_id)
+        assert b.engine.layers() == []
