@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -26,12 +26,18 @@ class KeyedLocks:
                 del self._locks[key]
 
     @contextmanager
-    def hold(self, key: str) -> Iterator[None]:
-        """Wait for the key's lock."""
+    def hold(self, key: str, acquire: Callable[[threading.Lock], None] | None = None) -> Iterator[None]:
+        """Wait for the key's lock (``acquire(lock)`` waits instead, and may give up by raising)."""
         lock = self._get(key)
         try:
-            with lock:
+            if acquire is None:
+                lock.acquire()
+            else:
+                acquire(lock)
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             self._put(key)
 

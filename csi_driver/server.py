@@ -39,6 +39,7 @@ MAX_MESSAGE = 4 << 20
 MAX_CONCURRENT_RPCS = 64
 WORKERS = 16
 STORAGE_WATCH_SECONDS = 10.0
+STOP_TRANSFERS_SECONDS = 3.0  # at stop, cancelled registry transfers get this long to clean up
 STORAGE_WATCH_LOW_SECONDS = 2.0  # and checkpoint the volumes each time
 
 
@@ -193,6 +194,10 @@ class Server:
             return
         self._stopped.set()
         self.ctx.ready = False
+        # registry transfers are cancelled, not drained: a registry that hangs must not hold
+        # the stop (their callers retry); the threads are daemons and get a few seconds to
+        # remove what they built, the rest goes at the next start with tmp/
+        self.ctx.registry.close(wait=STOP_TRANSFERS_SECONDS)
         self.grpc.stop(self.opts.drain_seconds if grace is None else grace).wait()
         for worker in self.background:
             worker.stop()

@@ -519,3 +519,155 @@ class FaultProxy:
     def _record(self, method: str, path: str, status: int) -> None:
         with self._lock:
             self.requests.append((method, path, status))
+
+
+class _HostileServer(ThreadingHTTPServer):
+    daemon_threads = True  # a handler that trickles must never hold the test's exit
+    block_on_close = False
+
+    def __init__(self, hostile: HostileRegistry) -> None:
+        self.hostile = hostile
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _HostileHandler)
+
+
+class _HostileHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _HostileServer
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except OSError:
+            pass
+        finally:
+            with self.server.connections_lock:
+                self.server.connections.discard(self.connection)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _head(self, status: int, length: int, extra: dict[str, str] | None = None) -> None:
+        self.send_response_only(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(length))
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.flush()
+
+    def _huge(self, status: int, prefix: bytes, extra: dict[str, str] | None = None) -> None:
+        """``status`` with a body of ``size`` bytes: ``prefix``, then spaces, sent as fast as read."""
+        hostile = self.server.hostile
+        self._head(status, hostile.size, extra)
+        block = b" " * CHUNK
+        sent = 0
+        try:
+            while sent < hostile.size and not hostile.stopping.is_set():
+                data = (prefix + block)[: CHUNK] if sent == 0 else block
+                data = data[: hostile.size - sent]
+                self.wfile.write(data)
+                sent += len(data)
+        except OSError:
+            pass  # the client read what it wanted and closed: the point
+        self.close_connection = True
+
+    def do_GET(self) -> None:
+        hostile = self.server.hostile
+        path = urlsplit(self.path).path
+        with hostile.lock:
+            hostile.requests.append((self.command, path))
+        realm = f'Bearer realm="{hostile.url}/token",service="hostile",scope="repository:x:pull"'
+        if path == "/token":
+            self._huge(200, b'{"token": "')
+            return
+        if path == "/v2/":
+            if hostile.mode == "huge-token":
+                self._head(401, 2, {"WWW-Authenticate": realm})
+            else:
+                self._head(200, 2)
+            self.wfile.write(b"{}")
+            return
+        if hostile.mode == "huge-token":
+            self._head(401, 2, {"WWW-Authenticate": realm})
+            self.wfile.write(b"{}")
+        elif hostile.mode == "huge-error":
+            self._huge(404, b'{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "')
+        elif hostile.mode == "silent":
+            hostile.stopping.wait()
+            self.close_connection = True
+        else:  # trickle: a manifest of 1 MiB, one byte at a time
+            self._head(200, 1 << 20, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+            try:
+                while not hostile.stopping.wait(hostile.interval):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+            except OSError:
+                pass
+            self.close_connection = True
+
+    do_HEAD = do_GET
+
+
+class HostileRegistry:
+    """An HTTP server on 127.0.0.1 that acts as a registry that should not be trusted.
+
+    ``/v2/`` answers 200 (``huge-token``: a bearer challenge). Every other request:
+    ``trickle``: 200 with a 1 MiB Content-Length, then one byte every ``interval`` s;
+    ``silent``: reads the request, never answers; ``huge-error``: 404 with a ``size``-byte
+    body that begins as an OCI error; ``huge-token``: a bearer challenge whose token
+    service (``/token``) answers 200 with a ``size``-byte body. On exit every handler
+    stops and every connection is shut down."""
+
+    def __init__(self, mode: str, *, interval: float = 20.0, size: int = 300 << 20) -> None:
+        if mode not in ("trickle", "silent", "huge-error", "huge-token"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.mode = mode
+        self.interval = interval
+        self.size = size
+        self.requests: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.host = ""
+        self.url = ""
+        self._server: _HostileServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Self:
+        self._server = _HostileServer(self)
+        self.host = f"127.0.0.1:{self._server.server_address[1]}"
+        self.url = f"http://{self.host}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="hostile", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self.stopping.set()
+        server.shutdown()
+        with server.connections_lock:
+            for conn in list(server.connections):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def count(self, path_part: str) -> int:
+        with self.lock:
+            return sum(1 for _m, p in self.requests if path_part in p)

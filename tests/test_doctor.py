@@ -180,6 +180,7 @@ def test_a_stopped_driver_and_a_broken_store(capsys, tmp_path: Path):
 ERROR_CLASSES = {
     "InvalidArgument", "NotFound", "AlreadyExists", "OutOfRange", "ResourceExhausted",
     "FailedPrecondition", "Aborted", "Unavailable", "Unauthenticated", "PermissionDenied", "BadContent",
+    "Cancelled",
 }  # fmt: skip
 
 

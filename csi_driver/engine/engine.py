@@ -138,6 +138,18 @@ class Engine:
             self.transfers.pull_image(Reference.parse(spec.base_layer), credentials)
         return self.volumes.create_volume(spec)
 
+    def needs_registry(self, spec: VolumeSpec) -> bool:
+        """Whether ``create_volume(spec)`` would reach a registry: an exported snapshot or
+        an image this node does not hold, for a volume it has not made yet."""
+        exported = spec.source_kind == "snapshot" and snapshot_reference(spec.source_id) is not None
+        image = bool(spec.base_layer) and looks_like_reference(spec.base_layer)
+        if not exported and not image or self._exists(spec.name):
+            return False
+        if exported:
+            return self.get_snapshot(spec.source_id) is None
+        with self.store.read() as tx:
+            return tx.layer_by_name(str(Reference.parse(spec.base_layer))) is None
+
     def _exists(self, volume_name: str) -> bool:
         with self.store.read() as tx:
             return tx.volume_by_name(volume_name) is not None

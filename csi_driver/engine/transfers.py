@@ -45,6 +45,7 @@ from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, Res
 from csi_driver.ids import untagged
 from csi_driver.layerstore.ocidiff import DiffError
 from csi_driver.locks import KeyedLocks
+from csi_driver.registry import cancel
 from csi_driver.registry.client import (
     DOCKER_LIST,
     OCI_INDEX,
@@ -77,6 +78,7 @@ NOTE = "dev.overlay-csi.snapshot."  # the manifest annotations' prefix
 MAX_SNAPSHOT_ID = 128  # CSI: an id of at most 128 bytes
 MAX_LAYERS = 128  # more than a chain at the default depth cap ever holds
 GZIP_RATIO = 20  # a compressed layer may expand this much (plus 1 GiB), no further
+PULL_WAIT_SECONDS = 60.0  # at most this long for another pull of the same reference (then ABORTED)
 
 
 def exported_id(repository: Repository, local_id: str) -> str:
@@ -137,6 +139,11 @@ class Transfers:
         self.insecure = insecure
         self._pulls = KeyedLocks()  # one pull per reference at a time
 
+    def _one_pull(self, key: str) -> Any:
+        """Hold ``key``'s pull lock, waiting for another pull of it no longer than the
+        transfer's deadline and ``PULL_WAIT_SECONDS`` (then ABORTED, which callers retry)."""
+        return self._pulls.hold(key, lambda lock: cancel.wait_for(lock, key, PULL_WAIT_SECONDS))
+
     def client(self, repository: Repository, credentials: Credentials | None) -> RegistryClient:
         return RegistryClient(
             repository, credentials, insecure=repository.host in self.insecure, insecure_hosts=self.insecure
@@ -192,6 +199,7 @@ class Transfers:
                 ),
             },
         }
+        cancel.check()  # the snapshot is ready once the manifest is stored: not after the deadline
         digest = client.push_manifest(manifest, ref.tag or "")
         if str(ref) == snap.id:
             with self.ctx.store.tx() as tx:
@@ -202,6 +210,7 @@ class Transfers:
     def _push_layer(self, client: RegistryClient, chain: list[Layer]) -> Descriptor:
         """The blob of ``chain[0]``, uploaded unless the registry has it."""
         layer = chain[0]
+        cancel.check()
         with self.ctx.store.read() as tx:
             known = [b for b in tx.layer_blobs(layer.id) if b.media_type == LAYER_TAR]
         for blob in known:
@@ -235,7 +244,7 @@ class Transfers:
     def pull_snapshot(self, snapshot_id: str, credentials: Credentials | None) -> Snapshot:
         """Keep a copy of an exported snapshot on this node (listed, restorable
         without the registry, until DeleteSnapshot)."""
-        with self._pulls.hold(snapshot_id):
+        with self._one_pull(snapshot_id):
             return self._pull_snapshot(snapshot_id, credentials)
 
     @contextmanager
@@ -244,7 +253,7 @@ class Transfers:
         layers are pulled (or found) and recorded as a snapshot while the restore
         runs; afterwards only the new volume keeps them. A failed restore leaves
         nothing: what it pulled is collected with the record."""
-        with self._pulls.hold(snapshot_id):
+        with self._one_pull(snapshot_id):
             with self.ctx.store.read() as tx:
                 kept = tx.snapshot(snapshot_id)  # a copy kept here: used, and left as it is
             snap = kept or self._pull_snapshot(snapshot_id, credentials)
@@ -342,7 +351,7 @@ class Transfers:
         """An OCI image's layers as a base layer named by the reference (as written):
         kept until deleted, and used without asking the registry again unless ``refresh``."""
         name = str(ref)
-        with self._pulls.hold(name):
+        with self._one_pull(name):
             with self.ctx.store.read() as tx:
                 existing = tx.layer_by_name(name)
             if existing is not None and not refresh:
@@ -435,6 +444,7 @@ class Transfers:
                     for blob in unproven:  # a digest is no access: the registry serves it, or no layer
                         self._prove(client, blob, scratch)
                     for i, blob in enumerate(missing):
+                        cancel.check()
                         build = scratch / f"layer{i}"
                         build.mkdir()
                         built = self._import_blob(client, blob, build, scratch, plan, what)
@@ -442,6 +452,7 @@ class Transfers:
                         plan.append((blob, layer, build))
                         parent = layer
                     assert parent is not None
+                    cancel.check()  # the last moment a cancelled pull may still stop
                     installed: list[Layer] = []
                     try:
                         with ctx.store.tx() as tx:

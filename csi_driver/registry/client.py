@@ -18,7 +18,13 @@ what a driver may not do without:
   (the secret's ``registry`` or ``server`` key) go to that host and its token
   service only, and nothing is sent to a token service on plain HTTP unless the
   registry itself is reached over HTTP and the service's host is an
-  ``--insecure-registry`` too.
+  ``--insecure-registry`` too;
+* every body is read with a bound: an error body or a token answer up to
+  ``MAX_SMALL_BODY`` (64 KiB, the rest is never read), a manifest up to 4 MiB, a
+  blob up to its declared size. Every request streams, so nothing is read whole
+  behind this module's back; oras' token fetch is replaced by one that does too;
+* a transfer runs under the deadline of its ``cancel.Cancel`` token: timeouts
+  never pass it, and cancelling shuts the transfer's sockets down.
 """
 
 from __future__ import annotations
@@ -38,12 +44,17 @@ from urllib.parse import urlsplit
 
 import jsonschema
 import oras.auth
+import oras.auth.utils
 import oras.container
 import oras.provider
 import oras.schemas
 import requests
+import requests.adapters
+import urllib3.connection
+import urllib3.connectionpool
 
 from csi_driver.errors import DriverError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from csi_driver.registry import cancel
 from csi_driver.registry.progress import CHUNK, Meter, MeteredReader, count_blob
 from csi_driver.registry.reference import DIGEST_RE, HOST_PATTERN, Repository
 
@@ -55,6 +66,7 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
 MAX_MANIFEST = 4 << 20
+MAX_SMALL_BODY = 64 << 10  # an error body or a token answer: more is never read
 ATTEMPTS = 3  # a read that fails for want of the registry is tried this often
 RESUMES = 3  # a blob download that breaks off is resumed this often
 CONNECT_TIMEOUT = 10.0
@@ -158,6 +170,9 @@ class _Oras(oras.provider.Registry):
         self.auth.load_configs = lambda *a, **k: None  # type: ignore[method-assign]
         self._host = host
         self._http_hosts = http_hosts  # hosts that may be reached over plain HTTP (--insecure-registry)
+        # oras reads the token service's answer whole (r.json()): ours reads 64 KiB at most
+        self.auth.request_token = self._request_token  # type: ignore[method-assign]
+        self.auth.request_anonymous_token = self._request_token  # type: ignore[method-assign]
         self._basic = ""
         if credentials is not None:
             self.auth.set_basic_auth(credentials.username, credentials.password)
@@ -205,25 +220,111 @@ class _Oras(oras.provider.Registry):
         if self._basic:  # sent at once: a streamed body cannot be sent twice after a 401
             headers["Authorization"] = self._basic
         plain = oras.provider.Registry.do_request.__wrapped__  # without oras' 131 s of retries
-        r = plain(self, url, method, data, headers, json, stream)
+        # always streamed: requests would read a body whole (a 401's, an error's) otherwise;
+        # the callers read what they need of it, bounded, and close it
+        r = plain(self, url, method, data, headers, json, True)
         token = getattr(self.auth, "token", None)
         if r.status_code == 401 and token is not None and not hasattr(data, "read"):
             # oras answers every later 401 with the token it has; a token for another
             # scope (pull, not push) or one that expired needs a new one, asked for now
             r.close()
             self.auth.token = None
-            r = plain(self, url, method, data, dict(headers), json, stream)
+            r = plain(self, url, method, data, dict(headers), json, True)
         return r
+
+    def _request_token(self, h: oras.auth.utils.authHeader) -> str | None:
+        """A bearer token from the service the challenge names, its answer read up to
+        64 KiB (oras' own reads it whole); None when it refuses."""
+        if not h.realm:
+            return None
+        realm = h.realm if h.realm.startswith("http") else f"{self.prefix}://{h.realm}"
+        params = {k: v for k, v in (("service", h.service), ("scope", h.scope)) if v}
+        headers = {"Accept": "application/json"}
+        basic = getattr(self.auth, "_basic_auth", None)
+        if basic:
+            headers["Authorization"] = f"Basic {basic}"
+        r = self.session.get(realm, headers=headers, params=params, stream=True, verify=self._tls_verify)
+        ok = r.status_code == 200
+        body = read_capped(r, MAX_SMALL_BODY)
+        if not ok:
+            return None
+        if body is None:
+            raise BadContent(f"registry {self.hostname}: the token service's answer exceeds 64 KiB")
+        try:
+            info = json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise BadContent(f"registry {self.hostname}: the token service's answer is not JSON") from e
+        token = info.get("token") or info.get("access_token") if isinstance(info, dict) else None
+        return token if isinstance(token, str) and token else None
+
+
+class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
+    """A connection that the running transfer's token may shut down (``cancel.Cancel``)."""
+
+    def request(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        token = cancel.current()
+        if token is not None:
+            token.watch(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        token = cancel.current()
+        if token is not None:
+            token.watch(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
 
 
 def _timeout_session(session: requests.Session) -> None:
+    """Requests that time out, and never after the running transfer's deadline."""
+    session.mount("http://", _WatchedAdapter())
+    session.mount("https://", _WatchedAdapter())
     send = session.request
 
     def request(method: str, url: str, **kwargs: Any) -> requests.Response:
-        kwargs.setdefault("timeout", (CONNECT_TIMEOUT, READ_TIMEOUT))
+        connect, read = CONNECT_TIMEOUT, READ_TIMEOUT
+        token = cancel.current()
+        if token is not None:
+            token.check()
+            left = token.remaining()
+            if left is not None:
+                connect, read = min(connect, left), min(read, left)
+        kwargs.setdefault("timeout", (connect, read))
         return send(method, url, **kwargs)
 
     session.request = request  # type: ignore[method-assign]
+
+
+def read_capped(r: requests.Response, cap: int) -> bytes | None:
+    """At most ``cap`` bytes of a streamed body, then closed; None when it is longer
+    (the rest is never read)."""
+    data = bytearray()
+    try:
+        for chunk in r.iter_content(16 << 10):
+            data += chunk
+            if len(data) > cap:
+                return None
+            cancel.check()
+    except (requests.exceptions.RequestException, OSError):
+        pass  # what came is what there is: an error body is only a hint
+    finally:
+        r.close()
+    return bytes(data)
 
 
 class RegistryClient:
@@ -260,7 +361,7 @@ class RegistryClient:
         if self._reg is None:
             probe = requests.Session()
             _timeout_session(probe)
-            r = self._call(lambda: probe.get(self._url("/v2/")), "reach it")
+            r = self._call(lambda: probe.get(self._url("/v2/"), stream=True), "reach it")
             challenge = r.headers.get("WWW-Authenticate", "") if r.status_code == 401 else ""
             r.close()
             basic = challenge.lower().startswith("basic")
@@ -291,10 +392,13 @@ class RegistryClient:
 
     def _call(self, do: Any, what: str, *, retry: bool = True) -> requests.Response:
         """One request: transport failures and 5xx/429 tried again (reads), then mapped."""
+        token = cancel.current()
         for attempt in range(ATTEMPTS if retry else 1):
             try:
                 r = do()
             except requests.exceptions.SSLError as e:
+                if token is not None:
+                    token.check()
                 raise Unavailable(f"registry {self.repository.host}: TLS failed: {e}") from e
             except (oras.auth.AuthenticationException, ValueError) as e:
                 if "authenticat" not in str(e):
@@ -306,6 +410,8 @@ class RegistryClient:
                     f"the credentials were refused{self._hint()}"
                 ) from e
             except (requests.exceptions.RequestException, OSError) as e:
+                if token is not None:
+                    token.check()  # a socket it shut down: say so, not "connection reset"
                 problem = f"cannot {what}: {type(e).__name__}: {str(e)[:200]}"
             else:
                 if r.status_code < 500 and r.status_code != 429:
@@ -313,11 +419,16 @@ class RegistryClient:
                 problem = f"cannot {what}: the registry answered {r.status_code}{_oci_error(r)}"
                 r.close()
             if attempt + 1 < (ATTEMPTS if retry else 1):
-                time.sleep(0.5 * (attempt + 1))
+                if token is not None:
+                    token.wait(0.5 * (attempt + 1))
+                else:
+                    time.sleep(0.5 * (attempt + 1))
         raise Unavailable(f"registry {self.repository.host}: {problem}")
 
     def _check(self, r: requests.Response, what: str, ok: tuple[int, ...] = (200,)) -> requests.Response:
         if r.status_code in ok:
+            if r.request is not None and r.request.method != "GET":
+                read_capped(r, MAX_SMALL_BODY)  # headers are all it says; its connection is free again
             return r
         detail = _oci_error(r)
         r.close()
@@ -340,6 +451,7 @@ class RegistryClient:
         url = f"{reg.prefix}://{self._container.get_blob_url(digest)}"
         r = self._call(lambda: reg.do_request(url, "HEAD"), f"look up blob {digest[:19]}")
         if r.status_code == 404:
+            r.close()
             return False
         self._check(r, f"look up blob {digest[:19]}")
         return True
@@ -411,8 +523,10 @@ class RegistryClient:
                             try:  # the transfer may break off (resumed); a local write error may not
                                 chunk = next(chunks, None)
                             except (requests.exceptions.RequestException, OSError) as e:
+                                cancel.check()  # cancelled: its socket was shut down
                                 broke = e
                                 break
+                            cancel.check()
                             if chunk is None:
                                 break
                             if done + len(chunk) > size:
@@ -495,11 +609,12 @@ class RegistryClient:
         url = f"{reg.prefix}://{self._container.manifest_url(digest)}"
         what = f"delete manifest {digest[:19]}"
         r = self._call(lambda: reg.do_request(url, "DELETE"), what)
-        if r.status_code == 405:
-            log.warning("registry %s allows no deletes: %s stays there", self.where, digest[:19])
+        if r.status_code in (404, 405):
+            r.close()
+            if r.status_code == 405:
+                log.warning("registry %s allows no deletes: %s stays there", self.where, digest[:19])
             return
-        if r.status_code != 404:
-            self._check(r, what, (200, 202))
+        self._check(r, what, (200, 202))
 
     def pull_manifest(self, version: str) -> Manifest:
         """The manifest (or index) a tag or digest names, checked."""
@@ -513,10 +628,12 @@ class RegistryClient:
         try:
             with r:
                 for chunk in r.iter_content(64 << 10):
+                    cancel.check()
                     raw += chunk
                     if len(raw) > MAX_MANIFEST:
                         raise BadContent(f"registry {self.repository.host}: manifest {version} exceeds 4 MiB")
         except (requests.exceptions.RequestException, OSError) as e:
+            cancel.check()
             raise Unavailable(f"registry {self.repository.host}: cannot {what}: {type(e).__name__}") from e
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         if DIGEST_RE.match(version) and digest != version:
@@ -539,9 +656,14 @@ class RegistryClient:
 
 
 def _oci_error(r: requests.Response) -> str:
-    """The registry's own error message, bounded (``: message``) or nothing."""
+    """The registry's own error message, bounded (``: message``) or nothing. At most
+    64 KiB of the body is read; the response is closed."""
+    if r.request is not None and r.request.method == "HEAD":
+        r.close()
+        return ""
+    body = read_capped(r, MAX_SMALL_BODY)
     try:
-        errors = r.json().get("errors") or []
+        errors = json.loads(body or b"").get("errors") or []
         message = errors[0].get("message") or errors[0].get("code")
     except Exception:
         return ""

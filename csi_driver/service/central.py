@@ -67,7 +67,12 @@ class CentralControllerServicer(ExpandOnlyControllerServicer):
         v.known_id(request.snapshot_id, v.SNAPSHOT_ID_RE, "snapshot_id")
         if snapshot_reference(request.snapshot_id) is not None:  # a local id: its node deletes it
             credentials = Credentials.from_secrets(dict(request.secrets))
-            self.ctx.engine.transfers.delete_exported(request.snapshot_id, credentials)
+            self.ctx.registry.run(
+                lambda: self.ctx.engine.transfers.delete_exported(request.snapshot_id, credentials),
+                context,
+                f"the deletion of snapshot {request.snapshot_id!r}",
+                keys=[request.snapshot_id],
+            )
         return csi.DeleteSnapshotResponse()
 
     @rpc()
@@ -78,7 +83,11 @@ class CentralControllerServicer(ExpandOnlyControllerServicer):
             return csi.ListSnapshotsResponse()
         credentials = Credentials.from_secrets(dict(request.secrets))
         try:
-            snap = self.ctx.engine.transfers.describe_exported(request.snapshot_id, credentials)
+            snap = self.ctx.registry.run(
+                lambda: self.ctx.engine.transfers.describe_exported(request.snapshot_id, credentials),
+                context,
+                f"the lookup of snapshot {request.snapshot_id!r}",
+            )
         except NotFound:
             return csi.ListSnapshotsResponse()
         if request.source_volume_id and snap.source_volume_id != request.source_volume_id:

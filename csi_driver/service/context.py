@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from csi_driver.engine.engine import Engine
 from csi_driver.locks import KeyedLocks
+from csi_driver.service.registry_pool import RegistryPool
 
 TOPOLOGY_KEY = "topology.overlay.csi.dev/node"
 
@@ -20,6 +21,7 @@ class DriverContext:
     hidden_capabilities: frozenset[str] = frozenset()
     kubelet_dir: str = ""  # when set, node paths must resolve under it
     locks: KeyedLocks = field(default_factory=KeyedLocks)
+    registry: RegistryPool = field(default_factory=RegistryPool)  # calls that reach a registry
     ready: bool = True
 
     @property

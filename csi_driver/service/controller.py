@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_driver.engine.engine import VolumeSpec
@@ -190,14 +192,21 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             with self.locks.try_hold(source_id) as owned:
                 if not owned:
                     raise Aborted(f"an operation on {source_id} is already in progress")
-                vol = self._create(spec, request)
+                vol = self._create(spec, request, context)
         else:
-            vol = self._create(spec, request)
+            vol = self._create(spec, request, context)
         return csi.CreateVolumeResponse(volume=self._volume_msg(vol))
 
-    def _create(self, spec: VolumeSpec, request: csi.CreateVolumeRequest) -> Volume:
+    def _create(self, spec: VolumeSpec, request: csi.CreateVolumeRequest, context: Any) -> Volume:
         remote = snapshot_reference(spec.source_id) is not None or looks_like_reference(spec.base_layer)
         credentials = Credentials.from_secrets(dict(request.secrets)) if remote else None
+        if remote and self.engine.needs_registry(spec):  # on the registry pool, within the deadline
+            return self.ctx.registry.run(
+                lambda: self.engine.create_volume(spec, credentials),
+                context,
+                f"the pull for volume {spec.name!r}",
+                keys=["name:" + spec.name],
+            )
         return self.engine.create_volume(spec, credentials)
 
     @rpc(guard=lambda r: [r.volume_id])
@@ -360,7 +369,15 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 raise NotFound(f"volume {source[:80]!r} does not exist")
             credentials = Credentials.from_secrets(dict(request.secrets)) if repository else None
             snap = self.engine.snapshots.create_snapshot(name, source, repository=repository)
-        snap = self.engine.export_snapshot(snap, credentials)
+        if snapshot_reference(snap.id) is not None and not snap.exported:
+            snap = self.ctx.registry.run(
+                lambda: self.engine.export_snapshot(snap, credentials),
+                context,
+                f"the push of snapshot {name!r}",
+                keys=["snapname:" + name],
+            )
+        else:
+            snap = self.engine.export_snapshot(snap, credentials)  # nothing to push
         return csi.CreateSnapshotResponse(snapshot=snapshot_msg(snap))
 
     @rpc(guard=lambda r: [r.snapshot_id])
@@ -368,7 +385,15 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if v.known_id(request.snapshot_id, v.SNAPSHOT_ID_RE, "snapshot_id"):
             remote = snapshot_reference(request.snapshot_id) is not None
             credentials = Credentials.from_secrets(dict(request.secrets)) if remote else None
-            self.engine.delete_snapshot(request.snapshot_id, credentials)
+            if remote:
+                self.ctx.registry.run(
+                    lambda: self.engine.delete_snapshot(request.snapshot_id, credentials),
+                    context,
+                    f"the deletion of snapshot {request.snapshot_id!r}",
+                    keys=[request.snapshot_id],
+                )
+            else:
+                self.engine.delete_snapshot(request.snapshot_id, credentials)
         return csi.DeleteSnapshotResponse()
 
     @rpc()
