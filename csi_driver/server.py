@@ -55,6 +55,8 @@ class ServeOptions:
     driver_name: str = "overlay.csi.dev"
     max_volumes_per_node: int = 0
     max_volume_size: int = 0
+    max_ephemeral_size: int = 1 << 30  # all inline volumes of the node together; 0: none
+    max_snapshots_per_volume: int = 0  # 0: no limit
     max_layer_depth: int = 64
     default_fs_type: str = "ext4"
     hidden_capabilities: tuple[str, ...] = ()
@@ -109,6 +111,8 @@ class Server:
                 node_id=opts.node_id,
                 max_volumes=opts.max_volumes_per_node,
                 max_volume_size=opts.max_volume_size,
+                max_ephemeral_size=opts.max_ephemeral_size,
+                max_snapshots_per_volume=opts.max_snapshots_per_volume,
                 max_depth=opts.max_layer_depth,
                 fs_type=opts.default_fs_type,
                 capacity=opts.capacity,

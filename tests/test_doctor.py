@@ -94,9 +94,13 @@ def _kubelet_mount(root: Path, propagation: str) -> tuple[Path, list[Path]]:
     A slave needs a master: a shared mount of which it was a peer."""
     kubelet = root / "kubelet"
     kubelet.mkdir()
+    for sub in ("pods", "plugins"):  # where the driver mounts (the chart mounts only these)
+        (kubelet / sub).mkdir()
     if propagation == "slave":
         host_side = root / "host-kubelet"
         host_side.mkdir()
+        for sub in ("pods", "plugins"):
+            (host_side / sub).mkdir()
         subprocess.run(["mount", "--bind", str(host_side), str(host_side)], check=True)
         subprocess.run(["mount", "--make-shared", str(host_side)], check=True)
         subprocess.run(["mount", "--bind", str(host_side), str(kubelet)], check=True)
@@ -136,6 +140,26 @@ def test_kubelet_dir_missing_in_a_pod(capsys, tmp_path: Path):
     )  # fmt: skip
     check = by_name(report)["mount_propagation"]
     assert rc == 1 and check["status"] == "FAIL" and "not visible" in check["message"]
+
+
+@needs_mounts
+def test_propagation_is_checked_where_the_driver_mounts(capsys, tmp_path: Path):
+    """The chart mounts kubelet's pods/ and plugins/, not the kubelet dir: those are checked."""
+    kubelet = tmp_path / "kubelet"
+    (kubelet / "plugins").mkdir(parents=True)
+    pods = kubelet / "pods"
+    pods.mkdir()
+    subprocess.run(["mount", "--bind", str(pods), str(pods)], check=True)
+    subprocess.run(["mount", "--make-shared", str(pods)], check=True)
+    try:
+        rc, report = run_doctor(
+            capsys, "--state-dir", str(tmp_path / "state"), "--kubelet-dir", str(kubelet),
+            "--in-pod", "yes", "--no-probe",
+        )  # fmt: skip
+    finally:
+        subprocess.run(["umount", str(pods)], check=True)
+    check = by_name(report)["mount_propagation"]
+    assert rc == 1 and check["status"] == "FAIL" and f"{kubelet}/plugins" in check["message"], check
 
 
 def test_not_in_a_pod_needs_no_propagation(capsys, tmp_path: Path):

@@ -411,7 +411,8 @@ def test_kubelet_dir_confines_node_paths(tmp_path: Path):
         escape.symlink_to(outside)
         assert code_of(c.stage, vol.volume_id, escape / "globalmount") == grpc.StatusCode.INVALID_ARGUMENT
         assert not (outside / "globalmount").exists(), "a refused call writes nothing"
-        staging, target = d.paths("confined")
+        staging = tmp_path / "kubelet/plugins/kubernetes.io/csi/overlay.csi.dev" / ("0" * 64) / "globalmount"
+        staging.parent.mkdir(parents=True)
         c.stage(vol.volume_id, staging)
         c.unstage(vol.volume_id, staging)
     finally:

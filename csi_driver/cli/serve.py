@@ -35,6 +35,16 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--max-volumes-per-node", type=int, default=0, help="0: no limit")
     s.add_argument("--max-volume-size", type=parse_size, default=0, help="e.g. 100Gi; 0: no limit")
     s.add_argument(
+        "--max-ephemeral-size",
+        type=parse_size,
+        default=1 << 30,
+        help="the most all inline ephemeral volumes of the node may hold together (default 1Gi); "
+        "0: refuse inline volumes",
+    )
+    s.add_argument(
+        "--max-snapshots-per-volume", type=int, default=0, help="snapshots one volume may have; 0: no limit"
+    )
+    s.add_argument(
         "--max-layer-depth", type=int, default=64, help="layers under a volume before its chain is flattened"
     )
     s.add_argument(
@@ -182,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
         driver_name=args.driver_name,
         max_volumes_per_node=args.max_volumes_per_node,
         max_volume_size=args.max_volume_size,
+        max_ephemeral_size=args.max_ephemeral_size,
+        max_snapshots_per_volume=args.max_snapshots_per_volume,
         max_layer_depth=args.max_layer_depth,
         default_fs_type=args.default_fs_type,
         hidden_capabilities=tuple(args.hide_capability),

@@ -17,6 +17,11 @@ def in_pod() -> bool:
     )
 
 
+# where the driver mounts: kubelet's pods/ (targets) and plugins/ (staging and block paths);
+# the chart mounts only these two into the node plugin, never the whole kubelet dir
+KUBELET_SUBDIRS = ("pods", "plugins")
+
+
 def check_propagation(kubelet_dir: Path, pod: bool) -> Check:
     if not pod:
         return Check(
@@ -24,25 +29,33 @@ def check_propagation(kubelet_dir: Path, pod: bool) -> Check:
             OK,
             "not running in a pod: the driver's mounts are the host's, no propagation needed",
         )
-    if not kubelet_dir.exists():
+    checks = [_propagation(kubelet_dir / sub) for sub in KUBELET_SUBDIRS]
+    bad = [c for c in checks if c.status != OK]
+    if bad:
+        return bad[0]
+    return Check("mount_propagation", OK, "; ".join(c.message for c in checks))
+
+
+def _propagation(path: Path) -> Check:
+    if not path.exists():
         return Check(
             "mount_propagation",
             FAIL,
-            f"{kubelet_dir} is not visible in this pod",
-            f"mount the host's {kubelet_dir} into the node plugin (hostPath) "
+            f"{path} is not visible in this pod",
+            f"mount the host's {path} into the node plugin (hostPath) "
             "with mountPropagation: Bidirectional",
         )
-    m = mount_of(str(kubelet_dir))
+    m = mount_of(str(path))
     tags = m.optional if m else []
     shared = any(t.startswith("shared:") for t in tags)
     slave = any(t.startswith("master:") for t in tags)
-    where = f"{kubelet_dir} (mount at {m.target if m else '?'}: {' '.join(tags) or 'private'})"
+    where = f"{path} (mount at {m.target if m else '?'}: {' '.join(tags) or 'private'})"
     if shared:
         return Check("mount_propagation", OK, f"{where} is shared: kubelet sees the driver's mounts")
     fix = (
-        f"set mountPropagation: Bidirectional on the {kubelet_dir} volume mount of the node plugin "
+        f"set mountPropagation: Bidirectional on the {path} volume mount of the node plugin "
         "container (needs privileged: true), and make sure the host's mount is shared "
-        f"(mount --make-rshared {kubelet_dir}, which systemd hosts already are)"
+        f"(mount --make-rshared {path}, which systemd hosts already are)"
     )
     if slave:
         return Check(

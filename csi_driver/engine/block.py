@@ -61,8 +61,13 @@ class BlockVolumes:
         with ctx.store.tx() as tx:
             tx.update_volume(v.id, staging_path=staging_path, stage_options={})
         ctx.step("stage.recorded")
-        Path(staging_path).mkdir(parents=True, exist_ok=True)
-        device = host.loop_attach(self.file(v))
+        try:
+            Path(staging_path).mkdir(parents=True, exist_ok=True)
+            device = host.loop_attach(self.file(v))
+        except Exception:  # a failed stage leaves no record behind
+            with ctx.store.tx() as tx:
+                tx.update_volume(v.id, staging_path=None, stage_options={})
+            raise
         with ctx.store.tx() as tx:
             tx.update_volume(v.id, stage_options={"device": device})
         self.modifier.apply(v)
@@ -111,22 +116,40 @@ class BlockVolumes:
 
         ctx.check_single_writer(v, target_path, readonly, single_writer, live=live)
         ctx.check_hides_nothing(target_path)
+        target = Path(target_path)
+        made = not os.path.lexists(target_path)
+        if not made and not (target.is_file() and not target.is_symlink() and target.stat().st_size == 0):
+            # the device is bound over the target: never over a caller's file or dir
+            raise FailedPrecondition(
+                f"{target_path} exists and is not an empty file; a block volume is published "
+                "only at a new or empty file"
+            )
+        attached = None
         if readonly:  # a read-only bind mount does not stop writes to a device node
             earlier = pub.options.get("device") if pub and pub.volume_id == v.id else None
             if self.device_ok(v, earlier):  # an attempt cut short by a crash: reuse its device
                 device = earlier
             else:
-                device = host.loop_attach(self.file(v), readonly=True)
+                device = attached = host.loop_attach(self.file(v), readonly=True)
         with ctx.store.tx() as tx:
             tx.add_publication(
                 Publication(v.id, target_path, readonly, {"device": device, "single_writer": single_writer})
             )
         ctx.step("publish.recorded")
-        target = Path(target_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            target.touch(mode=0o600)
-        host.bind_mount(device, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                target.touch(mode=0o600)
+            host.bind_mount(device, target)
+        except Exception:  # a failed publish leaves nothing behind: no record, no file it made
+            host.umount(target)
+            if made and target.is_file() and target.stat().st_size == 0:
+                target.unlink()
+            if attached:
+                host.loop_detach(attached)
+            with ctx.store.tx() as tx:
+                tx.delete_publication(v.id, target_path)
+            raise
         ctx.step("publish.mounted")
 
     def unpublish(self, v: Volume, target_path: str, table: host.Mounts) -> None:

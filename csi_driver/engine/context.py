@@ -66,6 +66,8 @@ class EngineConfig:
     node_id: str
     max_volumes: int = 0  # 0: no limit
     max_volume_size: int = 0  # 0: no limit
+    max_ephemeral_size: int = GiB  # all inline volumes together; 0: none allowed
+    max_snapshots_per_volume: int = 0  # 0: no limit
     max_depth: int = 64
     default_capacity: int = GiB
     min_capacity: int = MiB

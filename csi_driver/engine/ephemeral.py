@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from pathlib import Path
 
 from csi_driver.engine.context import EngineContext, VolumeSpec
 from csi_driver.engine.node import NodePublisher
 from csi_driver.engine.volumes import Volumes
+from csi_driver.errors import InvalidArgument, ResourceExhausted
 from csi_driver.store import Volume
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,27 @@ class Ephemeral:
         self.ctx = ctx
         self.volumes = volumes
         self.node = node
+        self._cap_guard = threading.Lock()  # the cap's check and the creation, one at a time
+
+    def _inline_bytes(self, but: str = "") -> int:
+        with self.ctx.store.read() as tx:
+            return sum(v.capacity_bytes for v in tx.volumes() if v.ephemeral and v.id != but)
+
+    def _check_cap(self, handle: str, size: int, but: str = "") -> None:
+        """--max-ephemeral-size: what all inline volumes of the node hold together."""
+        cap = self.ctx.config.max_ephemeral_size
+        if cap <= 0:
+            raise InvalidArgument(
+                "inline ephemeral volumes are disabled on this node (--max-ephemeral-size 0; "
+                "chart: csiDriver.ephemeral.enabled); use a PersistentVolumeClaim"
+            )
+        total = self._inline_bytes(but) + size
+        if total > cap:
+            raise ResourceExhausted(
+                f"inline volume {handle[:80]!r} of {size} bytes would bring this node's inline volumes "
+                f"to {total} bytes, above its --max-ephemeral-size of {cap} bytes; delete pods with "
+                "inline volumes, use a PersistentVolumeClaim, or raise csiDriver.ephemeral.maxSize"
+            )
 
     def ephemeral_volume(self, handle: str) -> Volume | None:
         with self.ctx.store.read() as tx:
@@ -45,12 +68,18 @@ class Ephemeral:
         """Create (idempotently, by handle), stage privately and publish.
 
         A refused publish changes nothing: a volume this call created is deleted again."""
-        created = self.ephemeral_volume(handle) is None
-        v = self.volumes.create_volume(
-            VolumeSpec(**{**spec.__dict__, "name": EPHEMERAL_PREFIX + handle, "ephemeral": True})
-        )
+        with self._cap_guard:
+            created = self.ephemeral_volume(handle) is None
+            if created:  # the size it will have (a base layer may make it larger: checked again)
+                size = self.ctx.resolve_capacity(spec.required_bytes, 0, self.ctx.config.default_capacity)
+                self._check_cap(handle, size)
+            v = self.volumes.create_volume(
+                VolumeSpec(**{**spec.__dict__, "name": EPHEMERAL_PREFIX + handle, "ephemeral": True})
+            )
         staging = self._ephemeral_staging(v)
         try:
+            if created:
+                self._check_cap(handle, v.capacity_bytes, but=v.id)
             self.node.stage(v.id, staging, mount_flags)
             self.node.publish(v.id, staging, target_path, readonly, mount_flags)
             if group:

@@ -121,12 +121,12 @@ class NodePublisher:
                 volume_id, staging_path=staging_path, stage_options={"mount_flags": mount_flags or []}
             )
         ctx.step("stage.recorded")
-        Path(staging_path).mkdir(parents=True, exist_ok=True)
-        if v.id in ctx.staged and not all(ctx.backend.is_active(x) for x in chain):
-            self.drop(v, chain)  # a stale hold: its mounts vanished (node reboot, manual umount)
-        if v.id not in ctx.staged:
-            self.hold(v, chain)
         try:
+            Path(staging_path).mkdir(parents=True, exist_ok=True)
+            if v.id in ctx.staged and not all(ctx.backend.is_active(x) for x in chain):
+                self.drop(v, chain)  # a stale hold: its mounts vanished (node reboot, manual umount)
+            if v.id not in ctx.staged:
+                self.hold(v, chain)
             flags = stage_mount_flags(mount_flags)
             for m in ctx.backend.mounts(chain):
                 self.mounter.mount(Mount(m.type, m.source, (*m.options, *flags), m.cwd), staging_path)
@@ -134,8 +134,17 @@ class NodePublisher:
         except Exception:
             self.mounter.umount(staging_path)
             self.drop(v, chain)
+            self.forget_staging(volume_id, staging_path)
             raise
         ctx.step("stage.mounted")
+
+    def forget_staging(self, volume_id: str, staging_path: str) -> None:
+        """A stage that failed (nothing is mounted, nothing is held) leaves no record:
+        a stale staging path would make later calls at or above it refuse."""
+        with self.ctx.store.tx() as tx:
+            current = tx.volume(volume_id)
+            if current is not None and current.staging_path == staging_path:
+                tx.update_volume(volume_id, staging_path=None, stage_options={})
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         ctx = self.ctx
@@ -212,11 +221,23 @@ class NodePublisher:
                 )
             )
         ctx.step("publish.recorded")
-        Path(target_path).mkdir(parents=True, exist_ok=True)
-        self.mounter.bind(staging_path, target_path)
-        ctx.step("publish.mounted")
-        if want:  # a bind takes the staging mount's flags; ro and the pod's flags are its own
-            self.mounter.remount_bind(target_path, ["ro" if readonly else "rw", *(mount_flags or [])])
+        target = Path(target_path)
+        made = not target.exists()
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            self.mounter.bind(staging_path, target_path)
+            ctx.step("publish.mounted")
+            if want:  # a bind takes the staging mount's flags; ro and the pod's flags are its own
+                self.mounter.remount_bind(target_path, ["ro" if readonly else "rw", *(mount_flags or [])])
+        except Exception:
+            # a failed publish leaves nothing behind: no mount, no record, no dir it made
+            self.mounter.umount(target_path)
+            if made:
+                with contextlib.suppress(OSError):
+                    target.rmdir()
+            with ctx.store.tx() as tx:
+                tx.delete_publication(volume_id, target_path)
+            raise
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
         ctx = self.ctx
@@ -235,7 +256,10 @@ class NodePublisher:
             self.mounter.umount(target_path)
         ctx.step("unpublish.unmounted")
         target = Path(target_path)
-        if target.is_dir() and not target.is_symlink():
+        with ctx.store.read() as tx:
+            pub = tx.publication_at(target_path)
+        # only the mount dir of a publication of this volume, never a caller's dir
+        if pub is not None and pub.volume_id == volume_id and target.is_dir() and not target.is_symlink():
             try:
                 target.rmdir()
             except OSError as e:
@@ -259,16 +283,20 @@ class NodePublisher:
             os.chown(root, -1, int(group))
             os.chmod(root, (st.st_mode & 0o7777) | 0o2070)
 
-    def release_orphan_target(self, target_path: str) -> bool:
+    def release_orphan_target(self, target_path: str, remove: str = "") -> bool:
         """Unpublish of a volume that no longer exists: fine if nothing is mounted
-        at the target (its empty dir or file is removed); False if something is."""
+        at the target; False if something is. ``remove`` is what the caller's check of
+        the path's shape allows to go: "dir" (an empty mount dir), "file" (an empty
+        block publish file) or "" (nothing: the driver cannot know it made it)."""
         if self.mounter.table().is_mounted(target_path):
             return False
         target = Path(target_path)
         with contextlib.suppress(OSError):
-            if target.is_dir() and not target.is_symlink():
+            if target.is_symlink():
+                return True
+            if remove == "dir" and target.is_dir():
                 target.rmdir()
-            elif target.is_file() and not target.is_symlink() and target.stat().st_size == 0:
+            elif remove == "file" and target.is_file() and target.stat().st_size == 0:
                 target.unlink()
         return True
 

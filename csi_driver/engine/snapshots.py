@@ -8,8 +8,9 @@ import time
 from csi_driver.engine.capture import Capture
 from csi_driver.engine.context import BLOCK, GROUP_PREFIX, SNAPSHOT_PREFIX, EngineContext
 from csi_driver.engine.transfers import exported_id, snapshot_reference
-from csi_driver.errors import AlreadyExists, InvalidArgument, NotFound
+from csi_driver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from csi_driver.ids import issued_id, new_id
+from csi_driver.locks import KeyedLocks
 from csi_driver.registry.reference import Repository
 from csi_driver.store import Layer, ReadTx, Snapshot, Tx, Volume
 
@@ -20,6 +21,17 @@ class Snapshots:
     def __init__(self, ctx: EngineContext, capture: Capture) -> None:
         self.ctx = ctx
         self.capture = capture
+        self._per_volume = KeyedLocks()  # --max-snapshots-per-volume: count and take, one at a time
+
+    def _check_limit(self, tx: ReadTx, v: Volume) -> None:
+        limit = self.ctx.config.max_snapshots_per_volume
+        if limit and len(tx.snapshots(source_volume_id=v.id)) >= limit:
+            # FAILED_PRECONDITION, not RESOURCE_EXHAUSTED: external-snapshotter takes the latter
+            # as not final and keeps the content "being created", which blocks its deletion
+            raise FailedPrecondition(
+                f"volume {v.id} already has {limit} snapshots, the node's --max-snapshots-per-volume; "
+                "delete some of its snapshots first"
+            )
 
     def create_group_snapshot(self, name: str, volume_ids: list[str]) -> tuple[dict, list[Snapshot]]:
         """Snapshots of several volumes taken at one instant (all frozen together)."""
@@ -35,6 +47,7 @@ class Snapshots:
                 v = tx.volume(vid)
                 if v is None:
                     raise NotFound(f"volume {vid} does not exist")
+                self._check_limit(tx, v)
                 vols.append(v)
         group_id = GROUP_PREFIX + new_id()
         need = sum(self.ctx.allocation(v) for v in vols)
@@ -102,6 +115,12 @@ class Snapshots:
             snapshot_id = issued_id(SNAPSHOT_PREFIX, self.ctx.config.node_id)
         else:  # any node can restore it: its id (and its artifact's tag) names no node
             snapshot_id = exported_id(repository, SNAPSHOT_PREFIX + new_id())
+        with self._per_volume.hold(source_volume_id):
+            return self._create_snapshot(name, source_volume_id, group_id, repository, snapshot_id)
+
+    def _create_snapshot(
+        self, name: str, source_volume_id: str, group_id: str, repository: Repository | None, snapshot_id: str
+    ) -> Snapshot:
         with self.ctx.store.tx() as tx:
             existing = tx.snapshot_by_name(name)
             if existing is not None:
@@ -116,6 +135,7 @@ class Snapshots:
                 raise NotFound(f"volume {source_volume_id} does not exist")
             if repository is not None and v.access_type == BLOCK:
                 raise InvalidArgument("a block volume's snapshot cannot be exported to a registry")
+            self._check_limit(tx, v)
         admitted = self.ctx.capacity.admit(self.ctx.allocation(v), f"snapshot {name!r}")
         with admitted, self.ctx.scratch() as scratch:
             layer = self.capture.volume(source_volume_id, scratch)

@@ -30,9 +30,15 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.engine = ctx.engine
         self.locks = ctx.locks
 
-    def _path(self, value: str, what: str) -> str:
+    def _path(self, value: str, what: str, shapes: tuple[str, ...]) -> tuple[str, str]:
+        """The checked path and, with --kubelet-dir, which of kubelet's ``shapes`` it has."""
         checked = v.outside_state(v.path(value, what), self.engine.state.root, what)
-        return v.inside(checked, self.ctx.kubelet_dir, what)
+        checked = v.inside(checked, self.ctx.kubelet_dir, what)
+        return checked, v.kubelet_shape(checked, self.ctx.kubelet_dir, self.ctx.driver_name, shapes, what)
+
+    @staticmethod
+    def _shapes(cap: v.Capability, mount: str, block: str) -> tuple[str, ...]:
+        return (block,) if cap.access_type == "block" else (mount,)
 
     @staticmethod
     def _capability(request) -> v.Capability:
@@ -54,8 +60,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @rpc(guard=lambda r: [r.volume_id])
     def NodeStageVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
-        staging = self._path(request.staging_target_path, "staging_target_path")
+        v.path(request.staging_target_path, "staging_target_path")
         cap = self._capability(request)
+        staging, _ = self._path(
+            request.staging_target_path, "staging_target_path", self._shapes(cap, "staging", "block-staging")
+        )
         vol = self._volume(request.volume_id)
         if cap.access_type != vol.access_type:
             raise InvalidArgument(f"volume {vol.id} is a {vol.access_type} volume")
@@ -65,7 +74,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @rpc(guard=lambda r: [r.volume_id])
     def NodeUnstageVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
-        staging = self._path(request.staging_target_path, "staging_target_path")
+        staging, _ = self._path(request.staging_target_path, "staging_target_path", v.STAGING_SHAPES)
         try:
             vol = self._volume(request.volume_id)
         except NotFound:
@@ -83,14 +92,18 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @rpc(guard=lambda r: [r.volume_id])
     def NodePublishVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
-        target = self._path(request.target_path, "target_path")
+        v.path(request.target_path, "target_path")
         cap = self._capability(request)
+        shapes = self._shapes(cap, "target", "block-target")
+        target, _ = self._path(request.target_path, "target_path", shapes)
         readonly = request.readonly or cap.mode in v.READONLY_MODES or "ro" in cap.mount_flags
         flags = [f for f in cap.mount_flags if f not in ("ro", "rw")]
         if request.volume_context.get(v.EPHEMERAL_KEY) == "true":
             self._publish_ephemeral(request, target, cap, readonly, flags)
             return csi.NodePublishVolumeResponse()
-        staging = self._path(request.staging_target_path, "staging_target_path")
+        staging, _ = self._path(
+            request.staging_target_path, "staging_target_path", self._shapes(cap, "staging", "block-staging")
+        )
         vol = self._volume(request.volume_id)
         single = cap.mode == v.AccessMode.SINGLE_NODE_SINGLE_WRITER
         self.engine.publish(vol.id, staging, target, readonly, flags, single_writer=single)
@@ -119,14 +132,18 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @rpc(guard=lambda r: [r.volume_id])
     def NodeUnpublishVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
-        target = self._path(request.target_path, "target_path")
+        target, shape = self._path(request.target_path, "target_path", v.TARGET_SHAPES)
         try:
             vol = self._volume(request.volume_id)
         except NotFound:
             # Already gone (an inline volume deleted by an earlier call whose reply
             # was lost, or a retry after kubelet reconstruction): done, if nothing
-            # is mounted there; kubelet retries a failed teardown forever.
-            if not self.engine.release_orphan_target(target):
+            # is mounted there; kubelet retries a failed teardown forever. What is left
+            # there is removed only when it is what the driver makes at a path of
+            # kubelet's shape (an empty mount dir, an empty block publish file).
+            shape = shape or v.shape_of(target, self.ctx.driver_name, v.TARGET_SHAPES)
+            remove = {"target": "dir", "block-target": "file"}.get(shape, "")
+            if not self.engine.release_orphan_target(target, remove):
                 raise
             return csi.NodeUnpublishVolumeResponse()
         if vol.ephemeral:
@@ -139,6 +156,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodeGetVolumeStats(self, request, context):
         v.required(request.volume_id, "volume_id")
         v.required(request.volume_path, "volume_path")
+        if self.ctx.kubelet_dir:
+            self._path(request.volume_path, "volume_path", v.STATS_SHAPES)
         vol = self._volume(request.volume_id)
         st = self.engine.stats(vol.id, request.volume_path)
         Usage = csi.VolumeUsage

@@ -154,6 +154,65 @@ def inside(path: str, root: str, what: str) -> str:
     return path
 
 
+# kubelet's own paths (pkg/volume/csi): what a node path must look like, relative to
+# --kubelet-dir, when it is set. {seg} is one path component (a PV name, a pod UID, a
+# volume's spec name); kubelet makes the parents, the driver the last component.
+_SEG = r"[^/]+"
+_CSI = r"plugins/kubernetes\.io/csi"
+KUBELET_SHAPES = {
+    # csi_attacher.go makeDeviceMountPath: <driver>/<sha256 of the volume handle>/globalmount
+    "staging": r"{csi}/{driver}/[0-9a-f]{{64}}/globalmount",
+    # csi_block.go getStagingPath
+    "block-staging": r"{csi}/volumeDevices/staging/{seg}",
+    # csi_mounter.go GetPath
+    "target": r"pods/{seg}/volumes/kubernetes\.io~csi/{seg}/mount",
+    # csi_block.go getPublishPath
+    "block-target": r"{csi}/volumeDevices/publish/{seg}/{seg}",
+    # csi_block.go GetGlobalMapPath + "/" + pod UID (csi_plugin.go NewBlockVolumeMapper's stats path)
+    "block-map": r"{csi}/volumeDevices/{seg}/dev/{seg}",
+}
+STAGING_SHAPES = ("staging", "block-staging")
+TARGET_SHAPES = ("target", "block-target")
+STATS_SHAPES = (*TARGET_SHAPES, *STAGING_SHAPES, "block-map")
+_SHAPE_HELP = {
+    "staging": "<kubelet dir>/plugins/kubernetes.io/csi/<driver>/<sha256>/globalmount",
+    "block-staging": "<kubelet dir>/plugins/kubernetes.io/csi/volumeDevices/staging/<pv>",
+    "target": "<kubelet dir>/pods/<pod uid>/volumes/kubernetes.io~csi/<name>/mount",
+    "block-target": "<kubelet dir>/plugins/kubernetes.io/csi/volumeDevices/publish/<pv>/<pod uid>",
+    "block-map": "<kubelet dir>/plugins/kubernetes.io/csi/volumeDevices/<pv>/dev/<pod uid>",
+}
+
+
+def kubelet_shape(path: str, root: str, driver: str, shapes: tuple[str, ...], what: str) -> str:
+    """With ``--kubelet-dir``, which of ``shapes`` (kubelet's own paths) ``path`` has,
+    resolved (symlinks followed) against the resolved kubelet dir; anything else, the
+    kubelet dir itself included, is INVALID_ARGUMENT. '' without ``--kubelet-dir``."""
+    if not root:
+        return ""
+    real, base = os.path.realpath(path), os.path.realpath(root).rstrip("/")
+    rel = real[len(base) + 1 :] if real.startswith(base + "/") else None
+    if rel is not None:
+        for shape in shapes:
+            pattern = KUBELET_SHAPES[shape].format(csi=_CSI, driver=re.escape(driver), seg=_SEG)
+            if re.fullmatch(pattern, rel) and all(p not in (".", "..") for p in rel.split("/")):
+                return shape
+    raise InvalidArgument(
+        f"{what} {path[:200]} is not a path kubelet makes under the kubelet dir {root}; expected "
+        + " or ".join(_SHAPE_HELP[s] for s in shapes)
+    )
+
+
+def shape_of(path: str, driver: str, shapes: tuple[str, ...]) -> str:
+    """Which of ``shapes`` ``path`` ends with, under any root ('' if none): without
+    ``--kubelet-dir``, what an unknown volume's teardown may remove is still only what
+    the driver makes at a path kubelet would name."""
+    for shape in shapes:
+        pattern = KUBELET_SHAPES[shape].format(csi=_CSI, driver=re.escape(driver), seg=_SEG)
+        if re.fullmatch(rf"(?:/[^/]+)*/{pattern}", path):
+            return shape
+    return ""
+
+
 def string_map(m: dict[str, str], what: str) -> dict[str, str]:
     if len(m) > MAX_MAP_ENTRIES:
         raise InvalidArgument(f"{what} has more than {MAX_MAP_ENTRIES} entries")

@@ -52,6 +52,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "logFormat": "text",
             "maxVolumesPerNode": 500,
             "maxVolumeSize": "200Gi",
+            "maxSnapshotsPerVolume": 50,
             "overprovisionRatio": "2.5",
             "lowSpaceWatermark": "15%",
             "insecureRegistries": ["registry.lan:5000", "10.0.0.7"],
@@ -90,10 +91,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metrics": {
             "enabled": True,
             "port": 9900,
+            "bindAddress": "localhost",
             "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
         },
         "snapshotController": {"install": True},
-        "csiDriver": {"fsGroupPolicy": "None", "seLinuxMount": True},
+        "csiDriver": {"fsGroupPolicy": "None", "seLinuxMount": True,
+                      "ephemeral": {"enabled": True, "maxSize": "4Gi"}},
     },
     "minimal": {
         "rbac": {"create": False},

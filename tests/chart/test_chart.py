@@ -117,6 +117,9 @@ def test_helm_template_renders_well_formed_objects(render, value_set):
         seen.add(key)
         if d["kind"] in CLUSTER_SCOPED:
             assert "namespace" not in meta, f"cluster-scoped {key} has a namespace"
+        elif meta["name"] == f"{RELEASE}-registry-secret":  # read access where the Secret lives
+            namespace = r.values["registry"]["secret"]["namespace"] or NAMESPACE
+            assert meta.get("namespace") == namespace, f"{key} is not in the registry secret's namespace"
         else:
             assert meta.get("namespace") == NAMESPACE, f"{key} is not in the release namespace"
         labels = meta.get("labels", {})
@@ -201,10 +204,16 @@ def test_kubelet_paths_agree_with_kubelet_dir(render, value_set):
     ds = r.daemonset
     vols = volumes(ds)
     driver = container(ds, "overlay-csi")
-    assert vols["kubelet-dir"]["hostPath"]["path"] == kdir
-    # The kubelet passes host paths (targets, staging dirs): mount at the same path.
-    assert mounts(driver)["kubelet-dir"]["mountPath"] == kdir
-    assert mounts(driver)["kubelet-dir"]["mountPropagation"] == "Bidirectional"
+    # The kubelet passes host paths (targets, staging dirs): mount at the same paths, and
+    # only kubelet's pods/ and plugins/, never the whole kubelet dir (its config, its
+    # pod-resources and device-plugin sockets, plugins_registry).
+    for name, sub in (("kubelet-pods", "pods"), ("kubelet-plugins", "plugins")):
+        assert vols[name]["hostPath"]["path"] == f"{kdir}/{sub}"
+        assert mounts(driver)[name]["mountPath"] == f"{kdir}/{sub}"
+        assert mounts(driver)[name]["mountPropagation"] == "Bidirectional"
+    host_paths = [v["hostPath"]["path"].rstrip("/") for v in vols.values() if "hostPath" in v]
+    assert kdir not in host_paths, "the whole kubelet dir must not be mounted"
+    assert arg_value(driver, "--kubelet-dir") == kdir
     assert vols["registration-dir"]["hostPath"]["path"] == f"{kdir}/plugins_registry"
     assert mounts(container(ds, "node-driver-registrar"))["registration-dir"]["mountPath"] == "/registration"
     assert vols["socket-dir"]["hostPath"]["path"].startswith(kdir + "/plugins/")
@@ -252,7 +261,14 @@ def test_driver_arguments(render, value_set):
         assert c["image"] == f"{v['image']['repository']}:{v['image']['tag'] or '0.1.0'}"
     assert has_flag(node, "--metrics-address") == bool(v["metrics"]["enabled"])
     if v["metrics"]["enabled"]:
-        assert arg_value(node, "--metrics-address") == f":{v['metrics']['port']}"
+        # never every interface by default: the pod's own IP (downward API) or localhost
+        host = {"podIP": "$(POD_IP)", "localhost": "127.0.0.1"}.get(v["metrics"]["bindAddress"],
+                                                                     v["metrics"]["bindAddress"])
+        assert arg_value(node, "--metrics-address") == f"{host}:{v['metrics']['port']}"
+        assert (env_field(node, "POD_IP") == "status.podIP") == (v["metrics"]["bindAddress"] == "podIP")
+    eph = v["csiDriver"]["ephemeral"]
+    assert arg_value(node, "--max-ephemeral-size") == (eph["maxSize"] if eph["enabled"] else "0")
+    assert has_flag(node, "--max-snapshots-per-volume") == bool(v["driver"]["maxSnapshotsPerVolume"])
     assert has_flag(node, "--max-volumes-per-node") == bool(v["driver"]["maxVolumesPerNode"])
     assert has_flag(node, "--max-volume-size") == bool(v["driver"]["maxVolumeSize"])
     capacity_flags = {"overprovisionRatio": "--overprovision-ratio",
@@ -518,7 +534,8 @@ def test_csidriver(render, value_set):
     assert spec["fsGroupPolicy"] == r.values["csiDriver"]["fsGroupPolicy"]
     assert spec["storageCapacity"] is r.values["csiDriver"]["storageCapacity"]
     assert spec["seLinuxMount"] is r.values["csiDriver"]["seLinuxMount"]
-    assert spec["volumeLifecycleModes"] == ["Persistent", "Ephemeral"]
+    ephemeral = r.values["csiDriver"]["ephemeral"]["enabled"]
+    assert spec["volumeLifecycleModes"] == ["Persistent", "Ephemeral"] if ephemeral else ["Persistent"]
 
 
 def test_storage_and_snapshot_classes(render, value_set):
@@ -557,13 +574,33 @@ def test_storage_and_snapshot_classes(render, value_set):
             assert params[prefix + "provisioner-secret-namespace"] == namespace
 
 
-def test_sidecars_may_read_the_registry_secret_only_when_there_is_one(render, value_set):
+def test_sidecars_may_read_the_registry_secret_only_by_name_in_its_namespace(render, value_set):
     r = render(value_set)
     if not r.values["rbac"]["create"]:
         pytest.skip("rbac.create=false renders no RBAC")
-    node_sa = pod_spec(r.daemonset)["serviceAccountName"]
-    read = [("", "secrets", ("get",), "cluster")]
-    assert bool(_missing(r, node_sa, read)) != bool(r.values["registry"]["secret"]["name"])
+    v = r.values
+    for role in r.of_kind("ClusterRole"):  # no service account reads every Secret of the cluster
+        for rule in role.get("rules", []):
+            assert not {"secrets", "*"} & set(rule.get("resources", [])), role["metadata"]["name"]
+    roles = [d for d in r.of_kind("Role")
+             if any("secrets" in rule.get("resources", []) for rule in d.get("rules", []))]
+    secret = v["registry"]["secret"]
+    if not secret["name"]:
+        assert not roles
+        return
+    namespace = secret["namespace"] or NAMESPACE
+    (role,) = roles
+    name = role["metadata"]["name"]
+    assert role["metadata"]["namespace"] == namespace
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret["name"]],
+                              "verbs": ["get"]}]
+    (binding,) = [b for b in r.of_kind("RoleBinding") if b["roleRef"]["name"] == name]
+    assert binding["metadata"]["namespace"] == namespace and binding["roleRef"]["kind"] == "Role"
+    readers = {pod_spec(r.daemonset)["serviceAccountName"]}  # csi-provisioner, csi-snapshotter
+    for dep in r.of_kind("Deployment"):
+        if dep["metadata"]["name"].endswith("-registry-snapshotter"):
+            readers.add(pod_spec(dep)["serviceAccountName"])
+    assert {(s["name"], s["namespace"]) for s in binding["subjects"]} == {(sa, NAMESPACE) for sa in readers}
 
 
 def test_pdb_covers_the_deployment(render, value_set):

@@ -201,6 +201,8 @@ def cluster() -> Iterator[Cluster]:
             "--set", "image.pullPolicy=Never",
             "--set", "snapshotController.install=true",
             "--set", "driver.logLevel=debug",
+            # inline volumes are off by default; the scenarios and the storage suite use them
+            "--set", "csiDriver.ephemeral.enabled=true", "--set", "csiDriver.ephemeral.maxSize=4Gi",
             "--wait", "--timeout", "10m")
 
         def registered_everywhere() -> bool:

@@ -9,6 +9,7 @@ as kubelet and the sidecars reach it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import imagebuild
 import nodepod
 import pytest
@@ -70,10 +72,13 @@ class Node:
     def share(self) -> None:
         for path in (self.kubelet, self.state):
             nodepod.share(path)
-        (self.kubelet / "plugins_registry").mkdir()
+        for sub in ("plugins_registry", "pods", "plugins"):  # kubelet makes them at start
+            (self.kubelet / sub).mkdir()
 
-    def staging(self, pv: str) -> Path:
-        return self.kubelet / "plugins" / "kubernetes.io" / "csi" / DRIVER / pv / "globalmount"
+    def staging(self, handle: str) -> Path:
+        """csi_attacher.go makeDeviceMountPath: the sha256 of the volume handle."""
+        sha = hashlib.sha256(handle.encode()).hexdigest()
+        return self.kubelet / "plugins" / "kubernetes.io" / "csi" / DRIVER / sha / "globalmount"
 
     def target(self, pod_uid: str, pv: str) -> Path:
         return self.kubelet / "pods" / pod_uid / "volumes" / "kubernetes.io~csi" / pv / "mount"
@@ -123,15 +128,18 @@ def test_chart_node_pod_serves_a_pod_volume_through_the_hostpath_socket(image_ro
             info = c.node.NodeGetInfo(csi.NodeGetInfoRequest())
             assert info.node_id == "image-node"  # NODE_NAME from the downward API reached --node-id
             vid = c.create_volume("pvc-image", 64 * MiB).volume_id
-            staging, target = node.staging("pv-a"), node.target("uid-a", "pv-a")
+            staging, target = node.staging(vid), node.target("uid-a", "pv-a")
             staging.mkdir(parents=True)
+            with pytest.raises(grpc.RpcError) as e:  # the chart's --kubelet-dir: kubelet's paths only
+                c.stage(vid, node.kubelet)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             c.stage(vid, staging)
             c.publish(vid, staging, target)
             data = os.urandom(3 * MiB)
             (target / "data.bin").write_bytes(data)  # the host sees the pod's mount: propagation works
             snap = c.create_snapshot("snap-image", vid).snapshot_id  # in use: frozen copy
             rid = c.create_volume("pvc-restore", 64 * MiB, snapshot=snap).volume_id
-            r_staging, r_target = node.staging("pv-b"), node.target("uid-b", "pv-b")
+            r_staging, r_target = node.staging(rid), node.target("uid-b", "pv-b")
             r_staging.mkdir(parents=True)
             c.stage(rid, r_staging)
             c.publish(rid, r_staging, r_target)
@@ -164,7 +172,8 @@ def test_doctor_inside_the_image(image_root: Path, node: Node):
 def test_csi_sanity_against_the_chart_node_pod(image_root: Path, node: Node):
     # as tests/test_csi_sanity.py: csi-sanity v5.4.0 does not know GET_SNAPSHOT
     argv = imagebuild.entrypoint(REF) + node.pod.args + [
-        "--hide-capability", "GET_SNAPSHOT", "--max-volumes-per-node", "8"]
+        "--hide-capability", "GET_SNAPSHOT", "--max-volumes-per-node", "8",
+        "--kubelet-dir", ""]  # csi-sanity's own mount and staging dirs are not kubelet's paths
     pod = nodepod.RunningPod(node.pod, image_root, node.root / "ctr", argv)
     try:
         pod.wait_for(node.socket)

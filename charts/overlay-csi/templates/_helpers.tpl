@@ -141,3 +141,15 @@ managed-by label value of the contents it checks (a label value: 63 characters).
 {{- define "overlay-csi.registrySnapshotterName" -}}
 {{- printf "%s-registry" (include "overlay-csi.fullname" . | trunc 54 | trimSuffix "-") -}}
 {{- end }}
+
+{{/*
+The address the node plugin serves metrics on (metrics.bindAddress): the pod's
+own IP from the downward API, localhost, or an address given as is.
+*/}}
+{{- define "overlay-csi.metricsHost" -}}
+{{- $a := .Values.metrics.bindAddress | toString -}}
+{{- if eq $a "podIP" -}}$(POD_IP)
+{{- else if eq $a "localhost" -}}127.0.0.1
+{{- else -}}{{ $a }}
+{{- end -}}
+{{- end -}}
