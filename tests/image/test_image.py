@@ -178,8 +178,11 @@ def test_csi_sanity_against_the_chart_node_pod(image_root: Path, node: Node):
     try:
         pod.wait_for(node.socket)
         proc = subprocess.run(
-            [SANITY, "--csi.endpoint", str(node.socket), "--csi.mountdir", str(node.kubelet / "sanity-mnt"),
-             "--csi.stagingdir", str(node.kubelet / "sanity-staging"), "--csi.testvolumesize", str(64 * MiB),
+            # under the kubelet dirs the chart shares with the pod (pods/ and plugins/ only)
+            [SANITY, "--csi.endpoint", str(node.socket),
+             "--csi.mountdir", str(node.kubelet / "pods" / "sanity-mnt"),
+             "--csi.stagingdir", str(node.kubelet / "plugins" / "sanity-staging"),
+             "--csi.testvolumesize", str(64 * MiB),
              "--csi.testvolumeexpandsize", str(128 * MiB), "--csi.testnodevolumeattachlimit",
              "--ginkgo.no-color"], capture_output=True, text=True, timeout=900)
     finally:
