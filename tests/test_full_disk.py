@@ -263,6 +263,13 @@ def test_a_full_disk_stops_only_the_volume_that_fills_it(small_disk: Path, caplo
         for junk in [*target["b"].glob("fill-*"), target["b"] / "overflow"]:
             junk.unlink(missing_ok=True)  # what it failed to write, and what filled the disk
         assert write(target["b"] / "after", 8) == 0
+        # Under load the host's free space has been seen to come back a moment after the
+        # unlink on xfs (freed blocks reach the host through discard); finding why is issue
+        # 25's, this wait only keeps CI from failing on it. Bounded: 15 s.
+        deadline = time.monotonic() + 15
+        while condition(d, vols["b"], target["b"]) != "" and time.monotonic() < deadline:
+            os.sync()
+            time.sleep(0.2)
         assert condition(d, vols["b"], target["b"]) == ""
         # promises resume once the watermark is passed and the volumes' allocations are
         # read again (at most HELD_TTL seconds old: until then the node errs on caution)
