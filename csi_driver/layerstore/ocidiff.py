@@ -716,10 +716,10 @@ def count_tar(tar: BinaryIO, max_entries: int) -> DiffStats:
                 stats.entries += 1
                 if stats.entries > max_entries:
                     raise TooManyEntries(f"holds more than {max_entries} entries (the per-layer limit)")
-                if ti.isreg():
-                    stats.bytes += ti.size
-                elif ti.name.rpartition("/")[2].startswith(WH_PREFIX):
+                if ti.name.rstrip("/").rpartition("/")[2].startswith(WH_PREFIX):
                     stats.whiteouts += 1
+                elif ti.isreg():
+                    stats.bytes += ti.size
     except tarfile.TarError as e:
         raise DiffError(f"not a valid layer tar: {e}") from e
     return stats

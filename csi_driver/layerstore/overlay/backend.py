@@ -137,9 +137,9 @@ class OverlayLoopBackend:
             self._mount_view(chain, root / "upper")
             try:
                 (root / "work").mkdir(exist_ok=True)
-                tree = host.tree_bytes(root / "upper")
-                size = image_size_for(tree + tree // 4 + 64 * MiB)  # from the tree: no compounding
-                build_image(build / "image", size, "ext4", populate=root)
+                tree, entries = host.tree_usage(root / "upper")
+                size, inodes = image_size_for_entries(tree, entries + 2)  # from the tree: no compounding
+                build_image(build / "image", size, "ext4", populate=root, inodes=inodes)
             finally:
                 host.umount(root / "upper")
         finally:
@@ -157,9 +157,9 @@ class OverlayLoopBackend:
         else:
             populate_from_tar(source, root / "upper")
         try:
-            used = host.tree_bytes(root / "upper")
-            size = image_size_for(used + used // 4 + 64 * MiB)
-            build_image(build / "image", size, "ext4", populate=root)
+            used, entries = host.tree_usage(root / "upper")
+            size, inodes = image_size_for_entries(used, entries + 2)
+            build_image(build / "image", size, "ext4", populate=root, inodes=inodes)
         finally:
             host.umount(root / "upper")
         host.remove_tree(root)  # unmounts again whatever is still below (a bind of the source)
