@@ -630,3 +630,37 @@ def test_a_layer_that_expands_beyond_its_cap_is_refused(tmp_path: Path) -> None:
         d = stack.enter_context(serving(tmp_path / "node", insecure_registries=frozenset({reg.host})))
         ref = push_blob_image(reg, "hostile/bomb", bomb, scratch)
         refused_cleanly(d, ref, grpc.StatusCode.DATA_LOSS, "expands beyond 20 times its size")
+
+
+def test_a_layer_is_admitted_by_what_it_expands_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 30 KB gzip of a 30 MiB file is admitted for 30 MiB and more, not for four
+    times its compressed size; the admission is released once the layer is recorded."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        ti = tarfile.TarInfo("zeros")
+        ti.size = 30 * MiB
+        tar.addfile(ti, io.BytesIO(bytes(ti.size)))
+    blob = gzip.compress(raw.getvalue(), mtime=0)
+    assert len(blob) < 100_000
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with ExitStack() as stack:
+        reg = stack.enter_context(LocalRegistry(tmp_path / "registry"))
+        (tmp_path / "node").mkdir()
+        d = stack.enter_context(serving(tmp_path / "node", insecure_registries=frozenset({reg.host})))
+        ref = push_blob_image(reg, "sparse/zeros", blob, scratch)
+        needs: list[tuple[int, str]] = []
+        real = d.engine.capacity.admit
+
+        def admit(need: int, what: str, *args, **kwargs):
+            needs.append((need, what))
+            return real(need, what, *args, **kwargs)
+
+        monkeypatch.setattr(d.engine.capacity, "admit", admit)
+        vol = d.client.create_volume("z", 64 * MiB, parameters={"baseLayer": ref})
+        pull = sum(need for need, what in needs if "sparse/zeros" in what)
+        assert pull >= 30 * MiB, needs
+        assert d.engine.capacity.figures().pending == 0
+        d.client.delete_volume(vol.volume_id)
+        d.engine.delete_named_layer(ref)
+        nothing_left(d)
