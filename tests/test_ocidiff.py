@@ -482,3 +482,21 @@ def test_import_refuses_unsafe_tars_and_writes_nothing_outside(tmp_path, case):
     after = os.stat(outside / "secret")
     assert (after.st_nlink, after.st_mode, after.st_ctime_ns) == before  # no link, chmod, chown, write
     assert (outside / "secret").read_text() == "secret"
+
+
+def test_count_tar_counts_entries_and_bytes_and_stops_at_the_limit() -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(10):
+            ti = tarfile.TarInfo(f"f{i}")
+            ti.size = i
+            tar.addfile(ti, io.BytesIO(b"x" * i))
+        tar.addfile(tarfile.TarInfo(".wh.gone"))
+    raw.seek(0)
+    stats = ocidiff.count_tar(raw, 11)
+    assert (stats.entries, stats.bytes, stats.whiteouts) == (11, 45, 1)
+    raw.seek(0)
+    with pytest.raises(ocidiff.TooManyEntries, match="more than 10 entries"):
+        ocidiff.count_tar(raw, 10)
+    with pytest.raises(DiffError, match="not a valid layer tar"):
+        ocidiff.count_tar(io.BytesIO(b"\x01" * 1024), 10)

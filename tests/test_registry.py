@@ -531,3 +531,136 @@ def test_the_cli_pushes_pulls_and_keeps(
         rc, _, err = run("layer", "pull", f"{reg.host}/base/motd:v1", "--state-dir", str(b / "state"), *opts,
                          "--refresh")  # fmt: skip
         assert rc == 1 and "OVERLAY_CSI_REGISTRY_PASSWORD" in err, err
+
+
+# ---- what an import costs: inodes and expanded bytes, admitted first -----------------
+
+# 100,000 pass too (90 s here: OVERLAY_CSI_MANY_FILES=100000); 40,000 keep it near 40 s,
+# four times what an image sized by bytes alone held before
+MANY_FILES = int(os.environ.get("OVERLAY_CSI_MANY_FILES", "40000"))
+
+
+def test_a_snapshot_of_many_small_files_restores_on_another_node(
+    nodes: tuple[LocalRegistry, Driver, Driver],
+) -> None:
+    """An image gets an inode per entry of its tar: tens of thousands of small files
+    (more than the one inode per 16 KiB of a bytes-sized image) move from node A to node B."""
+    reg, a, b = nodes
+    repository = f"{reg.host}/{REPO}"
+    vid = a.client.create_volume("many", 4 << 30).volume_id
+    with staged(a, vid) as root:
+        for i in range(MANY_FILES // 1000):
+            folder = root / f"d{i:03d}"
+            folder.mkdir()
+            for j in range(1000):
+                fd = os.open(folder / f"f{j}", os.O_WRONLY | os.O_CREAT, 0o644)
+                if j % 10 == 0:
+                    os.write(fd, b"x" * j)
+                os.close(fd)
+        expected = tree(root)
+    assert len(expected) >= MANY_FILES
+    snap = a.client.create_snapshot("s", vid, parameters={"repository": repository})
+    restored = b.client.create_volume("many-copy", 4 << 30, snapshot=snap.snapshot_id)
+    with staged(b, restored.volume_id) as root:
+        assert tree(root) == expected
+    b.client.delete_volume(restored.volume_id)
+    nothing_left(b)
+    assert b.engine.capacity.figures().pending == 0
+
+
+def push_blob_image(reg: LocalRegistry, path: str, blob: bytes, scratch: Path) -> str:
+    """One gzip layer blob, uploaded raw, behind an image manifest: its reference."""
+    push_image(reg, path, "1", [blob], scratch)
+    return f"{reg.host}/{path}:1"
+
+
+def refused_cleanly(d: Driver, ref: str, want: grpc.StatusCode, words: str) -> None:
+    code, message = code_of(d.client.create_volume, "x", 64 * MiB, parameters={"baseLayer": ref})
+    assert (code, words in message) == (want, True), f"{code} {message}"
+    nothing_left(d)
+    assert d.engine.capacity.figures().pending == 0, "the admission is released"
+
+
+def test_a_layer_of_too_many_entries_is_refused_before_it_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small gzip of many empty entries costs no inode: it is counted first
+    and refused (RESOURCE_EXHAUSTED) above the per-layer entry limit."""
+    from csi_driver.engine import transfers
+
+    monkeypatch.setattr(transfers, "MAX_LAYER_ENTRIES", 10_000, raising=False)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(12_000):
+            tar.addfile(tarfile.TarInfo(f"e{i}"))
+    hostile = gzip.compress(raw.getvalue(), mtime=0)
+    assert len(hostile) < 200_000
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with ExitStack() as stack:
+        reg = stack.enter_context(LocalRegistry(tmp_path / "registry"))
+        (tmp_path / "node").mkdir()
+        d = stack.enter_context(serving(tmp_path / "node", insecure_registries=frozenset({reg.host})))
+        ref = push_blob_image(reg, "hostile/entries", hostile, scratch)
+        built = []
+        real = d.engine.backend.import_diff
+        monkeypatch.setattr(d.engine.backend, "import_diff", lambda *a, **k: built.append(1) or real(*a, **k))
+        before = sum(len(dirs) + len(files) for _p, dirs, files in os.walk(d.state))
+        refused_cleanly(d, ref, grpc.StatusCode.RESOURCE_EXHAUSTED, "more than 10000 entries")
+        assert built == [], "refused before anything was made of it"
+        after = sum(len(dirs) + len(files) for _p, dirs, files in os.walk(d.state))
+        assert after - before < 100, "the host's inodes are not consumed"
+
+
+def test_a_layer_that_expands_beyond_its_cap_is_refused(tmp_path: Path) -> None:
+    """A gzip may expand GZIP_RATIO times plus 64 MiB, and what it expands to is
+    what admission promises; beyond the cap: DATA_LOSS, nothing left."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        ti = tarfile.TarInfo("zeros")
+        ti.size = 200 * MiB
+        tar.addfile(ti, io.BytesIO(bytes(ti.size)))
+    bomb = gzip.compress(raw.getvalue(), compresslevel=1, mtime=0)
+    assert len(bomb) < 2 * MiB
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with ExitStack() as stack:
+        reg = stack.enter_context(LocalRegistry(tmp_path / "registry"))
+        (tmp_path / "node").mkdir()
+        d = stack.enter_context(serving(tmp_path / "node", insecure_registries=frozenset({reg.host})))
+        ref = push_blob_image(reg, "hostile/bomb", bomb, scratch)
+        refused_cleanly(d, ref, grpc.StatusCode.DATA_LOSS, "expands beyond 20 times its size")
+
+
+def test_a_layer_is_admitted_by_what_it_expands_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 30 KB gzip of a 30 MiB file is admitted for 30 MiB and more, not for four
+    times its compressed size; the admission is released once the layer is recorded."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        ti = tarfile.TarInfo("zeros")
+        ti.size = 30 * MiB
+        tar.addfile(ti, io.BytesIO(bytes(ti.size)))
+    blob = gzip.compress(raw.getvalue(), mtime=0)
+    assert len(blob) < 100_000
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with ExitStack() as stack:
+        reg = stack.enter_context(LocalRegistry(tmp_path / "registry"))
+        (tmp_path / "node").mkdir()
+        d = stack.enter_context(serving(tmp_path / "node", insecure_registries=frozenset({reg.host})))
+        ref = push_blob_image(reg, "sparse/zeros", blob, scratch)
+        needs: list[tuple[int, str]] = []
+        real = d.engine.capacity.admit
+
+        def admit(need: int, what: str, *args, **kwargs):
+            needs.append((need, what))
+            return real(need, what, *args, **kwargs)
+
+        monkeypatch.setattr(d.engine.capacity, "admit", admit)
+        vol = d.client.create_volume("z", 64 * MiB, parameters={"baseLayer": ref})
+        pull = sum(need for need, what in needs if "sparse/zeros" in what)
+        assert pull >= 30 * MiB, needs
+        assert d.engine.capacity.figures().pending == 0
+        d.client.delete_volume(vol.volume_id)
+        d.engine.delete_named_layer(ref)
+        nothing_left(d)

@@ -36,14 +36,14 @@ import platform
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from csi_driver.engine.context import BLOCK, SNAPSHOT_PREFIX, EngineContext
 from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from csi_driver.ids import untagged
-from csi_driver.layerstore.ocidiff import DiffError
+from csi_driver.layerstore.ocidiff import DiffError, TooManyEntries, count_tar
 from csi_driver.locks import KeyedLocks
 from csi_driver.registry import cancel
 from csi_driver.registry.client import (
@@ -77,7 +77,13 @@ EMPTY_CONFIG = Descriptor(
 NOTE = "dev.overlay-csi.snapshot."  # the manifest annotations' prefix
 MAX_SNAPSHOT_ID = 128  # CSI: an id of at most 128 bytes
 MAX_LAYERS = 128  # more than a chain at the default depth cap ever holds
-GZIP_RATIO = 20  # a compressed layer may expand this much (plus 1 GiB), no further
+GZIP_RATIO = 20  # a compressed layer may expand this much (plus 64 MiB), no further
+GZIP_SLACK = 64 * MiB
+#: Entries (inodes of its image) a pulled layer may hold. Container layers hold
+#: tens of thousands (a Node or Python tree, a distribution's /usr: 20k-200k);
+#: a million is 5 times the largest seen, 256 MiB of inode table, and bounds
+#: what a small hostile gzip (150,000 empty entries fit in 1 MB) can cost.
+MAX_LAYER_ENTRIES = 1_000_000
 PULL_WAIT_SECONDS = 60.0  # at most this long for another pull of the same reference (then ABORTED)
 
 
@@ -120,17 +126,28 @@ class HashingWriter:
 
 
 class _Bounded:
-    """A reader that refuses to go past ``limit`` bytes (a decompression bomb)."""
+    """A reader that refuses to go past ``limit`` bytes (a decompression bomb), and counts them."""
 
-    def __init__(self, f: BinaryIO, limit: int, what: str) -> None:
-        self._f, self._left, self._what = f, limit, what
+    def __init__(self, f: BinaryIO, limit: int, why: str) -> None:
+        self._f, self._left, self._why = f, limit, why
+        self.count = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
         self._left -= len(data)
+        self.count += len(data)
         if self._left < 0:
-            raise DiffError(f"{self._what} expands beyond {GZIP_RATIO} times its size")
+            raise DiffError(self._why)
         return data
+
+    def seekable(self) -> bool:
+        return False
+
+
+def _layer_need(tar_bytes: int, entries: int) -> int:
+    """What admission promises for one layer's image: its expanded tar, a block
+    and an inode per entry (what ``image_size_for_entries`` sizes it for)."""
+    return tar_bytes + tar_bytes // 4 + 4096 * entries + 256 * (entries + entries // 8) + 16 * MiB
 
 
 class Transfers:
@@ -436,18 +453,17 @@ class Transfers:
                     plan.append((blob, have, None))
                     parent = have
                 missing = blobs[len(plan) :]
-                for blob in missing:
-                    ratio = 4 if blob.media_type in GZIP_TYPES else 1
-                    need += blob.size * ratio + 16 * MiB
+                # the downloads now; each layer's image once its tar is counted (_import_blob)
+                need += max((blob.size for blob in missing), default=0) + 16 * MiB * bool(missing)
                 need += sum(blob.size for blob in unproven)
-                with ctx.capacity.admit(need, what):
+                with ctx.capacity.admit(need, what), ExitStack() as admitted:
                     for blob in unproven:  # a digest is no access: the registry serves it, or no layer
                         self._prove(client, blob, scratch)
                     for i, blob in enumerate(missing):
                         cancel.check()
                         build = scratch / f"layer{i}"
                         build.mkdir()
-                        built = self._import_blob(client, blob, build, scratch, plan, what)
+                        built = self._import_blob(client, blob, build, scratch, plan, what, admitted)
                         layer = ctx.new_layer(parent, built, active=False, fs_type=built.fs_type)
                         plan.append((blob, layer, build))
                         parent = layer
@@ -496,19 +512,41 @@ class Transfers:
         scratch: Path,
         plan: list[tuple[Descriptor, Layer, Path | None]],
         what: str,
+        admitted: ExitStack,
     ) -> Any:
-        """Download one blob (checked) and build its layer over the chain so far."""
+        """Download one blob (checked), count its tar (entries, expanded bytes; a
+        gzip at most ``GZIP_RATIO`` times its size), admit the image that needs
+        (held in ``admitted`` until the pull ends), and build its layer over the
+        chain so far, reading no more than was counted and admitted."""
         download = scratch / "blob"
         client.pull_blob(blob.digest, blob.size, download)
         parents = [layer for _b, layer, _p in reversed(plan)]
+        name = f"layer {blob.digest[:19]}"
+        gzipped = blob.media_type in GZIP_TYPES
+
+        def opened(raw: BinaryIO, limit: int, why: str) -> _Bounded:
+            return _Bounded(gzip.open(raw) if gzipped else raw, limit, why)  # type: ignore[arg-type]
+
         try:
             with open(download, "rb") as raw:
-                if blob.media_type in GZIP_TYPES:
-                    with gzip.open(raw) as unzipped:
-                        limit = blob.size * GZIP_RATIO + (1 << 30)
-                        bounded = _Bounded(unzipped, limit, f"layer {blob.digest[:19]}")  # type: ignore[arg-type]
-                        return self.ctx.backend.import_diff(build, bounded, parents)  # type: ignore[arg-type]
-                return self.ctx.backend.import_diff(build, raw, parents, blob.size)
+                cap = blob.size * GZIP_RATIO + GZIP_SLACK if gzipped else blob.size
+                counting = opened(raw, cap, f"{name} expands beyond {GZIP_RATIO} times its size")
+                stats = count_tar(counting, MAX_LAYER_ENTRIES)  # type: ignore[arg-type]
+                expanded = counting.count + 4 * MiB  # what the import may read: buffering differs
+                admitted.enter_context(
+                    self.ctx.capacity.admit(_layer_need(expanded, stats.entries), f"{what}: {name}")
+                )
+                raw.seek(0)
+                reading = opened(raw, expanded, f"{name} changed while it was imported")
+                return self.ctx.backend.import_diff(
+                    build,
+                    reading,  # type: ignore[arg-type]
+                    parents,
+                    expanded,
+                    entries=stats.entries,
+                )
+        except TooManyEntries as e:
+            raise ResourceExhausted(f"{what}: {name} {e}") from e
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(f"{what}: no room to build layer {blob.digest[:19]}") from e

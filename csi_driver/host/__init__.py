@@ -24,6 +24,7 @@ from csi_driver.host.files import (
     release_unwritten,
     sector_size_of,
     tree_bytes,
+    tree_usage,
     unshare,
 )
 from csi_driver.host.loops import (
@@ -129,6 +130,7 @@ __all__ = [
     "set_read_ahead",
     "thaw",
     "tree_bytes",
+    "tree_usage",
     "tune2fs_reserved",
     "umount",
     "unshare",

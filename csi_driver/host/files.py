@@ -194,7 +194,13 @@ def sector_size_of(image: Path) -> int:
 
 def tree_bytes(root: Path) -> int:
     """Bytes the files under ``root`` occupy (allocated blocks; hard links once)."""
-    total, seen = 0, set()
+    return tree_usage(root)[0]
+
+
+def tree_usage(root: Path) -> tuple[int, int]:
+    """(bytes, entries) of the tree under ``root``: allocated blocks and the
+    paths below it (the inodes a copy needs, at most), hard links counted once."""
+    total, entries, seen = 0, 0, set()
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             st = os.lstat(os.path.join(dirpath, name))
@@ -203,7 +209,8 @@ def tree_bytes(root: Path) -> int:
                     continue
                 seen.add((st.st_dev, st.st_ino))
             total += st.st_blocks * 512
-    return total
+            entries += 1
+    return total, entries
 
 
 def file_id(path: str | Path) -> tuple[int, int, int] | None:

@@ -30,9 +30,13 @@ def run(
     return proc
 
 
-def mkfs(image: Path, fstype: str, populate: Path | None = None, journal_mib: int = 0) -> None:
+def mkfs(
+    image: Path, fstype: str, populate: Path | None = None, journal_mib: int = 0, inodes: int = 0
+) -> None:
     """Make a file system in a sparse image without writing its empty tables;
-    ``populate`` is a tree to copy in (ext4) or a protofile (xfs)."""
+    ``populate`` is a tree to copy in (ext4) or a protofile (xfs); ``inodes``:
+    at least this many inodes (ext4: ``-N`` where one per 16 KiB is fewer; xfs
+    allocates inodes as it goes)."""
     if fstype == "ext4":
         argv = [
             "mkfs.ext4",
@@ -53,6 +57,8 @@ def mkfs(image: Path, fstype: str, populate: Path | None = None, journal_mib: in
             argv += ["-d", str(populate)]
         if journal_mib:
             argv += ["-J", f"size={journal_mib}"]
+        if inodes:
+            argv += ["-N", str(inodes)]
         run(argv + [str(image)])
     elif fstype == "xfs":
         argv = ["mkfs.xfs", "-q", "-f", "-K", "-s", f"size={loopdev.FS_SECTOR}"]

@@ -109,11 +109,14 @@ class LayerBackend(Protocol):
     def import_tree(self, build: Path, source: Path) -> Built:
         """A committed layer holding a directory's tree or a tar archive's."""
 
-    def import_diff(self, build: Path, diff: BinaryIO, parents: Sequence[Layer], size_hint: int = 0) -> Built:
+    def import_diff(
+        self, build: Path, diff: BinaryIO, parents: Sequence[Layer], size_hint: int = 0, entries: int = 0
+    ) -> Built:
         """A committed layer over ``parents`` (nearest first) from an OCI layer tar
         (uncompressed, read as a stream): its files, and its whiteouts hiding what
         the parents hold. ``size_hint``: the tar's size when known (the backend may
-        then build in place). The tar is untrusted (``ocidiff.DiffError``)."""
+        then build in place); ``entries``: its entry count when known (an image
+        then gets an inode for each). The tar is untrusted (``ocidiff.DiffError``)."""
 
     def install(self, build: Path, layer: Layer) -> None:
         """Move a build into place as ``layer`` (inside the transaction adding its row)."""

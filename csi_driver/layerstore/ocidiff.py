@@ -52,6 +52,10 @@ class DiffError(Exception):
     """A tree or a tar that cannot become a layer safely."""
 
 
+class TooManyEntries(DiffError):
+    """A tar with more entries than a layer may hold (each is an inode of its image)."""
+
+
 class NeedsNaiveDiff(DiffError):
     """The upper alone is an incomplete diff (a renamed directory, a metacopy file)."""
 
@@ -694,6 +698,31 @@ def import_as_upper(tar: BinaryIO, upper: Path) -> DiffStats:
     finally:
         imp.close()
     return imp.stats
+
+
+def count_tar(tar: BinaryIO, max_entries: int) -> DiffStats:
+    """A first, read-only pass over a layer tar: its entries and regular-file bytes.
+
+    Writes nothing; raises ``TooManyEntries`` as soon as the tar holds more than
+    ``max_entries`` entries, ``DiffError`` when it is no valid tar, so that an
+    import can be admitted (bytes and inodes) before anything is made of it."""
+    stats = DiffStats()
+    try:
+        with tarfile.open(
+            fileobj=tar, mode="r|", bufsize=_CHUNK, encoding="utf-8", errors="surrogateescape"
+        ) as tf:
+            while (ti := tf.next()) is not None:
+                tf.members.clear()
+                stats.entries += 1
+                if stats.entries > max_entries:
+                    raise TooManyEntries(f"holds more than {max_entries} entries (the per-layer limit)")
+                if ti.name.rstrip("/").rpartition("/")[2].startswith(WH_PREFIX):
+                    stats.whiteouts += 1
+                elif ti.isreg():
+                    stats.bytes += ti.size
+    except tarfile.TarError as e:
+        raise DiffError(f"not a valid layer tar: {e}") from e
+    return stats
 
 
 def _inside(tree: Path, rel: str) -> Path:

@@ -118,7 +118,9 @@ class PlainDirBackend:
         used = host.tree_bytes(dest)
         return Built(image_bytes=used, used_bytes=used, fs_type=DIR)
 
-    def import_diff(self, build: Path, diff: BinaryIO, parents: Sequence[Layer], size_hint: int = 0) -> Built:
+    def import_diff(
+        self, build: Path, diff: BinaryIO, parents: Sequence[Layer], size_hint: int = 0, entries: int = 0
+    ) -> Built:
         """A copy of the parent's (complete) tree with the diff applied to it."""
         dest = build / "tree"
         if parents:

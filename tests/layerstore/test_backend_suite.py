@@ -646,3 +646,17 @@ def test_import_diff_of_many_directories_beyond_its_size_hint(rig: Rig) -> None:
     layer = rig.add(build, built, None, active=False)
     view = rig.view(layer)
     assert len(view) == 6000 and view["d05999"] == ("dir", "0o755")
+
+
+def test_import_tree_of_many_small_files(rig: Rig, tmp_path: Path) -> None:
+    """An image made from a tree gets an inode per entry: 20,000 empty files are
+    more than the one inode per 16 KiB of an image sized by their bytes."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for i in range(20_000):
+        (source / f"f{i}").touch()
+    build = rig.scratch()
+    built = rig.backend.import_tree(build, source)
+    layer = rig.add(build, built, None, active=False)
+    view = rig.view(layer)
+    assert len(view) == 20_000 and "f19999" in view

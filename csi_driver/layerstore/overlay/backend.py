@@ -28,6 +28,7 @@ from csi_driver.layerstore.overlay.compose import overlay_options, view_options
 from csi_driver.layerstore.overlay.images import (
     build_image,
     image_size_for,
+    image_size_for_entries,
     make_clean,
     metadata_held,
     mount_options,
@@ -136,9 +137,9 @@ class OverlayLoopBackend:
             self._mount_view(chain, root / "upper")
             try:
                 (root / "work").mkdir(exist_ok=True)
-                tree = host.tree_bytes(root / "upper")
-                size = image_size_for(tree + tree // 4 + 64 * MiB)  # from the tree: no compounding
-                build_image(build / "image", size, "ext4", populate=root)
+                tree, entries = host.tree_usage(root / "upper")
+                size, inodes = image_size_for_entries(tree, entries + 2)  # from the tree: no compounding
+                build_image(build / "image", size, "ext4", populate=root, inodes=inodes)
             finally:
                 host.umount(root / "upper")
         finally:
@@ -156,26 +157,33 @@ class OverlayLoopBackend:
         else:
             populate_from_tar(source, root / "upper")
         try:
-            used = host.tree_bytes(root / "upper")
-            size = image_size_for(used + used // 4 + 64 * MiB)
-            build_image(build / "image", size, "ext4", populate=root)
+            used, entries = host.tree_usage(root / "upper")
+            size, inodes = image_size_for_entries(used, entries + 2)
+            build_image(build / "image", size, "ext4", populate=root, inodes=inodes)
         finally:
             host.umount(root / "upper")
         host.remove_tree(root)  # unmounts again whatever is still below (a bind of the source)
         return Built(image_bytes=size, used_bytes=used, fs_type="ext4")
 
-    def import_diff(self, build: Path, diff: BinaryIO, parents: Sequence[Layer], size_hint: int = 0) -> Built:
+    def import_diff(
+        self, build: Path, diff: BinaryIO, parents: Sequence[Layer], size_hint: int = 0, entries: int = 0
+    ) -> Built:
         """The tar becomes an overlay upper (whiteouts as 0:0 devices, opaque dirs as
         xattrs) in a fresh ext4 image, which needs nothing of the parents. With a
         size, it is written in place into the image, mounted; without one (or when
         that image is too small, e.g. for a tar of many empty directories), into a
-        directory that mkfs then copies in."""
-        if size_hint and diff.seekable():
-            start = diff.tell()
+        directory that mkfs then copies in. ``entries`` (the tar's, counted before):
+        the image gets an inode for each, and room for them."""
+        if size_hint and (entries or diff.seekable()):
+            start = diff.tell() if diff.seekable() else 0
+            if entries:
+                size, inodes = image_size_for_entries(size_hint, entries)
+            else:
+                size, inodes = image_size_for(4 * size_hint + 64 * MiB), 0
             try:
-                return self._import_in_place(build, diff, image_size_for(4 * size_hint + 64 * MiB))
+                return self._import_in_place(build, diff, size, inodes)
             except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not diff.seekable():
                     raise
                 log.info(
                     "layer tar of %d bytes did not fit its image in place; importing it via a tree", size_hint
@@ -186,17 +194,17 @@ class OverlayLoopBackend:
         root = build / "root"
         (root / "work").mkdir(parents=True)
         (root / "upper").mkdir()
-        ocidiff.import_as_upper(diff, root / "upper")
+        stats = ocidiff.import_as_upper(diff, root / "upper")
         used = host.tree_bytes(root / "upper")
-        size = image_size_for(used + used // 4 + 64 * MiB)
-        build_image(build / "image", size, "ext4", populate=root)
+        size, inodes = image_size_for_entries(used, stats.entries + 2)
+        build_image(build / "image", size, "ext4", populate=root, inodes=inodes)
         host.remove_tree(root)
         return Built(image_bytes=size, used_bytes=used, fs_type="ext4")
 
-    def _import_in_place(self, build: Path, diff: BinaryIO, size: int) -> Built:
+    def _import_in_place(self, build: Path, diff: BinaryIO, size: int, inodes: int = 0) -> Built:
         """Write the tar straight into a new image's ``upper/`` (one write of the data, not two)."""
         image, mnt = build / "image", build / "mnt"
-        build_image(image, size, "ext4")
+        build_image(image, size, "ext4", inodes=inodes)
         mnt.mkdir()
         host.mount_image(image, mnt, "ext4", mount_options("ext4", readonly=False), readonly=False)
         try:

@@ -41,11 +41,34 @@ def image_size_for(capacity: int, fs_type: str = "ext4") -> int:
     return (size + MiB - 1) // MiB * MiB
 
 
+def image_size_for_entries(data_bytes: int, entries: int) -> tuple[int, int]:
+    """(image size, inode count) for a tree of ``entries`` entries holding
+    ``data_bytes`` of file data: a block per entry besides its data (a
+    directory, a file's last partial block), an inode per entry, 256 bytes of
+    inode table per inode, a quarter more and 64 MiB of slack; the size leaves
+    ext4 room for the inodes (at most one per 4 KiB)."""
+    inodes = entries + entries // 8 + 1024
+    need = data_bytes + data_bytes // 4 + EXT4_BLOCK * entries + INODE_BYTES * inodes + 64 * MiB
+    return image_size_for(need), inodes
+
+
+EXT4_BLOCK = 4096
+INODE_BYTES = 256
+BYTES_PER_INODE = 16384  # mkfs.ext4 -i: the inodes an image gets unless it asks for more
+
+
 def build_image(
-    dest: Path, size: int, fs_type: str, populate: Path | None = None, *, hold: bool = False
+    dest: Path,
+    size: int,
+    fs_type: str,
+    populate: Path | None = None,
+    *,
+    hold: bool = False,
+    inodes: int = 0,
 ) -> int:
     """A new sparse image at ``dest`` with empty ``upper/`` and ``work/`` dirs
-    (or with ``populate``'s tree in it); ``hold``: an upper's fixed metadata too."""
+    (or with ``populate``'s tree in it); ``hold``: an upper's fixed metadata too;
+    ``inodes``: at least this many inodes (ext4; xfs allocates them as it goes)."""
     host.create_sparse(dest, size)
     upper = populate is None  # an empty writable upper, not a layer's tree
     if populate is None:
@@ -60,7 +83,8 @@ def build_image(
         finally:
             proto.unlink()
     else:
-        host.mkfs(dest, "ext4", populate=populate, journal_mib=journal_bytes(size) // MiB)
+        more = inodes if inodes > size // BYTES_PER_INODE else 0
+        host.mkfs(dest, "ext4", populate=populate, journal_mib=journal_bytes(size) // MiB, inodes=more)
         if upper and hold:  # on an overprovisioned node (else at stage)
             try_hold_metadata(dest)
     skel = dest.parent / "skel"
