@@ -213,10 +213,21 @@ def mkdir_beneath(path: str, mode: int = 0o755) -> None:
         raise _raced(path, e) from e
 
 
+def _not_mounted(pfd: int, name: str, path: str) -> None:
+    """EBUSY if ``name`` in the dir ``pfd`` is a mount point: still mounted, so a
+    check of the path before said otherwise (it changed under it)."""
+    buf = ctypes.create_string_buffer(256)
+    if libc().statx(pfd, os.fsencode(name), _AT_SYMLINK_NOFOLLOW, _STATX_TYPE, buf) != 0:
+        return
+    if int.from_bytes(buf.raw[8:16], "little") & _STATX_ATTR_MOUNT_ROOT:
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), path)
+
+
 def rmdir_beneath(path: str) -> bool:
     """Remove the empty dir ``path`` by name in its parent's fd, if it is a dir (not a
     symlink); whether it was removed."""
     with parent_of(path) as (pfd, name):
+        _not_mounted(pfd, name, path)
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         if not stat.S_ISDIR(st.st_mode):
             return False
@@ -227,6 +238,7 @@ def rmdir_beneath(path: str) -> bool:
 def unlink_empty_file_beneath(path: str) -> bool:
     """Remove ``path`` by name in its parent's fd if it is an empty regular file."""
     with parent_of(path) as (pfd, name):
+        _not_mounted(pfd, name, path)
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode) or st.st_size:
             return False
@@ -306,3 +318,51 @@ def is_mount_root(fd: int) -> bool:
     if libc().statx(fd, b"", AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, _STATX_TYPE, buf) != 0:
         return False
     return bool(int.from_bytes(buf.raw[8:16], "little") & _STATX_ATTR_MOUNT_ROOT)
+
+
+_SYSCALLS.update(open_tree=428, move_mount=429)
+OPEN_TREE_CLONE = 0x1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+_STATX_MNT_ID = 0x1000
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount the file ``fd`` holds lies on (statx(2) STATX_MNT_ID)."""
+    buf = ctypes.create_string_buffer(256)
+    if libc().statx(fd, b"", AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, _STATX_MNT_ID, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int.from_bytes(buf.raw[144:152], "little")
+
+
+def bind_fd(source_fd: int, target_fd: int, target: str) -> None:
+    """Bind what ``source_fd`` holds onto what ``target_fd`` holds (open_tree(2)
+    OPEN_TREE_CLONE, then move_mount(2) onto the fd), then check that ``target``,
+    opened beneath its root again, shows that very mount: one renamed away meanwhile is
+    detached again and the bind refused."""
+    tree = _syscall(
+        "open_tree",
+        ctypes.c_int(source_fd),
+        b"",
+        ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH),
+    )
+    try:
+        _syscall(
+            "move_mount",
+            ctypes.c_int(tree),
+            b"",
+            ctypes.c_int(target_fd),
+            b"",
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+        )
+        try:
+            with opened(target, os.O_PATH | os.O_NOFOLLOW) as now:
+                there = mount_id(now) == mount_id(tree)
+        except PathRaced:
+            there = False
+        if not there:
+            libc().umount2(os.fsencode(fd_path(tree)), MNT_DETACH)
+            raise PathRaced(f"{target} changed while it was bound; the bind is undone")
+    finally:
+        os.close(tree)

@@ -264,18 +264,33 @@ def bind_beneath(
     nothing."""
     src = str(source)
     with contextlib.ExitStack() as stack:
-        if not trusted_source:
+        if trusted_source:
+            sfd = stack.enter_context(_closing(os.open(src, os.O_PATH | os.O_CLOEXEC)))
+        else:
             sfd = stack.enter_context(beneath.opened(src, os.O_PATH | os.O_DIRECTORY))
             if source_ok is not None and not source_ok(mount_of_fd(sfd)):
                 raise beneath.PathRaced(f"{src} is not the mount it was checked to be; refused")
-            src = beneath.fd_path(sfd)
         tflags = os.O_PATH | (os.O_DIRECTORY if target_dir else os.O_NOFOLLOW)
         tfd = stack.enter_context(beneath.opened(str(target), tflags))
         if not target_dir:
             st = os.fstat(tfd)
             if not stat.S_ISREG(st.st_mode) or st.st_size:
                 raise beneath.PathRaced(f"{target} is not an empty file; refused")
-        _mount2(src, beneath.fd_path(tfd), None, _MS_BIND, "")
+        try:
+            beneath.bind_fd(sfd, tfd, str(target))
+        except beneath.PathRaced:
+            raise
+        except OSError as e:
+            argv = ["mount", "--bind", src, str(target)]
+            raise CommandFailed(argv, 32, f"mount {target}: {e.strerror}") from e
+
+
+@contextlib.contextmanager
+def _closing(fd: int):
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def remount_bind_beneath(target: str | Path, options: list[str]) -> None:
