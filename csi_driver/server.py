@@ -107,6 +107,7 @@ class Server:
         self._lock_fd = lock_state_dir(opts.state_dir)
         # node paths under the kubelet dir resolve beneath its pods/ and plugins/ (host.beneath)
         host.beneath.confine(opts.kubelet_dir)
+        host.beneath.add_root(str(opts.state_dir))
         self.engine = engine or Engine(
             EngineConfig(
                 state_dir=opts.state_dir,

@@ -130,6 +130,16 @@ def confine(kubelet_dir: str) -> None:
         _roots.sort(key=len, reverse=True)
 
 
+def add_root(path: str) -> None:
+    """A dir of the driver's own (its state dir: an inline volume's private staging
+    path) as a root: paths under it resolve beneath it, whatever symlinks lead to it."""
+    with _roots_guard:
+        for root in {os.path.realpath(path), os.path.normpath(os.path.abspath(path))}:
+            if root not in _roots:
+                _roots.append(root)
+        _roots.sort(key=len, reverse=True)
+
+
 def root_of(path: str) -> tuple[str, str]:
     """The root ``path`` resolves beneath and the path relative to it."""
     norm = os.path.normpath(path)
