@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from csi_driver import __version__, pool
+from csi_driver import __version__, host, pool
 from csi_driver.engine.capacity import CapacityPolicy
 from csi_driver.engine.engine import Engine, EngineConfig
 from csi_driver.engine.reconcile import reconcile
@@ -105,6 +105,9 @@ class Server:
         if opts.pool_device:
             pool.prepare(opts.pool_device, opts.state_dir, opts.pool_device_wipe)
         self._lock_fd = lock_state_dir(opts.state_dir)
+        # node paths under the kubelet dir resolve beneath its pods/ and plugins/ (host.beneath)
+        host.beneath.confine(opts.kubelet_dir)
+        host.beneath.add_root(str(opts.state_dir))
         self.engine = engine or Engine(
             EngineConfig(
                 state_dir=opts.state_dir,

@@ -45,8 +45,9 @@ class FakeMounter:
         assert m.type == "bind", f"only bind mounts can be faked, not {m.type}"
         self._attach(m.source, target, tuple(o for o in m.options if o != "bind"))
 
-    def bind(self, source: str | Path, target: str | Path) -> None:
+    def bind(self, source: str | Path, target: str | Path, source_ok=None) -> None:
         entry = self.entries[os.path.normpath(source)]
+        assert source_ok is None or source_ok(entry)
         self._attach(entry.source, target, ("rw",))
 
     def remount_bind(self, target: str | Path, options: list[str]) -> None:

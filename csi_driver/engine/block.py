@@ -9,6 +9,8 @@ node stages again, and detached at unstage.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import stat
@@ -17,7 +19,7 @@ from pathlib import Path
 from csi_driver import host
 from csi_driver.engine.context import EngineContext, VolumeStats
 from csi_driver.engine.modify import Modifier
-from csi_driver.errors import AlreadyExists, FailedPrecondition, OutOfRange
+from csi_driver.errors import Aborted, AlreadyExists, FailedPrecondition, OutOfRange
 from csi_driver.store import Publication, Volume
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ class BlockVolumes:
             tx.update_volume(v.id, staging_path=staging_path, stage_options={})
         ctx.step("stage.recorded")
         try:
-            Path(staging_path).mkdir(parents=True, exist_ok=True)
+            host.beneath.mkdir_beneath(staging_path)
             device = host.loop_attach(self.file(v))
         except Exception:  # a failed stage leaves no record behind
             with ctx.store.tx() as tx:
@@ -137,14 +139,16 @@ class BlockVolumes:
             )
         ctx.step("publish.recorded")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not target.exists():
-                target.touch(mode=0o600)
-            host.bind_mount(device, target)
+            # made, opened and bound by fd beneath the kubelet dir: never over what a
+            # symlink swapped in names
+            host.beneath.mkdir_beneath(os.path.dirname(target_path))
+            host.beneath.create_empty_file_beneath(target_path)
+            host.bind_beneath(device, target_path, target_dir=False, trusted_source=True)
         except Exception:  # a failed publish leaves nothing behind: no record, no file it made
-            host.umount(target)
-            if made and target.is_file() and target.stat().st_size == 0:
-                target.unlink()
+            host.umount_beneath(target_path)
+            if made:
+                with contextlib.suppress(OSError, host.beneath.PathRaced):
+                    host.beneath.unlink_empty_file_beneath(target_path)
             if attached:
                 host.loop_detach(attached)
             with ctx.store.tx() as tx:
@@ -159,14 +163,21 @@ class BlockVolumes:
         if table.is_mounted(target_path):
             if not self._target_ok(v, pub, target_path, table):
                 raise FailedPrecondition(f"{target_path} holds a mount that is not volume {v.id}")
-            host.umount(target_path)
+            host.umount_beneath(target_path)
         ctx.step("unpublish.unmounted")
         if pub and pub.readonly and self.device_ok(v, pub.options.get("device")):
             host.loop_detach(pub.options["device"])
-        target = Path(target_path)
-        # only the empty file this driver created as the mount point, never a caller's file
-        if pub is not None and target.is_file() and not target.is_symlink() and target.stat().st_size == 0:
-            target.unlink()
+        # only the empty file this driver created as the mount point, never a caller's
+        # file (nor what a symlink swapped in names: removed by name in its parent's fd)
+        if pub is not None:
+            try:
+                host.beneath.unlink_empty_file_beneath(target_path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno == errno.EBUSY:  # still mounted: the path changed under the check
+                    raise Aborted(f"{target_path} changed while it was unpublished; try again") from e
+                raise
         with ctx.store.tx() as tx:
             tx.delete_publication(v.id, target_path)
 

@@ -3,11 +3,15 @@ changes the mount table. A test without root passes its own Mounter."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from csi_driver import host
 from csi_driver.layerstore.backend import Mount
+
+#: judges the mount an opened bind source lies on (None: the kernel cannot say)
+SourceCheck = Callable[[host.MountEntry | None], bool]
 
 
 class Mounter(Protocol):
@@ -17,7 +21,7 @@ class Mounter(Protocol):
 
     def mount(self, m: Mount, target: str | Path) -> None: ...
 
-    def bind(self, source: str | Path, target: str | Path) -> None: ...
+    def bind(self, source: str | Path, target: str | Path, source_ok: SourceCheck | None = None) -> None: ...
 
     def remount_bind(self, target: str | Path, options: list[str]) -> None: ...
 
@@ -25,25 +29,26 @@ class Mounter(Protocol):
 
 
 class HostMounter:
-    """The kernel's mounts, through the host tools."""
+    """The kernel's mounts, through system calls on node paths opened beneath their
+    root (host.beneath): each acts on the fd that was opened, never on the path again."""
 
     def table(self) -> host.Mounts:
         return host.mount_view()
 
     def mount(self, m: Mount, target: str | Path) -> None:
         if m.type == "bind":
-            host.bind_mount(m.source, target)
+            host.bind_beneath(m.source, target, trusted_source=True)  # a layer of the driver's
             flags = [o for o in m.options if o not in ("bind", "ro", "rw")]
             if "ro" in m.options or flags:
-                host.remount_bind(target, ["ro" if "ro" in m.options else "rw", *flags])
+                host.remount_bind_beneath(target, ["ro" if "ro" in m.options else "rw", *flags])
         else:
-            host.mount(m.source, target, m.type, list(m.options), cwd=m.cwd)
+            host.mount_beneath(m.source, target, m.type, list(m.options), cwd=m.cwd)
 
-    def bind(self, source: str | Path, target: str | Path) -> None:
-        host.bind_mount(source, target)
+    def bind(self, source: str | Path, target: str | Path, source_ok: SourceCheck | None = None) -> None:
+        host.bind_beneath(source, target, source_ok)
 
     def remount_bind(self, target: str | Path, options: list[str]) -> None:
-        host.remount_bind(target, options)
+        host.remount_bind_beneath(target, options)
 
     def umount(self, target: str | Path) -> None:
-        host.umount(target)
+        host.umount_beneath(target)

@@ -8,6 +8,7 @@ mounts without the table.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from csi_driver.engine.block import BlockVolumes
 from csi_driver.engine.context import BLOCK, EngineContext, VolumeStats
 from csi_driver.engine.modify import Modifier
 from csi_driver.engine.mounter import Mounter
-from csi_driver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi_driver.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from csi_driver.layerstore.backend import Mount
 from csi_driver.store import Layer, Publication, Volume
 
@@ -63,6 +64,13 @@ class NodePublisher:
         """Whether ``path`` holds a mount of the volume's layers (its overlay, or a bind of it)."""
         entry = table.at(path)
         return entry is not None and self.ctx.backend.mounted_layer(entry) == v.upper
+
+    def holds(self, entry: host.MountEntry | None, v: Volume, root_fd: int | None = None) -> bool:
+        """Whether ``entry`` (the mount an opened path lies on) is the volume's layers,
+        and ``root_fd`` (if given) is that mount's root."""
+        if entry is None or self.ctx.backend.mounted_layer(entry) != v.upper:
+            return False
+        return root_fd is None or host.beneath.is_mount_root(root_fd)
 
     def is_staged(self, v: Volume, table: host.Mounts | None = None) -> bool:
         """The kernel, not the record, says whether a volume is in use."""
@@ -122,7 +130,7 @@ class NodePublisher:
             )
         ctx.step("stage.recorded")
         try:
-            Path(staging_path).mkdir(parents=True, exist_ok=True)
+            host.beneath.mkdir_beneath(staging_path)
             if v.id in ctx.staged and not all(ctx.backend.is_active(x) for x in chain):
                 self.drop(v, chain)  # a stale hold: its mounts vanished (node reboot, manual umount)
             if v.id not in ctx.staged:
@@ -221,11 +229,11 @@ class NodePublisher:
                 )
             )
         ctx.step("publish.recorded")
-        target = Path(target_path)
-        made = not target.exists()
+        made = not os.path.lexists(target_path)
         try:
-            target.mkdir(parents=True, exist_ok=True)
-            self.mounter.bind(staging_path, target_path)
+            host.beneath.mkdir_beneath(target_path)
+            # the staging path as opened must still hold the volume's overlay
+            self.mounter.bind(staging_path, target_path, source_ok=lambda e: self.holds(e, v))
             ctx.step("publish.mounted")
             if want:  # a bind takes the staging mount's flags; ro and the pod's flags are its own
                 self.mounter.remount_bind(target_path, ["ro" if readonly else "rw", *(mount_flags or [])])
@@ -233,8 +241,8 @@ class NodePublisher:
             # a failed publish leaves nothing behind: no mount, no record, no dir it made
             self.mounter.umount(target_path)
             if made:
-                with contextlib.suppress(OSError):
-                    target.rmdir()
+                with contextlib.suppress(OSError, host.beneath.PathRaced):
+                    host.beneath.rmdir_beneath(target_path)
             with ctx.store.tx() as tx:
                 tx.delete_publication(volume_id, target_path)
             raise
@@ -255,14 +263,18 @@ class NodePublisher:
                 raise FailedPrecondition(f"{target_path} holds a mount that is not volume {volume_id}")
             self.mounter.umount(target_path)
         ctx.step("unpublish.unmounted")
-        target = Path(target_path)
         with ctx.store.read() as tx:
             pub = tx.publication_at(target_path)
-        # only the mount dir of a publication of this volume, never a caller's dir
-        if pub is not None and pub.volume_id == volume_id and target.is_dir() and not target.is_symlink():
+        # only the mount dir of a publication of this volume, never a caller's dir (nor
+        # what a symlink swapped in for it names: removed by name in its parent's fd)
+        if pub is not None and pub.volume_id == volume_id:
             try:
-                target.rmdir()
+                host.beneath.rmdir_beneath(target_path)
+            except FileNotFoundError:
+                pass
             except OSError as e:
+                if e.errno == errno.EBUSY:  # still mounted: the path changed under the check
+                    raise Aborted(f"{target_path} changed while it was unpublished; try again") from e
                 log.warning("could not remove target %s: %s", target_path, e)
         with ctx.store.tx() as tx:
             tx.delete_publication(volume_id, target_path)
@@ -277,11 +289,17 @@ class NodePublisher:
             return  # like kubelet's own fsGroup handling, never change a volume for a read-only pod
         if not self.shows(self.mounter.table(), v.staging_path, v):
             return
-        root = v.staging_path
-        st = os.stat(root)
-        if st.st_gid != int(group) or not st.st_mode & 0o2070 == 0o2070:
-            os.chown(root, -1, int(group))
-            os.chmod(root, (st.st_mode & 0o7777) | 0o2070)
+        # the volume's root as opened beneath the kubelet dir, and only if that is
+        # still the volume's overlay: never a dir swapped in after the check
+        with host.beneath.opened(v.staging_path, os.O_RDONLY | os.O_DIRECTORY) as fd:
+            if not self.holds(host.mount_of_fd(fd), v, root_fd=fd):
+                raise host.beneath.PathRaced(
+                    f"{v.staging_path} is not the mount of volume {volume_id} it was checked to be; refused"
+                )
+            st = os.fstat(fd)
+            if st.st_gid != int(group) or not st.st_mode & 0o2070 == 0o2070:
+                os.fchown(fd, -1, int(group))
+                os.fchmod(fd, (st.st_mode & 0o7777) | 0o2070)
 
     def release_orphan_target(self, target_path: str, remove: str = "") -> bool:
         """Unpublish of a volume that no longer exists: fine if nothing is mounted
@@ -290,14 +308,12 @@ class NodePublisher:
         block publish file) or "" (nothing: the driver cannot know it made it)."""
         if self.mounter.table().is_mounted(target_path):
             return False
-        target = Path(target_path)
-        with contextlib.suppress(OSError):
-            if target.is_symlink():
-                return True
-            if remove == "dir" and target.is_dir():
-                target.rmdir()
-            elif remove == "file" and target.is_file() and target.stat().st_size == 0:
-                target.unlink()
+        # by name in the parent's fd: a symlink stays as it is
+        with contextlib.suppress(OSError, host.beneath.PathRaced):
+            if remove == "dir":
+                host.beneath.rmdir_beneath(target_path)
+            elif remove == "file":
+                host.beneath.unlink_empty_file_beneath(target_path)
         return True
 
     # ---- stats and health ---------------------------------------------------

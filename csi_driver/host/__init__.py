@@ -3,14 +3,15 @@ the mount table, mounting, loop devices, image files and host tools. Every
 function is safe to repeat.
 
 - ``mounttable``: what is mounted where (MountTable, LiveMounts, is_mount_point)
-- ``mounting``: mount(2), umount2(2), binds, freeze and thaw
+- ``mounting``: mount(2), umount2(2), binds, freeze and thaw; node paths by fd
+- ``beneath``: node paths opened beneath a root (openat2), acted on by that fd
 - ``loopdev``: direct-I/O loop devices set up with one ioctl
 - ``loops``: loop devices as sysfs and losetup list them
 - ``files``: sparse images, copies, reflinks, ext4 superblocks
 - ``tools``: the host programs (mkfs, resize2fs, tune2fs, blockdev, blkid)
 """
 
-from csi_driver.host import loopdev
+from csi_driver.host import beneath, loopdev
 from csi_driver.host.files import (
     FICLONE,
     allocate,
@@ -38,16 +39,20 @@ from csi_driver.host.loops import (
 )
 from csi_driver.host.mounting import (
     UMOUNT_BUSY_RETRIES,
+    bind_beneath,
     bind_mount,
     freeze,
     mount,
+    mount_beneath,
     mount_device,
     mount_image,
     remount,
     remount_bind,
+    remount_bind_beneath,
     remove_tree,
     thaw,
     umount,
+    umount_beneath,
 )
 from csi_driver.host.mounttable import (
     LiveMounts,
@@ -58,6 +63,7 @@ from csi_driver.host.mounttable import (
     is_mount_point,
     is_mounted,
     mount_at,
+    mount_of_fd,
     mount_view,
     mounts,
     mounts_under,
@@ -86,6 +92,8 @@ __all__ = [
     "Mounts",
     "allocate",
     "allocated_bytes",
+    "beneath",
+    "bind_beneath",
     "bind_mount",
     "copy_sparse",
     "create_sparse",
@@ -113,6 +121,8 @@ __all__ = [
     "mkfs_pool",
     "mount",
     "mount_at",
+    "mount_beneath",
+    "mount_of_fd",
     "mount_device",
     "mount_image",
     "mount_view",
@@ -123,6 +133,7 @@ __all__ = [
     "release_unwritten",
     "remount",
     "remount_bind",
+    "remount_bind_beneath",
     "remove_tree",
     "resize2fs",
     "run",
@@ -133,5 +144,6 @@ __all__ = [
     "tree_usage",
     "tune2fs_reserved",
     "umount",
+    "umount_beneath",
     "unshare",
 ]

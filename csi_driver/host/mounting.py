@@ -3,22 +3,25 @@ ioctls), never by running mount(8) on the hot path."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from csi_driver.errors import CommandFailed, FailedPrecondition
-from csi_driver.host import loopdev
+from csi_driver.host import beneath, loopdev
 from csi_driver.host.files import sector_size_of
 from csi_driver.host.libc import libc
-from csi_driver.host.mounttable import is_mount_point
+from csi_driver.host.mounttable import MountEntry, is_mount_point, mount_of_fd
 from csi_driver.host.tools import run
 
 log = logging.getLogger(__name__)
@@ -230,3 +233,91 @@ def thaw(mountpoint: Path) -> None:
     except OSError as e:
         if e.errno != errno.EINVAL:  # EINVAL: not frozen
             log.warning("could not thaw %s: %s", mountpoint, e)
+
+
+# ---- node paths: by the fd that was checked (host.beneath) ---------------------
+
+
+def mount_beneath(
+    source: str,
+    target: str | Path,
+    fstype: str | None = None,
+    options: list[str] | tuple[str, ...] | None = None,
+    cwd: str | Path | None = None,
+) -> None:
+    """``mount`` onto the dir ``target`` opened beneath its root: mount(2) follows
+    /proc/self/fd/N to the very inode opened, whatever is renamed meanwhile."""
+    with beneath.opened(str(target), os.O_PATH | os.O_DIRECTORY) as fd:
+        mount(source, beneath.fd_path(fd), fstype, options, cwd=cwd)
+
+
+def bind_beneath(
+    source: str | Path,
+    target: str | Path,
+    source_ok: Callable[[MountEntry | None], bool] | None = None,
+    target_dir: bool = True,
+    trusted_source: bool = False,
+) -> None:
+    """Bind ``source`` onto ``target``, each opened beneath its root (a device, or a
+    ``trusted_source`` of the driver's own, is taken as named); ``source_ok`` judges the
+    mount the opened source lies on, so a staging path swapped after the check binds
+    nothing."""
+    src = str(source)
+    with contextlib.ExitStack() as stack:
+        if trusted_source:
+            sfd = stack.enter_context(_closing(os.open(src, os.O_PATH | os.O_CLOEXEC)))
+        else:
+            sfd = stack.enter_context(beneath.opened(src, os.O_PATH | os.O_DIRECTORY))
+            if source_ok is not None and not source_ok(mount_of_fd(sfd)):
+                raise beneath.PathRaced(f"{src} is not the mount it was checked to be; refused")
+        tflags = os.O_PATH | (os.O_DIRECTORY if target_dir else os.O_NOFOLLOW)
+        tfd = stack.enter_context(beneath.opened(str(target), tflags))
+        if not target_dir:
+            st = os.fstat(tfd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size:
+                raise beneath.PathRaced(f"{target} is not an empty file; refused")
+        try:
+            beneath.bind_fd(sfd, tfd, str(target))
+        except beneath.PathRaced:
+            raise
+        except OSError as e:
+            argv = ["mount", "--bind", src, str(target)]
+            raise CommandFailed(argv, 32, f"mount {target}: {e.strerror}") from e
+
+
+@contextlib.contextmanager
+def _closing(fd: int):
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def remount_bind_beneath(target: str | Path, options: list[str]) -> None:
+    """Change the per-mount flags of the mount at ``target`` (its root opened beneath
+    its root) with mount_setattr(2)."""
+    with beneath.opened(str(target), os.O_PATH) as fd:
+        try:
+            beneath.set_mount_attrs(fd, options)
+        except OSError as e:
+            raise CommandFailed(["mount_setattr", str(target)], 32, f"{target}: {e.strerror}") from e
+
+
+def umount_beneath(target: str | Path) -> None:
+    """``umount`` of every mount stacked at ``target``, named through its parent's fd
+    opened beneath its root, the last component never followed."""
+    unmounted, busy = 0, 0
+    while unmounted <= 64:
+        try:
+            if not beneath.umount_beneath(str(target)):
+                return
+            unmounted += 1
+        except beneath.PathRaced:
+            raise
+        except OSError as e:
+            if e.errno == errno.EBUSY and busy < UMOUNT_BUSY_RETRIES:
+                busy += 1
+                time.sleep(0.05)
+                continue
+            raise CommandFailed(["umount", str(target)], 32, f"umount {target}: {e.strerror}") from e
+    raise CommandFailed(["umount", str(target)], 32, f"{target}: more than 64 mounts stacked")

@@ -125,15 +125,18 @@ class LiveMounts:
     def at(self, path: str | Path) -> MountEntry | None:
         """The topmost mount whose target is exactly ``path``."""
         given = os.path.normpath(path)
-        if not is_mount_point(given):  # statx follows no symlink in the last component
-            real = os.path.realpath(given)
-            if real == given or not is_mount_point(real):
-                return None
-            given = real
-        entry = _statmount_at(given)
-        if entry is not None and entry.target != given:  # reached through a symlink
-            real = os.path.realpath(given)
-            return entry if entry.target == real else None
+        try:
+            if not is_mount_point(given):  # statx follows no symlink in the last component
+                real = os.path.realpath(given)
+                if real == given or not is_mount_point(real):
+                    return None
+                given = real
+            entry = _statmount_at(given)
+            if entry is not None and entry.target != given:  # reached through a symlink
+                real = os.path.realpath(given)
+                return entry if entry.target == real else None
+        except OSError:  # a symlink changing while realpath read it (EINVAL): nothing we mounted
+            return None
         return entry
 
     def is_mounted(self, path: str | Path) -> bool:
@@ -154,12 +157,21 @@ class LiveMounts:
         return {m.source for m in self.entries}
 
 
-def _statmount_at(path: str) -> MountEntry | None:
+def mount_of_fd(fd: int) -> MountEntry | None:
+    """The mount that the file ``fd`` holds lies on (statmount(2)); None where the
+    kernel cannot say."""
+    return _statmount_at("", fd, _AT_EMPTY_PATH)
+
+
+_AT_EMPTY_PATH = 0x1000
+
+
+def _statmount_at(path: str, dirfd: int = -100, flags: int = 0) -> MountEntry | None:
     """The mount that ``path`` lies on, described by statmount(2); None where the
     kernel cannot (older than 6.11)."""
     _libc = libc()
     stx = ctypes.create_string_buffer(256)
-    if _libc.statx(-100, os.fsencode(path), _AT_SYMLINK_NOFOLLOW, _STATX_MNT_ID_UNIQUE, stx) != 0:
+    if _libc.statx(dirfd, os.fsencode(path), _AT_SYMLINK_NOFOLLOW | flags, _STATX_MNT_ID_UNIQUE, stx) != 0:
         return None
     if not int.from_bytes(stx.raw[0:4], "little") & _STATX_MNT_ID_UNIQUE:
         return None

@@ -32,9 +32,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
     def _path(self, value: str, what: str, shapes: tuple[str, ...]) -> tuple[str, str]:
         """The checked path and, with --kubelet-dir, which of kubelet's ``shapes`` it has."""
-        checked = v.outside_state(v.path(value, what), self.engine.state.root, what)
-        checked = v.inside(checked, self.ctx.kubelet_dir, what)
-        return checked, v.kubelet_shape(checked, self.ctx.kubelet_dir, self.ctx.driver_name, shapes, what)
+        try:
+            checked = v.outside_state(v.path(value, what), self.engine.state.root, what)
+            checked = v.inside(checked, self.ctx.kubelet_dir, what)
+            return checked, v.kubelet_shape(checked, self.ctx.kubelet_dir, self.ctx.driver_name, shapes, what)
+        except OSError as e:  # a component changed while it was resolved (realpath's readlink)
+            raise InvalidArgument(f"{what} {value[:200]} changed while it was checked: {e.strerror}") from e
 
     @staticmethod
     def _shapes(cap: v.Capability, mount: str, block: str) -> tuple[str, ...]:
