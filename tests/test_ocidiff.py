@@ -500,3 +500,17 @@ def test_count_tar_counts_entries_and_bytes_and_stops_at_the_limit() -> None:
         ocidiff.count_tar(raw, 10)
     with pytest.raises(DiffError, match="not a valid layer tar"):
         ocidiff.count_tar(io.BytesIO(b"\x01" * 1024), 10)
+
+
+def test_import_keeps_no_selinux_label_from_a_layer(tmp_path):
+    """A layer's security.selinux is the other host's label: the importing host's policy labels
+    files, so it is not applied (as export drops it); other xattrs are kept."""
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    ti = info("f", pax_headers={"SCHILY.xattr.security.selinux": "system_u:object_r:shadow_t:s0",
+                                "SCHILY.xattr.user.note": "kept"})
+    ocidiff.import_as_upper(tar_of((ti, b"x")), upper)
+    assert os.getxattr(upper / "f", "user.note") == b"kept"
+    names = os.listxattr(upper / "f")
+    assert "security.selinux" not in names or os.getxattr(upper / "f", "security.selinux") != (
+        b"system_u:object_r:shadow_t:s0")

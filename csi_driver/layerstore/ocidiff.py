@@ -465,6 +465,8 @@ def _tar_xattrs(rel: str, ti: tarfile.TarInfo) -> dict[str, bytes]:
         name = key[len(PAX_XATTR) :]
         if name.startswith(OVERLAY_XATTRS):
             raise DiffError(f"{rel or '.'}: xattr {name} belongs to overlayfs and is refused in a layer")
+        if name in _SKIPPED_XATTRS:
+            continue  # the host's policy labels files, never a layer (as on export)
         xattrs[name] = value.encode("utf-8", "surrogateescape")
     return xattrs
 
