@@ -134,6 +134,17 @@ class Driver:
         self.server.stop(grace=5)
 
 
+@contextmanager
+def staged(d: Driver, volume_id: str) -> Iterator[Path]:
+    """The volume staged at a path of its own for the block's length (its files at hand)."""
+    staging, _ = d.paths("s-" + volume_id)
+    d.client.stage(volume_id, staging)
+    try:
+        yield staging
+    finally:
+        d.client.unstage(volume_id, staging)
+
+
 def make_driver(tmp_path: Path, **opts) -> Driver:
     return Driver(tmp_path, **opts)
 

@@ -15,7 +15,7 @@ import shutil
 import stat
 import tarfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -27,7 +27,7 @@ from csi_driver.proto import csi_pb2 as csi
 from csi_driver.registry import progress
 from csi_driver.registry.client import OCI_INDEX, OCI_MANIFEST, Credentials, RegistryClient
 from csi_driver.registry.reference import Repository
-from driver_harness import Driver, serving
+from driver_harness import Driver, serving, staged
 from registry_harness import REGISTRY_BINARY, FaultProxy, LocalRegistry
 
 pytestmark = [
@@ -67,16 +67,6 @@ def tree(root: Path) -> dict[str, tuple]:
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
                 out[rel] = ("file", mode, digest, first)
     return out
-
-
-@contextmanager
-def staged(d: Driver, volume_id: str) -> Iterator[Path]:
-    staging, _ = d.paths("s-" + volume_id)
-    d.client.stage(volume_id, staging)
-    try:
-        yield staging
-    finally:
-        d.client.unstage(volume_id, staging)
 
 
 def committed_layers(d: Driver) -> list[str]:

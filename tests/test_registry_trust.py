@@ -14,8 +14,8 @@ import shutil
 import ssl
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import pytest
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.registry.client import OCI_MANIFEST, RegistryClient
 from csi_driver.registry.reference import Repository
-from driver_harness import Driver, serving
+from driver_harness import Driver, serving, staged
 from registry_harness import REGISTRY_BINARY, FaultProxy, LocalRegistry
 
 pytestmark = [
@@ -186,16 +186,6 @@ def code_of(call: Callable[..., object], *args: object, **kwargs: object) -> tup
     with pytest.raises(grpc.RpcError) as e:
         call(*args, **kwargs)
     return e.value.code(), e.value.details()
-
-
-@contextmanager
-def staged(d: Driver, volume_id: str) -> Iterator[Path]:
-    staging, _ = d.paths("s-" + volume_id)
-    d.client.stage(volume_id, staging)
-    try:
-        yield staging
-    finally:
-        d.client.unstage(volume_id, staging)
 
 
 def committed(d: Driver) -> list[str]:
