@@ -207,20 +207,30 @@ HOP_BY_HOP = frozenset(
 )
 
 
-class _ProxyServer(ThreadingHTTPServer):
-    daemon_threads = False  # so server_close() joins the handler threads
-    block_on_close = True
+class _TrackingServer(ThreadingHTTPServer):
+    """A server on 127.0.0.1 that knows its open connections, so that stopping it can end
+    idle keep-alive ones and their threads exit."""
 
-    def __init__(self, proxy: FaultProxy) -> None:
-        self.proxy = proxy
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
         self.connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        super().__init__(("127.0.0.1", 0), handler)
+
+    def stop(self) -> None:
+        self.shutdown()
+        with self.connections_lock:
+            for conn in list(self.connections):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.server_close()
 
 
-class _ProxyHandler(BaseHTTPRequestHandler):
+class _TrackingHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: _ProxyServer
+    server: _TrackingServer
+    quiet_finish = False  # a connection the client dropped mid-answer is no error
 
     def setup(self) -> None:
         super().setup()
@@ -230,9 +240,25 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def finish(self) -> None:
         try:
             super().finish()
+        except OSError:
+            if not self.quiet_finish:
+                raise
         finally:
             with self.server.connections_lock:
                 self.server.connections.discard(self.connection)
+
+
+class _ProxyServer(_TrackingServer):
+    daemon_threads = False  # so server_close() joins the handler threads
+    block_on_close = True
+
+    def __init__(self, proxy: FaultProxy) -> None:
+        self.proxy = proxy
+        super().__init__(_ProxyHandler)
+
+
+class _ProxyHandler(_TrackingHandler):
+    server: _ProxyServer
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # FaultProxy.requests is the log
@@ -462,14 +488,7 @@ class FaultProxy:
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        with server.connections_lock:  # end idle keep-alive connections so their threads exit
-            for conn in list(server.connections):
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        server.server_close()
+        server.stop()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -521,34 +540,18 @@ class FaultProxy:
             self.requests.append((method, path, status))
 
 
-class _HostileServer(ThreadingHTTPServer):
+class _HostileServer(_TrackingServer):
     daemon_threads = True  # a handler that trickles must never hold the test's exit
     block_on_close = False
 
     def __init__(self, hostile: HostileRegistry) -> None:
         self.hostile = hostile
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _HostileHandler)
+        super().__init__(_HostileHandler)
 
 
-class _HostileHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _HostileHandler(_TrackingHandler):
     server: _HostileServer
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.connections_lock:
-            self.server.connections.add(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        except OSError:
-            pass
-        finally:
-            with self.server.connections_lock:
-                self.server.connections.discard(self.connection)
+    quiet_finish = True
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -656,14 +659,7 @@ class HostileRegistry:
         if server is None:
             return
         self.stopping.set()
-        server.shutdown()
-        with server.connections_lock:
-            for conn in list(server.connections):
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        server.server_close()
+        server.stop()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
