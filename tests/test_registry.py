@@ -25,7 +25,8 @@ from csi_driver.cli import main
 from csi_driver.host import MountTable
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.registry import progress
-from csi_driver.registry.client import OCI_INDEX, OCI_MANIFEST, Credentials, RegistryClient
+from csi_driver.registry.client import OCI_INDEX, OCI_MANIFEST, RegistryClient
+from csi_driver.registry.credentials import Credentials, Login
 from csi_driver.registry.reference import Repository
 from driver_harness import Driver, serving, staged
 from registry_harness import REGISTRY_BINARY, FaultProxy, LocalRegistry
@@ -240,8 +241,9 @@ def test_bearer_tokens_of_each_scope(nodes: tuple[LocalRegistry, Driver, Driver]
     """A registry with a token service (Docker Hub, Harbor): a push needs a token of
     another scope than the lookups before it; wrong credentials are refused at once."""
     reg, a, b = nodes
-    good = {"username": "robot", "password": "t0ken-pass"}
-    with FaultProxy(reg.url, token_auth=(good["username"], good["password"])) as proxy:
+    login = ("robot", "t0ken-pass")
+    with FaultProxy(reg.url, token_auth=login) as proxy:
+        good = {"username": login[0], "password": login[1], "registry": proxy.host}
         through(a, proxy)
         through(b, proxy)
         params = {"repository": f"{proxy.host}/{REPO}"}
@@ -267,9 +269,9 @@ def test_registry_credentials_come_from_secrets_and_stay_out_of_logs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     password = "pa55-w0rd-never-logged"
-    good = {"username": "ci", "password": password}
     with ExitStack() as stack:
         reg = stack.enter_context(LocalRegistry(tmp_path / "registry", username="ci", password=password))
+        good = {"username": "ci", "password": password, "registry": reg.host}
         (tmp_path / "a").mkdir()
         (tmp_path / "b").mkdir()
         a = stack.enter_context(serving(tmp_path / "a", insecure_registries=frozenset({reg.host})))
@@ -281,7 +283,7 @@ def test_registry_credentials_come_from_secrets_and_stay_out_of_logs(
             (root / "f").write_text("secret data\n")
         for secrets, want in (
             ({}, grpc.StatusCode.UNAUTHENTICATED),
-            ({"username": "ci", "password": "x"}, grpc.StatusCode.UNAUTHENTICATED),
+            ({**good, "password": "x"}, grpc.StatusCode.UNAUTHENTICATED),
         ):
             code, message = code_of(
                 a.client.create_snapshot, f"s{len(secrets)}", vid, parameters=params, secrets=secrets
@@ -471,6 +473,7 @@ def test_the_cli_pushes_pulls_and_keeps(
         return rc, out, err
 
     with LocalRegistry(tmp_path / "registry", **good) as reg:
+        monkeypatch.setenv("OVERLAY_CSI_REGISTRY", reg.host)  # the one host they go to
         opts = ["--insecure-registry", reg.host]
         a, b = tmp_path / "a", tmp_path / "b"
         a.mkdir()
@@ -504,19 +507,30 @@ def test_the_cli_pushes_pulls_and_keeps(
             d.client.delete_volume(restored.volume_id)
             code, _ = code_of(d.client.delete_snapshot, ref)
             assert code == grpc.StatusCode.UNAUTHENTICATED, "deleting it deletes the artifact: a login"
-            d.client.controller.DeleteSnapshot(csi.DeleteSnapshotRequest(snapshot_id=ref, secrets=good))
+            bound = {**good, "registry": reg.host}
+            d.client.controller.DeleteSnapshot(csi.DeleteSnapshotRequest(snapshot_id=ref, secrets=bound))
             assert d.engine.list_snapshots(0, 10) == []
-            code, _ = code_of(d.client.create_volume, "again", 64 * MiB, snapshot=ref, secrets=good)
+            code, _ = code_of(d.client.create_volume, "again", 64 * MiB, snapshot=ref, secrets=bound)
             assert code == grpc.StatusCode.NOT_FOUND, "the artifact went with it"
 
         scratch = tmp_path / "scratch"
         scratch.mkdir()
         base = layer_tar([("etc/motd", b"hello\n", 0o644)])
-        push_image(reg, "base/motd", "v1", [base], scratch, Credentials(**good))
+        push_image(reg, "base/motd", "v1", [base], scratch, Credentials({reg.host: Login(**good)}))
         rc, out, err = run(
             "layer", "pull", f"{reg.host}/base/motd:v1", "--state-dir", str(b / "state"), *opts
         )
         assert rc == 0 and "1 layers" in out, err
+        image = f"{reg.host}/base/motd:v1"
+        refresh = ["layer", "pull", image, "--state-dir", str(b / "state"), *opts, "--refresh"]
+        monkeypatch.setenv("OVERLAY_CSI_REGISTRY", "other.example:5000")
+        rc, _, err = run(*refresh)
+        assert rc == 1 and "UNAUTHENTICATED" in err, err
+        assert "the request's credentials are for registry other.example:5000 only" in err, err
+        monkeypatch.delenv("OVERLAY_CSI_REGISTRY")
+        rc, _, err = run(*refresh)
+        assert rc == 1 and err.startswith("error: FAILED_PRECONDITION: set $OVERLAY_CSI_REGISTRY to"), err
+        monkeypatch.setenv("OVERLAY_CSI_REGISTRY", reg.host)
         monkeypatch.delenv("OVERLAY_CSI_REGISTRY_PASSWORD")
         rc, _, err = run("layer", "pull", f"{reg.host}/base/motd:v1", "--state-dir", str(b / "state"), *opts,
                          "--refresh")  # fmt: skip

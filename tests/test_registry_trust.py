@@ -1,15 +1,18 @@
 """What a registry (or whoever names one) may obtain from a node: credentials only
-for the registry they were given for, never over plain HTTP to a host that is not
-an --insecure-registry, and a layer the node holds only by proving access to it.
+for the registry they were given for (and credentials given for none are refused),
+never over plain HTTP to a host that is not an --insecure-registry, and a layer
+the node holds only by proving access to it.
 
 The attackers are small HTTP(S) servers of the test's own on 127.0.0.1 that record
 every request's headers; the honest side is Debian's real docker-registry."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import json
+import logging
 import shutil
 import ssl
 import subprocess
@@ -207,7 +210,12 @@ def test_a_token_service_on_plain_http_never_sees_the_credentials(
         d = stack.enter_context(serving(tmp_path / "node"))
         answers = [
             code_of(
-                d.client.create_volume, "r", 64 * MiB, snapshot=snapshot, parameters=params, secrets=secrets
+                d.client.create_volume,
+                "r",
+                64 * MiB,
+                snapshot=snapshot,
+                parameters=params,
+                secrets={**secrets, "registry": tls.host},
             )
             for params, snapshot in (
                 ({}, f"{tls.host}/x/db:{SNAP}"),
@@ -225,7 +233,11 @@ def test_a_token_service_on_plain_http_never_sees_the_credentials(
         realm = stack.enter_context(Hostile(token_service, tls=(cert, key)))
         other = stack.enter_context(Hostile(token_registry(f"https://{realm.host}/token"), tls=(cert, key)))
         code, message = code_of(
-            d.client.create_volume, "r", 64 * MiB, snapshot=f"{other.host}/x/db:{SNAP}", secrets=secrets
+            d.client.create_volume,
+            "r",
+            64 * MiB,
+            snapshot=f"{other.host}/x/db:{SNAP}",
+            secrets={**secrets, "registry": other.host},
         )
         assert code == grpc.StatusCode.NOT_FOUND, message
         assert len(realm.authorizations()) == 1 and realm.authorizations()[0].startswith("Basic ")
@@ -289,6 +301,157 @@ def test_credentials_go_only_to_the_registry_they_are_for(tmp_path: Path) -> Non
             csi.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id, secrets=bound)
         )
         d.client.delete_volume(vid)
+
+
+def test_credentials_for_no_registry_are_refused_before_anything_is_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``username``/``password`` without ``registry`` could go to whatever host a snapshot id,
+    a ``baseLayer`` or a repository names: every call that would reach a registry with them
+    is refused (FAILED_PRECONDITION) before anything is sent or changed, on a node and on the
+    central instance, whether that host is reached over HTTPS or plain HTTP."""
+    cert, key = self_signed(tmp_path)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    unbound = {"username": "victim", "password": SECRET_PASSWORD}
+    with ExitStack() as stack:
+        plain = stack.enter_context(Hostile(basic_registry))
+        tls = stack.enter_context(Hostile(basic_registry, tls=(cert, key)))
+        insecure = frozenset({plain.host})
+        for name in ("node", "central"):
+            (tmp_path / name).mkdir()
+        d = stack.enter_context(serving(tmp_path / "node", insecure_registries=insecure))
+        central = stack.enter_context(
+            serving(
+                tmp_path / "central",
+                node_id="central",
+                mode="controller-expand",
+                kubernetes="off",
+                insecure_registries=insecure,
+            )
+        )
+        vid = d.client.create_volume("v", 64 * MiB).volume_id
+        with staged(d, vid) as root:
+            (root / "f").write_text("tenant data\n")
+        layers = committed(d)
+
+        for evil in (plain, tls):
+            sid = f"{evil.host}/x/db:{SNAP}"
+            export = {"repository": f"{evil.host}/x/db"}
+            image = {"baseLayer": f"{evil.host}/x/i:1"}
+            delete = csi.DeleteSnapshotRequest(snapshot_id=sid, secrets=unbound)
+            answers = [
+                code_of(d.client.create_snapshot, "s", vid, parameters=export, secrets=unbound),
+                code_of(d.client.create_volume, "r", 64 * MiB, snapshot=sid, secrets=unbound),
+                code_of(d.client.create_volume, "r", 64 * MiB, parameters=image, secrets=unbound),
+                code_of(d.client.controller.DeleteSnapshot, delete),
+                code_of(central.client.controller.DeleteSnapshot, delete),
+                code_of(
+                    central.client.controller.ListSnapshots,  # the registry snapshotter's lookup
+                    csi.ListSnapshotsRequest(snapshot_id=sid, secrets=unbound),
+                ),
+            ]
+            for code, message in answers:
+                assert code == grpc.StatusCode.FAILED_PRECONDITION, message
+                assert "name no registry: add a 'registry' key (HOST[:PORT]" in message, message
+                assert "never sent to a host they were not given for" in message, message
+                assert SECRET_PASSWORD not in message
+            assert evil.authorizations() == [], "no Authorization header reached the host the call named"
+            assert evil.requests == [], "nothing at all was sent there"
+
+        assert d.engine.list_snapshots(0, 10) == [], "no snapshot was taken"
+        assert committed(d) == layers, "no layer was committed or pulled"
+        assert [x.id for x in d.engine.list_volumes(0, 10)] == [vid]
+        d.client.delete_volume(vid)
+
+
+def docker_config(auths: dict[str, dict[str, str]]) -> dict[str, str]:
+    """A ``kubernetes.io/dockerconfigjson`` Secret's data as the sidecars pass it."""
+    return {".dockerconfigjson": json.dumps({"auths": auths})}
+
+
+def basic(user: str, password: str) -> str:
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_a_docker_config_secret_logs_in_to_the_hosts_it_names_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``.dockerconfigjson`` Secret exports, restores and deletes against a registry that
+    wants a login (kubectl's form, and ``auth`` alone); a snapshot id or ``baseLayer``
+    naming another host is asked anonymously and told which hosts the credentials are for;
+    a malformed entry is refused before anything is sent; at debug level no part of the
+    config reaches the log."""
+    caplog.set_level(logging.DEBUG)
+    with ExitStack() as stack:
+        reg = stack.enter_context(
+            LocalRegistry(tmp_path / "registry", username="ci", password=SECRET_PASSWORD)
+        )
+        evil = stack.enter_context(Hostile(basic_registry))
+        insecure = frozenset({reg.host, evil.host})
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+        a = stack.enter_context(serving(tmp_path / "a", insecure_registries=insecure))
+        b = stack.enter_context(serving(tmp_path / "b", insecure_registries=insecure))
+        auth = basic("ci", SECRET_PASSWORD)
+        kubectl = docker_config(
+            {f"http://{reg.host}": {"username": "ci", "password": SECRET_PASSWORD, "auth": auth}}
+        )
+        auth_only = docker_config({reg.host: {"auth": auth}, "elsewhere.example": {"auth": basic("x", "y")}})
+
+        vid = a.client.create_volume("v", 64 * MiB).volume_id
+        with staged(a, vid) as root:
+            (root / "f").write_text("tenant data\n")
+        params = {"repository": f"{reg.host}/a/db"}
+        code, message = code_of(a.client.create_snapshot, "anon", vid, parameters=params)
+        assert code == grpc.StatusCode.UNAUTHENTICATED, "the registry wants a login: " + message
+        snap = a.client.create_snapshot("s", vid, parameters=params, secrets=kubectl)
+        assert snap.ready_to_use, "the host its auths entry names gets the login"
+        restored = b.client.create_volume("r", 64 * MiB, snapshot=snap.snapshot_id, secrets=auth_only)
+        with staged(b, restored.volume_id) as root:
+            assert (root / "f").read_text() == "tenant data\n"
+        b.client.delete_volume(restored.volume_id)
+
+        for secrets, hosts in ((kubectl, f"registry {reg.host}"), (auth_only, "registries")):
+            for params, snapshot in (
+                ({}, f"{evil.host}/x/db:{SNAP}"),
+                ({"baseLayer": f"{evil.host}/x/i:1"}, ""),
+            ):
+                code, message = code_of(
+                    b.client.create_volume,
+                    "r",
+                    64 * MiB,
+                    snapshot=snapshot,
+                    parameters=params,
+                    secrets=secrets,
+                )
+                assert code == grpc.StatusCode.UNAUTHENTICATED, message
+                assert f"the request's credentials are for {hosts}" in message, message
+        assert f"registries {reg.host}, elsewhere.example only" in message, message
+        assert evil.requests, "the other host was asked (anonymously)"
+        assert evil.authorizations() == [], "and never given the credentials"
+
+        asked = len(evil.requests)
+        broken = docker_config({evil.host: {"auth": "not base64!"}})
+        code, message = code_of(
+            b.client.create_volume, "r", 64 * MiB, snapshot=f"{evil.host}/x/db:{SNAP}", secrets=broken
+        )
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, message
+        assert f"the entry for {evil.host}: its 'auth' is not base64" in message, message
+        assert len(evil.requests) == asked, "refused before anything was sent"
+
+        a.client.controller.DeleteSnapshot(
+            csi.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id, secrets=kubectl)
+        )
+        code, message = code_of(
+            b.client.create_volume, "r", 64 * MiB, snapshot=snap.snapshot_id, secrets=auth_only
+        )
+        assert code == grpc.StatusCode.NOT_FOUND, "the artifact went with the snapshot: " + message
+        a.client.delete_volume(vid)
+        assert a.engine.layers() == [] and b.engine.layers() == []
+    logged = caplog.text + "".join(str(rec.__dict__) for rec in caplog.records)
+    assert "DEBUG" in caplog.text and "***stripped***" in logged, "requests were logged, redacted"
+    for secret in (SECRET_PASSWORD, auth, kubectl[".dockerconfigjson"], auth_only[".dockerconfigjson"]):
+        assert secret not in logged, "no part of the docker config reached the log"
 
 
 def test_a_layer_is_not_given_for_knowing_its_digest(tmp_path: Path) -> None:

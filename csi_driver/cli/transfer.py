@@ -3,7 +3,9 @@ from OCI registries, on the state dir directly (no CSI call moves layers).
 
 Credentials come from ``$OVERLAY_CSI_REGISTRY_USERNAME`` and
 ``$OVERLAY_CSI_REGISTRY_PASSWORD`` (never from the command line, where other
-users could read them in the process list). Progress lines go to stderr.
+users could read them in the process list), for the one registry host that
+``$OVERLAY_CSI_REGISTRY`` names: they are never sent to another. Progress lines
+go to stderr.
 """
 
 from __future__ import annotations
@@ -16,29 +18,41 @@ from typing import Any
 
 from csi_driver.cli.args import DEFAULT_STATE_DIR, add_command, add_insecure_registry_option
 from csi_driver.cli.output import CliError, emit, fmt_bytes
-from csi_driver.registry.client import Credentials
+from csi_driver.registry.credentials import Credentials, registry_host
 from csi_driver.registry.reference import BadReference, Reference, Repository
 from csi_driver.statedir import StateDir
 
 USER_ENV = "OVERLAY_CSI_REGISTRY_USERNAME"
 PASSWORD_ENV = "OVERLAY_CSI_REGISTRY_PASSWORD"
-
-
-def _credentials() -> Credentials | None:
-    from csi_driver.errors import FailedPrecondition
-
-    try:
-        return Credentials.from_secrets(
-            {"username": os.environ.get(USER_ENV, ""), "password": os.environ.get(PASSWORD_ENV, "")}
-        )
-    except FailedPrecondition as e:
-        raise CliError("INVALID_ARGUMENT", f"set both ${USER_ENV} and ${PASSWORD_ENV}, or neither") from e
+REGISTRY_ENV = "OVERLAY_CSI_REGISTRY"  # the registry host they are for, as the Secret's `registry`
 
 
 def registry_secrets() -> dict[str, str]:
-    """The credentials in the environment as a CSI request's secrets (none: {})."""
-    creds = _credentials()
-    return {"username": creds.username, "password": creds.password} if creds else {}
+    """The credentials in the environment as a CSI request's secrets (none: {}), bound
+    to the host ``$OVERLAY_CSI_REGISTRY`` names."""
+    user, password = os.environ.get(USER_ENV, ""), os.environ.get(PASSWORD_ENV, "")
+    if not user and not password:
+        return {}
+    if not user or not password:
+        raise CliError("INVALID_ARGUMENT", f"set both ${USER_ENV} and ${PASSWORD_ENV}, or neither")
+    registry = os.environ.get(REGISTRY_ENV, "").strip()
+    if not registry:
+        raise CliError(
+            "FAILED_PRECONDITION",
+            f"set ${REGISTRY_ENV} to the registry (HOST[:PORT]) the credentials are for: "
+            "credentials are never sent to a host they were not given for",
+        )
+    if registry_host(registry) is None:
+        raise CliError(
+            "FAILED_PRECONDITION",
+            f"${REGISTRY_ENV} must name a registry host (HOST[:PORT], e.g. registry.example.com:5000), "
+            f"not {registry[:80]!r}",
+        )
+    return {"username": user, "password": password, "registry": registry}
+
+
+def _credentials() -> Credentials | None:
+    return Credentials.from_secrets(registry_secrets())
 
 
 def _engine(args: argparse.Namespace) -> Any:

@@ -42,7 +42,7 @@ from csi_driver.engine.transfers import Transfers, snapshot_reference
 from csi_driver.engine.volumes import Volumes
 from csi_driver.layerstore.backend import LayerBackend
 from csi_driver.layerstore.overlay.backend import OverlayLoopBackend
-from csi_driver.registry.client import Credentials
+from csi_driver.registry.credentials import Credentials
 from csi_driver.registry.reference import Reference, Repository, looks_like_reference
 from csi_driver.store import Layer, Snapshot, Store, Volume
 

@@ -51,12 +51,12 @@ from csi_driver.registry.client import (
     OCI_INDEX,
     OCI_MANIFEST,
     BadContent,
-    Credentials,
     Descriptor,
     Manifest,
     RegistryClient,
     descriptors,
 )
+from csi_driver.registry.credentials import Credentials
 from csi_driver.registry.progress import count_blob
 from csi_driver.registry.reference import DIGEST_RE, BadReference, Reference, Repository
 from csi_driver.store import Blob, Layer, Snapshot

@@ -14,11 +14,11 @@ what a driver may not do without:
 * reads are retried briefly (``ATTEMPTS``), writes are not; a failure is one of
   the driver's errors, with a status code and a message for the operator;
 * credentials go to the registry only: never to a log, never to ``~/.docker``
-  (``oras`` would read it; this client does not); credentials bound to a registry
-  (the secret's ``registry`` or ``server`` key) go to that host and its token
-  service only, and nothing is sent to a token service on plain HTTP unless the
-  registry itself is reached over HTTP and the service's host is an
-  ``--insecure-registry`` too;
+  (``oras`` would read it; this client does not); a login goes to the host it was
+  given for (``credentials.Credentials``) and its token service only, any other
+  registry is asked anonymously, and nothing is sent to a token service on plain
+  HTTP unless the registry itself is reached over HTTP and the service's host is
+  an ``--insecure-registry`` too;
 * every body is read with a bound: an error body or a token answer up to
   ``MAX_SMALL_BODY`` (64 KiB, the rest is never read), a manifest up to 4 MiB, a
   blob up to its declared size. Every request streams, so nothing is read whole
@@ -34,9 +34,7 @@ import errno
 import hashlib
 import json
 import logging
-import re
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,8 +53,9 @@ import urllib3.connectionpool
 
 from csi_driver.errors import DriverError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from csi_driver.registry import cancel
+from csi_driver.registry.credentials import Credentials, Login
 from csi_driver.registry.progress import CHUNK, Meter, MeteredReader, count_blob
-from csi_driver.registry.reference import DIGEST_RE, HOST_PATTERN, Repository
+from csi_driver.registry.reference import DIGEST_RE, Repository
 
 log = logging.getLogger("csi_driver.registry")
 
@@ -87,53 +86,6 @@ class BadContent(DriverError):
     code = "DATA_LOSS"
 
 
-_HOST_RE = re.compile(rf"^{HOST_PATTERN}$", re.ASCII)
-
-
-def _bound_registry(secrets: Mapping[str, str]) -> str:
-    """The registry host a secret's ``registry`` (or docker config's ``server``) key
-    names, lowercased; '' when it names none. ``https://host[:port]/path`` is read as
-    ``host[:port]``, as in a docker config."""
-    named = set()
-    for key in ("registry", "server"):
-        value = secrets.get(key, "").strip()
-        if not value:
-            continue
-        host = re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*://", "", value).split("/", 1)[0].lower()
-        if not _HOST_RE.match(host):
-            raise FailedPrecondition(
-                f"registry secrets: {key!r} must name a registry host (HOST[:PORT], e.g. "
-                f"registry.example.com:5000), not {value[:80]!r}"
-            )
-        named.add(host)
-    if len(named) > 1:
-        raise FailedPrecondition("registry secrets: 'registry' and 'server' name different hosts")
-    return named.pop() if named else ""
-
-
-@dataclass(frozen=True)
-class Credentials:
-    username: str
-    password: str = field(repr=False)
-    registry: str = ""  # the registry host they are for: '' for any (over HTTPS, or --insecure-registry)
-
-    @classmethod
-    def from_secrets(cls, secrets: Mapping[str, str]) -> Credentials | None:
-        """``username`` and ``password`` from a CSI request's secrets (none: anonymous),
-        bound to the host their ``registry`` (or ``server``) key names."""
-        user, password = secrets.get("username", ""), secrets.get("password", "")
-        registry = _bound_registry(secrets)
-        if not user and not password:
-            return None
-        if not user or not password:
-            raise FailedPrecondition("registry secrets need both 'username' and 'password'")
-        return cls(user, password, registry)
-
-    def for_host(self, host: str) -> bool:
-        """Whether these credentials may go to registry ``host`` (HOST[:PORT])."""
-        return not self.registry or self.registry == host.lower()
-
-
 @dataclass(frozen=True)
 class Descriptor:
     media_type: str
@@ -162,7 +114,7 @@ class _Oras(oras.provider.Registry):
         self,
         host: str,
         insecure: bool,
-        credentials: Credentials | None,
+        login: Login | None,
         scheme: str,
         http_hosts: frozenset[str] = frozenset(),
     ) -> None:
@@ -174,10 +126,10 @@ class _Oras(oras.provider.Registry):
         self.auth.request_token = self._request_token  # type: ignore[method-assign]
         self.auth.request_anonymous_token = self._request_token  # type: ignore[method-assign]
         self._basic = ""
-        if credentials is not None:
-            self.auth.set_basic_auth(credentials.username, credentials.password)
+        if login is not None:
+            self.auth.set_basic_auth(login.username, login.password)
             if scheme == "basic":
-                raw = f"{credentials.username}:{credentials.password}".encode()
+                raw = f"{login.username}:{login.password}".encode()
                 self._basic = "Basic " + base64.b64encode(raw).decode()
         for name in ("request_token", "request_anonymous_token"):  # the token flow's two ways out
             ask = getattr(self.auth, name, None)
@@ -340,14 +292,12 @@ class RegistryClient:
     ) -> None:
         """``insecure``: reach this registry over plain HTTP; ``insecure_hosts``: every
         --insecure-registry host (a token service on plain HTTP must be one of them).
-        Credentials bound to another registry are not used here: it is asked anonymously."""
+        ``credentials`` give this registry the login for its host, if they have one;
+        without, it is asked anonymously."""
         self.repository = repository
         self.where = str(repository)
-        self._withheld = ""
-        if credentials is not None and not credentials.for_host(repository.host):
-            self._withheld = credentials.registry
-            credentials = None
-        self._credentials = credentials
+        self._login = credentials.for_host(repository.host) if credentials is not None else None
+        self._withheld = credentials.hosts if credentials is not None and self._login is None else []
         self._insecure = insecure
         self._http_hosts = frozenset(h.lower() for h in insecure_hosts) | (
             {repository.host.lower()} if insecure else frozenset()
@@ -365,7 +315,7 @@ class RegistryClient:
             challenge = r.headers.get("WWW-Authenticate", "") if r.status_code == 401 else ""
             r.close()
             basic = challenge.lower().startswith("basic")
-            if basic and self._credentials is None:
+            if basic and self._login is None:
                 raise Unauthenticated(
                     f"registry {self.repository.host} asks for a username and password: "
                     f"give them in the request's secrets{self._hint()}"
@@ -373,7 +323,7 @@ class RegistryClient:
             reg = _Oras(
                 self.repository.host,
                 self._insecure,
-                self._credentials,
+                self._login,
                 "basic" if basic else "token",
                 self._http_hosts,
             )
@@ -382,10 +332,12 @@ class RegistryClient:
         return self._reg
 
     def _hint(self) -> str:
-        """Why no credentials were sent, when the request's are bound to another registry."""
+        """Why no credentials were sent, when the request's are for other registries."""
         if not self._withheld:
             return ""
-        return f" (the request's credentials are for registry {self._withheld} only)"
+        if len(self._withheld) == 1:
+            return f" (the request's credentials are for registry {self._withheld[0]} only)"
+        return f" (the request's credentials are for registries {', '.join(self._withheld)} only)"
 
     def _url(self, path: str) -> str:
         return f"{'http' if self._insecure else 'https'}://{self.repository.host}{path}"

@@ -18,7 +18,7 @@ from csi_driver.engine.transfers import snapshot_reference
 from csi_driver.errors import FailedPrecondition, NotFound
 from csi_driver.kube.modify_relay import ModifyRelay, split_parameters
 from csi_driver.proto import csi_pb2 as csi
-from csi_driver.registry.client import Credentials
+from csi_driver.registry.credentials import Credentials
 from csi_driver.service import validate as v
 from csi_driver.service.context import DriverContext
 from csi_driver.service.controller import snapshot_msg

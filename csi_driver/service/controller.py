@@ -13,7 +13,7 @@ from csi_driver.errors import Aborted, InvalidArgument, NotFound, ResourceExhaus
 from csi_driver.ids import node_of
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.proto import csi_pb2_grpc
-from csi_driver.registry.client import Credentials
+from csi_driver.registry.credentials import Credentials
 from csi_driver.registry.reference import looks_like_reference
 from csi_driver.service import validate as v
 from csi_driver.service.context import TOPOLOGY_KEY, DriverContext

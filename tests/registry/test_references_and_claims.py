@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from csi_driver.engine.transfers import _annotations, exported_id, snapshot_reference
-from csi_driver.errors import FailedPrecondition, InvalidArgument
-from csi_driver.registry.client import BadContent, Credentials, descriptors
+from csi_driver.errors import InvalidArgument
+from csi_driver.registry.client import BadContent, descriptors
 from csi_driver.registry.reference import BadReference, Reference, Repository
 from csi_driver.service import validate as v
 
@@ -83,31 +83,6 @@ def test_base_layer_and_snapshot_parameters() -> None:
         v.snapshot_parameters({"repository": "reg.io/a:tag"})
     with pytest.raises(InvalidArgument, match="unknown"):
         v.snapshot_parameters({"repo": "reg.io/a"})
-
-
-def test_credentials_from_secrets() -> None:
-    assert Credentials.from_secrets({}) is None
-    creds = Credentials.from_secrets({"username": "u", "password": "p4ss"})
-    assert creds == Credentials("u", "p4ss") and "p4ss" not in repr(creds)
-    with pytest.raises(FailedPrecondition):
-        Credentials.from_secrets({"password": "p"})
-
-
-def test_credentials_bound_to_a_registry() -> None:
-    """``registry`` (or docker config's ``server``) binds credentials to one host."""
-    for secrets in (
-        {"registry": "Reg.IO:5000"},
-        {"server": "https://reg.io:5000/v1/"},
-        {"registry": "reg.io:5000", "server": "reg.io:5000"},
-    ):
-        creds = Credentials.from_secrets({"username": "u", "password": "p", **secrets})
-        assert creds is not None and creds.registry == "reg.io:5000"
-        assert creds.for_host("reg.io:5000") and creds.for_host("REG.io:5000")
-        assert not creds.for_host("reg.io") and not creds.for_host("evil.io:5000")
-    assert Credentials.from_secrets({"username": "u", "password": "p"}).for_host("any.io"), "unbound: any"
-    for bad in ({"registry": "bad host"}, {"server": "https://"}, {"registry": "a.io", "server": "b.io"}):
-        with pytest.raises(FailedPrecondition, match="registry secrets"):
-            Credentials.from_secrets({"username": "u", "password": "p", **bad})
 
 
 def test_descriptors_are_checked() -> None:
