@@ -200,6 +200,20 @@ class StateCollector(Collector):
             "clones are refused and volumes report an abnormal condition",
             value=int(room.low),
         )
+        ration = engine.capacity.last_ration
+        yield GaugeMetricFamily(
+            f"{PREFIX}_storage_rationed",
+            "1 while the writable volumes could together allocate more than the disk has free "
+            "(less its slop): each gets a share of what is free, and a write beyond it fails "
+            "with ENOSPC in that volume",
+            value=int(bool(ration and ration.limited)),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_store_reserve_held",
+            "1 while the driver holds its store's reserve (16 MiB); 0 after a full disk made it "
+            "give the reserve back for its own writes",
+            value=int(engine.store.reserve.held()),
+        )
         yield GaugeMetricFamily(
             f"{PREFIX}_backing_size_bytes",
             "Size of the file system holding the state dir",

@@ -41,6 +41,8 @@ WORKERS = 16
 STORAGE_WATCH_SECONDS = 10.0
 STOP_TRANSFERS_SECONDS = 3.0  # at stop, cancelled registry transfers get this long to clean up
 STORAGE_WATCH_LOW_SECONDS = 2.0  # and checkpoint the volumes each time
+RATION_SECONDS = 0.25  # how often the volumes' shares of the free space are looked at
+RATION_LIMITED_SECONDS = 0.05  # and while they are limited (a fast writer outruns a slow look)
 
 
 class AlreadyRunning(RuntimeError):
@@ -155,10 +157,14 @@ class Server:
             central = CentralControllerServicer(self.ctx, relay)
             csi_pb2_grpc.add_ControllerServicer_to_server(central, self.grpc)
             if self.kube and opts.registry_snapshotter_node:
-                self.background.append(ContentAdopter(
-                    self.kube, opts.driver_name, opts.registry_snapshotter_node,
-                    lambda handle: snapshot_reference(handle) is not None,
-                ))
+                self.background.append(
+                    ContentAdopter(
+                        self.kube,
+                        opts.driver_name,
+                        opts.registry_snapshotter_node,
+                        lambda handle: snapshot_reference(handle) is not None,
+                    )
+                )
         else:
             if self.kube:
                 self.background.append(
@@ -170,6 +176,7 @@ class Server:
         self.socket = socket_path(opts.endpoint)
         self._stopped = threading.Event()
         self._watch = threading.Thread(target=self._watch_storage, name="storage-watch", daemon=True)
+        self._ration = threading.Thread(target=self._ration_storage, name="storage-ration", daemon=True)
 
     def start(self) -> None:
         self.socket.parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +191,7 @@ class Server:
             log.info("serving metrics on http://%s:%d/metrics", *addr)
         self.grpc.start()
         self._watch.start()
+        self._ration.start()
         for worker in self.background:
             worker.start()
         os.chmod(self.socket, 0o660)
@@ -210,6 +218,8 @@ class Server:
             worker.stop()
         if self._watch.is_alive():  # not in the middle of a checkpoint when the engine closes
             self._watch.join()
+        if self._ration.is_alive():
+            self._ration.join()
         if self.metrics:
             self.metrics.close()
         self.engine.close()
@@ -234,6 +244,15 @@ class Server:
                 low = self.engine.capacity.watch()
             except Exception:  # never let the watch die of a passing error
                 log.exception("watching the state dir's free space failed")
+
+    def _ration_storage(self) -> None:
+        """Share the free space out among the writable volumes (``Capacity.ration``)."""
+        limited = False
+        while not self._stopped.wait(RATION_LIMITED_SECONDS if limited else RATION_SECONDS):
+            try:
+                limited = self.engine.capacity.ration().limited
+            except Exception:  # never let it die of a passing error
+                log.exception("sharing the free space out among the volumes failed")
 
     def serve_forever(self) -> None:
         done = threading.Event()

@@ -22,6 +22,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from csi_driver.errors import ResourceExhausted
+from csi_driver.space_reserve import SpaceReserve
+
+MiB = 1 << 20
+SQLITE_FULL = 13  # sqlite3's result code for a full disk
+
 SCHEMA_VERSION = 4  # 3: snapshots.exported and layer_blobs (registries); 4: layer_blob_sources
 # (the repositories a blob was pulled from or pushed to); older drivers refuse it
 
@@ -621,6 +627,8 @@ class Store:
         self._readers: set[sqlite3.Connection] = set()
         self._readers_lock = threading.RLock()  # reentrant: a reader's finaliser may run under it
         self._closed = False
+        self.reserve = SpaceReserve(path.with_name(path.name + ".reserve"))
+        self.reserve.restore()
         self._conn = self._connect()
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -702,16 +710,24 @@ class Store:
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:
-        """One write transaction: committed on success, rolled back on any exception."""
+        """One write transaction: committed on success, rolled back on any exception.
+        On a disk with less free than the store's reserve the reserve is given back
+        first; a disk too full even so is RESOURCE_EXHAUSTED (nothing changed)."""
         with self._lock:
+            self.reserve.before_write()
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield Tx(self._conn, self.pinned)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            else:
                 self._conn.execute("COMMIT")
+            except BaseException as e:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                if isinstance(e, sqlite3.OperationalError) and e.sqlite_errorcode == SQLITE_FULL:
+                    raise ResourceExhausted(
+                        f"the node's disk is full: the driver's store could not write "
+                        f"({self.reserve.free() // MiB} MiB free); nothing changed, free space on the node"
+                    ) from e
+                raise
 
     @contextmanager
     def read(self) -> Iterator[ReadTx]:

@@ -96,6 +96,8 @@ def test_metrics_follow_a_workload(mdriver: Driver):
     images = sum(x.image_bytes for x in mdriver.engine.layers() if x.active)
     assert images > 192 * MiB and val(m1, "overlay_csi_promised_bytes") == images
     assert val(m1, "overlay_csi_storage_low") == 0
+    assert val(m1, "overlay_csi_storage_rationed") == 0, "one small volume on a roomy disk"
+    assert val(m1, "overlay_csi_store_reserve_held") == 1
     promisable = val(m1, "overlay_csi_promisable_bytes")
     assert 0 < promisable < val(m1, "overlay_csi_backing_free_bytes") - images + 64 * MiB
 

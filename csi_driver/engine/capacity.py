@@ -13,6 +13,13 @@ Below the low-space watermark the node makes no new promise at any ratio, every
 thin volume's condition says why, and the backend checkpoints the volumes'
 journals (``settle``) each time the watch looks, so what they have committed is in
 place before the disk can fill.
+
+And at any ratio the writable volumes together may never allocate more than the
+disk has free less a slop (``ration``, a few times a second, as ZFS keeps its slop
+space): what a volume writes beyond its share fails in that volume with ENOSPC, so
+the disk never fills from the volumes and no neighbour loses a write it cannot
+take back. The slop is what the driver's own writes, the host file system and the
+blocks in flight between two looks may still need.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from csi_driver.errors import DriverError, ResourceExhausted
-from csi_driver.layerstore.backend import LayerBackend
+from csi_driver.layerstore.backend import LayerBackend, Ration
 from csi_driver.store import ReadTx, Store
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,14 @@ MiB = 1 << 20
 #: per volume: 10 ms at 3,000); their growth since then only makes the answer
 #: more cautious, as the free space is read fresh
 HELD_TTL = 2.0
+#: the slop: 1/32 of the disk, as ZFS holds back, within these bounds
+SLOP_SHARE = 1 / 32
+SLOP_MIN, SLOP_MAX = 16 * MiB, 1 << 30
+
+
+def slop(fs_bytes: int) -> int:
+    """What the volumes may never allocate of a disk of ``fs_bytes``."""
+    return min(SLOP_MAX, max(SLOP_MIN, int(fs_bytes * SLOP_SHARE)))
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,7 @@ class Capacity:
         self._state = threading.Lock()  # one log line per change, from any thread
         self._settling = threading.Lock()
         self.settled = 0  # checkpoints of every volume done, for tests and logs
+        self.last_ration: Ration | None = None  # what the last look of ``ration`` decided
 
     # ---- readings -----------------------------------------------------------
     def figures(self) -> Figures:
@@ -196,10 +212,19 @@ class Capacity:
     def watch(self) -> bool:
         """One look of the background watch: True while storage is low (and then the
         volumes' journals are checkpointed)."""
+        self.store.reserve.restore()  # given back when the disk was full; taken again with room
         if not self.low():
             return False
         self.settle()
         return True
+
+    def ration(self) -> Ration:
+        """One look of the rationing: the writable volumes may take together what the
+        disk has free less the slop (and less the reserve when that is larger)."""
+        fs_bytes, free = self.backend.fs_size(), self.backend.free_bytes()
+        keep = max(slop(fs_bytes), self.policy.reserve.of(fs_bytes))
+        self.last_ration = self.backend.ration(max(0, free - keep))
+        return self.last_ration
 
     def settle(self) -> None:
         """Checkpoint every volume's journal; one run at a time, a second caller returns."""

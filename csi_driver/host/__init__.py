@@ -8,10 +8,11 @@ function is safe to repeat.
 - ``loopdev``: direct-I/O loop devices set up with one ioctl
 - ``loops``: loop devices as sysfs and losetup list them
 - ``files``: sparse images, copies, reflinks, ext4 superblocks
+- ``fsreserve``: an ext4's reserved clusters (sysfs)
 - ``tools``: the host programs (mkfs, resize2fs, tune2fs, blockdev, blkid)
 """
 
-from csi_driver.host import beneath, loopdev
+from csi_driver.host import beneath, fsreserve, loopdev
 from csi_driver.host.files import (
     FICLONE,
     allocate,
@@ -105,6 +106,7 @@ __all__ = [
     "file_id",
     "flush_buffers",
     "freeze",
+    "fsreserve",
     "fs_used_bytes",
     "grow_fs",
     "is_mount_point",

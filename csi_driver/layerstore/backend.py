@@ -61,6 +61,16 @@ class FsUsage:
     available_inodes: int
 
 
+@dataclass(frozen=True)
+class Ration:
+    """What one look of ``LayerBackend.ration`` decided (for logs, metrics and tests)."""
+
+    limited: bool  # whether the writable layers' allocations are limited now
+    room: int  # host bytes they may take together until the next look
+    unbacked: int  # bytes they have allocated that the host does not hold yet
+    shares: dict[str, int] = field(default_factory=dict)  # limited: each layer's share, bytes
+
+
 @dataclass
 class CleanupReport:
     removed: list[str] = field(default_factory=list)
@@ -207,6 +217,13 @@ class LayerBackend(Protocol):
     def settle(self) -> None:
         """Write what active layers hold in journals to its place now (the host
         disk is running low: later it may have no room for it)."""
+
+    def ration(self, room: int) -> Ration:
+        """Keep the writable layers from allocating, together, more than ``room``
+        bytes of the host until the next call (a few times a second): what they
+        allocate beyond it fails in the writer's own volume with ENOSPC, and never
+        as a write the host cannot back. A backend whose layers cannot outgrow
+        their promise (or cannot be limited) says so with ``limited=False``."""
 
     def free_bytes(self) -> int:
         """Bytes still free where layers are kept."""

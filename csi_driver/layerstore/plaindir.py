@@ -35,7 +35,7 @@ from typing import BinaryIO
 from csi_driver import host
 from csi_driver.ids import ID_RE
 from csi_driver.layerstore import ocidiff
-from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount, Unsupported
+from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount, Ration, Unsupported
 from csi_driver.locks import KeyedLocks
 from csi_driver.store import Layer
 
@@ -253,6 +253,10 @@ class PlainDirBackend:
 
     def settle(self) -> None:
         """Directories have no journal of their own to checkpoint."""
+
+    def ration(self, room: int) -> Ration:
+        """A directory's writes take the host's space directly: nothing to limit."""
+        return Ration(False, room, 0)
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.root)

@@ -8,8 +8,10 @@ secret fields are redacted everywhere.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -63,6 +65,17 @@ def _subject(request: Message) -> str:
     return ""
 
 
+def _disk_full(e: OSError) -> str:
+    """RESOURCE_EXHAUSTED's message for a write the disk had no room for."""
+    where = os.path.dirname(str(e.filename or "")) or "/"
+    try:
+        st = os.statvfs(where)
+        figures = f": {st.f_bavail * st.f_frsize >> 20} MiB free of {st.f_blocks * st.f_frsize >> 20} MiB"
+    except OSError:
+        figures = ""
+    return f"the node's disk is full{figures} ({os.strerror(e.errno or 0)}); free space on the node"
+
+
 def rpc(guard: Callable[[Any], Iterable[str]] | None = None) -> Callable[[F], F]:
     """Decorate a servicer method ``(self, request, context)``.
 
@@ -95,6 +108,12 @@ def rpc(guard: Callable[[Any], Iterable[str]] | None = None) -> Callable[[F], F]
                 code, message = getattr(grpc.StatusCode, e.code), str(e)[:MAX_ERROR_MESSAGE]
                 if e.code == "INTERNAL":
                     log.error("%s failed: %s", method, e)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    log.exception("%s crashed", method)
+                    code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"
+                else:  # a full disk is named, with the figures, so the caller can act on it
+                    code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, _disk_full(e)
             except Exception as e:  # never a traceback to the caller
                 log.exception("%s crashed", method)
                 code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"

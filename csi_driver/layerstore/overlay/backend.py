@@ -23,7 +23,7 @@ from csi_driver import host
 from csi_driver.errors import CommandFailed, FailedPrecondition
 from csi_driver.ids import ID_RE
 from csi_driver.layerstore import ocidiff
-from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount
+from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount, Ration
 from csi_driver.layerstore.overlay.compose import overlay_options, view_options
 from csi_driver.layerstore.overlay.images import (
     build_image,
@@ -39,6 +39,7 @@ from csi_driver.layerstore.overlay.images import (
 )
 from csi_driver.layerstore.overlay.layout import Layout
 from csi_driver.layerstore.overlay.mounts import LayerMounts
+from csi_driver.layerstore.overlay.ration import Rationing
 from csi_driver.layerstore.overlay.spares import SpareImages
 from csi_driver.store import Layer
 
@@ -62,6 +63,7 @@ class OverlayLoopBackend:
         self.layout = Layout(root)
         self.layout.ensure()
         self.held = LayerMounts(self.layout)
+        self.rationing = Rationing(self.layout, self.held.writable, self.held.device)
         self.hold = hold_metadata
         self._freezing = threading.Lock()  # a capture's freeze window, or a checkpoint
         self.spares = SpareImages(self.layout.spares, functools.partial(build_image, hold=hold_metadata))
@@ -337,6 +339,8 @@ class OverlayLoopBackend:
             if not metadata_held(image):  # made before the node was overprovisioned
                 try_hold_metadata(image)
         self.held.acquire(layer.id, layer.fs_type, readonly=not layer.active)
+        if layer.active and layer.fs_type == "ext4":
+            self.rationing.admit(layer.id)
 
     def deactivate(self, layer: Layer) -> None:
         self.held.release(layer.id)
@@ -362,6 +366,9 @@ class OverlayLoopBackend:
                     log.info("could not checkpoint layer %s: %s", layer_id, e)
                     continue
                 host.thaw(mnt)
+
+    def ration(self, room: int) -> Ration:
+        return self.rationing.apply(room)
 
     def active_layers(self) -> set[str]:
         """Layers this process holds activated."""
