@@ -8,6 +8,7 @@ and a publish never binds a host dir into a pod's target."""
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import hashlib
@@ -305,3 +306,124 @@ def test_racing_swaps_never_reach_outside_the_kubelet_dir(world):
         r.stop()
     c.unstage(bvid, bstaging)
     w.check()
+
+
+# the attacker's other move: the dir itself renamed into another pod's dir while the
+# driver holds it open, by an exchange with a dir there ("x") or a move there and back
+# ("r"), so a mount onto the fd opened lands in that pod's dir unless it is undone
+MOVER = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+mode, a, b = sys.argv[1], os.fsencode(sys.argv[2]), os.fsencode(sys.argv[3])
+print("ready", flush=True)
+while True:
+    if mode == "x":
+        libc.renameat2(-100, a, -100, b, 2)  # RENAME_EXCHANGE
+    elif libc.renameat2(-100, a, -100, b, 1) == 0:  # RENAME_NOREPLACE
+        libc.renameat2(-100, b, -100, a, 1)
+"""
+
+RENAME_TRIES = 150
+
+
+class Mover:
+    """A process renaming ``a`` into another pod's dir ``b`` (``mode``: "x" exchanges
+    the two, "r" moves ``a`` to ``b`` and back) while running; ``settle`` puts ``a``
+    back and removes ``b`` while it is paused."""
+
+    def __init__(self, mode: str, a: Path, b: Path) -> None:
+        self.mode, self.a, self.b = mode, a, b
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", MOVER, mode, str(a), str(b)], stdout=subprocess.PIPE
+        )
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == b"ready\n"
+        self.pause()
+
+    def run(self) -> None:
+        if self.mode == "x":
+            self.b.mkdir(exist_ok=True)  # an empty dir of the other pod's to exchange with
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        os.waitpid(self.proc.pid, os.WUNTRACED)
+
+    def settle(self) -> None:
+        """Either dir at ``a`` serves (both are empty); a dir the driver made again at
+        ``a`` meanwhile wins over the one moved away."""
+        if self.b.is_dir():
+            if self.a.exists():
+                self.b.rmdir()
+            else:
+                self.b.rename(self.a)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.settle()
+
+
+def test_a_node_dir_renamed_into_another_pod_keeps_no_mount(world):
+    """NodeStage and NodePublish while their dir is renamed into another pod's volume
+    dir: the mount is made detached and moved onto the dir opened, wherever it is by
+    then, so it must be checked there afterwards and undone if the path no longer
+    shows it. Each call succeeds with the volume at its path, or is FAILED_PRECONDITION;
+    never is a mount of the volume left anywhere else."""
+    d, w = world
+    c = d.client
+    deadline = time.monotonic() + 60
+    vid = c.create_volume("renamed", 16 * MiB).volume_id
+    gm = w.csi / DRIVER / hashlib.sha256(vid.encode()).hexdigest() / "globalmount"
+    gm.mkdir(parents=True)
+    target = w.k / "pods" / "uid-1" / "volumes" / "kubernetes.io~csi" / "pv-1" / "mount"
+    target.parent.mkdir(parents=True)
+    other = w.k / "pods" / "uid-2" / "volumes" / "kubernetes.io~csi" / "pv-2"
+    other.mkdir(parents=True)
+    wrong: list[str] = []
+
+    def race(mode: str, path: Path, expected: set[Path], call: Callable[[], None], undo: Callable[[], None]):
+        m = Mover(mode, path, other / "mount")
+        tried, outcomes = len(wrong), collections.Counter()
+        try:
+            for _ in range(RENAME_TRIES):
+                assert time.monotonic() < deadline, "the races took too long"
+                m.run()
+                try:
+                    call()
+                    outcome = "OK"
+                except grpc.RpcError as e:
+                    outcome = f"{e.code().name}: {e.details()}"
+                m.pause()
+                outcomes[outcome.split(":")[0]] += 1
+                # the volume's mounts (its overlay, binds of it) anywhere in the test's tree
+                volume_mounts = {
+                    Path(e.target) for e in host.mounts_under(w.k.parent) if e.fstype == "overlay"
+                }
+                problems = [f"a mount left at {stray}" for stray in sorted(volume_mounts - expected)]
+                for stray in volume_mounts - expected:
+                    unmount_here(stray)
+                if outcome == "OK" and path not in volume_mounts:
+                    problems.append(f"nothing is mounted at {path}")
+                if not outcome.startswith(("OK", "FAILED_PRECONDITION")):
+                    problems.append("neither OK nor FAILED_PRECONDITION")
+                if problems:
+                    wrong.append(f"{mode} {path.name} {outcome}: {'; '.join(problems)}")
+                w.check()
+                undo()
+                m.settle()
+        finally:
+            m.stop()
+        left = sum("a mount left" in x for x in wrong[tried:])
+        print(
+            f"{mode} {path.name}: {dict(outcomes)}; wrong {len(wrong) - tried}, a mount left elsewhere {left}"
+        )
+
+    for mode in ("x", "r"):
+        race(mode, gm, {gm}, lambda: c.stage(vid, gm), lambda: c.unstage(vid, gm))
+    gm.mkdir(exist_ok=True)
+    c.stage(vid, gm)
+    for mode in ("x", "r"):
+        race(mode, target, {gm, target}, lambda: c.publish(vid, gm, target), lambda: c.unpublish(vid, target))
+    c.unstage(vid, gm)
+    w.check()
+    assert not wrong, f"{len(wrong)} of {4 * RENAME_TRIES} calls went wrong; the first: {wrong[:3]}"

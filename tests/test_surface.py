@@ -196,10 +196,11 @@ def test_volume_mount_group_without_recursive_chown(driver: Driver):
 
 
 def test_mount_options_are_honoured_or_refused(driver: Driver):
-    cap = mount_capability(flags=["noexec", "nosuid"])
+    cap = mount_capability(flags=["noexec", "nosuid", "noatime"])
     vid, staging, target = staged(driver, "opts", cap=cap)
-    opts = host.mount_at(target).options.split(",")
-    assert "noexec" in opts and "nosuid" in opts
+    for path in (staging, target):  # the stage's new mount (fsmount) and the publish's bind
+        opts = host.mount_at(path).options.split(",")
+        assert "noexec" in opts and "nosuid" in opts and "noatime" in opts, (path, opts)
     teardown(driver, vid, staging, target)
     bad = mount_capability(flags=["data=journal"])
     assert code_of(driver.client.create_volume, "bad", MiB, cap=bad) == grpc.StatusCode.INVALID_ARGUMENT
@@ -314,9 +315,13 @@ def test_refused_online_ext4_growth_changes_nothing(driver: Driver):
     size = image.stat().st_size
 
     def node_expand(required: int) -> csi.NodeExpandVolumeResponse:
-        return driver.client.node.NodeExpandVolume(csi.NodeExpandVolumeRequest(
-            volume_id=vid, volume_path=str(target),
-            capacity_range=csi.CapacityRange(required_bytes=required)))
+        return driver.client.node.NodeExpandVolume(
+            csi.NodeExpandVolumeRequest(
+                volume_id=vid,
+                volume_path=str(target),
+                capacity_range=csi.CapacityRange(required_bytes=required),
+            )
+        )
 
     with pytest.raises(grpc.RpcError) as e:
         node_expand(128 * MiB)
@@ -336,7 +341,6 @@ def test_condition_reports_read_only_remount(driver: Driver):
     assert got.status.volume_condition.abnormal and "read-only" in got.status.volume_condition.message
     host.run(["mount", "-o", "remount,rw", str(mnt)])
     teardown(driver, vid, staging, target)
-
 
 
 @pytest.mark.parametrize("how", ["remount-ro", "shutdown"])

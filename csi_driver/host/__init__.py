@@ -5,6 +5,8 @@ function is safe to repeat.
 - ``mounttable``: what is mounted where (MountTable, LiveMounts, is_mount_point)
 - ``mounting``: mount(2), umount2(2), binds, freeze and thaw; node paths by fd
 - ``beneath``: node paths opened beneath a root (openat2), acted on by that fd
+- ``fsmount``: a new mount made detached (fsopen, fsconfig, fsmount)
+- ``mountopts``: a mount option list read once for mount(2), fsmount and fsconfig
 - ``loopdev``: direct-I/O loop devices set up with one ioctl
 - ``loops``: loop devices as sysfs and losetup list them
 - ``files``: sparse images, copies, reflinks, ext4 superblocks

@@ -3,14 +3,18 @@ checked, never by the path string again (kubelet's subPath hardening does the sa
 
 A node path is checked as a string (``service.validate``); whoever can write in a
 parent dir (a pod's own volume dir, a hostPath) can swap a component for a symlink or
-another dir between that check and the mount, the bind, the chown or the delete. So
-each of those here:
+another dir, or rename the dir itself elsewhere, between that check and the mount,
+the bind, the chown or the delete. So each of those here:
 
 - resolves the path with openat2(2) RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
   RESOLVE_NO_MAGICLINKS from a root fd: the kubelet dir's ``pods/`` or ``plugins/``
   when ``--kubelet-dir`` is set (``confine``), else ``/`` (symlinks refused still);
-- mounts onto ``/proc/self/fd/N`` of the O_PATH fd it opened (mount(2) follows that
-  link to the very inode, so a later rename cannot redirect it);
+- mounts a new file system with the new mount API (``host.fsmount``: fsopen(2),
+  fsconfig(2), fsmount(2) make it detached) and a bind with open_tree(2), then
+  move_mount(2) onto the O_PATH fd it opened: the very inode, wherever it was
+  renamed since; then opens the path beneath its root again, and unless it shows
+  that very mount (statx(2) mount ids) detaches the mount and refuses (``attach``).
+  So a dir renamed into another pod's dir meanwhile keeps no mount;
 - unmounts, removes and creates by name in the parent fd it opened, never following
   the last component;
 - changes a mount's flags with mount_setattr(2) on the fd, and a dir's owner and mode
@@ -32,7 +36,8 @@ import threading
 from collections.abc import Iterator
 
 from csi_driver.errors import FailedPrecondition
-from csi_driver.host.libc import libc
+from csi_driver.host import fsmount, mountopts
+from csi_driver.host.libc import libc, syscall
 
 # syscall numbers: the same on x86_64 and aarch64 (the unified table from 424 on)
 _SYSCALLS = {"openat2": 437, "mount_setattr": 442}
@@ -48,31 +53,10 @@ AT_EMPTY_PATH = 0x1000
 UMOUNT_NOFOLLOW = 0x8
 MNT_DETACH = 0x2
 
-MOUNT_ATTR_RDONLY = 0x1
-MOUNT_ATTR_NOSUID = 0x2
-MOUNT_ATTR_NODEV = 0x4
-MOUNT_ATTR_NOEXEC = 0x8
-MOUNT_ATTR__ATIME = 0x70
-MOUNT_ATTR_RELATIME = 0x0
-MOUNT_ATTR_NOATIME = 0x10
-MOUNT_ATTR_STRICTATIME = 0x20
-MOUNT_ATTR_NODIRATIME = 0x80
-_ATTR_FLAGS = {
-    "ro": MOUNT_ATTR_RDONLY,
-    "nosuid": MOUNT_ATTR_NOSUID,
-    "nodev": MOUNT_ATTR_NODEV,
-    "noexec": MOUNT_ATTR_NOEXEC,
-    "nodiratime": MOUNT_ATTR_NODIRATIME,
-}
-_ATIME = {
-    "relatime": MOUNT_ATTR_RELATIME,
-    "noatime": MOUNT_ATTR_NOATIME,
-    "strictatime": MOUNT_ATTR_STRICTATIME,
-}
-
 
 class PathRaced(FailedPrecondition):
-    """A node path changed under the driver (a symlink, or a way out of its root)."""
+    """A node path changed under the driver (a symlink, a way out of its root, or a
+    dir renamed away)."""
 
 
 class _OpenHow(ctypes.Structure):
@@ -89,13 +73,7 @@ class _MountAttr(ctypes.Structure):
 
 
 def _syscall(name: str, *args) -> int:
-    _libc = libc()
-    _libc.syscall.restype = ctypes.c_long
-    ret = _libc.syscall(ctypes.c_long(_SYSCALLS[name]), *args)
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ret
+    return syscall(_SYSCALLS[name], *args)
 
 
 def openat2(dirfd: int, path: str, flags: int, resolve: int = RESOLVE, mode: int = 0) -> int:
@@ -159,13 +137,19 @@ def _fd(fd: int) -> Iterator[int]:
         os.close(fd)
 
 
-def _raced(path: str, e: OSError) -> OSError:
+def _raced(path: str, e: OSError, vanished_is_race: bool = False) -> OSError | PathRaced:
     if e.errno in (errno.ELOOP, errno.EXDEV, errno.EAGAIN, errno.ENOTDIR):
         return PathRaced(
             f"{path} is not a path of plain dirs beneath {root_of(path)[0]} "
             "(a symlink, a file, or a way out of it); refused"
         )
+    if vanished_is_race and e.errno == errno.ENOENT:
+        return _vanished(path)
     return e
+
+
+def _vanished(path: str) -> PathRaced:
+    return PathRaced(f"{path} was renamed or removed while the driver used it; refused")
 
 
 def open_beneath(root_fd: int, relpath: str, flags: int) -> int:
@@ -174,14 +158,15 @@ def open_beneath(root_fd: int, relpath: str, flags: int) -> int:
 
 
 @contextlib.contextmanager
-def opened(path: str, flags: int = os.O_PATH) -> Iterator[int]:
-    """``path`` opened beneath its root (``root_of``)."""
+def opened(path: str, flags: int = os.O_PATH, vanished_is_race: bool = False) -> Iterator[int]:
+    """``path`` opened beneath its root (``root_of``); with ``vanished_is_race`` (a
+    path the caller checked or made just before) a path gone is PathRaced too."""
     root, rel = root_of(path)
     try:
         with _fd(os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) as rfd:
             fd = open_beneath(rfd, rel, flags)
     except OSError as e:
-        raise _raced(path, e) from e
+        raise _raced(path, e, vanished_is_race) from e
     with _fd(fd):
         yield fd
 
@@ -197,22 +182,26 @@ def parent_of(path: str) -> Iterator[tuple[int, str]]:
 
 
 def fd_path(fd: int) -> str:
-    """The path mount(2) follows to the very inode ``fd`` holds."""
+    """The path (a magic link) to the very inode ``fd`` holds."""
     return f"/proc/self/fd/{fd}"
 
 
 def mkdir_beneath(path: str, mode: int = 0o755) -> None:
     """``mkdir -p`` beneath the root: each component made with mkdirat in its parent's
-    fd and re-opened as a dir, none followed if a symlink."""
+    fd and re-opened as a dir, none followed if a symlink; one renamed away between the
+    two is PathRaced."""
     root, rel = root_of(path)
     parts = [p for p in rel.split("/") if p]
     try:
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for part in parts:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, mode, dir_fd=fd)
-                nxt = open_beneath(fd, part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, mode, dir_fd=fd)
+                    nxt = open_beneath(fd, part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+                except FileNotFoundError as e:
+                    raise _vanished(path) from e
                 os.close(fd)
                 fd = nxt
             if not stat.S_ISDIR(os.fstat(fd).st_mode):  # pragma: no cover (O_DIRECTORY says so)
@@ -296,17 +285,8 @@ def set_mount_attrs(fd: int, options: list[str]) -> None:
     """Change one mount's per-mount flags (ro or rw, nosuid, nodev, noexec, atime) on
     the fd of its root with mount_setattr(2); the rest of ``options`` (sync, dirsync,
     lazytime: the file system's, not the mount's) are left as they are."""
-    attr_set = attr_clr = 0
-    for opt in options:
-        if opt == "rw":
-            attr_clr |= MOUNT_ATTR_RDONLY
-        elif opt in _ATTR_FLAGS:
-            attr_set |= _ATTR_FLAGS[opt]
-        elif opt in _ATIME:
-            attr_clr |= MOUNT_ATTR__ATIME
-            attr_set |= _ATIME[opt]
-    attr_clr &= ~attr_set | MOUNT_ATTR__ATIME
-    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    opts = mountopts.parse(options)
+    attr = _MountAttr(opts.attr_set, opts.attr_clr, 0, 0)
     _syscall(
         "mount_setattr",
         ctypes.c_int(fd),
@@ -348,9 +328,7 @@ def mount_id(fd: int) -> int:
 
 def bind_fd(source_fd: int, target_fd: int, target: str) -> None:
     """Bind what ``source_fd`` holds onto what ``target_fd`` holds (open_tree(2)
-    OPEN_TREE_CLONE, then move_mount(2) onto the fd), then check that ``target``,
-    opened beneath its root again, shows that very mount: one renamed away meanwhile is
-    detached again and the bind refused."""
+    OPEN_TREE_CLONE, then ``attach``)."""
     tree = _syscall(
         "open_tree",
         ctypes.c_int(source_fd),
@@ -358,21 +336,44 @@ def bind_fd(source_fd: int, target_fd: int, target: str) -> None:
         ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH),
     )
     try:
-        _syscall(
-            "move_mount",
-            ctypes.c_int(tree),
-            b"",
-            ctypes.c_int(target_fd),
-            b"",
-            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
-        )
-        try:
-            with opened(target, os.O_PATH | os.O_NOFOLLOW) as now:
-                there = mount_id(now) == mount_id(tree)
-        except PathRaced:
-            there = False
-        if not there:
-            libc().umount2(os.fsencode(fd_path(tree)), MNT_DETACH)
-            raise PathRaced(f"{target} changed while it was bound; the bind is undone")
+        attach(tree, target_fd, target, "bind")
     finally:
         os.close(tree)
+
+
+def mount_fd(fstype: str, source: str, options: list[str], target_fd: int, target: str) -> None:
+    """Mount a new ``fstype`` file system onto what ``target_fd`` holds: made detached
+    (``host.fsmount``: fsopen, fsconfig, fsmount), then ``attach``. Relative paths in
+    ``options`` resolve against the calling thread's working directory."""
+    mnt = fsmount.new_mount(fstype, source, options)
+    try:
+        attach(mnt, target_fd, target, "mount")
+    finally:
+        os.close(mnt)
+
+
+def attach(mnt: int, target_fd: int, target: str, kind: str = "mount") -> None:
+    """move_mount(2) the detached mount ``mnt`` onto what ``target_fd`` holds (the
+    very dir or file opened, wherever it was renamed since), then check that
+    ``target``, opened beneath its root again, shows that very mount: one renamed
+    away meanwhile (into another pod's dir, say) is detached again and PathRaced
+    raised, so a mount stays only where it was asked for."""
+    _syscall(
+        "move_mount",
+        ctypes.c_int(mnt),
+        b"",
+        ctypes.c_int(target_fd),
+        b"",
+        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+    )
+    try:
+        with opened(target, os.O_PATH | os.O_NOFOLLOW) as now:
+            there = mount_id(now) == mount_id(mnt)
+    except (PathRaced, OSError):  # a symlink, a file, or nothing at all there now
+        there = False
+    if not there:
+        if libc().umount2(os.fsencode(fd_path(mnt)), MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{os.strerror(err)}: undoing a mount on {target}, renamed meanwhile")
+        done = {"bind": "bound", "mount": "mounted"}[kind]
+        raise PathRaced(f"{target} changed while it was {done}; the {kind} is undone")

@@ -1,12 +1,24 @@
 """The C library, for the system calls Python's os module lacks (mount, umount2,
-statx, statmount, unshare)."""
+statx, statmount, unshare, and the new mount API by number)."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 
 @functools.cache
 def libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
+
+
+def syscall(number: int, *args) -> int:
+    """syscall(2) by number (one glibc may not wrap); OSError with its errno when it fails."""
+    _libc = libc()
+    _libc.syscall.restype = ctypes.c_long
+    ret = _libc.syscall(ctypes.c_long(number), *args)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret

@@ -1,5 +1,7 @@
 """Mounting and unmounting by system call (mount(2), umount2(2), the freeze
-ioctls), never by running mount(8) on the hot path."""
+ioctls), never by running mount(8) on the hot path. The driver's own dirs are
+mounted on with mount(2); node paths, opened beneath their root, with the new mount
+API onto the fd opened (``host.beneath``)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from csi_driver.errors import CommandFailed, FailedPrecondition
-from csi_driver.host import beneath, loopdev
+from csi_driver.host import beneath, loopdev, mountopts
 from csi_driver.host.files import sector_size_of
 from csi_driver.host.libc import libc
 from csi_driver.host.mounttable import MountEntry, is_mount_point, mount_of_fd
@@ -36,10 +38,16 @@ def mount(
 ) -> None:
     """mount(2) a file system; relative paths in ``options`` (an overlay's layers)
     are resolved against ``cwd``."""
+    _in_dir(cwd, mount_device, source, target, fstype or "", list(options or []))
+
+
+def _in_dir(cwd: str | Path | None, fn: Callable[..., None], *args) -> None:
+    """``fn(*args)`` with ``cwd`` as the working directory (in the one thread whose
+    working directory is its own), or here when ``cwd`` is None."""
     if cwd is None:
-        mount_device(source, target, fstype or "", list(options or []))
+        fn(*args)
         return
-    _in_dir_mounter().submit(_chdir_and_mount, str(cwd), source, target, fstype, options).result()
+    _in_dir_mounter().submit(_chdir_and_call, str(cwd), fn, *args).result()
 
 
 _CLONE_FS = 0x200
@@ -63,29 +71,14 @@ def _in_dir_mounter() -> ThreadPoolExecutor:
         return _dir_mounter
 
 
-def _chdir_and_mount(
-    cwd: str, source: str, target: str | Path, fstype: str | None, options: list[str] | tuple[str, ...] | None
-) -> None:
+def _chdir_and_call(cwd: str, fn: Callable[..., None], *args) -> None:
     os.chdir(cwd)
     try:
-        mount_device(source, target, fstype or "", list(options or []))
+        fn(*args)
     finally:
         os.chdir("/")  # a working directory inside a file system keeps it busy
 
 
-_MS_FLAGS = {
-    "ro": 0x1,
-    "nosuid": 0x2,
-    "nodev": 0x4,
-    "noexec": 0x8,
-    "sync": 0x10,
-    "dirsync": 0x80,
-    "noatime": 0x400,
-    "nodiratime": 0x800,
-    "relatime": 0x200000,
-    "strictatime": 0x1000000,
-    "lazytime": 0x2000000,
-}
 _MS_BIND = 0x1000
 
 
@@ -106,14 +99,8 @@ def _mount2(source: str, target: str | Path, fstype: str | None, flags: int, dat
 def mount_device(device: str, target: str | Path, fstype: str, options: list[str]) -> None:
     """Mount a block device's file system with options such as ``ro`` or ``discard``
     (the ones mount(2) takes as flags become flags, the rest go to the file system)."""
-    flags = 0
-    data = []
-    for opt in options:
-        if opt in _MS_FLAGS:
-            flags |= _MS_FLAGS[opt]
-        elif opt != "rw":
-            data.append(opt)
-    _mount2(device, target, fstype, flags, ",".join(data))
+    opts = mountopts.parse(options)
+    _mount2(device, target, fstype, opts.ms_flags, opts.data)
 
 
 def bind_mount(source: str | Path, target: str | Path, readonly: bool = False) -> None:
@@ -245,10 +232,15 @@ def mount_beneath(
     options: list[str] | tuple[str, ...] | None = None,
     cwd: str | Path | None = None,
 ) -> None:
-    """``mount`` onto the dir ``target`` opened beneath its root: mount(2) follows
-    /proc/self/fd/N to the very inode opened, whatever is renamed meanwhile."""
-    with beneath.opened(str(target), os.O_PATH | os.O_DIRECTORY) as fd:
-        mount(source, beneath.fd_path(fd), fstype, options, cwd=cwd)
+    """``mount`` onto the dir ``target`` opened beneath its root, with the new mount
+    API: made detached, moved onto the fd opened, and undone (PathRaced) unless
+    ``target`` opened again shows it (``beneath.mount_fd``)."""
+    with beneath.opened(str(target), os.O_PATH | os.O_DIRECTORY, vanished_is_race=True) as fd:
+        try:
+            _in_dir(cwd, beneath.mount_fd, fstype or "", source, list(options or []), fd, str(target))
+        except OSError as e:
+            argv = ["mount", "-t", fstype or "", source, str(target)]
+            raise CommandFailed(argv, 32, f"mount {target}: {e.strerror}") from e
 
 
 def bind_beneath(
@@ -267,11 +259,11 @@ def bind_beneath(
         if trusted_source:
             sfd = stack.enter_context(_closing(os.open(src, os.O_PATH | os.O_CLOEXEC)))
         else:
-            sfd = stack.enter_context(beneath.opened(src, os.O_PATH | os.O_DIRECTORY))
+            sfd = stack.enter_context(beneath.opened(src, os.O_PATH | os.O_DIRECTORY, vanished_is_race=True))
             if source_ok is not None and not source_ok(mount_of_fd(sfd)):
                 raise beneath.PathRaced(f"{src} is not the mount it was checked to be; refused")
         tflags = os.O_PATH | (os.O_DIRECTORY if target_dir else os.O_NOFOLLOW)
-        tfd = stack.enter_context(beneath.opened(str(target), tflags))
+        tfd = stack.enter_context(beneath.opened(str(target), tflags, vanished_is_race=True))
         if not target_dir:
             st = os.fstat(tfd)
             if not stat.S_ISREG(st.st_mode) or st.st_size:
