@@ -461,3 +461,22 @@ def test_a_disk_filled_from_outside_still_lets_kubernetes_free_space(small_disk:
         assert host.allocated_bytes(reserve) >= 16 * MiB, "taken again once there is room"
     finally:
         d.stop()
+
+
+def test_a_limit_left_by_an_earlier_process_is_lifted(small_disk: Path):
+    """The driver stopped while the volumes were limited: the limits stay with their
+    mounts (safe while nobody looks). The next process lifts what is no longer needed."""
+    d = start(small_disk, ratio=1.0)
+    try:
+        vid = d.client.create_volume("v", 64 * MiB).volume_id
+        staging, target = d.paths("v")
+        d.client.stage(vid, staging)
+        device = d.engine.backend.held.device(d.engine.get_volume(vid).upper)
+        default = host.fsreserve.reserved_clusters(device)
+        host.fsreserve.set_reserved_clusters(device, default + 10000)  # as a limit left behind
+        ration = d.engine.capacity.ration()
+        assert not ration.limited, "one small volume on a roomy disk"
+        assert host.fsreserve.reserved_clusters(device) == default
+        d.client.unstage(vid, staging)
+    finally:
+        d.stop()

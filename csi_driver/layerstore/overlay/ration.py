@@ -98,6 +98,7 @@ class Rationing:
         self._last_used: dict[str, int] = {}
         self._floor = 0  # bytes an upper mounted between two looks may take
         self._refused: set[str] = set()  # uppers whose limit the kernel refused (logged once)
+        self._seen: set[str] = set()  # uppers whose reserve was read once (a restart's leftovers)
         self.limited = False
 
     def apply(self, room: int) -> Ration:
@@ -153,12 +154,25 @@ class Rationing:
                 continue
             if fs_type == "ext4":
                 readings.append(r)
+                if layer_id not in self._seen:  # a limit an earlier process left: ours now
+                    self._seen.add(layer_id)
+                    self._adopt(r)
             else:
                 others += r.unbacked
-        gone = self._limited.keys() - {r.layer_id for r in readings}
-        for layer_id in gone:  # unmounted: the next mount starts from ext4's default
+        mounted = {r.layer_id for r in readings}
+        for layer_id in self._limited.keys() - mounted:  # unmounted: a new mount has ext4's default
             del self._limited[layer_id]
+        self._seen &= mounted
         return readings, others
+
+    def _adopt(self, r: _Reading) -> None:
+        """Count a reserve other than ext4's default as a limit to lift or renew."""
+        try:
+            now = host.fsreserve.reserved_clusters(r.device)
+        except OSError:
+            return
+        if now != r.default:
+            self._limited[r.layer_id] = now
 
     def _limit(self, r: _Reading, share: int) -> None:
         """Reserve what ``r`` has free beyond ``share`` bytes."""
