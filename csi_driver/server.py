@@ -31,6 +31,7 @@ from csi_driver.service.controller import ControllerServicer
 from csi_driver.service.group import GroupControllerServicer
 from csi_driver.service.identity import IdentityServicer
 from csi_driver.service.node import NodeServicer
+from csi_driver.service.registry_pool import TRANSFER_TIMEOUT, RegistryPool
 from csi_driver.statedir import StateDir
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class ServeOptions:
     pool_device_wipe: bool = False  # format it even when it holds another file system
     capacity: CapacityPolicy = field(default_factory=CapacityPolicy)  # what the node may promise
     insecure_registries: frozenset[str] = frozenset()  # registry hosts reached over plain HTTP
+    registry_transfer_timeout: float = TRANSFER_TIMEOUT  # seconds a pull or push may run, callers or not
     kubernetes: str = "auto"  # the in-cluster API when there is one ("off": never)
     kube_api: KubeApi | None = None  # given instead of connecting (tests)
     registry_snapshotter_node: str = ""  # label pre-provisioned exported contents for this name
@@ -134,6 +136,7 @@ class Server:
             max_volumes_per_node=opts.max_volumes_per_node,
             hidden_capabilities=frozenset(opts.hidden_capabilities),
             kubelet_dir=opts.kubelet_dir,
+            registry=RegistryPool(transfer_timeout=opts.registry_transfer_timeout),
         )
         self.metrics = None
         if opts.metrics_address:
@@ -209,9 +212,10 @@ class Server:
             return
         self._stopped.set()
         self.ctx.ready = False
-        # registry transfers are cancelled, not drained: a registry that hangs must not hold
-        # the stop (their callers retry); the threads are daemons and get a few seconds to
-        # remove what they built, the rest goes at the next start with tmp/
+        # registry transfers (those in the background too) are cancelled, not drained: a
+        # registry that hangs must not hold the stop (their callers retry); the threads are
+        # daemons and get a few seconds to remove what they built, the rest goes at the next
+        # start with tmp/
         self.ctx.registry.close(wait=STOP_TRANSFERS_SECONDS)
         self.grpc.stop(self.opts.drain_seconds if grace is None else grace).wait()
         for worker in self.background:

@@ -181,12 +181,39 @@ class LocalRegistry:
 
 @dataclass
 class _Fault:
-    kind: str  # "fail", "corrupt" or "truncate"
+    kind: str  # "fail", "corrupt", "truncate" or "throttle"
     path_re: re.Pattern[str]
     times: int  # requests still to affect; -1 = always
     method: str | None = None
     status: int = 500
     keep: int = 0
+    rate: int = 0  # throttle: bytes per second
+
+
+class _Pace:
+    """Moves a body at ``rate`` bytes per second, a tenth of a second's worth at a time."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.step = max(1, rate // 10)
+        self.start = time.monotonic()
+        self.moved = 0
+
+    def _count(self, n: int) -> None:
+        self.moved += n
+        time.sleep(max(0.0, self.start + self.moved / self.rate - time.monotonic()))
+
+    def write(self, out: IO[bytes], data: bytes) -> None:
+        for i in range(0, len(data), self.step):
+            piece = data[i : i + self.step]
+            out.write(piece)
+            out.flush()
+            self._count(len(piece))
+
+    def read(self, src: IO[bytes], n: int) -> bytes:
+        data = src.read(min(n, self.step))
+        self._count(len(data))
+        return data
 
 
 HOP_BY_HOP = frozenset(
@@ -383,8 +410,10 @@ class _ProxyHandler(_TrackingHandler):
             if length or self.command in ("POST", "PUT", "PATCH"):
                 upstream.putheader("Content-Length", str(length))
             upstream.endheaders()
+            slow = self.server.proxy._take(("throttle",), self.command, urlsplit(self.path).path)
+            pace = _Pace(slow.rate) if slow is not None else None
             while length:
-                data = self.rfile.read(min(length, CHUNK))
+                data = pace.read(self.rfile, length) if pace else self.rfile.read(min(length, CHUNK))
                 if not data:
                     raise ConnectionError("client closed mid-body")
                 upstream.send(data)
@@ -417,6 +446,8 @@ class _ProxyHandler(_TrackingHandler):
         self.end_headers()
         if not has_body:
             return
+        slow = proxy._take(("throttle",), self.command, path)
+        pace = _Pace(slow.rate) if slow is not None else None
         limit = fault.keep if fault is not None and fault.kind == "truncate" else None
         flip_at = length // 2 if fault is not None and fault.kind == "corrupt" and length else -1
         sent = 0
@@ -432,7 +463,10 @@ class _ProxyHandler(_TrackingHandler):
             if sent <= flip_at < sent + len(data):
                 i = flip_at - sent
                 data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
-            self.wfile.write(data)
+            if pace is not None:
+                pace.write(self.wfile, data)
+            else:
+                self.wfile.write(data)
             sent += len(data)
         if limit is not None:
             self.wfile.flush()
@@ -448,7 +482,7 @@ class FaultProxy:
     LocalRegistry's ``url``) that injects faults on demand.
 
     Each fault matches ``re.search`` of its regex on the request path (without
-    the query) and affects ``times`` requests (-1 = always). ``corrupt`` and
+    the query) and affects ``times`` requests (-1 = always; a throttle always). ``corrupt`` and
     ``truncate`` are only spent on responses with a body to damage (not HEAD,
     not empty; for ``truncate``, longer than ``keep``). The first matching
     fault, in the order they were set, wins."""
@@ -512,6 +546,14 @@ class FaultProxy:
         if keep < 0:
             raise ValueError("keep must be >= 0")
         self._add(_Fault("truncate", re.compile(path_re), times, keep=keep))
+
+    def throttle(self, path_re: str, rate: int, method: str | None = None) -> None:
+        """Forward, but move the body (a response's, or a request's with a Content-Length)
+        at ``rate`` bytes per second, for every request that matches (``method``: only it)."""
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        upper = method.upper() if method else None
+        self._add(_Fault("throttle", re.compile(path_re), -1, method=upper, rate=rate))
 
     def clear(self) -> None:
         """Drop every fault."""
@@ -667,3 +709,11 @@ class HostileRegistry:
     def count(self, path_part: str) -> int:
         with self.lock:
             return sum(1 for _m, p in self.requests if path_part in p)
+
+    def open_connections(self) -> int:
+        """Connections a client holds open now (a transfer waiting on an answer)."""
+        server = self._server
+        if server is None:
+            return 0
+        with server.connections_lock:
+            return len(server.connections)

@@ -1,8 +1,9 @@
 """Registries that attack the driver: one that trickles a byte at a time, and one
 whose error bodies and token answers are 300 MB. Registry work must never starve
-the node (Probe, NodeGetCapabilities, stage and publish answer at once), a
-transfer ends with its caller's deadline, SIGTERM ends the driver within seconds,
-and no body is read whole."""
+the node (Probe, NodeGetCapabilities, stage and publish answer at once), a caller
+is answered by its deadline while its transfer goes on until its own
+(--registry-transfer-timeout), SIGTERM ends the driver within seconds, transfers
+in the background or not, and no body is read whole."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.mounts
 MiB = 1 << 20
 CALLS = 20  # more than the server's 16 gRPC workers
 CALLER_DEADLINE = 3.0
+TRANSFER_TIMEOUT = 4.0  # the driver's --registry-transfer-timeout where a test sets it
 PROMPT = 2.0  # what "at once" means for a node call while transfers hang
 
 
@@ -34,6 +36,17 @@ def snapshot_id(host: str, n: int) -> str:
 def restore(client: Client, name: str, source: str, timeout: float) -> tuple[str, float]:
     """CreateVolume from an exported snapshot (or, for ``image:REF``, on a base-layer image):
     the status code's name and how long the answer took."""
+    req = restore_request(name, source)
+    start = time.monotonic()
+    try:
+        client.controller.CreateVolume(req, timeout=timeout)
+        code = "OK"
+    except grpc.RpcError as e:
+        code = e.code().name
+    return code, time.monotonic() - start
+
+
+def restore_request(name: str, source: str) -> csi.CreateVolumeRequest:
     req = csi.CreateVolumeRequest(
         name=name,
         capacity_range=csi.CapacityRange(required_bytes=64 * MiB),
@@ -48,13 +61,7 @@ def restore(client: Client, name: str, source: str, timeout: float) -> tuple[str
         req.parameters["baseLayer"] = source.removeprefix("image:")
     else:
         req.volume_content_source.snapshot.snapshot_id = source
-    start = time.monotonic()
-    try:
-        client.controller.CreateVolume(req, timeout=timeout)
-        code = "OK"
-    except grpc.RpcError as e:
-        code = e.code().name
-    return code, time.monotonic() - start
+    return req
 
 
 def prompt(what: str, call: Callable[[], object]) -> None:
@@ -73,10 +80,13 @@ def wait_until(cond: Callable[[], bool], seconds: float, what: str) -> None:
 
 def test_a_trickling_registry_starves_nothing(tmp_path: Path) -> None:
     """20 restores and image pulls from a registry that sends a byte every half
-    second, with 3 s deadlines: the node answers everything else at once, the
-    transfers end with their callers, and nothing is left of them."""
+    second, with 3 s deadlines: the node answers everything else at once, every
+    caller is answered by its deadline, the transfers end with their own deadline
+    (4 s), and nothing is left of them."""
     with HostileRegistry("trickle", interval=0.5) as reg:
-        with serving(tmp_path, insecure_registries=frozenset({reg.host})) as d:
+        with serving(
+            tmp_path, insecure_registries=frozenset({reg.host}), registry_transfer_timeout=TRANSFER_TIMEOUT
+        ) as d:
             sources = [snapshot_id(reg.host, n % 3) for n in range(CALLS - 4)]
             sources += [f"image:{reg.host}/base/debian:v{n}" for n in range(4)]
             with ThreadPoolExecutor(CALLS) as pool:
@@ -108,8 +118,9 @@ def test_a_trickling_registry_starves_nothing(tmp_path: Path) -> None:
             # the calls beyond the pool's slots are turned away at once, not queued
             assert any(code == "ABORTED" and took < 1 for code, took in results), results
             assert max(took for _code, took in results) < CALLER_DEADLINE + 1, results
-            # the transfers end with their callers: threads free, sockets closed, nothing kept
-            wait_until(lambda: d.server.ctx.registry.running() == 0, 3, "transfers outlived their callers")
+            # the transfers end with their own deadline: threads free, sockets closed, nothing kept
+            wait_until(lambda: d.server.ctx.registry.running() == 0, 3, "transfers outlived their deadline")
+            wait_until(lambda: reg.open_connections() == 0, 3, "transfers left their sockets open")
             assert d.engine.layers() == [] and d.engine.list_snapshots(0, 10) == []
             assert list((d.state / "tmp").iterdir()) == []
             prompt("Probe", lambda: ident.Probe(csi.ProbeRequest(), timeout=PROMPT))
@@ -139,6 +150,38 @@ def test_sigterm_ends_the_driver_with_transfers_hung(tmp_path: Path) -> None:
                 took = time.monotonic() - start
                 for c in calls:
                     c.result(timeout=10)
+            assert rc == 0 and took < 5, f"exit code {rc} after {took:.1f} s"
+        finally:
+            driver.kill()
+            cleanup(tmp_path)
+
+
+def test_sigterm_ends_the_driver_with_transfers_in_the_background(tmp_path: Path) -> None:
+    """Restores whose callers were answered (2 s deadlines) go on hanging on a silent
+    registry; SIGTERM still ends the driver within seconds."""
+    if MOUNT_SKIP:
+        pytest.skip(MOUNT_SKIP)
+    with HostileRegistry("silent") as reg:
+        driver = DriverProcess(tmp_path, None, "--insecure-registry", reg.host)
+        driver.start()
+        try:
+            with Client(driver.sock) as client:
+                for n in range(4):
+                    req = restore_request(f"pvc-{n}", snapshot_id(reg.host, n))
+                    with pytest.raises(grpc.RpcError) as e:
+                        client.controller.CreateVolume(req, timeout=2)
+                    assert e.value.code() == grpc.StatusCode.ABORTED, e.value
+                    assert "still running in the background" in (e.value.details() or ""), e.value
+            # the transfers were not cancelled with their callers: each still waits on the registry
+            wait_until(lambda: reg.open_connections() >= 4, 5, "transfers did not go on")
+            assert driver.proc is not None
+            start = time.monotonic()
+            driver.proc.terminate()
+            try:
+                rc = driver.proc.wait(timeout=10)
+            except Exception:
+                rc = None
+            took = time.monotonic() - start
             assert rc == 0 and took < 5, f"exit code {rc} after {took:.1f} s"
         finally:
             driver.kill()

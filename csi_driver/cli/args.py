@@ -1,4 +1,4 @@
-"""Argument types and option groups the commands share: sizes and shares, ``KEY=VALUE``
+"""Argument types and option groups the commands share: sizes, shares and durations, ``KEY=VALUE``
 pairs, the options every socket command takes (``--endpoint``, ``--json``,
 ``--timeout``) and the options that make a volume capability."""
 
@@ -52,6 +52,26 @@ def parse_share(text: str) -> Share:
             raise ValueError(f"{text!r} is more than 100%")
         return Share(percent=number)
     return Share(fixed=int(number * (1 << _SHIFT[unit[:1].upper()])))
+
+
+_DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([hms])", re.ASCII)
+_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """'1h', '90m', '1h30m', '45s' (Go's units, as the sidecars' --timeout) or plain
+    seconds -> seconds, more than 0."""
+    text = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = _DURATION_PART_RE.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 1h, 90m, 45s)") from None
+        seconds = sum(float(n) * _SECONDS[u] for n, u in parts)
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be more than 0")
+    return seconds
 
 
 def parse_kv(items: list[str], what: str) -> dict[str, str]:

@@ -15,6 +15,7 @@ from csi_driver.cli.args import (
     DEFAULT_ENDPOINT,
     DEFAULT_STATE_DIR,
     add_insecure_registry_option,
+    parse_duration,
     parse_share,
     parse_size,
 )
@@ -107,6 +108,15 @@ def add_parser(sub: Any) -> None:
         help="format the pool device even when it holds a file system or partition table (destroys it)",
     )
     add_insecure_registry_option(s)
+    s.add_argument(
+        "--registry-transfer-timeout",
+        type=parse_duration,
+        default="1h",
+        metavar="DURATION",
+        help="how long one pull or push of a registry may run (default 1h; e.g. 30m, 2h; more "
+        "than 0). It goes on after its caller's deadline, which is answered ABORTED (the sidecar "
+        "retries and gets the result); past this it is cancelled and leaves nothing",
+    )
     s.add_argument(
         "--overprovision-ratio",
         type=float,
@@ -204,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
         pool_device_wipe=args.pool_device_wipe,
         capacity=policy,
         insecure_registries=frozenset(args.insecure_registry),
+        registry_transfer_timeout=args.registry_transfer_timeout,
         kubernetes=args.kubernetes,
         registry_snapshotter_node=args.registry_snapshotter_node,
     )

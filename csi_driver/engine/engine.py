@@ -40,6 +40,7 @@ from csi_driver.engine.node import NodePublisher
 from csi_driver.engine.snapshots import Snapshots
 from csi_driver.engine.transfers import Transfers, snapshot_reference
 from csi_driver.engine.volumes import Volumes
+from csi_driver.errors import Aborted
 from csi_driver.layerstore.backend import LayerBackend
 from csi_driver.layerstore.overlay.backend import OverlayLoopBackend
 from csi_driver.registry.credentials import Credentials
@@ -166,11 +167,17 @@ class Engine:
         return self.export_snapshot(snap, credentials)
 
     def export_snapshot(self, snap: Snapshot, credentials: Credentials | None) -> Snapshot:
-        """Push a snapshot taken for export, unless it is pushed already. A push that
-        fails takes the snapshot back (nobody was given its id), so nothing is left
-        that only a DeleteSnapshot could reclaim; the caller's retry takes it anew."""
+        """Push a snapshot taken for export, unless it is pushed already (as the store says
+        now: a push that ended in the background is not repeated). A push that fails takes
+        the snapshot back (nobody was given its id), so nothing is left that only a
+        DeleteSnapshot could reclaim; the caller's retry takes it anew."""
         if snapshot_reference(snap.id) is None or snap.exported:
             return snap
+        now = self.get_snapshot(snap.id)
+        if now is None:
+            raise Aborted(f"snapshot {snap.name!r} was taken back: its push failed meanwhile; retry")
+        if now.exported:
+            return now
         try:
             self.transfers.push_snapshot(snap, credentials)
         except BaseException:

@@ -26,14 +26,21 @@ _current: contextvars.ContextVar[Cancel | None] = contextvars.ContextVar("regist
 
 
 class Cancelled(Aborted):
-    """The transfer's caller gave up (its deadline passed, it went away, or the driver stops)."""
+    """The transfer was stopped (its deadline passed, or the driver stops)."""
 
 
 class Cancel:
-    def __init__(self, deadline: float | None = None, what: str = "the registry transfer") -> None:
+    def __init__(
+        self,
+        deadline: float | None = None,
+        what: str = "the registry transfer",
+        expired: str = "its deadline passed",
+    ) -> None:
         self.deadline = deadline  # time.monotonic() by which the transfer must end, or None
         self.what = what
+        self.expired = expired  # the reason given when the deadline passes
         self.reason = ""
+        self.moved = 0  # bytes of blobs the transfer has sent or received (registry.progress)
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._connections: list[Any] = []  # urllib3 connections this transfer sent a request on
@@ -63,7 +70,7 @@ class Cancel:
             left = self.remaining()
             if left is None or left > 0:
                 return
-            self.cancel("the caller's deadline passed")
+            self.cancel(self.expired)
         raise Cancelled(f"{self.what} was cancelled ({self.reason}); retry")
 
     def wait(self, seconds: float) -> None:

@@ -10,6 +10,8 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from csi_driver.registry import cancel
+
 log = logging.getLogger("csi_driver.registry")
 
 MiB = 1 << 20
@@ -46,11 +48,14 @@ class Meter:
         self.total = total
         self.where = ("to " if direction == "push" else "from ") + where
         self.done = 0
+        self._transfer = cancel.current()  # counts what its transfer moved, if it runs under one
         self._start = time.monotonic()
         self._last = self._start
 
     def add(self, n: int) -> None:
         self.done += n
+        if self._transfer is not None:
+            self._transfer.moved += n
         with _guard:
             _bytes[self.direction] += n
         now = time.monotonic()

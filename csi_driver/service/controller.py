@@ -200,12 +200,15 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def _create(self, spec: VolumeSpec, request: csi.CreateVolumeRequest, context: Any) -> Volume:
         remote = snapshot_reference(spec.source_id) is not None or looks_like_reference(spec.base_layer)
         credentials = Credentials.from_secrets(dict(request.secrets)) if remote else None
-        if remote and self.engine.needs_registry(spec):  # on the registry pool, within the deadline
+        key = "name:" + spec.name
+        # on the registry pool; a retry while this name's pull runs in the background waits for
+        # it there (checked first: that pull's own volume creation must not race this one)
+        if remote and (self.ctx.registry.busy(key) or self.engine.needs_registry(spec)):
             return self.ctx.registry.run(
                 lambda: self.engine.create_volume(spec, credentials),
                 context,
                 f"the pull for volume {spec.name!r}",
-                keys=["name:" + spec.name],
+                keys=[key],
             )
         return self.engine.create_volume(spec, credentials)
 

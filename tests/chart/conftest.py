@@ -56,6 +56,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "overprovisionRatio": "2.5",
             "lowSpaceWatermark": "15%",
             "insecureRegistries": ["registry.lan:5000", "10.0.0.7"],
+            "registryTransferTimeout": "2h30m",
             "extraArgs": ["--max-layer-depth=32"],
             "env": [{"name": "OVERLAY_CSI_DEBUG", "value": "1"}],
         },

@@ -279,6 +279,11 @@ def test_driver_arguments(render, value_set):
             assert arg_value(node, flag) == v["driver"][key]
     insecure = [a.split("=", 1)[1] for a in node["args"] if a.startswith("--insecure-registry=")]
     assert insecure == v["driver"]["insecureRegistries"]
+    timeout = v["driver"]["registryTransferTimeout"]
+    assert arg_value(node, "--registry-transfer-timeout") == timeout
+    for dep in r.of_kind("Deployment"):  # the registry snapshotter's instance reaches registries too
+        if dep["metadata"]["name"].endswith("-registry-snapshotter"):
+            assert arg_value(container(dep, "overlay-csi"), "--registry-transfer-timeout") == timeout
     for extra in v["driver"]["extraArgs"]:
         assert extra in node["args"]
     devices = v["node"]["poolDevices"]
