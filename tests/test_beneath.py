@@ -261,3 +261,26 @@ def test_a_target_renamed_away_before_the_move_keeps_no_mount(
                 with beneath.opened(str(source), os.O_PATH | os.O_DIRECTORY) as sfd:
                     beneath.bind_fd(sfd, fd, str(target))
     assert host.mounts_under(confined) == [] and not host.is_mount_point(tmp_path / "out")
+
+
+def test_an_overlay_whose_layer_list_passes_256_bytes_is_mounted(tmp_path: Path, confined: Path):
+    """fsconfig takes strings of at most 256 bytes: a deep chain goes one lowerdir+ each."""
+    store = tmp_path / "store"
+    lowers = [store / f"layer-with-a-long-name-{i:02d}" for i in range(20)]
+    for d in [*lowers, store / "upper", store / "work"]:
+        d.mkdir(parents=True)
+    for i, d in enumerate(lowers):
+        (d / f"f{i}").write_text(str(i))
+    (lowers[0] / "f19").write_text("top wins")
+    lowerdir = ":".join(str(d) for d in lowers)
+    assert len(lowerdir) > 256
+    target = confined / "plugins" / "deep"
+    target.mkdir()
+    opts = [f"lowerdir={lowerdir}", f"upperdir={store}/upper", f"workdir={store}/work"]
+    with beneath.opened(str(target), os.O_PATH | os.O_DIRECTORY) as fd:
+        beneath.mount_fd("overlay", "overlay", opts, fd, str(target))
+    try:
+        assert (target / "f7").read_text() == "7"
+        assert (target / "f19").read_text() == "top wins", "the order of the layers is kept"
+    finally:
+        host.umount(target)

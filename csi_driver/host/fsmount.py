@@ -11,6 +11,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 from collections.abc import Iterable
 
 from csi_driver.host import mountopts
@@ -25,6 +26,21 @@ FSMOUNT_CLOEXEC = 0x1
 FSCONFIG_SET_FLAG = 0
 FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
+
+
+#: fsconfig(2) copies a string value of at most this many bytes (strndup_user(value, 256))
+MAX_STRING = 255
+
+
+def lower_layers(lowerdir: str) -> list[str]:
+    """An overlay's ``lowerdir`` list (``a:b``, ``\\:`` escaping a colon), one path each,
+    for ``lowerdir+`` (Linux 6.8), which takes one unescaped path per call."""
+    if "::" in lowerdir:
+        raise MountRefused(errno.EINVAL, "overlay data-only layers (::) are not supported here")
+    layers = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", lowerdir)]
+    if any(not p for p in layers):
+        raise MountRefused(errno.EINVAL, f"overlay lowerdir {lowerdir[:80]!r} has an empty layer")
+    return layers
 
 
 class MountRefused(OSError):
@@ -43,6 +59,10 @@ def new_mount(fstype: str, source: str, options: Iterable[str]) -> int:
         for flag in opts.sb_flags:
             _config(fsfd, FSCONFIG_SET_FLAG, flag, None)
         for key, value in opts.fs_params():
+            if fstype == "overlay" and key == "lowerdir" and value and len(value.encode()) > MAX_STRING:
+                for layer in lower_layers(value):  # one at a time: a string stops at 256 bytes
+                    _config(fsfd, FSCONFIG_SET_STRING, "lowerdir+", layer)
+                continue
             _config(fsfd, FSCONFIG_SET_FLAG if value is None else FSCONFIG_SET_STRING, key, value)
         _config(fsfd, FSCONFIG_CMD_CREATE, None, None)
         mnt = _call(
