@@ -101,7 +101,7 @@ class PendingDeletes:
             credentials = self._credentials.get(snapshot_id)
         try:
             self.transfers.delete_manifest(snapshot_id, pending.digest, credentials)
-        except DriverError as e:
+        except Exception as e:  # whatever it was, the deletion stays pending and backs off
             self._failed(pending, e, known)
             return False
         with self.ctx.store.tx() as tx:
@@ -118,9 +118,9 @@ class PendingDeletes:
         )
         return True
 
-    def _failed(self, pending: PendingDelete, error: DriverError, had_credentials: bool) -> None:
+    def _failed(self, pending: PendingDelete, error: Exception, had_credentials: bool) -> None:
         sid = pending.snapshot_id
-        message = str(error)
+        message = str(error) if isinstance(error, DriverError) else f"{type(error).__name__}: {error}"
         login = isinstance(error, (Unauthenticated, PermissionDenied)) and not had_credentials
         if login:
             message = (
