@@ -27,6 +27,7 @@ from csi_driver.space_reserve import SpaceReserve
 
 MiB = 1 << 20
 SQLITE_FULL = 13  # sqlite3's result code for a full disk
+MAX_ERROR = 500  # characters of a pending deletion's last error kept
 
 SCHEMA_VERSION = 5  # 3: snapshots.exported and layer_blobs (registries); 4: layer_blob_sources
 # (the repositories a blob was pulled from or pushed to); 5: pending_deletes (exported snapshots'
@@ -628,14 +629,14 @@ class Tx(ReadTx):
         self.c.execute(
             "INSERT OR IGNORE INTO pending_deletes (snapshot_id,digest,recorded_at,attempts,last_error)"
             " VALUES (?,?,?,?,?)",
-            (p.snapshot_id, p.digest, p.recorded_at, p.attempts, p.last_error),
+            (p.snapshot_id, p.digest, p.recorded_at, p.attempts, p.last_error[:MAX_ERROR]),
         )
 
     def retried_delete(self, snapshot_id: str, error: str) -> None:
         """One more retry of a pending deletion failed, with ``error``."""
         self.c.execute(
             "UPDATE pending_deletes SET attempts=attempts+1, last_error=? WHERE snapshot_id=?",
-            (error, snapshot_id),
+            (error[:MAX_ERROR], snapshot_id),
         )
 
     def delete_pending_delete(self, snapshot_id: str) -> None:

@@ -189,21 +189,13 @@ class Engine:
 
     def delete_snapshot(self, snapshot_id: str, credentials: Credentials | None = None) -> None:
         """Delete a snapshot; an exported one's artifact goes from its registry first
-        (so a retry after a refusal still finds what to delete). While its registry
-        cannot be reached, the artifact's deletion is recorded in the transaction that
-        deletes the snapshot, and retried in the background (``PendingDeletes``)."""
+        (so a retry after a refusal still finds what to delete), whether this node holds
+        the snapshot or not (the central instance holds none). While its registry cannot
+        be reached, the artifact's deletion is recorded in the transaction that deletes
+        the snapshot, and retried in the background (``PendingDeletes``)."""
         pending = self._delete_exported(snapshot_id, credentials)
         self.snapshots.delete_snapshot(snapshot_id, pending)
         if pending is not None:
-            self.pending_deletes.recorded(pending, credentials)
-
-    def delete_exported(self, snapshot_id: str, credentials: Credentials | None = None) -> None:
-        """Delete an exported snapshot's artifact that no snapshot here holds (the central
-        instance); while its registry cannot be reached, recorded and retried as above."""
-        pending = self._delete_exported(snapshot_id, credentials)
-        if pending is not None:
-            with self.store.tx() as tx:
-                tx.add_pending_delete(pending)
             self.pending_deletes.recorded(pending, credentials)
 
     def _delete_exported(self, snapshot_id: str, credentials: Credentials | None) -> PendingDelete | None:

@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 FIRST_RETRY_SECONDS = 10.0  # the first retry waits this long; each failure doubles it
 MAX_RETRY_SECONDS = 600.0  # up to this
-MAX_ERROR = 500  # characters of the last error kept in the store
 
 
 class PendingDeletes:
@@ -129,7 +128,7 @@ class PendingDeletes:
                 f"retries it ({message})"
             )
         with self.ctx.store.tx() as tx:
-            tx.retried_delete(sid, message[:MAX_ERROR])
+            tx.retried_delete(sid, message)
         wait = min(self.longest, self.first * 2 ** min(pending.attempts + 1, 30))
         with self._lock:
             self._next[sid] = time.monotonic() + wait
@@ -147,7 +146,3 @@ class PendingDeletes:
                 wait,
                 message[:300],
             )
-
-    def count(self) -> int:
-        with self.ctx.store.read() as tx:
-            return len(tx.pending_deletes())

@@ -335,7 +335,7 @@ class Transfers:
         try:
             self.delete_manifest(snapshot_id, digest, credentials)
         except Unavailable as e:
-            return PendingDelete(snapshot_id, digest, time.time(), last_error=str(e)[:500])
+            return PendingDelete(snapshot_id, digest, time.time(), last_error=str(e))
         return None
 
     def delete_manifest(self, snapshot_id: str, digest: str, credentials: Credentials | None) -> None:

@@ -71,10 +71,10 @@ class CentralControllerServicer(ExpandOnlyControllerServicer):
             credentials = Credentials.from_secrets(dict(request.secrets))
             engine = self.ctx.engine
             if engine.pending_deletes.get(request.snapshot_id) is not None:  # retried in the background
-                engine.delete_exported(request.snapshot_id, credentials)
+                engine.delete_snapshot(request.snapshot_id, credentials)
                 return csi.DeleteSnapshotResponse()
             self.ctx.registry.run(
-                lambda: engine.delete_exported(request.snapshot_id, credentials),
+                lambda: engine.delete_snapshot(request.snapshot_id, credentials),
                 context,
                 f"the deletion of snapshot {request.snapshot_id!r}",
                 keys=[request.snapshot_id],
