@@ -6,7 +6,8 @@ Two kinds of figures:
   code and a latency histogram by method (fed by ``service.rpc``'s observer
   hook), and an in-flight gauge by method (a gRPC server interceptor).
 - Registry transfers, counted as blobs move (``registry.progress``): bytes
-  pushed and pulled, and blobs by result (transferred, skipped, failed).
+  pushed and pulled, and blobs by result (transferred, skipped, failed); and the
+  background retries of manifest deletions that wait for their registry, by result.
 - Node state, computed when scraped (a custom collector): volumes, snapshots
   and layers by state, bytes provisioned (the sum of volume capacities) against
   bytes allocated (what the layer images really occupy), the backing file
@@ -129,6 +130,7 @@ class StateCollector(Collector):
             ]
             targets = [r[0] for r in c.execute("SELECT target_path FROM publications")]
             layers = tx.layers()
+            pending_deletes = c.execute("SELECT COUNT(*) FROM pending_deletes").fetchone()[0]
         allocated = sum(engine.backend.usage(x) for x in layers)
 
         total, provisioned, published, staged = (int(x) for x in vol)
@@ -257,6 +259,22 @@ class StateCollector(Collector):
         for direction in ("push", "pull"):
             for result in ("transferred", "skipped", "failed"):
                 c.add_metric([direction, result], blobs.get((direction, result), 0))
+        yield c
+        yield GaugeMetricFamily(
+            f"{PREFIX}_registry_pending_deletes",
+            "Exported snapshots deleted while their registry could not be reached, whose "
+            "manifests are still to be deleted from it (retried in the background)",
+            value=int(pending_deletes),
+        )
+        retries = engine.pending_deletes.retries
+        c = CounterMetricFamily(
+            f"{PREFIX}_registry_delete_retries",
+            "Background retries of pending manifest deletions, by result: completed (the "
+            "manifest is deleted, or was gone), failed (it stays pending)",
+            labels=["result"],
+        )
+        for result in ("completed", "failed"):
+            c.add_metric([result], retries.get(result, 0))
         yield c
         info = GaugeMetricFamily(
             f"{PREFIX}_build_info", "The driver's version, name and node", labels=list(self.labels)

@@ -31,6 +31,7 @@ from csi_driver.service.controller import ControllerServicer
 from csi_driver.service.group import GroupControllerServicer
 from csi_driver.service.identity import IdentityServicer
 from csi_driver.service.node import NodeServicer
+from csi_driver.service.pending_deletes import DeleteRetrier
 from csi_driver.service.registry_pool import TRANSFER_TIMEOUT, RegistryPool
 from csi_driver.statedir import StateDir
 
@@ -154,7 +155,8 @@ class Server:
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(self.ctx), self.grpc)
         self.kube = opts.kube_api or connect(opts.kubernetes)
-        self.background: list[Periodic] = []
+        # exported snapshots' manifests whose deletion waits for their registry, in either mode
+        self.background: list[Periodic] = [DeleteRetrier(self.engine, self.ctx.registry)]
         if opts.mode == "controller-expand":
             relay = ModifyRelay(self.kube, opts.driver_name) if self.kube else None
             central = CentralControllerServicer(self.ctx, relay)

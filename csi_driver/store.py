@@ -27,9 +27,11 @@ from csi_driver.space_reserve import SpaceReserve
 
 MiB = 1 << 20
 SQLITE_FULL = 13  # sqlite3's result code for a full disk
+MAX_ERROR = 500  # characters of a pending deletion's last error kept
 
-SCHEMA_VERSION = 4  # 3: snapshots.exported and layer_blobs (registries); 4: layer_blob_sources
-# (the repositories a blob was pulled from or pushed to); older drivers refuse it
+SCHEMA_VERSION = 5  # 3: snapshots.exported and layer_blobs (registries); 4: layer_blob_sources
+# (the repositories a blob was pulled from or pushed to); 5: pending_deletes (exported snapshots'
+# manifests to delete once their registry is back); older drivers refuse it
 
 # Layers: the graph and what the engine accounts (layers), apart from what the
 # layer backend keeps for itself (layer_storage, one row per layer); the view
@@ -156,6 +158,13 @@ CREATE TABLE IF NOT EXISTS layer_blob_sources (
     FOREIGN KEY (layer, digest) REFERENCES layer_blobs(layer, digest) ON DELETE CASCADE
 );
 CREATE INDEX IF NOT EXISTS layer_blob_sources_layer ON layer_blob_sources(layer, digest);
+CREATE TABLE IF NOT EXISTS pending_deletes (
+    snapshot_id TEXT PRIMARY KEY,
+    digest TEXT NOT NULL DEFAULT '',
+    recorded_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT ''
+);
 """
 
 
@@ -215,6 +224,18 @@ class Snapshot:
     group_id: str
     created_at: float
     exported: str = ""  # an exported snapshot's manifest digest, once the registry holds it
+
+
+@dataclass(frozen=True)
+class PendingDelete:
+    """An exported snapshot deleted while its registry could not be reached: its manifest
+    is deleted by a retry once the registry is back. No credentials are kept here."""
+
+    snapshot_id: str  # the artifact's reference (REPOSITORY:snap-...)
+    digest: str  # the manifest's digest, when known (else what the tag names at the retry)
+    recorded_at: float
+    attempts: int = 0  # retries so far
+    last_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -438,6 +459,15 @@ class ReadTx:
             args += (limit,)
         return [Snapshot(**dict(r)) for r in self.c.execute(sql, args)]
 
+    # ---- exported snapshots' deletions that wait for their registry ----
+    def pending_delete(self, snapshot_id: str) -> PendingDelete | None:
+        row = self.c.execute("SELECT * FROM pending_deletes WHERE snapshot_id=?", (snapshot_id,)).fetchone()
+        return PendingDelete(**dict(row)) if row else None
+
+    def pending_deletes(self) -> list[PendingDelete]:
+        rows = self.c.execute("SELECT * FROM pending_deletes ORDER BY recorded_at, snapshot_id")
+        return [PendingDelete(**dict(r)) for r in rows]
+
     # ---- groups -------------------------------------------------------
     def group(self, group_id: str) -> dict[str, Any] | None:
         row = self.c.execute("SELECT * FROM groups WHERE id=?", (group_id,)).fetchone()
@@ -592,6 +622,25 @@ class Tx(ReadTx):
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.c.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
+
+    # ---- exported snapshots' deletions that wait for their registry ----
+    def add_pending_delete(self, p: PendingDelete) -> None:
+        """Record it, unless one for the snapshot is recorded already (that one stays)."""
+        self.c.execute(
+            "INSERT OR IGNORE INTO pending_deletes (snapshot_id,digest,recorded_at,attempts,last_error)"
+            " VALUES (?,?,?,?,?)",
+            (p.snapshot_id, p.digest, p.recorded_at, p.attempts, p.last_error[:MAX_ERROR]),
+        )
+
+    def retried_delete(self, snapshot_id: str, error: str) -> None:
+        """One more retry of a pending deletion failed, with ``error``."""
+        self.c.execute(
+            "UPDATE pending_deletes SET attempts=attempts+1, last_error=? WHERE snapshot_id=?",
+            (error[:MAX_ERROR], snapshot_id),
+        )
+
+    def delete_pending_delete(self, snapshot_id: str) -> None:
+        self.c.execute("DELETE FROM pending_deletes WHERE snapshot_id=?", (snapshot_id,))
 
     # ---- groups -------------------------------------------------------
     def add_group(self, group_id: str, name: str, members: list[str]) -> None:

@@ -130,6 +130,32 @@ class LocalRegistry:
                 break
         raise RuntimeError(f"docker-registry exited at start:\n{self.log_path.read_text(errors='replace')}")
 
+    def stop(self) -> None:
+        """Stop the registry, keeping what it stores: its port refuses connections."""
+        self._stop()
+
+    def start(self) -> None:
+        """Start a stopped registry again on its port, with what it stored."""
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError("the registry is running")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        self._log = open(self.log_path, "ab")  # closed in _stop
+        self.process = subprocess.Popen(
+            [str(REGISTRY_BINARY), "serve", str(self.root / "registry-config.yml")],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            ready = self._wait_ready(deadline=time.monotonic() + 10)
+        except BaseException:
+            self._stop()
+            raise
+        if not ready:
+            self._stop()
+            raise RuntimeError(f"docker-registry did not start again on {self.host}")
+
     def _wait_ready(self, deadline: float) -> bool:
         """True once ``GET /v2/`` answers 200 or 401; False if the process died."""
         assert self.process is not None
@@ -615,7 +641,7 @@ class _HostileHandler(_TrackingHandler):
         sent = 0
         try:
             while sent < hostile.size and not hostile.stopping.is_set():
-                data = (prefix + block)[: CHUNK] if sent == 0 else block
+                data = (prefix + block)[:CHUNK] if sent == 0 else block
                 data = data[: hostile.size - sent]
                 self.wfile.write(data)
                 sent += len(data)

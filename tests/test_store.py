@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.store import SCHEMA_VERSION, Blob, Layer, ReadTx, Store
+from csi_driver.store import SCHEMA_VERSION, Blob, Layer, PendingDelete, ReadTx, Store
 
 QUERIES = (
     "layer layer_by_name layers chain volume volume_by_name volumes count_staged count_attached"
@@ -336,7 +336,7 @@ def test_a_schema_3_store_gains_blob_sources_and_trusts_no_old_blob_row(tmp_path
 
     store = Store(db)
     try:
-        assert store.schema_version == SCHEMA_VERSION == 4
+        assert store.schema_version == SCHEMA_VERSION
         repo = "reg.io/a/db"
         with store.tx() as tx:
             assert tx.layer_from_blob(digest, None).id == "b", "the blob still names its layer"
@@ -351,3 +351,31 @@ def test_a_schema_3_store_gains_blob_sources_and_trusts_no_old_blob_row(tmp_path
     finally:
         store.close()
     Store(db).close()
+
+
+def test_a_schema_4_store_gains_pending_deletes_that_hold_no_secret(tmp_path):
+    """Schema 5 records the exported snapshots deleted while their registry could not be
+    reached: reference, digest, when, retries, last error; nothing else (no credentials)."""
+    db = tmp_path / "state.db"
+    Store(db).close()
+    conn = sqlite3.connect(db)  # what a driver of schema 4 left: no pending_deletes table
+    conn.executescript("DROP TABLE pending_deletes; UPDATE meta SET value='4' WHERE key='schema_version';")
+    conn.close()
+
+    store = Store(db)
+    try:
+        assert store.schema_version == SCHEMA_VERSION == 5
+        sid = "reg.io/a/db:snap-" + "1" * 32
+        with store.tx() as tx:
+            tx.add_pending_delete(PendingDelete(sid, "sha256:" + "d" * 64, 5.0, last_error="refused"))
+            tx.add_pending_delete(PendingDelete(sid, "", 6.0))  # recorded already: that one stays
+            tx.retried_delete(sid, "still refused")
+        with store.read() as r:
+            assert r.pending_deletes() == [PendingDelete(sid, "sha256:" + "d" * 64, 5.0, 1, "still refused")]
+            columns = [row[1] for row in r.c.execute("PRAGMA table_info(pending_deletes)")]
+        assert columns == ["snapshot_id", "digest", "recorded_at", "attempts", "last_error"]
+        with store.tx() as tx:
+            tx.delete_pending_delete(sid)
+            assert tx.pending_delete(sid) is None
+    finally:
+        store.close()

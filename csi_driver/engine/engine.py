@@ -37,6 +37,7 @@ from csi_driver.engine.expand import Expander
 from csi_driver.engine.modify import Modifier
 from csi_driver.engine.mounter import HostMounter, Mounter
 from csi_driver.engine.node import NodePublisher
+from csi_driver.engine.pending_deletes import PendingDeletes
 from csi_driver.engine.snapshots import Snapshots
 from csi_driver.engine.transfers import Transfers, snapshot_reference
 from csi_driver.engine.volumes import Volumes
@@ -45,7 +46,7 @@ from csi_driver.layerstore.backend import LayerBackend
 from csi_driver.layerstore.overlay.backend import OverlayLoopBackend
 from csi_driver.registry.credentials import Credentials
 from csi_driver.registry.reference import Reference, Repository, looks_like_reference
-from csi_driver.store import Layer, Snapshot, Store, Volume
+from csi_driver.store import Layer, PendingDelete, Snapshot, Store, Volume
 
 __all__ = [
     "GiB",
@@ -94,6 +95,7 @@ class Engine:
         self.ephemeral = Ephemeral(self.ctx, self.volumes, self.node)
         self.base_layers = BaseLayers(self.ctx)
         self.transfers = Transfers(self.ctx, config.insecure_registries)
+        self.pending_deletes = PendingDeletes(self.ctx, self.transfers)
         self.attachments = Attachments(self.ctx)
         self.modifier = modifier
 
@@ -187,10 +189,24 @@ class Engine:
 
     def delete_snapshot(self, snapshot_id: str, credentials: Credentials | None = None) -> None:
         """Delete a snapshot; an exported one's artifact goes from its registry first
-        (so a retry after a registry failure still finds what to delete)."""
-        if snapshot_reference(snapshot_id) is not None:
-            self.transfers.delete_exported(snapshot_id, credentials)
-        self.snapshots.delete_snapshot(snapshot_id)
+        (so a retry after a refusal still finds what to delete), whether this node holds
+        the snapshot or not (the central instance holds none). While its registry cannot
+        be reached, the artifact's deletion is recorded in the transaction that deletes
+        the snapshot, and retried in the background (``PendingDeletes``)."""
+        pending = self._delete_exported(snapshot_id, credentials)
+        self.snapshots.delete_snapshot(snapshot_id, pending)
+        if pending is not None:
+            self.pending_deletes.recorded(pending, credentials)
+
+    def _delete_exported(self, snapshot_id: str, credentials: Credentials | None) -> PendingDelete | None:
+        """The deletion to record, if the registry could not be reached; None when done
+        (or when one is pending already: its retry will do it)."""
+        if snapshot_reference(snapshot_id) is None:
+            return None
+        if self.pending_deletes.get(snapshot_id) is not None:
+            self.pending_deletes.asked_again(snapshot_id, credentials)
+            return None
+        return self.transfers.delete_exported(snapshot_id, credentials)
 
     def list_volumes(self, after_seq: int, limit: int) -> list[Volume]:
         with self.store.read() as tx:

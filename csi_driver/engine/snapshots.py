@@ -12,7 +12,7 @@ from csi_driver.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from csi_driver.ids import issued_id, new_id
 from csi_driver.locks import KeyedLocks
 from csi_driver.registry.reference import Repository
-from csi_driver.store import Layer, ReadTx, Snapshot, Tx, Volume
+from csi_driver.store import Layer, PendingDelete, ReadTx, Snapshot, Tx, Volume
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,12 @@ class Snapshots:
                 self.ctx.step("snapshot.recorded")
         return snap
 
-    def delete_snapshot(self, snapshot_id: str) -> None:
+    def delete_snapshot(self, snapshot_id: str, pending: PendingDelete | None = None) -> None:
+        """Delete a snapshot held here; ``pending`` (its manifest's deletion, which waits
+        for its registry) is recorded in the same transaction."""
         with self.ctx.store.tx() as tx:
+            if pending is not None:
+                tx.add_pending_delete(pending)
             if tx.snapshot(snapshot_id) is None:
                 return
             tx.delete_snapshot(snapshot_id)

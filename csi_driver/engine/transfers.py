@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from csi_driver.engine.context import BLOCK, SNAPSHOT_PREFIX, EngineContext
-from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from csi_driver.ids import untagged
 from csi_driver.layerstore.ocidiff import DiffError, TooManyEntries, count_tar
 from csi_driver.locks import KeyedLocks
@@ -59,7 +59,7 @@ from csi_driver.registry.client import (
 from csi_driver.registry.credentials import Credentials
 from csi_driver.registry.progress import count_blob
 from csi_driver.registry.reference import DIGEST_RE, BadReference, Reference, Repository
-from csi_driver.store import Blob, Layer, Snapshot
+from csi_driver.store import Blob, Layer, PendingDelete, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +291,7 @@ class Transfers:
             existing = tx.snapshot(snapshot_id)
         if existing is not None:
             return existing
+        self._check_not_deleted(snapshot_id)
         client = self.client(ref.repository, credentials)
         manifest = client.pull_manifest(ref.version)
         what = f"snapshot {snapshot_id}"
@@ -320,22 +321,43 @@ class Transfers:
         log.info("snapshot %s pulled: %d layers", snapshot_id, len(blobs))
         return snap
 
-    def delete_exported(self, snapshot_id: str, credentials: Credentials | None) -> None:
+    def delete_exported(self, snapshot_id: str, credentials: Credentials | None) -> PendingDelete | None:
         """Remove an exported snapshot's artifact from its registry (a registry that
-        does not allow deletes keeps it; the log says so)."""
+        does not allow deletes keeps it; the log says so). A registry that cannot be
+        reached (refused, timed out, 5xx: UNAVAILABLE) does not fail it: the deletion
+        to record is returned, to be retried once the registry is back. Refused
+        credentials and everything else the registry answers still fail it."""
+        if snapshot_reference(snapshot_id) is None:
+            return None
+        with self.ctx.store.read() as tx:
+            snap = tx.snapshot(snapshot_id)
+        digest = snap.exported if snap is not None and snap.exported else ""
+        try:
+            self.delete_manifest(snapshot_id, digest, credentials)
+        except Unavailable as e:
+            return PendingDelete(snapshot_id, digest, time.time(), last_error=str(e))
+        return None
+
+    def delete_manifest(self, snapshot_id: str, digest: str, credentials: Credentials | None) -> None:
+        """Delete the manifest ``digest`` ("": the one the snapshot's tag names now, if any)."""
         ref = snapshot_reference(snapshot_id)
         if ref is None:
             return
         client = self.client(ref.repository, credentials)
-        with self.ctx.store.read() as tx:
-            snap = tx.snapshot(snapshot_id)
-        digest = snap.exported if snap is not None and snap.exported else ""
         if not digest:  # not recorded here (taken on another node): what the tag names now
             try:
                 digest = client.manifest_digest(ref.version)
             except NotFound:
                 return
         client.delete_manifest(digest)
+
+    def _check_not_deleted(self, snapshot_id: str) -> None:
+        """NOT_FOUND for a snapshot deleted here whose manifest waits for its registry to go."""
+        with self.ctx.store.read() as tx:
+            if tx.pending_delete(snapshot_id) is not None:
+                raise NotFound(
+                    f"snapshot {snapshot_id[:80]!r} was deleted (its manifest goes once its registry is back)"
+                )
 
     def describe_exported(self, snapshot_id: str, credentials: Credentials | None) -> Snapshot:
         """What an exported snapshot's manifest says of it, without pulling a layer (the
@@ -344,6 +366,7 @@ class Transfers:
         ref = snapshot_reference(snapshot_id)
         if ref is None:
             raise NotFound(f"snapshot {snapshot_id[:80]!r} is not an exported snapshot")
+        self._check_not_deleted(snapshot_id)
         manifest = self.client(ref.repository, credentials).pull_manifest(ref.version)
         what = f"snapshot {snapshot_id}"
         if manifest.media_type != OCI_MANIFEST or manifest.body.get("artifactType") != ARTIFACT_TYPE:

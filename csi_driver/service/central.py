@@ -8,7 +8,9 @@ driver whose volumes are node-local.
 * the registry snapshotter (a csi-snapshotter with --node-deployment under the name the
   chart gives it): pre-provisioned contents that name an exported snapshot are checked
   (ListSnapshots, from the artifact's manifest) and deleted (DeleteSnapshot, its manifest)
-  here, since no node holds them. It never takes a snapshot.
+  here, since no node holds them; a manifest whose registry cannot be reached is deleted
+  later, by a retry in this process (engine/pending_deletes.py), and no longer listed. It
+  never takes a snapshot.
 """
 
 from __future__ import annotations
@@ -67,8 +69,12 @@ class CentralControllerServicer(ExpandOnlyControllerServicer):
         v.known_id(request.snapshot_id, v.SNAPSHOT_ID_RE, "snapshot_id")
         if snapshot_reference(request.snapshot_id) is not None:  # a local id: its node deletes it
             credentials = Credentials.from_secrets(dict(request.secrets))
+            engine = self.ctx.engine
+            if engine.pending_deletes.get(request.snapshot_id) is not None:  # retried in the background
+                engine.delete_snapshot(request.snapshot_id, credentials)
+                return csi.DeleteSnapshotResponse()
             self.ctx.registry.run(
-                lambda: self.ctx.engine.transfers.delete_exported(request.snapshot_id, credentials),
+                lambda: engine.delete_snapshot(request.snapshot_id, credentials),
                 context,
                 f"the deletion of snapshot {request.snapshot_id!r}",
                 keys=[request.snapshot_id],
@@ -81,6 +87,8 @@ class CentralControllerServicer(ExpandOnlyControllerServicer):
         manifest; anything else is held by no one here, so the list is empty."""
         if not request.snapshot_id or snapshot_reference(request.snapshot_id) is None:
             return csi.ListSnapshotsResponse()
+        if self.ctx.engine.pending_deletes.get(request.snapshot_id) is not None:
+            return csi.ListSnapshotsResponse()  # deleted: its manifest goes once its registry is back
         credentials = Credentials.from_secrets(dict(request.secrets))
         try:
             snap = self.ctx.registry.run(

@@ -388,7 +388,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if v.known_id(request.snapshot_id, v.SNAPSHOT_ID_RE, "snapshot_id"):
             remote = snapshot_reference(request.snapshot_id) is not None
             credentials = Credentials.from_secrets(dict(request.secrets)) if remote else None
-            if remote:
+            # an exported snapshot whose registry cannot be reached is deleted here all the
+            # same, its manifest's deletion recorded and retried (engine/pending_deletes.py)
+            if remote and self.engine.pending_deletes.get(request.snapshot_id) is None:
                 self.ctx.registry.run(
                     lambda: self.engine.delete_snapshot(request.snapshot_id, credentials),
                     context,

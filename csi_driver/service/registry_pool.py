@@ -59,12 +59,12 @@ POLL = 0.05  # seconds between a waiting worker's looks at its caller
 
 
 class _Job:
-    def __init__(self, fn: Callable[[], Any], what: str, keys: list[str], seconds: float) -> None:
+    def __init__(self, fn: Callable[[], Any], what: str, keys: list[str], seconds: float, limit: str) -> None:
         self.fn = fn
         self.what = what
         self.keys = keys
         self.started = time.monotonic()
-        expired = f"it ran for {seconds:g} s, its --registry-transfer-timeout"
+        expired = f"it ran for {seconds:g} s, {limit}"
         self.token = cancel.Cancel(self.started + seconds, what, expired)
         # the deadline cancels it even while a read blocks (a registry that trickles a byte
         # at a time never lets the transfer's own checks run); stopped when it ends
@@ -117,19 +117,35 @@ class RegistryPool:
         with self._lock:
             return key in self._keys
 
-    def run(self, fn: Callable[[], T], context: Any, what: str, keys: Iterable[str] = ()) -> T:
+    @property
+    def closed(self) -> bool:
+        """Whether the driver is stopping (``close``): transfers are refused and cancelled."""
+        return self._closed
+
+    def run(
+        self,
+        fn: Callable[[], T],
+        context: Any,
+        what: str,
+        keys: Iterable[str] = (),
+        timeout: float | None = None,
+    ) -> T:
         """``fn()`` as a transfer on a pool thread; its answer if it ends before the
-        deadline of the gRPC ``context`` (None: no deadline), else ABORTED while it goes on."""
+        deadline of the gRPC ``context`` (None: no deadline), else ABORTED while it goes on.
+        ``timeout``: a deadline of its own shorter than ``transfer_timeout``."""
         keys = [k for k in keys if k]
         caller = _Caller(context)
-        job, new = self._enter(fn, what, keys, attach=True)
+        seconds = self.transfer_timeout if timeout is None else min(timeout, self.transfer_timeout)
+        job, new = self._enter(fn, what, keys, seconds, attach=True)
         if not new:  # the caller's retry
             log.info("%s: waiting for the transfer of it already running", what)
             self._wait(job, caller)  # its error, once; its success: fn finds what it made
-            job, _ = self._enter(fn, what, keys, attach=False)  # no waiting in a loop
+            job, _ = self._enter(fn, what, keys, seconds, attach=False)  # no waiting in a loop
         return self._wait(job, caller)  # type: ignore[no-any-return]
 
-    def _enter(self, fn: Callable[[], Any], what: str, keys: list[str], attach: bool) -> tuple[_Job, bool]:
+    def _enter(
+        self, fn: Callable[[], Any], what: str, keys: list[str], seconds: float, attach: bool
+    ) -> tuple[_Job, bool]:
         """(a new transfer of ``fn``, True), or (the running one that holds one of ``keys``,
         False) if ``attach``, else ABORTED."""
         with self._lock:
@@ -137,18 +153,19 @@ class RegistryPool:
                 raise Unavailable("the driver is stopping; retry")
             running = next((self._keys[k] for k in keys if k in self._keys), None)
             if running is None:
-                return self._admit(fn, what, keys), True
+                return self._admit(fn, what, keys, seconds), True
             if not attach:
                 raise Aborted(f"{running.what} is still running in the background; retry")
             running.waiters += 1
             return running, False
 
-    def _admit(self, fn: Callable[[], Any], what: str, keys: list[str]) -> _Job:
+    def _admit(self, fn: Callable[[], Any], what: str, keys: list[str], seconds: float) -> _Job:
         """A new transfer (the pool's lock held), with one waiter: its caller; ABORTED
         when ``size`` run."""
         if len(self._jobs) >= self.size:
             raise Aborted(f"{self.size} registry transfers are already running on this node; retry later")
-        job = _Job(fn, what, keys, self.transfer_timeout)
+        limit = "its --registry-transfer-timeout" if seconds >= self.transfer_timeout else "its time limit"
+        job = _Job(fn, what, keys, seconds, limit)
         job.waiters = 1
         self._jobs.add(job)
         self._keys.update((k, job) for k in keys)
