@@ -102,7 +102,7 @@ def prepare(path: Path, state_dir: Path, size: int = 0) -> Prepared:
             f"pool file {path} holds {device}, not an overlay-csi pool; refusing to use it. "
             "Name another path, or remove the file if it is meant to be a new pool"
         )
-    why = _served_as_it_is(state_dir)
+    why = served_as_it_is(state_dir)
     if why:
         log.warning("pool file %s not used: %s", path, why)
         return Prepared("not used", False, why)
@@ -147,7 +147,7 @@ def _statvfs(path: Path) -> tuple[int, int]:
     return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
-def _served_as_it_is(state_dir: Path) -> str:
+def served_as_it_is(state_dir: Path) -> str:
     """Why ``state_dir`` keeps its own file system ("" when the pool may go there)."""
     here = host.mount_at(state_dir)
     if here is not None:

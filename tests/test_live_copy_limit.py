@@ -11,6 +11,8 @@ import grpc
 import pytest
 from test_pool_file import available, host_fs  # noqa: F401 - the fixture
 
+from csi_driver.doctor.check import WARN
+from csi_driver.doctor.setup import check_setup
 from driver_harness import Driver, needs_mounts
 
 MiB = 1 << 20
@@ -26,6 +28,9 @@ def test_a_live_copy_beyond_the_limit_is_refused_with_nothing_changed(tmp_path, 
     root = hostdir / "node"
     root.mkdir()
     d = Driver(root, max_live_snapshot_copy=32 * MiB)
+    doctor = check_setup(d.state, max_live_copy=32 * MiB)
+    assert doctor.status == WARN and "plain state dir on ext4, which cannot clone" in doctor.message
+    assert "up to 32 MiB" in doctor.message and "--pool-file" in doctor.fix
     try:
         c = d.client
         vid = c.create_volume("pvc", 128 * MiB).volume_id

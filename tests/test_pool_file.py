@@ -21,6 +21,8 @@ import grpc
 import pytest
 
 from csi_driver import host
+from csi_driver.doctor.check import FAIL, OK, WARN
+from csi_driver.doctor.setup import check_setup
 from csi_driver.engine.capacity import CapacityPolicy
 from csi_driver.host import loopdev
 from csi_driver.pool import LABEL, PoolError
@@ -80,9 +82,14 @@ def test_the_pool_file_is_created_then_found_after_a_restart_and_a_reboot(tmp_pa
     hostdir = host_fs(1 * GiB)
     pool, root = hostdir / "pool" / "pool.img", tmp_path / "node"
     root.mkdir()
+    planned = check_setup(root / "state", str(pool))
+    assert planned.status == OK and "serve creates it" in planned.message, planned
     d = Driver(root, pool_file=str(pool))
     try:
         assert d.server.pool_file.done == "created"
+        doctor = check_setup(d.state, str(pool))
+        assert doctor.status == OK and doctor.message.startswith(f"pool file {pool}"), doctor
+        assert "clone of its image (O(1)" in doctor.message
         assert os.path.getsize(pool) == size_of(hostdir) // 4096 * 4096, "the host fs's size by default"
         assert host.allocated_bytes(pool) < os.path.getsize(pool) // 4, "sparse"
         device = pool_loop(pool)
@@ -162,6 +169,7 @@ def test_a_foreign_pool_file_is_refused_untouched(tmp_path, host_fs):
         prepare(state / "pool.img", state)
     assert digest(foreign) == was and data.read_bytes() == b"x" * MiB, "nothing was written"
     assert not host.is_mounted(state) and pool_loop(foreign) == ""
+    assert check_setup(state, str(foreign)).status == FAIL
 
     proc = subprocess.run(
         [
@@ -203,6 +211,8 @@ def test_a_plain_state_dir_with_volumes_is_served_as_it_is(tmp_path, host_fs):
         assert d.server.pool_file.done == "not used"
         assert "docs/operations.md" in d.server.pool_file.why
         assert not pool.exists() and not host.is_mount_point(d.state)
+        doctor = check_setup(d.state, str(pool))
+        assert doctor.status == WARN and "would not be used" in doctor.message, doctor
         staging, _ = d.paths("old")
         d.client.stage(vid, staging)
         assert (staging / "kept").read_text() == "yes"
