@@ -216,8 +216,7 @@ def run(args: argparse.Namespace) -> int:
         logging.error("--pool-devices %s: %s", args.pool_devices, e)
         return 2
     if pool_device and args.pool_file:
-        logging.error("--pool-file and a pool device exclude each other: give this node one of them")
-        return 2
+        logging.info("this node has pool device %s: --pool-file %s is not used", pool_device, args.pool_file)
     try:
         policy = CapacityPolicy(args.overprovision_ratio, args.reserve, args.low_space_watermark)
     except ValueError as e:
