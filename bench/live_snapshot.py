@@ -13,9 +13,12 @@ written after it, and the restore byte-identical.
 
 Usage: python -m bench.live_snapshot --state-dir DIR [--data-gib 1]
        python -m bench.live_snapshot --pool-device /dev/loopN [--data-gib 1]
+       python -m bench.live_snapshot --pool-file /var/tmp/pool.img [--data-gib 1]
 The state dir's file system is what is measured: put DIR on ext4, on xfs
 (reflink=1) or btrfs; ``--pool-device`` formats (if empty) and mounts a disk
-the way ``overlay-csi serve --pool-device`` does.
+the way ``overlay-csi serve --pool-device`` does, ``--pool-file`` a pool file as
+``serve --pool-file`` (the chart's default) does; the run unmounts it at the end,
+and the file stays for the next run (remove it when done).
 """
 
 from __future__ import annotations
@@ -89,6 +92,11 @@ def main() -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--state-dir", type=Path, help="a directory on the file system to measure")
     where.add_argument("--pool-device", help="a disk (or loop device) for the driver to format and mount")
+    where.add_argument(
+        "--pool-file",
+        type=Path,
+        help="a pool file for the driver to create (or find) and mount (the default install)",
+    )
     p.add_argument("--data-gib", type=float, default=1.0)
     args = p.parse_args()
     reexec_in_private_namespace()
@@ -100,6 +108,8 @@ def main() -> None:
         state_dir=state,
         node_id="bench",
         pool_device=args.pool_device or "",
+        pool_file=str(args.pool_file or ""),
+        max_live_snapshot_copy=0,  # a state dir that cannot clone: measure the copy, however long
     )
     server = Server(opts)
     server.start()
@@ -150,7 +160,9 @@ def main() -> None:
         for s in snaps:
             client.delete_snapshot(s)
 
-        kind = f"pool device ({fs_type(state)})" if args.pool_device else fs_type(state)
+        kind = fs_type(state)
+        if args.pool_device or args.pool_file:
+            kind = f"pool {'device' if args.pool_device else 'file'} ({kind})"
         print(f"state dir on {kind}, {args.data_gib:g} GiB of data, writer: 4 KiB + fsync every 2 ms")
         print(f"{'snapshot':8} {'time':>8} {'longest stall':>14} {'disk cost':>10}")
         for name, t0, t1, cost in rows:

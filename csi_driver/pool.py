@@ -24,7 +24,12 @@ from csi_driver import host
 log = logging.getLogger(__name__)
 
 LABEL = "overlay-csi"
+#: the pool's file system, for a device and a pool file alike (csi_driver.pool_file)
+MKFS_OPTIONS = ["-m", "reflink=1"]
 MOUNT_OPTIONS = ["noatime"]
+#: a pool file also discards what its file system frees, so the loop device punches
+#: it out of the file and the host gets the space back
+FILE_MOUNT_OPTIONS = [*MOUNT_OPTIONS, "discard"]
 
 
 class PoolError(Exception):
@@ -75,7 +80,7 @@ def prepare(device: str, state_dir: Path, wipe: bool = False) -> str:
     if kind == "empty" or (kind == "foreign" and wipe):
         if found:
             log.warning("wiping %s (held %s) as --pool-device-wipe asks", device, describe(found))
-        host.mkfs_pool(real, LABEL)
+        host.mkfs_pool(real, LABEL, MKFS_OPTIONS)
         done = "formatted"
     state_dir.mkdir(parents=True, exist_ok=True)
     host.mount(real, state_dir, "xfs", MOUNT_OPTIONS)

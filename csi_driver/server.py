@@ -14,8 +14,9 @@ from pathlib import Path
 
 import grpc
 
-from csi_driver import __version__, host, pool
-from csi_driver.engine.capacity import CapacityPolicy
+from csi_driver import __version__, host, pool, pool_file
+from csi_driver.engine.capacity import CapacityPolicy, Share, Space
+from csi_driver.engine.capture import DEFAULT_MAX_LIVE_COPY
 from csi_driver.engine.engine import Engine, EngineConfig
 from csi_driver.engine.reconcile import reconcile
 from csi_driver.engine.transfers import snapshot_reference
@@ -24,6 +25,7 @@ from csi_driver.kube.api import KubeApi, connect
 from csi_driver.kube.contents import ContentAdopter
 from csi_driver.kube.modify_relay import ModifyRelay, ModifyWatcher
 from csi_driver.kube.periodic import Periodic
+from csi_driver.pool_file import DEFAULT_HOST_RESERVE, HostBoundSpace
 from csi_driver.proto import csi_pb2_grpc
 from csi_driver.service.central import CentralControllerServicer
 from csi_driver.service.context import DriverContext
@@ -70,6 +72,10 @@ class ServeOptions:
     metrics_address: str = ""  # HOST:PORT for Prometheus metrics; "" = off
     pool_device: str = ""  # a disk to format (xfs, reflink) and mount as the state dir
     pool_device_wipe: bool = False  # format it even when it holds another file system
+    pool_file: str = ""  # a sparse file on the host made the pool (xfs, reflink) mounted as the state dir
+    pool_file_size: int = 0  # of a new pool file; 0: the host file system's size
+    host_reserve: Share = DEFAULT_HOST_RESERVE  # of the pool file's host file system, never given out
+    max_live_snapshot_copy: int = DEFAULT_MAX_LIVE_COPY  # the most a snapshot in use may copy; 0: no limit
     capacity: CapacityPolicy = field(default_factory=CapacityPolicy)  # what the node may promise
     insecure_registries: frozenset[str] = frozenset()  # registry hosts reached over plain HTTP
     registry_transfer_timeout: float = TRANSFER_TIMEOUT  # seconds a pull or push may run, callers or not
@@ -107,8 +113,14 @@ def lock_state_dir(state_dir: Path) -> int:
 class Server:
     def __init__(self, opts: ServeOptions, engine: Engine | None = None) -> None:
         self.opts = opts
+        space: Space | None = None
+        self.pool_file: pool_file.Prepared | None = None
         if opts.pool_device:
             pool.prepare(opts.pool_device, opts.state_dir, opts.pool_device_wipe)
+        elif opts.pool_file:
+            self.pool_file = pool_file.prepare(Path(opts.pool_file), opts.state_dir, opts.pool_file_size)
+            if self.pool_file.pooled:
+                space = HostBoundSpace(opts.state_dir, Path(opts.pool_file), opts.host_reserve)
         self._lock_fd = lock_state_dir(opts.state_dir)
         # node paths under the kubelet dir resolve beneath its pods/ and plugins/ (host.beneath)
         host.beneath.confine(opts.kubelet_dir)
@@ -125,6 +137,8 @@ class Server:
                 fs_type=opts.default_fs_type,
                 capacity=opts.capacity,
                 insecure_registries=opts.insecure_registries,
+                space=space,
+                max_live_copy=opts.max_live_snapshot_copy,
             )
         )
         report = reconcile(self.engine)

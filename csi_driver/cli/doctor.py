@@ -10,8 +10,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from csi_driver.cli.args import DEFAULT_STATE_DIR
+from csi_driver.cli.args import DEFAULT_STATE_DIR, parse_size
 from csi_driver.doctor import FAIL, OK, WARN, in_pod, run_checks
+from csi_driver.engine.capture import DEFAULT_MAX_LIVE_COPY
 
 
 def add_parser(sub: Any) -> None:
@@ -19,6 +20,14 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR))
     d.add_argument("--kubelet-dir", type=Path, default=Path("/var/lib/kubelet"))
     d.add_argument("--pool-device", default="", metavar="DEV", help="check a disk for serve --pool-device")
+    d.add_argument("--pool-file", default="", metavar="PATH", help="check a file for serve --pool-file")
+    d.add_argument(
+        "--max-live-snapshot-copy",
+        type=parse_size,
+        default=DEFAULT_MAX_LIVE_COPY,
+        metavar="SIZE",
+        help="serve's limit, for the cost of a snapshot of a volume in use (default 1Gi)",
+    )
     d.add_argument("--json", action="store_true")
     d.add_argument(
         "--no-probe", action="store_true", help="skip the mount probe (mkfs, loop, freeze, overlay)"
@@ -33,7 +42,15 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     pod = in_pod() if args.in_pod == "auto" else args.in_pod == "yes"
-    checks = run_checks(args.state_dir, args.kubelet_dir, pod, not args.no_probe, args.pool_device)
+    checks = run_checks(
+        args.state_dir,
+        args.kubelet_dir,
+        pod,
+        not args.no_probe,
+        args.pool_device,
+        args.pool_file,
+        args.max_live_snapshot_copy,
+    )
     counts = {s: sum(c.status == s for c in checks) for s in (OK, WARN, FAIL)}
     if args.json:
         json.dump(

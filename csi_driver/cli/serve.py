@@ -20,6 +20,7 @@ from csi_driver.cli.args import (
     parse_size,
 )
 from csi_driver.engine.capacity import CapacityPolicy, Share
+from csi_driver.engine.capture import DEFAULT_MAX_LIVE_COPY
 
 DEFAULT_DRIVER_NAME = "overlay.csi.dev"
 
@@ -107,6 +108,40 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="format the pool device even when it holds a file system or partition table (destroys it)",
     )
+    s.add_argument(
+        "--pool-file",
+        default="",
+        metavar="PATH",
+        help="a sparse file on the host for the state dir (outside it): created, attached as a "
+        "direct-I/O loop device, formatted xfs with reflink and mounted at --state-dir, so snapshots "
+        "of volumes in use are clones; found again after a restart or a reboot, refused when it holds "
+        "anything else. A state dir with volumes on the host's file system is served as it is",
+    )
+    s.add_argument(
+        "--pool-file-size",
+        type=parse_size,
+        default=0,
+        metavar="SIZE",
+        help="size of a new pool file, e.g. 200Gi (default: the host file system's size; it is "
+        "sparse, and --host-reserve keeps the host's free space honest)",
+    )
+    s.add_argument(
+        "--host-reserve",
+        type=_share,
+        default="10%",
+        metavar="PCT|SIZE",
+        help="with --pool-file: the host file system's free space volumes are never given (default "
+        "10%%, kubelet's hard eviction threshold nodefs.available<10%%; raise it with the threshold)",
+    )
+    s.add_argument(
+        "--max-live-snapshot-copy",
+        type=parse_size,
+        default=DEFAULT_MAX_LIVE_COPY,
+        metavar="SIZE",
+        help="where the state dir cannot clone, a snapshot of a volume in use copies its data while "
+        "its writes wait: refuse (FAILED_PRECONDITION) beyond this much (default 1Gi; 0: no limit). "
+        "A VolumeSnapshotClass's liveCopyLimit may lower it",
+    )
     add_insecure_registry_option(s)
     s.add_argument(
         "--registry-transfer-timeout",
@@ -190,6 +225,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         logging.error("--pool-devices %s: %s", args.pool_devices, e)
         return 2
+    if pool_device and args.pool_file:
+        logging.info("this node has pool device %s: --pool-file %s is not used", pool_device, args.pool_file)
     try:
         policy = CapacityPolicy(args.overprovision_ratio, args.reserve, args.low_space_watermark)
     except ValueError as e:
@@ -212,6 +249,10 @@ def run(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_address,
         pool_device=pool_device,
         pool_device_wipe=args.pool_device_wipe,
+        pool_file=args.pool_file,
+        pool_file_size=args.pool_file_size,
+        host_reserve=args.host_reserve,
+        max_live_snapshot_copy=args.max_live_snapshot_copy,
         capacity=policy,
         insecure_registries=frozenset(args.insecure_registry),
         registry_transfer_timeout=args.registry_transfer_timeout,

@@ -7,7 +7,8 @@ freezes and thaws it and mounts an overlay on it, in a private mount namespace
 (a forked child), so nothing it mounts can outlive it.
 
 The checks, by topic: ``kernel`` (privileges, overlayfs, loop devices),
-``tools`` (host programs), ``pool`` (a disk for the state dir), ``state_dir``
+``tools`` (host programs), ``pool`` (a disk for the state dir), ``setup`` (pool file,
+pool device or plain state dir, and what a snapshot of a volume in use costs there), ``state_dir``
 (file system, space, sparse files, reflink), ``probe`` (mounts for real),
 ``store`` (the driver's database) and ``kubernetes`` (mount propagation in a
 pod). The command itself, its options and its report, is ``csi_driver.cli.doctor``.
@@ -22,6 +23,7 @@ from csi_driver.doctor.kernel import check_loop, check_overlayfs, check_privileg
 from csi_driver.doctor.kubernetes import check_propagation, in_pod
 from csi_driver.doctor.pool import check_pool
 from csi_driver.doctor.probe import probe
+from csi_driver.doctor.setup import check_setup
 from csi_driver.doctor.state_dir import check_sparse_and_reflink, check_state_dir
 from csi_driver.doctor.store import check_store
 from csi_driver.doctor.tools import check_tools
@@ -30,7 +32,13 @@ __all__ = ["FAIL", "OK", "WARN", "Check", "in_pod", "run_checks"]
 
 
 def run_checks(
-    state_dir: Path, kubelet_dir: Path, pod: bool, do_probe: bool = True, pool_device: str = ""
+    state_dir: Path,
+    kubelet_dir: Path,
+    pod: bool,
+    do_probe: bool = True,
+    pool_device: str = "",
+    pool_file: str = "",
+    max_live_copy: int = 1 << 30,
 ) -> list[Check]:
     checks = check_privileges()
     checks.append(check_overlayfs())
@@ -40,6 +48,7 @@ def run_checks(
         checks.append(check_pool(pool_device, state_dir))
     checks += check_state_dir(state_dir)
     checks += check_sparse_and_reflink(state_dir)
+    checks.append(check_setup(state_dir, "" if pool_device else pool_file, max_live_copy))
     if do_probe:
         checks += probe(state_dir)
     checks += check_store(state_dir)

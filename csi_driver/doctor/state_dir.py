@@ -136,8 +136,9 @@ def check_sparse_and_reflink(state_dir: Path) -> list[Check]:
                         f"reflink (FICLONE) {why} on the state dir's file system: a snapshot of a volume "
                         "in use copies all of its upper's data while its writes wait (seconds per GiB) "
                         "(detached volumes are never copied)",
-                        "give the driver a disk: serve --pool-device DEV (chart: node.poolDevices), which "
-                        "formats it xfs with reflink; or put --state-dir on xfs (reflink=1) or btrfs",
+                        "give the driver a pool: serve --pool-file PATH (chart: node.poolFile, on by "
+                        "default) or --pool-device DEV (chart: node.poolDevices), formatted xfs with "
+                        "reflink; or put --state-dir on xfs (reflink=1) or btrfs",
                     )
                 )
     finally:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from csi_driver.errors import DriverError, ResourceExhausted
 from csi_driver.layerstore.backend import LayerBackend, Ration
@@ -51,6 +52,17 @@ SLOP_MIN, SLOP_MAX = 16 * MiB, 1 << 30
 def slop(fs_bytes: int) -> int:
     """What the volumes may never allocate of a disk of ``fs_bytes``."""
     return min(SLOP_MAX, max(SLOP_MIN, int(fs_bytes * SLOP_SHARE)))
+
+
+class Space(Protocol):
+    """Where layers are kept, as admission sees it: the backend's file system, or
+    one bounded by another (a pool file also takes its host's free space)."""
+
+    def free_bytes(self) -> int:
+        """Bytes volumes may still be given."""
+
+    def fs_size(self) -> int:
+        """Size of the file system the shares (reserve, watermark, slop) are taken of."""
 
 
 @dataclass(frozen=True)
@@ -135,9 +147,11 @@ class Capacity:
         backend: LayerBackend,
         policy: CapacityPolicy,
         clock: Callable[[], float] = time.monotonic,
+        space: Space | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
+        self.space: Space = space or backend
         self.policy = policy
         self.clock = clock
         self._guard = threading.Lock()  # one admission at a time: check, then count it
@@ -156,7 +170,7 @@ class Capacity:
     def figures(self) -> Figures:
         """The figures now. Allocations are read from the host per layer: a committed
         layer's once, the writable uppers' at most every ``HELD_TTL`` seconds."""
-        fs_bytes, free = self.backend.fs_size(), self.backend.free_bytes()
+        fs_bytes, free = self.space.fs_size(), self.space.free_bytes()
         with self._sums, self.store.read() as tx:
             images = tx.active_image_bytes()
             held_committed = self._committed_allocation(tx)
@@ -179,7 +193,7 @@ class Capacity:
     def low(self) -> str:
         """'' or why new promises are refused and thin volumes are at risk; two
         statvfs while there is room, so conditions may ask it per call."""
-        fs_bytes, free = self.backend.fs_size(), self.backend.free_bytes()
+        fs_bytes, free = self.space.fs_size(), self.space.free_bytes()
         if free >= self.policy.low_watermark.of(fs_bytes):
             with self._state:
                 noted = not self._was_low
@@ -221,7 +235,7 @@ class Capacity:
     def ration(self) -> Ration:
         """One look of the rationing: the writable volumes may take together what the
         disk has free less the slop (and less the reserve when that is larger)."""
-        fs_bytes, free = self.backend.fs_size(), self.backend.free_bytes()
+        fs_bytes, free = self.space.fs_size(), self.space.free_bytes()
         keep = max(slop(fs_bytes), self.policy.reserve.of(fs_bytes))
         self.last_ration = self.backend.ration(max(0, free - keep))
         return self.last_ration

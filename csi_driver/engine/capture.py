@@ -6,26 +6,31 @@ import logging
 from pathlib import Path
 
 from csi_driver.engine.context import BLOCK, EngineContext
-from csi_driver.errors import NotFound
+from csi_driver.errors import FailedPrecondition, NotFound
 from csi_driver.layerstore.backend import Built
 from csi_driver.store import Layer, Volume
 
 log = logging.getLogger(__name__)
+
+#: the most ``serve`` lets a snapshot of a volume in use copy where the state dir cannot
+#: clone: the copy stalls the volume's writes for about size / disk speed (1 GiB: 6.3 s
+#: measured on a cloud VM's disk, about 1 s on NVMe); a class may ask for less
+DEFAULT_MAX_LIVE_COPY = 1 << 30
 
 
 class Capture:
     def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
 
-    def volume(self, volume_id: str, scratch: Path) -> Layer:
+    def volume(self, volume_id: str, scratch: Path, copy_limit: int | None = None) -> Layer:
         """Turn a volume's current content into a committed layer and return it."""
         with self.ctx.store.read() as tx:
             v = tx.volume(volume_id)
         if v is None:
             raise NotFound(f"volume {volume_id} does not exist")
-        return self.volumes([v], scratch)[0]
+        return self.volumes([v], scratch, copy_limit)[0]
 
-    def volumes(self, vols: list[Volume], scratch: Path) -> list[Layer]:
+    def volumes(self, vols: list[Volume], scratch: Path, copy_limit: int | None = None) -> list[Layer]:
         """Committed layers holding each volume's content at one instant.
 
         Detached: the upper itself is committed (O(1)) and the volume continues
@@ -38,6 +43,7 @@ class Capture:
         copied = [
             v for v in vols if v.access_type == BLOCK or ctx.backend.is_active(uppers[v.id])
         ]  # block volumes are always copied: a raw image cannot be committed under a new upper
+        self._check_copy([(v, uppers[v.id]) for v in copied], copy_limit)
         builds: dict[str, Path] = {}
         for v in copied:
             builds[uppers[v.id].id] = scratch / f"copy-{v.id}"
@@ -55,6 +61,27 @@ class Capture:
             else:
                 out.append(self._commit_upper(v, upper, scratch))
         return out
+
+    def _check_copy(self, copied: list[tuple[Volume, Layer]], copy_limit: int | None) -> None:
+        """Refuse a capture whose copy would stall the volumes' writes beyond the limit
+        (the node's ``max_live_copy``, or a lower one the caller asks for): a copy
+        freezes them for about as long as the disk takes to copy what they hold."""
+        node = self.ctx.config.max_live_copy  # 0: no limit
+        limits = ([node] if node else []) + ([copy_limit] if copy_limit is not None else [])
+        if not limits or not copied:
+            return
+        costs = {v.id: self.ctx.backend.live_copy_bytes(upper) for v, upper in copied}
+        total, limit = sum(costs.values()), min(limits)
+        if total <= limit:
+            return
+        held = ", ".join(f"{vid} holds {_mib(n)}" for vid, n in costs.items() if n)
+        raise FailedPrecondition(
+            f"a snapshot of a volume in use here is a copy of its written data ({held}), made while "
+            f"its writes wait, and {_mib(total)} is more than the {_mib(limit)} limit "
+            "(serve --max-live-snapshot-copy, or the VolumeSnapshotClass parameter liveCopyLimit): "
+            "detach the volume first (a snapshot of a detached volume is never a copy), or give the "
+            "node a state dir that clones (serve --pool-file or --pool-device; docs/operations.md)"
+        )
 
     def _add_copy(self, build: Path, parent: Layer | None, built: Built, fs_type: str) -> Layer:
         """Record a copy made in ``build`` as a committed layer over ``parent``."""
@@ -105,3 +132,7 @@ class Capture:
             if layer is not None:
                 ctx.backend.expose(layer)
         return base
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"

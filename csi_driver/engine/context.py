@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csi_driver import host
-from csi_driver.engine.capacity import Capacity, CapacityPolicy
+from csi_driver.engine.capacity import Capacity, CapacityPolicy, Space
 from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from csi_driver.ids import new_id, new_link
 from csi_driver.layerstore.backend import Built, FsUsage, LayerBackend
@@ -74,6 +74,8 @@ class EngineConfig:
     fs_type: str = "ext4"
     capacity: CapacityPolicy = field(default_factory=CapacityPolicy)
     insecure_registries: frozenset[str] = frozenset()  # hosts reached over plain HTTP
+    space: Space | None = None  # where layers are kept (free, size); None: the backend's file system
+    max_live_copy: int = 0  # the most a capture of a volume in use may copy (no clone); 0: no limit
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class EngineContext:
         self.state = StateDir(Path(config.state_dir))
         self.store = store
         self.backend = backend
-        self.capacity = Capacity(store, backend, config.capacity)
+        self.capacity = Capacity(store, backend, config.capacity, space=config.space)
         self.crash = crash_hook or crash_hook_from_env()
         self.staged: set[str] = set()  # volumes whose layers this process holds activated
         self._pins: dict[Path, list[str]] = {}  # scratch dir -> layers its operation installed

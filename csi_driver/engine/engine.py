@@ -128,7 +128,7 @@ class Engine:
         self.delete_named_layer = self.base_layers.delete_named_layer
         self.get_volume = self.ctx.get_volume
         self.resolve_capacity = self.ctx.resolve_capacity
-        self.free_bytes = self.backend.free_bytes
+        self.free_bytes = self.capacity.space.free_bytes
 
     def create_volume(self, spec: VolumeSpec, credentials: Credentials | None = None) -> Volume:
         """A volume; an exported snapshot or an image it starts from is pulled first

@@ -107,19 +107,33 @@ class Snapshots:
         )
 
     def create_snapshot(
-        self, name: str, source_volume_id: str, group_id: str = "", repository: Repository | None = None
+        self,
+        name: str,
+        source_volume_id: str,
+        group_id: str = "",
+        repository: Repository | None = None,
+        copy_limit: int | None = None,
     ) -> Snapshot:
         """``repository``: the snapshot is for export there, and its id is its
-        artifact's reference (``Transfers.push_snapshot`` pushes it)."""
+        artifact's reference (``Transfers.push_snapshot`` pushes it). ``copy_limit``:
+        the most a capture of the volume in use may copy (lowers the node's limit)."""
         if repository is None:
             snapshot_id = issued_id(SNAPSHOT_PREFIX, self.ctx.config.node_id)
         else:  # any node can restore it: its id (and its artifact's tag) names no node
             snapshot_id = exported_id(repository, SNAPSHOT_PREFIX + new_id())
         with self._per_volume.hold(source_volume_id):
-            return self._create_snapshot(name, source_volume_id, group_id, repository, snapshot_id)
+            return self._create_snapshot(
+                name, source_volume_id, group_id, repository, snapshot_id, copy_limit
+            )
 
     def _create_snapshot(
-        self, name: str, source_volume_id: str, group_id: str, repository: Repository | None, snapshot_id: str
+        self,
+        name: str,
+        source_volume_id: str,
+        group_id: str,
+        repository: Repository | None,
+        snapshot_id: str,
+        copy_limit: int | None,
     ) -> Snapshot:
         with self.ctx.store.tx() as tx:
             existing = tx.snapshot_by_name(name)
@@ -138,7 +152,7 @@ class Snapshots:
             self._check_limit(tx, v)
         admitted = self.ctx.capacity.admit(self.ctx.allocation(v), f"snapshot {name!r}")
         with admitted, self.ctx.scratch() as scratch:
-            layer = self.capture.volume(source_volume_id, scratch)
+            layer = self.capture.volume(source_volume_id, scratch, copy_limit)
             with self.ctx.store.tx() as tx:
                 snap = self._record_snapshot(tx, name, v, layer, group_id, snapshot_id)
                 self.ctx.step("snapshot.recorded")

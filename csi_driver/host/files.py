@@ -8,7 +8,9 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 from csi_driver.host import loopdev
@@ -148,6 +150,17 @@ def reflink(src: Path, dst: Path) -> bool:
                 return False
             raise
     return True
+
+
+def can_reflink(directory: Path) -> bool:
+    """Whether the file system of ``directory`` clones files: one 4 KiB file cloned
+    in a scratch dir made there, removed again."""
+    work = Path(tempfile.mkdtemp(prefix=".reflink-probe-", dir=directory))
+    try:
+        (work / "a").write_bytes(b"\0" * 4096)
+        return reflink(work / "a", work / "b")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def ext4_superblock(image: Path) -> bytes | None:

@@ -148,6 +148,7 @@ def probe_signature(device: str) -> dict[str, str]:
     return {key: value for key, _, value in pairs}
 
 
-def mkfs_pool(device: str, label: str) -> None:
-    """An xfs with reflink (clones of image files) over a whole device."""
-    run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", "-L", label, device])
+def mkfs_pool(device: str, label: str, options: list[str]) -> None:
+    """An xfs over a whole device, with ``options`` (the pool's: reflink, for clones
+    of image files)."""
+    run(["mkfs.xfs", "-q", "-f", *options, "-L", label, device])

@@ -113,6 +113,10 @@ class LayerBackend(Protocol):
         layer id to the dir its copy goes to. ``frozen_hook`` runs at that instant
         (crash tests stop there)."""
 
+    def live_copy_bytes(self, layer: Layer) -> int:
+        """What ``capture`` of this active layer in use copies while its volume's
+        writes wait: 0 where the capture is a clone (O(1)) or does not stop writes."""
+
     def squash(self, build: Path, chain: Sequence[Layer]) -> Built:
         """One committed layer holding the merged view of ``chain`` (nearest first)."""
 

@@ -100,6 +100,11 @@ class PlainDirBackend:
                 out[layer.id] = Built(layer.image_bytes, host.tree_bytes(dest))
         return out
 
+    @staticmethod
+    def live_copy_bytes(layer: Layer) -> int:
+        """0: a tree is copied without a freeze, so no writer waits for it."""
+        return 0
+
     def squash(self, build: Path, chain: Sequence[Layer]) -> Built:
         """Every tree is complete, so the merged view is the top's tree."""
         with self._locks.hold(chain[0].id):

@@ -367,11 +367,14 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 raise Aborted(f"an operation on {source} is already in progress")
             name = v.name(request.name)
             v.required(source, "source_volume_id")
-            repository = v.snapshot_parameters(dict(request.parameters))
+            params = v.snapshot_parameters(dict(request.parameters))
+            repository = params.repository
             if not v.VOLUME_ID_RE.match(source):
                 raise NotFound(f"volume {source[:80]!r} does not exist")
             credentials = Credentials.from_secrets(dict(request.secrets)) if repository else None
-            snap = self.engine.snapshots.create_snapshot(name, source, repository=repository)
+            snap = self.engine.snapshots.create_snapshot(
+                name, source, repository=repository, copy_limit=params.live_copy_limit
+            )
         if snapshot_reference(snap.id) is not None and not snap.exported:
             snap = self.ctx.registry.run(
                 lambda: self.engine.export_snapshot(snap, credentials),

@@ -291,19 +291,29 @@ def volume_parameters(params: dict[str, str], caps: list[Capability] | None = No
     return params
 
 
-SNAPSHOT_PARAMETERS = {"repository"}
+SNAPSHOT_PARAMETERS = {"repository", "liveCopyLimit"}
 
 
-def snapshot_parameters(params: dict[str, str]) -> Repository | None:
-    """A VolumeSnapshotClass's parameters: ``repository`` exports the snapshot there."""
+@dataclass(frozen=True)
+class SnapshotParameters:
+    repository: Repository | None  # export the snapshot there
+    live_copy_limit: int | None  # the most a snapshot of a volume in use may copy (lowers the node's)
+
+
+def snapshot_parameters(params: dict[str, str]) -> SnapshotParameters:
+    """A VolumeSnapshotClass's parameters: ``repository`` exports the snapshot there;
+    ``liveCopyLimit`` (a size) lowers the node's --max-live-snapshot-copy."""
     params = string_map(params, "parameters")
     unknown = sorted(k for k in params if k not in SNAPSHOT_PARAMETERS and not k.startswith(PARAM_PREFIX))
     if unknown:
-        raise InvalidArgument(f"unknown snapshot parameters {unknown}; supported: ['repository']")
+        raise InvalidArgument(
+            f"unknown snapshot parameters {unknown}; supported: {sorted(SNAPSHOT_PARAMETERS)}"
+        )
+    limit = quantity(params["liveCopyLimit"], "liveCopyLimit") if "liveCopyLimit" in params else None
     if "repository" not in params:
-        return None
+        return SnapshotParameters(None, limit)
     try:
-        return Repository.parse(params["repository"])
+        return SnapshotParameters(Repository.parse(params["repository"]), limit)
     except BadReference as e:
         raise InvalidArgument(f"repository: {e}") from e
 

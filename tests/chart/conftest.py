@@ -39,7 +39,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "microk8s-custom-driver": {
         "driverName": "layers.example.com",
         "kubeletDir": "/var/snap/microk8s/common/var/lib/kubelet/",
-        "node": {"stateDir": "/srv/overlay"},
+        "node": {"stateDir": "/srv/overlay", "poolFile": {"path": ""}},
         "storageClass": {"name": "layers"},
         "volumeSnapshotClass": {"name": "layers"},
     },
@@ -53,6 +53,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "maxVolumesPerNode": 500,
             "maxVolumeSize": "200Gi",
             "maxSnapshotsPerVolume": 50,
+            "maxLiveSnapshotCopy": "256Mi",
             "overprovisionRatio": "2.5",
             "lowSpaceWatermark": "15%",
             "insecureRegistries": ["registry.lan:5000", "10.0.0.7"],
@@ -63,6 +64,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "sidecars": {"provisioner": {"extraArgs": ["--worker-threads=20"]}},
         "node": {
             "poolDevices": {"node-1": "/dev/disk/by-id/nvme-pool-1", "node-2": "/dev/sdb"},
+            "poolFile": {"path": "/srv/pool/overlay.img", "size": "500Gi"},
+            "hostReserve": "15%",
             "podAnnotations": {"example.com/scrape": "true"},
             "podLabels": {"tier": "storage"},
             "nodeSelector": {"kubernetes.io/os": "linux", "storage": "local"},

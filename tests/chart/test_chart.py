@@ -296,6 +296,18 @@ def test_driver_arguments(render, value_set):
         volume = next(x for x in volumes if x["name"] == mount["name"])
         cm = r.one("ConfigMap", volume["configMap"]["name"])
         assert json.loads(cm["data"][path.rsplit("/", 1)[1]]) == devices
+    pool_file = v["node"]["poolFile"]
+    assert arg_value(node, "--pool-file") == (pool_file["path"] or None)
+    assert arg_value(node, "--pool-file-size") == (pool_file["size"] or None if pool_file["path"] else None)
+    assert arg_value(node, "--host-reserve") == (v["node"]["hostReserve"] if pool_file["path"] else None)
+    assert arg_value(node, "--max-live-snapshot-copy") == (v["driver"]["maxLiveSnapshotCopy"] or None)
+    if pool_file["path"]:  # its directory, from the host, at the same path (outside the state dir)
+        parent = pool_file["path"].rsplit("/", 1)[0]
+        mount = next(m for m in node["volumeMounts"] if m["mountPath"] == parent)
+        volume = pod_spec(r.daemonset)["volumes"]
+        volume = next(x for x in volume if x["name"] == mount["name"])
+        assert volume["hostPath"] == {"path": parent, "type": "DirectoryOrCreate"}
+        assert not pool_file["path"].startswith(v["node"]["stateDir"].rstrip("/") + "/")
 
 
 def test_liveness_wiring(render, value_set):

@@ -62,7 +62,8 @@ class Node:
         self.kubelet = root / "kubelet"
         self.state = root / "state"
         self.pod = nodepod.render(
-            {"kubeletDir": str(self.kubelet), "node.stateDir": str(self.state),
+            # no pool file: the default's lies on the real host (tests/test_pool_file.py covers it)
+            {"kubeletDir": str(self.kubelet), "node.stateDir": str(self.state), "node.poolFile.path": "",
              "image.repository": "localhost/overlay-csi", "image.tag": "ci"},
             node_name="image-node",
             image_env=imagebuild.environment(REF),

@@ -77,8 +77,8 @@ def test_base_layer_and_snapshot_parameters() -> None:
     for bad in ("reg.io/Base:1", "golden/", "-x"):
         with pytest.raises(InvalidArgument):
             v.volume_parameters({"baseLayer": bad})
-    assert v.snapshot_parameters({}) is None
-    assert v.snapshot_parameters({"repository": "reg.io/a"}) == Repository("reg.io", "a")
+    assert v.snapshot_parameters({}).repository is None
+    assert v.snapshot_parameters({"repository": "reg.io/a"}).repository == Repository("reg.io", "a")
     with pytest.raises(InvalidArgument, match="repository"):
         v.snapshot_parameters({"repository": "reg.io/a:tag"})
     with pytest.raises(InvalidArgument, match="unknown"):

@@ -66,6 +66,7 @@ class OverlayLoopBackend:
         self.rationing = Rationing(self.layout, self.held.writable, self.held.device)
         self.hold = hold_metadata
         self._freezing = threading.Lock()  # a capture's freeze window, or a checkpoint
+        self._clones: bool | None = None  # can_clone, once known
         self.spares = SpareImages(self.layout.spares, functools.partial(build_image, hold=hold_metadata))
 
     @staticmethod
@@ -129,6 +130,20 @@ class OverlayLoopBackend:
                 data = host.fs_used_bytes(builds[layer.id] / "image", layer.fs_type) - layer.base_bytes
                 out[layer.id] = Built(layer.image_bytes, max(0, data), layer.base_bytes)
         return out
+
+    def live_copy_bytes(self, layer: Layer) -> int:
+        """Where the state dir's file system clones, nothing; else the image's allocated
+        bytes, copied while the volume is frozen. A raw block layer in use is never
+        copied (``block_capture`` refuses), so it costs nothing here."""
+        if layer.fs_type == BLOCK or self.can_clone():
+            return 0
+        return host.allocated_bytes(self.layout.image(layer.id))
+
+    def can_clone(self) -> bool:
+        """Whether the state dir's file system clones files (reflink): probed once."""
+        if self._clones is None:
+            self._clones = host.can_reflink(self.layout.root)
+        return self._clones
 
     def squash(self, build: Path, chain: Sequence[Layer]) -> Built:
         root = build / "root"
