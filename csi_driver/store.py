@@ -28,7 +28,8 @@ from csi_driver.space_reserve import SpaceReserve
 MiB = 1 << 20
 SQLITE_FULL = 13  # sqlite3's result code for a full disk
 
-SCHEMA_VERSION = 4  # 3: snapshots.exported and layer_blobs (registries); 4: layer_blob_sources
+SCHEMA_VERSION = 5  # 3: snapshots.exported and layer_blobs (registries); 4: layer_blob_sources;
+# 5: layer_blobs.entries
 # (the repositories a blob was pulled from or pushed to); older drivers refuse it
 
 # Layers: the graph and what the engine accounts (layers), apart from what the
@@ -145,6 +146,7 @@ CREATE TABLE IF NOT EXISTS layer_blobs (
     digest TEXT NOT NULL,
     size INTEGER NOT NULL,
     media_type TEXT NOT NULL,
+    entries INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (layer, digest)
 );
 CREATE INDEX IF NOT EXISTS layer_blobs_digest ON layer_blobs(digest);
@@ -225,6 +227,7 @@ class Blob:
     digest: str
     size: int
     media_type: str
+    entries: int = 0  # the tar's entries, at most (an export's count, or what a pull checked); 0: unknown
 
 
 _LAYER_COLUMNS = ", ".join(f.name for f in fields(Layer))
@@ -494,8 +497,10 @@ class Tx(ReadTx):
         """Record that ``blob`` holds the layer; with ``repository`` (``host/path``), that
         this node pulled it from there (the registry served it) or pushed it there."""
         self.c.execute(
-            "INSERT OR IGNORE INTO layer_blobs (layer,digest,size,media_type) VALUES (?,?,?,?)",
-            (blob.layer, blob.digest, blob.size, blob.media_type),
+            "INSERT INTO layer_blobs (layer,digest,size,media_type,entries) VALUES (?,?,?,?,?)"
+            " ON CONFLICT (layer,digest) DO UPDATE SET entries=excluded.entries"
+            " WHERE layer_blobs.entries=0",
+            (blob.layer, blob.digest, blob.size, blob.media_type, blob.entries),
         )
         if repository:
             self.c.execute(
@@ -682,6 +687,9 @@ class Store:
             columns = {r[1] for r in self._conn.execute("PRAGMA table_info(snapshots)")}
             if "exported" not in columns:  # added with registry exports; older stores lack it
                 self._conn.execute("ALTER TABLE snapshots ADD COLUMN exported TEXT NOT NULL DEFAULT ''")
+            columns = {r[1] for r in self._conn.execute("PRAGMA table_info(layer_blobs)")}
+            if "entries" not in columns:  # schema 5: a blob's entry count, announced when pushed again
+                self._conn.execute("ALTER TABLE layer_blobs ADD COLUMN entries INTEGER NOT NULL DEFAULT 0")
         with self.tx() as tx:
             row = tx.c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:

@@ -336,7 +336,7 @@ def test_a_schema_3_store_gains_blob_sources_and_trusts_no_old_blob_row(tmp_path
 
     store = Store(db)
     try:
-        assert store.schema_version == SCHEMA_VERSION == 4
+        assert store.schema_version == SCHEMA_VERSION == 5
         repo = "reg.io/a/db"
         with store.tx() as tx:
             assert tx.layer_from_blob(digest, None).id == "b", "the blob still names its layer"
