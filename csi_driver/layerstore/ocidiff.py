@@ -43,6 +43,7 @@ PAX_XATTR = "SCHILY.xattr."
 _CHUNK = 1 << 20
 _BLOCK = 4096
 _ZEROS = bytes(_CHUNK)
+_ZERO_BLOCK = bytes(_BLOCK)
 _NS = 10**9
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DECIMAL = re.compile(r"(-?)(\d+)(?:\.(\d*))?")
@@ -444,7 +445,10 @@ def _write_sparse(fd: int, src: BinaryIO, size: int, rel: str) -> None:
         if not chunk:
             raise DiffError(f"{rel}: the tar ends inside the file")
         n = len(chunk)
-        if chunk != (_ZEROS if n == _CHUNK else bytes(n)):
+        tail = n % _BLOCK
+        if chunk.find(_ZERO_BLOCK) < 0 and not (tail and chunk.count(0, n - tail) == tail):
+            _pwrite_all(fd, memoryview(chunk), pos)  # no zero block to skip: one write, no scan
+        elif chunk != (_ZEROS if n == _CHUNK else bytes(n)):
             view, start = memoryview(chunk), None
             for off in range(0, n + _BLOCK, _BLOCK):
                 zero = off >= n or chunk.count(0, off, off + _BLOCK) == min(_BLOCK, n - off)

@@ -50,14 +50,17 @@ class BlobStream:
     # ---- the file a consumer reads -----------------------------------------------
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all that is left for -1); b"" at the end."""
-        if not self._pending:
-            self._pending = memoryview(self._next_chunk())
         if n < 0:
             out = bytearray(self._pending)
             self._pending = memoryview(b"")
             while chunk := self._next_chunk():
                 out += chunk
             return bytes(out)
+        if not self._pending:
+            chunk = self._next_chunk()
+            if len(chunk) <= n:  # the common case: a whole chunk, not copied
+                return chunk
+            self._pending = memoryview(chunk)
         data, self._pending = self._pending[:n], self._pending[n:]
         return bytes(data)
 
@@ -95,6 +98,10 @@ class BlobStream:
         self._meter.finish()
 
     def close(self) -> None:
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close the current answer (a resume opens another)."""
         if self._response is not None:
             self._response.close()
             self._response, self._chunks = None, None
@@ -126,7 +133,7 @@ class BlobStream:
                 chunk = next(self._chunks, None)
             except (requests.exceptions.RequestException, OSError) as e:
                 cancel.check()  # cancelled: its socket was shut down
-                self.close()
+                self._drop()
                 if self.done >= self.size or self._resumes == RESUMES:
                     raise Unavailable(
                         f"registry {self._host}: {self._what} broke off after {self.done} of "
@@ -137,7 +144,7 @@ class BlobStream:
                 continue
             cancel.check()
             if chunk is None:
-                self.close()
+                self._drop()
                 if self.done >= self.size or self._resumes == RESUMES:
                     self._ended = True
                     break
@@ -153,7 +160,7 @@ class BlobStream:
 
     def _count(self, chunk: bytes) -> bytes:
         if self.done + len(chunk) > self.size:
-            self.close()
+            self._drop()
             raise BadContent(
                 f"registry {self._host}: blob {self.digest[:19]} is longer "
                 f"than the {self.size} bytes its manifest declares"
