@@ -1,21 +1,27 @@
-"""Push and pull throughput of a 1 GiB layer through a real OCI registry,
-against copying the same blob with a registry client alone.
+"""Push and restore of a 1 GiB layer through a real OCI registry, against a plain
+upload and a plain download of the same blobs.
 
 A registry (Debian's docker-registry, distribution 2.8) runs on 127.0.0.1 with
 its storage on the same disk. Node A's volume holds ``--data-mib`` of random
-data in 16 MiB files and is snapshotted once, detached. Each round, interleaved:
+data in 16 MiB files and is snapshotted once, detached. Each round, interleaved
+(the order of driver and plain flipped every round):
 
 - driver push: node A pushes that snapshot to a new repository (the layer is
   exported to an OCI layer tar and hashed, then uploaded: nothing is skipped);
-- client push: oras-py's own ``upload_blob`` sends the same tar, already on
-  disk, to another new repository;
-- driver pull: node B (its own state dir) restores a volume from the pushed
-  snapshot: download, sha256 check, the layer built, the volume created; the
-  volume is deleted again, and its layers with it;
-- client pull: oras-py's ``download_blob`` fetches the same blob to a file.
+- plain upload: ``requests`` sends the same tar, already on disk, to another
+  new repository (POST, then one monolithic PUT of the file);
+- driver restore: node B (its own state dir) restores a volume from the pushed
+  snapshot: manifest, the blob hashed as it arrives and written into the new
+  layer's image, the digest checked, the layer installed, the volume created;
+  the volume is deleted again, and its layers with it;
+- plain download: ``requests`` GETs every blob of the same manifest to a file
+  in the same state dir's file system; again with an fsync at the end (the
+  restored layer is on disk when the restore returns: its image is written
+  through a direct-I/O loop device); and, as a floor, to /dev/null.
 
-Medians of ``--rounds`` rounds, in MiB/s of the layer tar, and the driver's
-ratio to the client alone. Usage: python -m bench.registry [--data-mib 1024] [--rounds 3]
+Page cache is flushed (``sync``) between steps. Medians of ``--rounds`` rounds,
+in MiB/s of the layer tar, and the driver's ratio to the plain transfer.
+Usage: python -m bench.registry [--data-mib 1024] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -29,17 +35,43 @@ import tempfile
 import time
 from pathlib import Path
 
-import oras.provider
+import requests
 
 from bench.common import reexec_in_private_namespace, running_driver
+from csi_driver.engine.transfers import EMPTY_CONFIG as EMPTY
 from csi_driver.engine.transfers import HashingWriter
-from csi_driver.registry.reference import Repository
+from csi_driver.registry.reference import Reference, Repository
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from registry_harness import LocalRegistry  # noqa: E402 - the tests' registry runner
 
 MiB = 1 << 20
 GiB = 1 << 30
+
+
+def plain_upload(url: str, path: str, tar: Path, digest: str) -> None:
+    """A monolithic upload with requests alone."""
+    r = requests.post(f"{url}/v2/{path}/blobs/uploads/", headers={"Content-Length": "0"})
+    assert r.status_code == 202, r.status_code
+    location = requests.compat.urljoin(url, r.headers["Location"])
+    sep = "&" if "?" in location else "?"
+    with open(tar, "rb") as f:
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(tar.stat().st_size)}
+        r = requests.put(f"{location}{sep}digest={digest}", data=f, headers=headers)
+    assert r.status_code == 201, r.status_code
+
+
+def plain_download(url: str, path: str, digests: list[str], dest: Path | None, durable: bool = False) -> None:
+    """Every blob with requests alone, to ``dest`` (a file, overwritten; ``durable``:
+    fsync'd before it counts as done) or /dev/null."""
+    for digest in digests:
+        with requests.get(f"{url}/v2/{path}/blobs/{digest}", stream=True) as r:
+            assert r.status_code == 200, r.status_code
+            with open(dest if dest is not None else os.devnull, "wb") as out:
+                for chunk in r.iter_content(1 << 20):
+                    out.write(chunk)
+                if durable:
+                    os.fsync(out.fileno())
 
 
 def main() -> None:
@@ -53,7 +85,7 @@ def main() -> None:
         insecure = frozenset({reg.host})
         with (
             running_driver(insecure_registries=insecure) as (a, ca, wa),
-            running_driver(insecure_registries=insecure) as (_b, cb, _wb),
+            running_driver(insecure_registries=insecure) as (b, cb, wb),
         ):
             vol = ca.create_volume("source", args.data_mib * MiB + GiB).volume_id
             staging = wa / "staging"
@@ -65,50 +97,64 @@ def main() -> None:
             os.sync()
             snap = a.engine.snapshots.create_snapshot("snap", vol)
 
-            # the blob the client alone copies: the same layer tar, exported once
-            blob = work / "layer.tar"
+            # the tar the plain upload sends: the same layer, exported once
+            tar = work / "layer.tar"
             chain = a.engine.chain(snap.layer)
             views = wa / "views"
             views.mkdir()
-            with open(blob, "wb") as f:
+            with open(tar, "wb") as f:
                 out = HashingWriter(f)
                 a.engine.backend.export_diff(chain, views, out)  # type: ignore[arg-type]
             digest, size = "sha256:" + out.sha.hexdigest(), out.size
-            plain = oras.provider.Registry(hostname=reg.host, insecure=True)
-            layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": size}
 
-            kinds = ("driver push", "client push", "driver pull", "client pull")
+            kinds = (
+                "driver push",
+                "plain upload",
+                "driver restore",
+                "plain download",
+                "plain + fsync",
+                "plain to /dev/null",
+            )
             times: dict[str, list[float]] = {k: [] for k in kinds}
+            blobs = [digest, EMPTY.digest]
+            pulled = wb / "pulled"
+            refs: dict[int, Reference] = {}
+
+            def step(kind: str, r: int) -> None:
+                driver, plain = f"bench/driver{r}", f"bench/plain{r}"
+                if kind == "driver push":
+                    refs[r] = a.engine.transfers.push_snapshot(snap, None, Repository(reg.host, driver))
+                elif kind == "plain upload":
+                    plain_upload(reg.url, plain, tar, digest)
+                elif kind == "driver restore":
+                    cb.create_volume(f"restore{r}", args.data_mib * MiB + GiB, snapshot=str(refs[r]))
+                elif kind == "plain to /dev/null":
+                    plain_download(reg.url, driver, blobs, None)
+                else:
+                    plain_download(reg.url, driver, blobs, pulled, durable=kind == "plain + fsync")
+                    pulled.unlink()
+
             for r in range(args.rounds):
-                t = time.perf_counter()
-                ref = a.engine.transfers.push_snapshot(snap, None, Repository(reg.host, f"bench/driver{r}"))
-                times["driver push"].append(time.perf_counter() - t)
-
-                t = time.perf_counter()
-                resp = plain.upload_blob(str(blob), f"{reg.host}/bench/client{r}:x", layer)
-                times["client push"].append(time.perf_counter() - t)
-                assert resp.status_code in (200, 201), resp.status_code
-
-                t = time.perf_counter()
-                restored = cb.create_volume(f"restore{r}", args.data_mib * MiB + GiB, snapshot=str(ref))
-                times["driver pull"].append(time.perf_counter() - t)
-                cb.delete_volume(restored.volume_id)
-
-                out = work / "pulled"
-                t = time.perf_counter()
-                plain.download_blob(f"{reg.host}/bench/client{r}:x", digest, str(out))
-                times["client pull"].append(time.perf_counter() - t)
-                out.unlink()
+                order = list(kinds) if r % 2 == 0 else [kinds[1], kinds[0], *kinds[3:], kinds[2]]
+                for kind in order:
+                    os.sync()
+                    t = time.perf_counter()
+                    step(kind, r)
+                    times[kind].append(time.perf_counter() - t)
+                for v in b.engine.list_volumes(0, 10):
+                    cb.delete_volume(v.id)
                 os.sync()
 
             print(f"layer tar: {size / MiB:.0f} MiB ({args.data_mib} MiB of files), {args.rounds} rounds")
             med = {k: statistics.median(v) for k, v in times.items()}
             for k, v in times.items():
                 runs = ", ".join(f"{x:.2f}" for x in v)
-                print(f"{k:12s} median {med[k]:6.2f} s  {size / MiB / med[k]:7.1f} MiB/s  (runs: {runs})")
-            for kind in ("push", "pull"):
-                ratio = med["driver " + kind] / med["client " + kind]
-                print(f"driver / client alone, {kind}: {ratio:.2f}x the time")
+                print(f"{k:18s} median {med[k]:6.2f} s  {size / MiB / med[k]:7.1f} MiB/s  (runs: {runs})")
+            print(f"push / plain upload: {med['driver push'] / med['plain upload']:.2f}x the time")
+            restore = med["driver restore"]
+            print(f"restore / plain download: {restore / med['plain download']:.2f}x the time")
+            print(f"restore / plain download, fsync'd: {restore / med['plain + fsync']:.2f}x")
+            print(f"restore / plain download to /dev/null: {restore / med['plain to /dev/null']:.2f}x")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -31,7 +31,7 @@ MAX_ERROR = 500  # characters of a pending deletion's last error kept
 
 SCHEMA_VERSION = 5  # 3: snapshots.exported and layer_blobs (registries); 4: layer_blob_sources
 # (the repositories a blob was pulled from or pushed to); 5: pending_deletes (exported snapshots'
-# manifests to delete once their registry is back); older drivers refuse it
+# manifests to delete once their registry is back) and layer_blobs.entries; older drivers refuse it
 
 # Layers: the graph and what the engine accounts (layers), apart from what the
 # layer backend keeps for itself (layer_storage, one row per layer); the view
@@ -147,6 +147,7 @@ CREATE TABLE IF NOT EXISTS layer_blobs (
     digest TEXT NOT NULL,
     size INTEGER NOT NULL,
     media_type TEXT NOT NULL,
+    entries INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (layer, digest)
 );
 CREATE INDEX IF NOT EXISTS layer_blobs_digest ON layer_blobs(digest);
@@ -246,6 +247,7 @@ class Blob:
     digest: str
     size: int
     media_type: str
+    entries: int = 0  # the tar's entries, at most (an export's count, or what a pull checked); 0: unknown
 
 
 _LAYER_COLUMNS = ", ".join(f.name for f in fields(Layer))
@@ -524,8 +526,10 @@ class Tx(ReadTx):
         """Record that ``blob`` holds the layer; with ``repository`` (``host/path``), that
         this node pulled it from there (the registry served it) or pushed it there."""
         self.c.execute(
-            "INSERT OR IGNORE INTO layer_blobs (layer,digest,size,media_type) VALUES (?,?,?,?)",
-            (blob.layer, blob.digest, blob.size, blob.media_type),
+            "INSERT INTO layer_blobs (layer,digest,size,media_type,entries) VALUES (?,?,?,?,?)"
+            " ON CONFLICT (layer,digest) DO UPDATE SET entries=excluded.entries"
+            " WHERE layer_blobs.entries=0",
+            (blob.layer, blob.digest, blob.size, blob.media_type, blob.entries),
         )
         if repository:
             self.c.execute(
@@ -731,6 +735,9 @@ class Store:
             columns = {r[1] for r in self._conn.execute("PRAGMA table_info(snapshots)")}
             if "exported" not in columns:  # added with registry exports; older stores lack it
                 self._conn.execute("ALTER TABLE snapshots ADD COLUMN exported TEXT NOT NULL DEFAULT ''")
+            columns = {r[1] for r in self._conn.execute("PRAGMA table_info(layer_blobs)")}
+            if "entries" not in columns:  # schema 5: a blob's entry count, announced when pushed again
+                self._conn.execute("ALTER TABLE layer_blobs ADD COLUMN entries INTEGER NOT NULL DEFAULT 0")
         with self.tx() as tx:
             row = tx.c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:

@@ -379,3 +379,33 @@ def test_a_schema_4_store_gains_pending_deletes_that_hold_no_secret(tmp_path):
             assert tx.pending_delete(sid) is None
     finally:
         store.close()
+
+
+def test_a_schema_4_store_gains_blob_entries_and_keeps_a_known_count(tmp_path):
+    """Schema 5 records how many entries a layer's tar holds (announced when it is pushed
+    again). Blobs of a schema 4 store read as unknown (0); a count, once known, stays."""
+    db = tmp_path / "state.db"
+    digest, tar = "sha256:" + "d" * 64, "application/vnd.oci.image.layer.v1.tar"
+    store = Store(db)
+    with store.tx() as tx:
+        tx.add_layer(replace(_layer(), id="b"))
+        tx.add_layer_blob(Blob("b", digest, 10, tar))
+    store.close()
+    conn = sqlite3.connect(db)  # what a driver of schema 4 left: no entries column
+    conn.executescript(
+        "ALTER TABLE layer_blobs DROP COLUMN entries; UPDATE meta SET value='4' WHERE key='schema_version';"
+    )
+    conn.close()
+
+    store = Store(db)
+    try:
+        assert store.schema_version == SCHEMA_VERSION == 5
+        with store.tx() as tx:
+            assert tx.layer_blobs("b") == [Blob("b", digest, 10, tar, 0)], "unknown"
+            tx.add_layer_blob(Blob("b", digest, 10, tar, 7), repository="reg.io/a/db")
+            assert tx.layer_blobs("b")[0].entries == 7, "a count learnt later is kept"
+            tx.add_layer_blob(Blob("b", digest, 10, tar, 0))
+            tx.add_layer_blob(Blob("b", digest, 10, tar, 9))
+            assert tx.layer_blobs("b")[0].entries == 7, "and not overwritten"
+    finally:
+        store.close()

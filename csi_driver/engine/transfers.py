@@ -7,8 +7,11 @@ digest is recorded when it is first exported or pulled, so a later push asks
 the registry about it (HEAD) before exporting anything: a chain shares blobs
 with the snapshots before it, and a second push uploads only new layers.
 
-A pull goes the other way. Each blob is downloaded into a scratch dir and
-checked (size, sha256) before it becomes a layer. A layer this node already
+A pull goes the other way. A blob whose descriptor announces what its tar
+expands to (our own exports: ``LAYER_EXPANDED``, ``LAYER_ENTRIES``) is built
+into a scratch dir as it downloads, in one pass, and its size and sha256 are
+checked at the end of the stream, before the layer may be installed; any other
+blob is downloaded into the scratch dir, checked, counted, then built. A layer this node already
 made from the same blob over the same parent is used again, but knowing a
 digest is not access to its content: the layer is used as it is only when this
 node pulled that blob from the same repository or pushed it there (and the
@@ -75,6 +78,12 @@ EMPTY_CONFIG = Descriptor(
     2,
 )
 NOTE = "dev.overlay-csi.snapshot."  # the manifest annotations' prefix
+#: A layer descriptor's annotations (our own exports): what its tar expands to and
+#: how many entries it holds, so that a restore can size the layer's image before
+#: reading the blob and build it from the download stream. Untrusted: the import
+#: reads no more than they announce (DATA_LOSS beyond).
+LAYER_EXPANDED = "dev.overlay-csi.layer.expanded-size"
+LAYER_ENTRIES = "dev.overlay-csi.layer.entries"
 MAX_SNAPSHOT_ID = 128  # CSI: an id of at most 128 bytes
 MAX_LAYERS = 128  # more than a chain at the default depth cap ever holds
 GZIP_RATIO = 20  # a compressed layer may expand this much (plus 64 MiB), no further
@@ -84,6 +93,8 @@ GZIP_SLACK = 64 * MiB
 #: a million is 5 times the largest seen, 256 MiB of inode table, and bounds
 #: what a small hostile gzip (150,000 empty entries fit in 1 MB) can cost.
 MAX_LAYER_ENTRIES = 1_000_000
+#: What a tar or gzip that is no valid layer raises while it is read (OSError: some of them)
+_NOT_A_LAYER = (DiffError, OSError, EOFError, zlib.error, OverflowError, ValueError, RecursionError)
 PULL_WAIT_SECONDS = 60.0  # at most this long for another pull of the same reference (then ABORTED)
 
 
@@ -234,7 +245,7 @@ class Transfers:
             if client.has_blob(blob.digest):
                 count_blob("push", "skipped")
                 self._pushed(blob, client)
-                return Descriptor(LAYER_TAR, blob.digest, blob.size)
+                return _layer_descriptor(blob)
         need = layer.used_bytes + 16 * MiB  # the tar holds the layer's data and headers
         with self.ctx.capacity.admit(need, f"export of layer {layer.id}"), self.ctx.scratch() as scratch:
             tar = scratch / "layer.tar"
@@ -242,14 +253,14 @@ class Transfers:
             views.mkdir()
             with open(tar, "wb") as f:
                 out = HashingWriter(f)
-                self.ctx.backend.export_diff(chain, views, out)  # type: ignore[arg-type]
-            digest = "sha256:" + out.sha.hexdigest()
+                stats = self.ctx.backend.export_diff(chain, views, out)  # type: ignore[arg-type]
+            exported = Blob(layer.id, "sha256:" + out.sha.hexdigest(), out.size, LAYER_TAR, stats.entries)
             with self.ctx.store.tx() as tx:
                 if tx.layer(layer.id) is not None:
-                    tx.add_layer_blob(Blob(layer.id, digest, out.size, LAYER_TAR))
-            client.push_blob(tar, digest, out.size)
-        self._pushed(Blob(layer.id, digest, out.size, LAYER_TAR), client)
-        return Descriptor(LAYER_TAR, digest, out.size)
+                    tx.add_layer_blob(exported)
+            client.push_blob(tar, exported.digest, exported.size)
+        self._pushed(exported, client)
+        return _layer_descriptor(exported)
 
     def _pushed(self, blob: Blob, client: RegistryClient) -> None:
         """The repository holds the layer's blob now: pulls from it may use the layer."""
@@ -459,6 +470,7 @@ class Transfers:
         try:
             with ctx.scratch() as scratch:
                 plan: list[tuple[Descriptor, Layer, Path | None]] = []  # (blob, layer, build or None)
+                entries: dict[str, int] = {}  # layer id -> its tar's entries, at most
                 unproven: list[Descriptor] = []  # held here, but not from this repository
                 parent: Layer | None = None
                 need = 0
@@ -477,7 +489,9 @@ class Transfers:
                     parent = have
                 missing = blobs[len(plan) :]
                 # the downloads now; each layer's image once its tar is counted (_import_blob)
-                need += max((blob.size for blob in missing), default=0) + 16 * MiB * bool(missing)
+                # (a blob that announces its expansion is read as it arrives: no download)
+                need += max((blob.size for blob in missing if _announced(blob) is None), default=0)
+                need += 16 * MiB * bool(missing)
                 need += sum(blob.size for blob in unproven)
                 with ctx.capacity.admit(need, what), ExitStack() as admitted:
                     for blob in unproven:  # a digest is no access: the registry serves it, or no layer
@@ -486,8 +500,9 @@ class Transfers:
                         cancel.check()
                         build = scratch / f"layer{i}"
                         build.mkdir()
-                        built = self._import_blob(client, blob, build, scratch, plan, what, admitted)
+                        built, count = self._import_blob(client, blob, build, scratch, plan, what, admitted)
                         layer = ctx.new_layer(parent, built, active=False, fs_type=built.fs_type)
+                        entries[layer.id] = count
                         plan.append((blob, layer, build))
                         parent = layer
                     assert parent is not None
@@ -503,9 +518,9 @@ class Transfers:
                                     tx.add_layer(layer)
                                     ctx.install(build, layer)
                                     installed.append(layer)
-                                tx.add_layer_blob(
-                                    Blob(layer.id, blob.digest, blob.size, blob.media_type), repository=source
-                                )
+                                count = entries.get(layer.id, 0)
+                                found = Blob(layer.id, blob.digest, blob.size, blob.media_type, count)
+                                tx.add_layer_blob(found, repository=source)
                             yield tx, parent
                     except BaseException:
                         ctx.discard(installed)  # moved into place, but their rows were rolled back
@@ -520,11 +535,8 @@ class Transfers:
     def _prove(self, client: RegistryClient, blob: Descriptor, scratch: Path) -> None:
         """Download ``blob`` from the caller's registry, checked, and drop it: a layer this
         node made from it for someone else is used only once that registry has served it."""
-        download = scratch / "proof"
-        try:
-            client.pull_blob(blob.digest, blob.size, download)
-        finally:
-            download.unlink(missing_ok=True)
+        with client.blob(blob.digest, blob.size) as stream:
+            stream.finish()  # read, hashed and checked; nothing is kept
         log.info("blob %s served by %s: the layer made of it here is used", blob.digest[:19], client.where)
 
     def _import_blob(
@@ -536,14 +548,80 @@ class Transfers:
         plan: list[tuple[Descriptor, Layer, Path | None]],
         what: str,
         admitted: ExitStack,
-    ) -> Any:
-        """Download one blob (checked), count its tar (entries, expanded bytes; a
-        gzip at most ``GZIP_RATIO`` times its size), admit the image that needs
-        (held in ``admitted`` until the pull ends), and build its layer over the
-        chain so far, reading no more than was counted and admitted."""
+    ) -> tuple[Any, int]:
+        """Build one blob's layer over the chain so far (in ``build``, installed by the
+        caller); return it and its tar's entries (at most). A blob that announces what
+        it expands to (our own exports) is built in one pass from the download stream;
+        any other is downloaded, counted, then built (``_import_counted``). Either way
+        the image is admitted (held in ``admitted`` until the pull ends) before it is
+        made, and nothing is read beyond what was admitted."""
+        parents = [layer for _b, layer, _p in reversed(plan)]
+        name = f"layer {blob.digest[:19]}"
+        gzipped = blob.media_type in GZIP_TYPES
+        announced = _announced(blob)
+        try:
+            if announced is None:
+                return self._import_counted(client, blob, build, scratch, parents, what, admitted)
+            expanded, entries = announced
+            cap = blob.size * GZIP_RATIO + GZIP_SLACK if gzipped else blob.size
+            if expanded > cap or (not gzipped and expanded != blob.size):
+                raise BadContent(f"{what}: {name} announces {expanded} bytes expanded, for {blob.size}")
+            if entries > MAX_LAYER_ENTRIES:
+                raise TooManyEntries(f"holds more than {MAX_LAYER_ENTRIES} entries (the per-layer limit)")
+            admitted.enter_context(self.ctx.capacity.admit(_layer_need(expanded, entries), f"{what}: {name}"))
+            with client.blob(blob.digest, blob.size) as stream:
+                try:
+                    raw: BinaryIO = gzip.open(stream) if gzipped else stream  # type: ignore[assignment]
+                    why = f"{name} expands beyond the {expanded} bytes its manifest announces"
+                    reading = _Bounded(raw, expanded, why)
+                    try:
+                        built = self.ctx.backend.import_diff(
+                            build,
+                            reading,  # type: ignore[arg-type]
+                            parents,
+                            expanded,
+                            entries=entries,
+                        )
+                    except TooManyEntries as e:
+                        raise DiffError(f"{e}: more than its manifest announces") from e
+                except _NOT_A_LAYER as e:
+                    if not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+                        stream.finish()  # a blob whose digest does not check: that is the cause
+                    raise
+                stream.finish()  # the digest checks: only now may the layer be installed
+            return built, entries
+        except TooManyEntries as e:
+            raise ResourceExhausted(f"{what}: {name} {e}") from e
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"{what}: no room to build layer {blob.digest[:19]}") from e
+            if isinstance(e, gzip.BadGzipFile) or e.errno in (
+                errno.EOPNOTSUPP,
+                errno.EPERM,
+                errno.EINVAL,
+                errno.EFBIG,
+            ):
+                raise BadContent(f"{what}: layer {blob.digest[:19]} is not a valid layer: {e}") from e
+            raise
+        except _NOT_A_LAYER as e:
+            raise BadContent(f"{what}: layer {blob.digest[:19]} is not a valid layer: {e}") from e
+
+    def _import_counted(
+        self,
+        client: RegistryClient,
+        blob: Descriptor,
+        build: Path,
+        scratch: Path,
+        parents: list[Layer],
+        what: str,
+        admitted: ExitStack,
+    ) -> tuple[Any, int]:
+        """Two passes, for a blob that announces nothing (a foreign image's): download it
+        (checked), count its tar (entries, expanded bytes; a gzip at most ``GZIP_RATIO``
+        times its size), admit the image that needs, and build the layer from the file,
+        reading no more than was counted."""
         download = scratch / "blob"
         client.pull_blob(blob.digest, blob.size, download)
-        parents = [layer for _b, layer, _p in reversed(plan)]
         name = f"layer {blob.digest[:19]}"
         gzipped = blob.media_type in GZIP_TYPES
 
@@ -561,30 +639,35 @@ class Transfers:
                 )
                 raw.seek(0)
                 reading = opened(raw, expanded, f"{name} changed while it was imported")
-                return self.ctx.backend.import_diff(
-                    build,
-                    reading,  # type: ignore[arg-type]
-                    parents,
-                    expanded,
-                    entries=stats.entries,
-                )
-        except TooManyEntries as e:
-            raise ResourceExhausted(f"{what}: {name} {e}") from e
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhausted(f"{what}: no room to build layer {blob.digest[:19]}") from e
-            if isinstance(e, gzip.BadGzipFile) or e.errno in (
-                errno.EOPNOTSUPP,
-                errno.EPERM,
-                errno.EINVAL,
-                errno.EFBIG,
-            ):
-                raise BadContent(f"{what}: layer {blob.digest[:19]} is not a valid layer: {e}") from e
-            raise
-        except (DiffError, EOFError, zlib.error, OverflowError, ValueError, RecursionError) as e:
-            raise BadContent(f"{what}: layer {blob.digest[:19]} is not a valid layer: {e}") from e
+                try:
+                    built = self.ctx.backend.import_diff(
+                        build,
+                        reading,  # type: ignore[arg-type]
+                        parents,
+                        expanded,
+                        entries=stats.entries,
+                    )
+                except TooManyEntries as e:
+                    raise DiffError(f"{name} changed while it was imported: {e}") from e
+                return built, stats.entries
         finally:
             download.unlink(missing_ok=True)
+
+
+def _announced(blob: Descriptor) -> tuple[int, int] | None:
+    """What a layer descriptor announces (untrusted): (expanded bytes, entries), or None
+    when it does not announce both as numbers."""
+    expanded = blob.annotations.get(LAYER_EXPANDED, "")
+    entries = blob.annotations.get(LAYER_ENTRIES, "")
+    if not (expanded.isdecimal() and entries.isdecimal() and len(expanded) <= 18 and len(entries) <= 18):
+        return None
+    return int(expanded), int(entries)
+
+
+def _layer_descriptor(blob: Blob) -> Descriptor:
+    """A layer tar's descriptor, announcing its expansion when its entries are known."""
+    notes = {LAYER_EXPANDED: str(blob.size), LAYER_ENTRIES: str(blob.entries)} if blob.entries else {}
+    return Descriptor(LAYER_TAR, blob.digest, blob.size, notes)
 
 
 def _created(raw: Any) -> float:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from csi_driver.host import MountEntry, Mounts
+from csi_driver.layerstore.ocidiff import DiffStats
 from csi_driver.store import Layer
 
 
@@ -130,7 +131,8 @@ class LayerBackend(Protocol):
         (uncompressed, read as a stream): its files, and its whiteouts hiding what
         the parents hold. ``size_hint``: the tar's size when known (the backend may
         then build in place); ``entries``: its entry count when known (an image
-        then gets an inode for each). The tar is untrusted (``ocidiff.DiffError``)."""
+        then gets an inode for each, and a tar of more entries raises
+        ``ocidiff.TooManyEntries``). The tar is untrusted (``ocidiff.DiffError``)."""
 
     def install(self, build: Path, layer: Layer) -> None:
         """Move a build into place as ``layer`` (inside the transaction adding its row)."""
@@ -141,10 +143,11 @@ class LayerBackend(Protocol):
     def remove(self, layer: Layer) -> None:
         """Delete a layer the store no longer knows; a missing layer is fine."""
 
-    def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> None:
+    def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> DiffStats:
         """Write the top layer of the committed ``chain`` (nearest first) to ``out``
-        as an OCI layer tar: what it changes over the layers below it. ``scratch``
-        is an empty private dir for views the export may mount."""
+        as an OCI layer tar: what it changes over the layers below it (its entries
+        are counted in what it returns). ``scratch`` is an empty private dir for
+        views the export may mount."""
 
     # ---- changes in place ---------------------------------------------------
     def commit(self, layer: Layer) -> int:

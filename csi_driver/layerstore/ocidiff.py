@@ -43,6 +43,7 @@ PAX_XATTR = "SCHILY.xattr."
 _CHUNK = 1 << 20
 _BLOCK = 4096
 _ZEROS = bytes(_CHUNK)
+_ZERO_BLOCK = bytes(_BLOCK)
 _NS = 10**9
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DECIMAL = re.compile(r"(-?)(\d+)(?:\.(\d*))?")
@@ -444,7 +445,10 @@ def _write_sparse(fd: int, src: BinaryIO, size: int, rel: str) -> None:
         if not chunk:
             raise DiffError(f"{rel}: the tar ends inside the file")
         n = len(chunk)
-        if chunk != (_ZEROS if n == _CHUNK else bytes(n)):
+        tail = n % _BLOCK
+        if chunk.find(_ZERO_BLOCK) < 0 and not (tail and chunk.count(0, n - tail) == tail):
+            _pwrite_all(fd, memoryview(chunk), pos)  # no zero block to skip: one write, no scan
+        elif chunk != (_ZEROS if n == _CHUNK else bytes(n)):
             view, start = memoryview(chunk), None
             for off in range(0, n + _BLOCK, _BLOCK):
                 zero = off >= n or chunk.count(0, off, off + _BLOCK) == min(_BLOCK, n - off)
@@ -668,7 +672,7 @@ class _Importer:
             os.utime(base, ns=(ns, ns), dir_fd=self._dir(parent), follow_symlinks=False)
 
 
-def import_as_upper(tar: BinaryIO, upper: Path) -> DiffStats:
+def import_as_upper(tar: BinaryIO, upper: Path, max_entries: int = 0) -> DiffStats:
     """Apply the OCI layer tar ``tar`` to the empty directory ``upper``, making it an overlay upper.
 
     ``.wh.<name>`` becomes a whiteout (char device 0:0), ``.wh..wh..opq`` the
@@ -681,6 +685,7 @@ def import_as_upper(tar: BinaryIO, upper: Path) -> DiffStats:
     Not atomic: on any error ``upper`` holds part of the layer. Build into a
     scratch directory, rename it into place on success, discard it on error.
     ``tar`` is read as a stream (a pipe will do); it must be uncompressed.
+    ``max_entries`` (0: no limit): more entries raise ``TooManyEntries``.
     """
     with os.scandir(upper) as it:
         if next(it, None) is not None:
@@ -693,6 +698,7 @@ def import_as_upper(tar: BinaryIO, upper: Path) -> DiffStats:
             ) as tf:
                 while (ti := tf.next()) is not None:
                     tf.members.clear()  # a stream TarFile keeps every header otherwise
+                    _limit(imp.stats.entries + 1, max_entries)
                     imp.add(ti, tf)
         except tarfile.TarError as e:
             raise DiffError(f"not a valid layer tar: {e}") from e
@@ -700,6 +706,11 @@ def import_as_upper(tar: BinaryIO, upper: Path) -> DiffStats:
     finally:
         imp.close()
     return imp.stats
+
+
+def _limit(entries: int, max_entries: int) -> None:
+    if max_entries and entries > max_entries:
+        raise TooManyEntries(f"holds more than {max_entries} entries")
 
 
 def count_tar(tar: BinaryIO, max_entries: int) -> DiffStats:
@@ -746,13 +757,14 @@ def _remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def apply_to_tree(tar: BinaryIO, tree: Path) -> DiffStats:
+def apply_to_tree(tar: BinaryIO, tree: Path, max_entries: int = 0) -> DiffStats:
     """Apply the OCI layer tar ``tar`` onto the complete tree ``tree``, for a
     backend that cannot stack: a whiteout removes its path, an opaque marker
     empties its directory of what this tar did not write, other entries are
     extracted as they are (owners, modes, symlinks to anywhere), each below a
     checked name whose parents are no symlinks. Device nodes and sparse members
-    are refused. Not atomic: apply to a copy, and discard it on error."""
+    are refused; more than ``max_entries`` entries (0: no limit) raise ``TooManyEntries``.
+    Not atomic: apply to a copy, and discard it on error."""
     stats = DiffStats()
     written: set[str] = set()
     try:
@@ -760,6 +772,7 @@ def apply_to_tree(tar: BinaryIO, tree: Path) -> DiffStats:
             fileobj=tar, mode="r|", bufsize=_CHUNK, encoding="utf-8", errors="surrogateescape"
         ) as tf:
             while (ti := tf.next()) is not None:
+                _limit(stats.entries + 1, max_entries)
                 rel = _clean(ti.name)
                 parent, _, base = rel.rpartition("/")
                 stats.entries += 1

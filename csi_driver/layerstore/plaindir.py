@@ -133,14 +133,14 @@ class PlainDirBackend:
                 _copy_tree(self.tree(parents[0].id), dest)
         else:
             dest.mkdir(mode=0o755)
-        ocidiff.apply_to_tree(diff, dest)
+        ocidiff.apply_to_tree(diff, dest, max_entries=entries)
         used = host.tree_bytes(dest)
         return Built(image_bytes=used, used_bytes=used, fs_type=DIR)
 
-    def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> None:
+    def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> ocidiff.DiffStats:
         """Every tree is complete: the naive diff of the parent's tree and the top's."""
         below = self.tree(chain[1].id) if len(chain) > 1 else None
-        ocidiff.export_naive(below, self.tree(chain[0].id), out)
+        return ocidiff.export_naive(below, self.tree(chain[0].id), out)
 
     def install(self, build: Path, layer: Layer) -> None:
         os.rename(build, self.layer_dir(layer.id))

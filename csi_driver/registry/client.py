@@ -1,61 +1,84 @@
-"""A registry client for layer blobs and manifests, on the ``oras`` package.
-
-``oras`` gives the distribution API's URLs, its token and basic auth flows and
-the request plumbing; this module narrows it to what moving layers needs and
-what a driver may not do without:
+"""A registry client for layer blobs and manifests: the distribution API's calls a
+driver needs, on ``requests`` (``transport``), with docker's challenge handling
+(``auth``). What it may not do without:
 
 * every answer is untrusted: a manifest is read up to 4 MiB, checked against
-  the OCI schema and, when fetched by digest, against that digest; a blob is
-  written no further than its declared size and its sha256 is checked before
-  anyone may use it;
-* bodies stream both ways (a 1 GiB layer never sits in memory);
+  the OCI schema (``schema``) and, when fetched by digest, against that digest; a
+  blob is read no further than its declared size and its sha256 is checked before
+  anyone may use it (``download.BlobStream``);
+* bodies stream both ways (a 1 GiB layer never sits in memory), and a blob can be
+  read as it arrives: a restore builds its layer from the stream and installs it
+  only once the stream's digest checks;
 * a pull that loses its connection resumes with a ``Range`` request (distribution
   serves them), up to ``RESUMES`` times;
 * reads are retried briefly (``ATTEMPTS``), writes are not; a failure is one of
   the driver's errors, with a status code and a message for the operator;
-* credentials go to the registry only: never to a log, never to ``~/.docker``
-  (``oras`` would read it; this client does not); a login goes to the host it was
-  given for (``credentials.Credentials``) and its token service only, any other
-  registry is asked anonymously, and nothing is sent to a token service on plain
-  HTTP unless the registry itself is reached over HTTP and the service's host is
-  an ``--insecure-registry`` too;
+* credentials go to the registry only: never to a log, never read from
+  ``~/.docker`` or ``~/.netrc``; a login goes to the host it was given for
+  (``credentials.Credentials``) and its token service only, any other registry is
+  asked anonymously, nothing is sent to a token service on plain HTTP unless the
+  registry itself is reached over HTTP and the service's host is an
+  ``--insecure-registry`` too, a redirect elsewhere carries no Authorization, and
+  an upload whose Location names another scheme or host is refused;
 * every body is read with a bound: an error body or a token answer up to
   ``MAX_SMALL_BODY`` (64 KiB, the rest is never read), a manifest up to 4 MiB, a
   blob up to its declared size. Every request streams, so nothing is read whole
-  behind this module's back; oras' token fetch is replaced by one that does too;
+  behind this module's back;
 * a transfer runs under the deadline of its ``cancel.Cancel`` token: timeouts
   never pass it, and cancelling shuts the transfer's sockets down.
 """
 
 from __future__ import annotations
 
-import base64
 import errno
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import jsonschema
-import oras.auth
-import oras.auth.utils
-import oras.container
-import oras.provider
-import oras.schemas
 import requests
-import requests.adapters
-import urllib3.connection
-import urllib3.connectionpool
 
 from csi_driver.errors import DriverError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from csi_driver.registry import cancel
-from csi_driver.registry.credentials import Credentials, Login
-from csi_driver.registry.progress import CHUNK, Meter, MeteredReader, count_blob
+from csi_driver.registry.auth import (
+    MAX_SMALL_BODY,
+    BadContent,
+    Challenge,
+    TokenService,
+    Unauthenticated,
+    basic_header,
+    parse_challenge,
+)
+from csi_driver.registry.credentials import Credentials
+from csi_driver.registry.download import RESUMES, BlobStream
+from csi_driver.registry.progress import Meter, MeteredReader, count_blob
 from csi_driver.registry.reference import DIGEST_RE, Repository
+from csi_driver.registry.schema import MANIFEST
+from csi_driver.registry.transport import CONNECT_TIMEOUT, READ_TIMEOUT, Session, read_capped, same_origin
+
+__all__ = [
+    "ATTEMPTS",
+    "BadContent",
+    "BlobStream",
+    "CONNECT_TIMEOUT",
+    "Descriptor",
+    "MAX_SMALL_BODY",
+    "Manifest",
+    "PermissionDenied",
+    "READ_TIMEOUT",
+    "RESUMES",
+    "RegistryClient",
+    "Unauthenticated",
+    "descriptors",
+    "read_capped",
+]
 
 log = logging.getLogger("csi_driver.registry")
 
@@ -65,25 +88,12 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
 MAX_MANIFEST = 4 << 20
-MAX_SMALL_BODY = 64 << 10  # an error body or a token answer: more is never read
 ATTEMPTS = 3  # a read that fails for want of the registry is tried this often
-RESUMES = 3  # a blob download that breaks off is resumed this often
-CONNECT_TIMEOUT = 10.0
-READ_TIMEOUT = 60.0
-
-
-class Unauthenticated(DriverError):
-    code = "UNAUTHENTICATED"
+_READS = ("GET", "HEAD")
 
 
 class PermissionDenied(DriverError):
     code = "PERMISSION_DENIED"
-
-
-class BadContent(DriverError):
-    """The registry sent bytes that are not what was asked for (digest, size, schema)."""
-
-    code = "DATA_LOSS"
 
 
 @dataclass(frozen=True)
@@ -107,178 +117,6 @@ class Manifest:
     body: dict[str, Any]
 
 
-class _Oras(oras.provider.Registry):
-    """oras' Registry with requests that time out, fail fast and never read ~/.docker."""
-
-    def __init__(
-        self,
-        host: str,
-        insecure: bool,
-        login: Login | None,
-        scheme: str,
-        http_hosts: frozenset[str] = frozenset(),
-    ) -> None:
-        super().__init__(hostname=host, insecure=insecure, auth_backend=scheme)
-        self.auth.load_configs = lambda *a, **k: None  # type: ignore[method-assign]
-        self._host = host
-        self._http_hosts = http_hosts  # hosts that may be reached over plain HTTP (--insecure-registry)
-        # oras reads the token service's answer whole (r.json()): ours reads 64 KiB at most
-        self.auth.request_token = self._request_token  # type: ignore[method-assign]
-        self.auth.request_anonymous_token = self._request_token  # type: ignore[method-assign]
-        self._basic = ""
-        if login is not None:
-            self.auth.set_basic_auth(login.username, login.password)
-            if scheme == "basic":
-                raw = f"{login.username}:{login.password}".encode()
-                self._basic = "Basic " + base64.b64encode(raw).decode()
-        for name in ("request_token", "request_anonymous_token"):  # the token flow's two ways out
-            ask = getattr(self.auth, name, None)
-            if ask is not None:
-                setattr(self.auth, name, self._guarded(ask))
-
-    def _guarded(self, ask: Any) -> Any:
-        def guarded(h: Any) -> Any:
-            self._check_realm(getattr(h, "realm", None))
-            return ask(h)
-
-        return guarded
-
-    def _check_realm(self, realm: Any) -> None:
-        """A token service the registry's challenge names (untrusted): https, or plain
-        HTTP only from a registry reached over HTTP and on an --insecure-registry host."""
-        parts = urlsplit(realm if isinstance(realm, str) else "")
-        scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
-        if scheme not in ("http", "https") or not netloc:
-            raise BadContent(
-                f"registry {self._host}: its token service {str(realm)[:80]!r} is not an http(s) URL"
-            )
-        if scheme == "http" and not (self.prefix == "http" and netloc in self._http_hosts):
-            raise FailedPrecondition(
-                f"registry {self._host}: its token service http://{netloc[:80]} is plain HTTP: "
-                "nothing is sent there (a token service over HTTP is used only by a registry "
-                "reached over HTTP, and only when its host is an --insecure-registry too)"
-            )
-
-    def do_request(  # type: ignore[override]
-        self,
-        url: str,
-        method: str = "GET",
-        data: Any = None,
-        headers: dict | None = None,
-        json: dict | None = None,
-        stream: bool = False,
-    ) -> requests.Response:
-        headers = dict(headers or {})
-        if self._basic:  # sent at once: a streamed body cannot be sent twice after a 401
-            headers["Authorization"] = self._basic
-        plain = oras.provider.Registry.do_request.__wrapped__  # without oras' 131 s of retries
-        # always streamed: requests would read a body whole (a 401's, an error's) otherwise;
-        # the callers read what they need of it, bounded, and close it
-        r = plain(self, url, method, data, headers, json, True)
-        token = getattr(self.auth, "token", None)
-        if r.status_code == 401 and token is not None and not hasattr(data, "read"):
-            # oras answers every later 401 with the token it has; a token for another
-            # scope (pull, not push) or one that expired needs a new one, asked for now
-            r.close()
-            self.auth.token = None
-            r = plain(self, url, method, data, dict(headers), json, True)
-        return r
-
-    def _request_token(self, h: oras.auth.utils.authHeader) -> str | None:
-        """A bearer token from the service the challenge names, its answer read up to
-        64 KiB (oras' own reads it whole); None when it refuses."""
-        if not h.realm:
-            return None
-        realm = h.realm if h.realm.startswith("http") else f"{self.prefix}://{h.realm}"
-        params = {k: v for k, v in (("service", h.service), ("scope", h.scope)) if v}
-        headers = {"Accept": "application/json"}
-        basic = getattr(self.auth, "_basic_auth", None)
-        if basic:
-            headers["Authorization"] = f"Basic {basic}"
-        r = self.session.get(realm, headers=headers, params=params, stream=True, verify=self._tls_verify)
-        ok = r.status_code == 200
-        body = read_capped(r, MAX_SMALL_BODY)
-        if not ok:
-            return None
-        if body is None:
-            raise BadContent(f"registry {self.hostname}: the token service's answer exceeds 64 KiB")
-        try:
-            info = json.loads(body)
-        except (ValueError, RecursionError) as e:
-            raise BadContent(f"registry {self.hostname}: the token service's answer is not JSON") from e
-        token = info.get("token") or info.get("access_token") if isinstance(info, dict) else None
-        return token if isinstance(token, str) and token else None
-
-
-class _Watched:
-    """A connection that the running transfer's token may shut down (``cancel.Cancel``)."""
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        token = cancel.current()
-        if token is not None:
-            token.watch(self)
-        super().request(*args, **kwargs)  # type: ignore[misc]
-
-
-class _WatchedHTTPConnection(_Watched, urllib3.connection.HTTPConnection):
-    pass
-
-
-class _WatchedHTTPSConnection(_Watched, urllib3.connection.HTTPSConnection):
-    pass
-
-
-class _WatchedHTTPPool(urllib3.connectionpool.HTTPConnectionPool):
-    ConnectionCls = _WatchedHTTPConnection
-
-
-class _WatchedHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
-    ConnectionCls = _WatchedHTTPSConnection
-
-
-class _WatchedAdapter(requests.adapters.HTTPAdapter):
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
-
-
-def _timeout_session(session: requests.Session) -> None:
-    """Requests that time out, and never after the running transfer's deadline."""
-    session.mount("http://", _WatchedAdapter())
-    session.mount("https://", _WatchedAdapter())
-    send = session.request
-
-    def request(method: str, url: str, **kwargs: Any) -> requests.Response:
-        connect, read = CONNECT_TIMEOUT, READ_TIMEOUT
-        token = cancel.current()
-        if token is not None:
-            token.check()
-            left = token.remaining()
-            if left is not None:
-                connect, read = min(connect, left), min(read, left)
-        kwargs.setdefault("timeout", (connect, read))
-        return send(method, url, **kwargs)
-
-    session.request = request  # type: ignore[method-assign]
-
-
-def read_capped(r: requests.Response, cap: int) -> bytes | None:
-    """At most ``cap`` bytes of a streamed body, then closed; None when it is longer
-    (the rest is never read)."""
-    data = bytearray()
-    try:
-        for chunk in r.iter_content(16 << 10):
-            data += chunk
-            if len(data) > cap:
-                return None
-            cancel.check()
-    except (requests.exceptions.RequestException, OSError):
-        pass  # what came is what there is: an error body is only a hint
-    finally:
-        r.close()
-    return bytes(data)
-
-
 class RegistryClient:
     """Blobs and manifests of one repository."""
 
@@ -298,38 +136,35 @@ class RegistryClient:
         self.where = str(repository)
         self._login = credentials.for_host(repository.host) if credentials is not None else None
         self._withheld = credentials.hosts if credentials is not None and self._login is None else []
-        self._insecure = insecure
-        self._http_hosts = frozenset(h.lower() for h in insecure_hosts) | (
+        self._scheme = "http" if insecure else "https"
+        http_hosts = frozenset(h.lower() for h in insecure_hosts) | (
             {repository.host.lower()} if insecure else frozenset()
         )
-        self._reg: _Oras | None = None
-        self._container = oras.container.Container(f"{repository.path}:latest", registry=repository.host)
+        self._session = Session()
+        self._tokens = TokenService(self._session, repository.host, self._scheme, http_hosts, self._login)
+        self._connected = False
+        self._basic = ""  # the Authorization header of a registry that asks for a login
+        self._bearer: dict[str, str] = {}  # "pull" or "push" -> the Authorization header of a token
 
     # ---- connection ---------------------------------------------------------
-    def _registry(self) -> _Oras:
-        """Connect on first use; the registry's challenge picks the auth flow."""
-        if self._reg is None:
-            probe = requests.Session()
-            _timeout_session(probe)
-            r = self._call(lambda: probe.get(self._url("/v2/"), stream=True), "reach it")
-            challenge = r.headers.get("WWW-Authenticate", "") if r.status_code == 401 else ""
-            r.close()
-            basic = challenge.lower().startswith("basic")
-            if basic and self._login is None:
-                raise Unauthenticated(
-                    f"registry {self.repository.host} asks for a username and password: "
-                    f"give them in the request's secrets{self._hint()}"
-                )
-            reg = _Oras(
-                self.repository.host,
-                self._insecure,
-                self._login,
-                "basic" if basic else "token",
-                self._http_hosts,
+    def _connect(self) -> None:
+        """Ask ``/v2/`` on first use: a registry that wants a login says so there."""
+        if self._connected:
+            return
+        r = self._call(lambda: self._session.get(self._url("/v2/")), "reach it")
+        challenge = parse_challenge(r.headers.get("WWW-Authenticate", "")) if r.status_code == 401 else None
+        r.close()
+        if challenge is not None and challenge.scheme == "basic":
+            self._use_basic()
+        self._connected = True
+
+    def _use_basic(self) -> None:
+        if self._login is None:
+            raise Unauthenticated(
+                f"registry {self.repository.host} asks for a username and password: "
+                f"give them in the request's secrets{self._hint()}"
             )
-            _timeout_session(reg.session)
-            self._reg = reg
-        return self._reg
+        self._basic = basic_header(self._login)
 
     def _hint(self) -> str:
         """Why no credentials were sent, when the request's are for other registries."""
@@ -340,27 +175,74 @@ class RegistryClient:
         return f" (the request's credentials are for registries {', '.join(self._withheld)} only)"
 
     def _url(self, path: str) -> str:
-        return f"{'http' if self._insecure else 'https'}://{self.repository.host}{path}"
+        return f"{self._scheme}://{self.repository.host}{path}"
 
-    def _call(self, do: Any, what: str, *, retry: bool = True) -> requests.Response:
+    def _api(self, kind: str, ref: str) -> str:
+        """The URL of ``/v2/<repository>/<kind>/<ref>``."""
+        return self._url(f"/v2/{self.repository.path}/{kind}/{quote(ref, safe=':')}")
+
+    def _authorization(self, access: str) -> str:
+        if self._basic:
+            return self._basic
+        return self._bearer.get(access) or (self._bearer.get("push", "") if access == "pull" else "")
+
+    def _request(
+        self, method: str, url: str, *, headers: dict[str, str] | None = None, data: Any = None
+    ) -> requests.Response:
+        """One request with the credentials the registry asked for. A 401 whose challenge
+        can be answered (a token of the scope it names, or the login it asks for) is
+        answered, and the request sent again unless its body was a stream."""
+        access = "pull" if method in _READS else "push"
+        sent = dict(headers or {})
+        auth = self._authorization(access)
+        if auth:
+            sent["Authorization"] = auth
+        r = self._session.request(method, url, headers=sent, data=data)
+        if r.status_code != 401 or hasattr(data, "read") or hasattr(data, "__next__"):
+            return r
+        challenge = parse_challenge(r.headers.get("WWW-Authenticate", ""))
+        if challenge is None or not self._answer(challenge, access, auth):
+            return r
+        r.close()
+        sent["Authorization"] = self._authorization(access)
+        return self._session.request(method, url, headers=sent, data=data)
+
+    def _answer(self, challenge: Challenge, access: str, tried: str) -> bool:
+        """Get what ``challenge`` asks for; False when there is nothing new to send."""
+        if challenge.scheme == "basic":
+            if self._basic:
+                return False  # the login was sent and refused
+            self._use_basic()
+            return True
+        if challenge.scheme != "bearer":
+            return False
+        what = f"{'read from' if access == 'pull' else 'write to'} {self.repository.path}"
+        try:
+            token = self._tokens.token(challenge, what)
+        except Unauthenticated as e:
+            raise Unauthenticated(f"{e}{self._hint()}") from e
+        header = f"Bearer {token}"
+        if header == tried:
+            return False
+        self._bearer[access] = header
+        return True
+
+    def _call(
+        self, do: Callable[[], requests.Response], what: str, *, retry: bool = True
+    ) -> requests.Response:
         """One request: transport failures and 5xx/429 tried again (reads), then mapped."""
         token = cancel.current()
-        for attempt in range(ATTEMPTS if retry else 1):
+        tries = ATTEMPTS if retry else 1
+        problem = ""
+        for attempt in range(tries):
             try:
                 r = do()
             except requests.exceptions.SSLError as e:
                 if token is not None:
                     token.check()
                 raise Unavailable(f"registry {self.repository.host}: TLS failed: {e}") from e
-            except (oras.auth.AuthenticationException, ValueError) as e:
-                if "authenticat" not in str(e):
-                    raise BadContent(f"registry {self.repository.host}: cannot {what}: {str(e)[:200]}") from e
-                # oras could not answer the challenge (or the token service refused):
-                # retrying with the same credentials would only lock an account
-                raise Unauthenticated(
-                    f"registry {self.repository.host}: cannot {what}: "
-                    f"the credentials were refused{self._hint()}"
-                ) from e
+            except (requests.exceptions.InvalidURL, requests.exceptions.InvalidHeader) as e:
+                raise BadContent(f"registry {self.repository.host}: cannot {what}: {str(e)[:200]}") from e
             except (requests.exceptions.RequestException, OSError) as e:
                 if token is not None:
                     token.check()  # a socket it shut down: say so, not "connection reset"
@@ -370,12 +252,28 @@ class RegistryClient:
                     return r
                 problem = f"cannot {what}: the registry answered {r.status_code}{_oci_error(r)}"
                 r.close()
-            if attempt + 1 < (ATTEMPTS if retry else 1):
+            if attempt + 1 < tries:
                 if token is not None:
                     token.wait(0.5 * (attempt + 1))
                 else:
                     time.sleep(0.5 * (attempt + 1))
         raise Unavailable(f"registry {self.repository.host}: {problem}")
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        headers: dict[str, str] | None = None,
+        data: Any = None,
+        ok: tuple[int, ...] = (200,),
+        retry: bool = True,
+    ) -> requests.Response:
+        """``_request`` under ``_call``, then ``_check``."""
+        self._connect()
+        r = self._call(lambda: self._request(method, url, headers=headers, data=data), what, retry=retry)
+        return self._check(r, what, ok)
 
     def _check(self, r: requests.Response, what: str, ok: tuple[int, ...] = (200,)) -> requests.Response:
         if r.status_code in ok:
@@ -399,14 +297,9 @@ class RegistryClient:
 
     # ---- blobs --------------------------------------------------------------
     def has_blob(self, digest: str) -> bool:
-        reg = self._registry()
-        url = f"{reg.prefix}://{self._container.get_blob_url(digest)}"
-        r = self._call(lambda: reg.do_request(url, "HEAD"), f"look up blob {digest[:19]}")
-        if r.status_code == 404:
-            r.close()
-            return False
-        self._check(r, f"look up blob {digest[:19]}")
-        return True
+        what = f"look up blob {digest[:19]}"
+        r = self._send("HEAD", self._api("blobs", digest), what, ok=(200, 404))
+        return r.status_code == 200
 
     def push_blob(self, path: Path, digest: str, size: int) -> bool:
         """Upload ``path`` as blob ``digest`` unless the repository has it; True if uploaded."""
@@ -422,15 +315,15 @@ class RegistryClient:
         return True
 
     def _upload(self, path: Path, digest: str, size: int) -> None:
-        reg = self._registry()
-        start = f"{reg.prefix}://{self._container.upload_blob_url()}"
+        """A monolithic upload: POST for a session, then one PUT of the whole blob."""
+        start = self._url(f"/v2/{self.repository.path}/blobs/uploads/")
         what = f"upload blob {digest[:19]}"
-        r = self._call(lambda: reg.do_request(start, "POST", headers={"Content-Length": "0"}), what)
-        self._check(r, what, (202,))
-        location = reg._get_location(r, self._container)
-        if not location:
+        r = self._send("POST", start, what, headers={"Content-Length": "0"}, ok=(202,))
+        given = r.headers.get("Location", "")
+        if not given:
             raise BadContent(f"registry {self.repository.host}: an upload answer without a Location")
-        if urlsplit(location)[:2] != urlsplit(start)[:2]:  # credentials and data go to the registry only
+        location = urljoin(start, given)  # distribution may answer with a path
+        if not same_origin(location, start):  # credentials and data go to the registry only
             raise BadContent(
                 f"registry {self.repository.host}: the upload Location points elsewhere "
                 f"({urlsplit(location).scheme}://{urlsplit(location).netloc[:80]})"
@@ -440,104 +333,56 @@ class RegistryClient:
         with open(path, "rb") as f:
             body = MeteredReader(f, meter)
             headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-            r = self._call(
-                lambda: reg.do_request(f"{location}{sep}digest={digest}", "PUT", data=body, headers=headers),
-                what,
-                retry=False,
-            )
-        self._check(r, what, (201,))
+            url = f"{location}{sep}digest={quote(digest, safe=':')}"
+            self._send("PUT", url, what, headers=headers, data=body, ok=(201,), retry=False)
         meter.finish()
+
+    @contextmanager
+    def blob(self, digest: str, size: int) -> Iterator[BlobStream]:
+        """Blob ``digest`` as a stream read as it arrives; nothing of it is checked until
+        its ``finish()`` (call it before using what was read)."""
+        if not DIGEST_RE.match(digest):
+            raise BadContent(f"registry {self.repository.host}: {digest[:80]!r} is not a sha256 digest")
+        url = self._api("blobs", digest)
+        what = f"download blob {digest[:19]}"
+
+        def open_at(offset: int) -> requests.Response:
+            headers = {"Range": f"bytes={offset}-"} if offset else {}
+            return self._send("GET", url, what, headers=headers, ok=(200, 206))
+
+        meter = Meter("pull", digest, size, self.where)
+        stream = BlobStream(open_at, digest, size, self.repository.host, meter)
+        try:
+            yield stream
+        except BaseException:
+            count_blob("pull", "failed")
+            raise
+        finally:
+            stream.close()
 
     def pull_blob(self, digest: str, size: int, dest: Path) -> None:
         """Write blob ``digest`` to ``dest``, checked: exactly ``size`` bytes whose sha256 is ``digest``."""
-        if not DIGEST_RE.match(digest):
-            raise BadContent(f"registry {self.repository.host}: {digest[:80]!r} is not a sha256 digest")
-        reg = self._registry()
-        url = f"{reg.prefix}://{self._container.get_blob_url(digest)}"
-        what = f"download blob {digest[:19]}"
-        meter = Meter("pull", digest, size, self.where)
-        hasher = hashlib.sha256()
-        done = 0
-        try:
-            with open(dest, "wb") as out:
-                for resume in range(RESUMES + 1):
-                    headers = {"Range": f"bytes={done}-"} if done else {}
-                    r = self._call(lambda h=headers: reg.do_request(url, "GET", headers=h, stream=True), what)
-                    self._check(r, what, (200, 206))
-                    if done and r.status_code == 200:  # no ranges here: start again
-                        out.seek(0)
-                        out.truncate()
-                        hasher, done = hashlib.sha256(), 0
-                    broke: Exception | None = None
-                    with r:
-                        chunks = r.iter_content(CHUNK)
-                        while True:
-                            try:  # the transfer may break off (resumed); a local write error may not
-                                chunk = next(chunks, None)
-                            except (requests.exceptions.RequestException, OSError) as e:
-                                cancel.check()  # cancelled: its socket was shut down
-                                broke = e
-                                break
-                            cancel.check()
-                            if chunk is None:
-                                break
-                            if done + len(chunk) > size:
-                                raise BadContent(
-                                    f"registry {self.repository.host}: blob {digest[:19]} is longer "
-                                    f"than the {size} bytes its manifest declares"
-                                )
-                            out.write(chunk)
-                            hasher.update(chunk)
-                            done += len(chunk)
-                            meter.add(len(chunk))
-                    if broke is not None:
-                        if done >= size or resume == RESUMES:
-                            raise Unavailable(
-                                f"registry {self.repository.host}: {what} broke off after {done} of "
-                                f"{size} bytes: {type(broke).__name__}"
-                            ) from broke
-                        log.warning("%s broke off at %d of %d bytes; resuming", what, done, size)
-                        continue
-                    if done >= size:
-                        break
-                    if resume == RESUMES:
-                        break
-                    log.warning("%s ended at %d of %d bytes; resuming", what, done, size)
-        except DriverError:
-            count_blob("pull", "failed")
-            raise
-        except OSError as e:  # writing the download here, not the registry
-            count_blob("pull", "failed")
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhausted(
-                    f"no room for blob {digest[:19]} ({size} bytes) in {dest.parent}"
-                ) from e
-            raise DriverError(f"cannot write blob {digest[:19]} to {dest}: {e}") from e
-        if done != size:
-            count_blob("pull", "failed")
-            raise BadContent(
-                f"registry {self.repository.host}: blob {digest[:19]} is truncated: {done} of {size} bytes"
-            )
-        got = "sha256:" + hasher.hexdigest()
-        if got != digest:
-            count_blob("pull", "failed")
-            raise BadContent(
-                f"registry {self.repository.host}: blob {digest[:19]} does not match its digest "
-                f"(its bytes hash to {got[:19]}); nothing was installed"
-            )
-        meter.finish()
+        with self.blob(digest, size) as stream:
+            try:
+                with open(dest, "wb") as out:
+                    for chunk in stream.chunks():
+                        out.write(chunk)
+            except OSError as e:  # writing the download here, not the registry
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ResourceExhausted(
+                        f"no room for blob {digest[:19]} ({size} bytes) in {dest.parent}"
+                    ) from e
+                raise DriverError(f"cannot write blob {digest[:19]} to {dest}: {e}") from e
+            stream.finish()
 
     # ---- manifests ----------------------------------------------------------
     def push_manifest(self, manifest: dict[str, Any], tag: str) -> str:
         """Store ``manifest`` under ``tag``; return its digest."""
-        reg = self._registry()
         body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
-        url = f"{reg.prefix}://{self._container.manifest_url(tag)}"
         headers = {"Content-Type": manifest.get("mediaType", OCI_MANIFEST)}
         what = f"store manifest {tag}"
-        r = self._call(lambda: reg.do_request(url, "PUT", data=body, headers=headers), what)
-        self._check(r, what, (201,))
+        r = self._send("PUT", self._api("manifests", tag), what, headers=headers, data=body, ok=(201,))
         answered = r.headers.get("Docker-Content-Digest")
         if answered and answered != digest:
             raise BadContent(f"registry {self.repository.host} stored {tag} as {answered}, not {digest}")
@@ -545,11 +390,9 @@ class RegistryClient:
 
     def manifest_digest(self, version: str) -> str:
         """The digest of the manifest a tag names (HEAD), or NotFound."""
-        reg = self._registry()
-        url = f"{reg.prefix}://{self._container.manifest_url(version)}"
         what = f"look up manifest {version}"
         headers = {"Accept": ", ".join(MANIFEST_TYPES)}
-        r = self._check(self._call(lambda: reg.do_request(url, "HEAD", headers=headers), what), what)
+        r = self._send("HEAD", self._api("manifests", version), what, headers=headers)
         digest = r.headers.get("Docker-Content-Digest", "")
         if not DIGEST_RE.match(digest):
             return self.pull_manifest(version).digest
@@ -557,26 +400,17 @@ class RegistryClient:
 
     def delete_manifest(self, digest: str) -> None:
         """Delete a manifest (and so its tags); a registry without deletes keeps it."""
-        reg = self._registry()
-        url = f"{reg.prefix}://{self._container.manifest_url(digest)}"
         what = f"delete manifest {digest[:19]}"
-        r = self._call(lambda: reg.do_request(url, "DELETE"), what)
-        if r.status_code in (404, 405):
-            r.close()
-            if r.status_code == 405:
-                log.warning("registry %s allows no deletes: %s stays there", self.where, digest[:19])
-            return
-        self._check(r, what, (200, 202))
+        r = self._send("DELETE", self._api("manifests", digest), what, ok=(200, 202, 404, 405))
+        if r.status_code == 405:
+            log.warning("registry %s allows no deletes: %s stays there", self.where, digest[:19])
 
     def pull_manifest(self, version: str) -> Manifest:
         """The manifest (or index) a tag or digest names, checked."""
-        reg = self._registry()
-        url = f"{reg.prefix}://{self._container.manifest_url(version)}"
         what = f"read manifest {version}"
         headers = {"Accept": ", ".join(MANIFEST_TYPES)}
-        r = self._call(lambda: reg.do_request(url, "GET", headers=headers, stream=True), what)
-        self._check(r, what)
-        raw = b""
+        r = self._send("GET", self._api("manifests", version), what, headers=headers)
+        raw = bytearray()
         try:
             with r:
                 for chunk in r.iter_content(64 << 10):
@@ -598,12 +432,14 @@ class RegistryClient:
             raise BadContent(f"registry {self.repository.host}: manifest {version} is not an object")
         media_type = body.get("mediaType") or r.headers.get("Content-Type", "").split(";")[0]
         if media_type not in MANIFEST_TYPES:
-            raise BadContent(f"registry {self.repository.host}: {version} is a {media_type[:80]!r}")
+            raise BadContent(f"registry {self.repository.host}: {str(version)} is a {str(media_type)[:80]!r}")
         if media_type in (OCI_MANIFEST, DOCKER_MANIFEST):
             try:
-                jsonschema.validate(body, schema=oras.schemas.manifest)
+                jsonschema.validate(body, schema=MANIFEST)
             except (jsonschema.ValidationError, RecursionError) as e:
-                raise BadContent(f"registry {self.repository.host}: manifest {version}: {e.message}") from e
+                message = e.message if isinstance(e, jsonschema.ValidationError) else "nested too deeply"
+                where = f"registry {self.repository.host}: manifest {version}"
+                raise BadContent(f"{where}: {message[:200]}") from e
         return Manifest(digest, media_type, body)
 
 

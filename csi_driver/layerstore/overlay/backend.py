@@ -198,7 +198,7 @@ class OverlayLoopBackend:
             else:
                 size, inodes = image_size_for(4 * size_hint + 64 * MiB), 0
             try:
-                return self._import_in_place(build, diff, size, inodes)
+                return self._import_in_place(build, diff, size, inodes, entries)
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not diff.seekable():
                     raise
@@ -211,28 +211,30 @@ class OverlayLoopBackend:
         root = build / "root"
         (root / "work").mkdir(parents=True)
         (root / "upper").mkdir()
-        stats = ocidiff.import_as_upper(diff, root / "upper")
+        stats = ocidiff.import_as_upper(diff, root / "upper", max_entries=entries)
         used = host.tree_bytes(root / "upper")
         size, inodes = image_size_for_entries(used, stats.entries + 2)
         build_image(build / "image", size, "ext4", populate=root, inodes=inodes)
         host.remove_tree(root)
         return Built(image_bytes=size, used_bytes=used, fs_type="ext4")
 
-    def _import_in_place(self, build: Path, diff: BinaryIO, size: int, inodes: int = 0) -> Built:
+    def _import_in_place(
+        self, build: Path, diff: BinaryIO, size: int, inodes: int = 0, entries: int = 0
+    ) -> Built:
         """Write the tar straight into a new image's ``upper/`` (one write of the data, not two)."""
         image, mnt = build / "image", build / "mnt"
         build_image(image, size, "ext4", inodes=inodes)
         mnt.mkdir()
         host.mount_image(image, mnt, "ext4", mount_options("ext4", readonly=False), readonly=False)
         try:
-            ocidiff.import_as_upper(diff, mnt / "upper")
+            ocidiff.import_as_upper(diff, mnt / "upper", max_entries=entries)
             used = host.tree_bytes(mnt / "upper")
         finally:
             host.umount(mnt)
         mnt.rmdir()
         return Built(image_bytes=size, used_bytes=used, fs_type="ext4")
 
-    def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> None:
+    def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> ocidiff.DiffStats:
         """The upper alone when it is a complete diff; else (a renamed directory)
         the naive diff of two read-only views, the chain with and without it.
         Whatever it holds or mounts is released however it ends."""
@@ -242,8 +244,7 @@ class OverlayLoopBackend:
             held.callback(self.deactivate, top)
             upper = self.layout.upper(top.id)
             if not ocidiff.needs_naive_diff(upper):
-                ocidiff.export_upper(upper, out)
-                return
+                return ocidiff.export_upper(upper, out)
             for layer in chain[1:]:
                 self.held.acquire(layer.id, layer.fs_type, readonly=True)
                 held.callback(self.deactivate, layer)
@@ -255,7 +256,7 @@ class OverlayLoopBackend:
                 held.callback(host.umount, below)
             self._mount_view(chain, merged)
             held.callback(host.umount, merged)
-            ocidiff.export_naive(below if len(chain) > 1 else None, merged, out)
+            return ocidiff.export_naive(below if len(chain) > 1 else None, merged, out)
 
     def install(self, build: Path, layer: Layer) -> None:
         os.rename(build, self.layout.layer_dir(layer.id))
