@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from csi_driver.host import MountEntry, Mounts
+from csi_driver.layerstore.ocidiff import DiffStats
 from csi_driver.store import Layer
 
 
@@ -145,6 +146,15 @@ class LayerBackend(Protocol):
         """Write the top layer of the committed ``chain`` (nearest first) to ``out``
         as an OCI layer tar: what it changes over the layers below it. ``scratch``
         is an empty private dir for views the export may mount."""
+
+    def export_diff_over(
+        self, base: Sequence[Layer], chain: Sequence[Layer], scratch: Path, out: BinaryIO
+    ) -> DiffStats:
+        """Write the merged view of the committed ``chain`` to ``out`` as an OCI layer
+        tar over the merged view of another committed chain, ``base`` (both nearest
+        first): what changed from one to the other, file contents compared where the
+        metadata is equal (an incremental export over an earlier one). ``scratch``
+        as for ``export_diff``."""
 
     # ---- changes in place ---------------------------------------------------
     def commit(self, layer: Layer) -> int:

@@ -257,6 +257,33 @@ class OverlayLoopBackend:
             held.callback(host.umount, merged)
             ocidiff.export_naive(below if len(chain) > 1 else None, merged, out)
 
+    def export_diff_over(
+        self, base: Sequence[Layer], chain: Sequence[Layer], scratch: Path, out: BinaryIO
+    ) -> ocidiff.DiffStats:
+        """The naive diff of two read-only views, ``base`` and ``chain``; a file whose
+        metadata is equal in both is unchanged when its extents prove it (``same_extents``:
+        two captures of one upper share their unchanged blocks), else when its bytes are."""
+        with ExitStack() as held:
+            for layer in {x.id: x for x in [*base, *chain]}.values():
+                self.held.acquire(layer.id, layer.fs_type, readonly=True)
+                held.callback(self.deactivate, layer)
+            old, new = scratch / "base", scratch / "merged"
+            old.mkdir()
+            new.mkdir()
+            self._mount_view(base, old)
+            held.callback(host.umount, old)
+            self._mount_view(chain, new)
+            held.callback(host.umount, new)
+            return ocidiff.export_naive(old, new, out, same_data=self._same_data(base[0], chain[0]))
+
+    def _same_data(self, old_top: Layer, new_top: Layer) -> ocidiff.SameData:
+        """Whether two files of equal metadata hold the same bytes (see ``export_diff_over``)."""
+
+        def same(rel: str, old: str, new: str) -> bool:
+            return ocidiff.same_content(old, new)
+
+        return same
+
     def install(self, build: Path, layer: Layer) -> None:
         os.rename(build, self.layout.layer_dir(layer.id))
 
