@@ -10,12 +10,13 @@ import os
 import shutil
 import stat
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 
-from driver_harness import Driver, serving, staged
+from csi_driver.layerstore import ocidiff
+from driver_harness import Driver, cleanup, serving, staged
 from registry_harness import REGISTRY_BINARY, LocalRegistry
 
 pytestmark = [
@@ -27,16 +28,32 @@ MiB = 1 << 20
 REPO = "backups/live"
 
 
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[tuple[LocalRegistry, Driver, Driver]]:
-    """A registry and two drivers (node A and node B) that reach it over HTTP."""
+@contextmanager
+def pooled(root: Path, **opts) -> Iterator[Driver]:
+    """A driver whose state dir is a pool file (xfs: it clones): the pool's own mount
+    and loop device are all it may leave, and they go with it."""
+    d = Driver(root, pool_file=str(root / "pool.img"), pool_file_size=1 << 30, **opts)
+    try:
+        yield d
+    finally:
+        d.stop()
+        mounts, loops = cleanup(root)
+        assert mounts == [str(d.state)] and len(loops) == 1, f"leaked mounts {mounts} or loop devices {loops}"
+
+
+@pytest.fixture(params=["copies", "clones"])
+def nodes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[LocalRegistry, Driver, Driver]]:
+    """A registry and two drivers (node A and node B) that reach it over HTTP. Node A's
+    state dir copies the images it captures, or clones them (a pool file)."""
     with ExitStack() as stack:
         reg = stack.enter_context(LocalRegistry(tmp_path / "registry"))
         insecure = frozenset({reg.host})
         roots = [tmp_path / "a", tmp_path / "b"]
         for root in roots:
             root.mkdir()
-        a = stack.enter_context(serving(roots[0], insecure_registries=insecure))
+        start = pooled if request.param == "clones" else serving
+        a = stack.enter_context(start(roots[0], insecure_registries=insecure))
+        assert a.engine.backend.can_clone() == (request.param == "clones")  # type: ignore[attr-defined]
         b = stack.enter_context(serving(roots[1], insecure_registries=insecure))
         yield reg, a, b
 
@@ -123,9 +140,17 @@ def change(root: Path) -> int:
 
 
 def test_a_second_export_of_a_volume_in_use_pushes_only_what_changed(
-    nodes: tuple[LocalRegistry, Driver, Driver],
+    nodes: tuple[LocalRegistry, Driver, Driver], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reg, a, b = nodes
+    read: list[str] = []  # files whose contents an export compared
+
+    def same_content(old: str, new: str) -> bool:
+        read.append(new)
+        return compare(old, new)
+
+    compare = ocidiff.same_content
+    monkeypatch.setattr(ocidiff, "same_content", same_content)
     repository = f"{reg.host}/{REPO}"
     vid = a.client.create_volume("db", 64 * MiB).volume_id
     with staged(a, vid) as root:  # in use throughout: each snapshot is a copy of the upper
@@ -141,6 +166,10 @@ def test_a_second_export_of_a_volume_in_use_pushes_only_what_changed(
         s2 = a.client.create_snapshot("s2", vid, parameters={"repository": repository})
         two = registry_bytes(reg, REPO)
         assert two - one <= changed + MiB, f"the second export added {two - one} bytes"
+        compared = {Path(x).name for x in read}
+        assert "same-size" in compared, "equal metadata: its contents were compared"
+        if a.engine.backend.can_clone():  # type: ignore[attr-defined]
+            assert compared == {"same-size"}, "the unchanged files are proven so by their shared blocks"
 
         (root / "data" / "t2").unlink()
         (root / "later").write_bytes(os.urandom(MiB // 2))

@@ -24,6 +24,7 @@ from csi_driver.errors import CommandFailed, FailedPrecondition
 from csi_driver.ids import ID_RE
 from csi_driver.layerstore import ocidiff
 from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount, Ration
+from csi_driver.layerstore.overlay import shared
 from csi_driver.layerstore.overlay.compose import overlay_options, view_options
 from csi_driver.layerstore.overlay.images import (
     build_image,
@@ -274,12 +275,22 @@ class OverlayLoopBackend:
             held.callback(host.umount, old)
             self._mount_view(chain, new)
             held.callback(host.umount, new)
-            return ocidiff.export_naive(old, new, out, same_data=self._same_data(base[0], chain[0]))
+            return ocidiff.export_naive(old, new, out, same_data=self._same_data(base, chain))
 
-    def _same_data(self, old_top: Layer, new_top: Layer) -> ocidiff.SameData:
-        """Whether two files of equal metadata hold the same bytes (see ``export_diff_over``)."""
+    def _same_data(self, base: Sequence[Layer], chain: Sequence[Layer]) -> ocidiff.SameData:
+        """Whether two files of equal metadata hold the same bytes (``export_diff_over``):
+        the same lower file in both views, or one whose blocks the two top images share
+        (``shared``), is; else their contents tell."""
+        old_upper, new_upper = self.layout.upper(base[0].id), self.layout.upper(chain[0].id)
+        old_image, new_image = self.layout.image(base[0].id), self.layout.image(chain[0].id)
+        same_lowers = [x.id for x in base[1:]] == [x.id for x in chain[1:]]
 
         def same(rel: str, old: str, new: str) -> bool:
+            a, b = shared.upper_file(old_upper, rel), shared.upper_file(new_upper, rel)
+            if a is None and b is None and same_lowers:
+                return True  # neither top holds it: both views show the same lower file
+            if isinstance(a, str) and isinstance(b, str) and shared.same_blocks(a, b, old_image, new_image):
+                return True
             return ocidiff.same_content(old, new)
 
         return same
