@@ -20,8 +20,11 @@ data in 16 MiB files and is snapshotted once, detached. Each round, interleaved
   through a direct-I/O loop device); and, as a floor, to /dev/null.
 
 Page cache is flushed (``sync``) between steps. Medians of ``--rounds`` rounds,
-in MiB/s of the layer tar, and the driver's ratio to the plain transfer.
-Usage: python -m bench.registry [--data-mib 1024] [--rounds 3]
+in MiB/s of the layer tar, and the driver's ratio to the plain transfer. Then a
+live volume's second export: ``--live-mib`` written to a volume in use, a
+snapshot exported, 1 MiB more written, a second snapshot exported, and the
+bytes each added to the registry (0 skips it).
+Usage: python -m bench.registry [--data-mib 1024] [--rounds 3] [--live-mib 128]
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data-mib", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--live-mib", type=int, default=128)
     args = p.parse_args()
     reexec_in_private_namespace()
     work = Path(tempfile.mkdtemp(prefix="overlay-csi-registry-bench-", dir=os.environ.get("BENCH_DIR")))
@@ -155,7 +159,48 @@ def main() -> None:
             print(f"restore / plain download: {restore / med['plain download']:.2f}x the time")
             print(f"restore / plain download, fsync'd: {restore / med['plain + fsync']:.2f}x")
             print(f"restore / plain download to /dev/null: {restore / med['plain to /dev/null']:.2f}x")
+            if args.live_mib:
+                first, second = live_second_export(reg, ca, wa, args.live_mib)
+                print(
+                    f"live volume, {args.live_mib} MiB written: first export {first / MiB:.1f} MiB; "
+                    f"second export after 1 MiB more: {second / MiB:.2f} MiB"
+                )
     shutil.rmtree(work, ignore_errors=True)
+
+
+def registry_bytes(reg: LocalRegistry, repository: str) -> int:
+    """The bytes of every blob linked into ``repository`` of the registry's storage."""
+    v2 = reg.root / "docker" / "registry" / "v2"
+    total = 0
+    for link in (v2 / "repositories" / repository / "_layers" / "sha256").glob("*/link"):
+        name = link.parent.name
+        total += (v2 / "blobs" / "sha256" / name[:2] / name / "data").stat().st_size
+    return total
+
+
+def live_second_export(reg: LocalRegistry, client, work: Path, data_mib: int) -> tuple[int, int]:
+    """The registry bytes added by a volume in use's first export (``data_mib`` written in
+    16 MiB files) and by its second one, after 1 MiB more."""
+    repo = "bench/live"
+    vol = client.create_volume("live", data_mib * MiB + GiB).volume_id
+    staging = work / "live"
+    staging.mkdir()
+    client.stage(vol, staging)
+    try:
+        for i in range(max(1, data_mib // 16)):
+            (staging / f"f{i:03d}").write_bytes(os.urandom(min(16, data_mib) * MiB))
+        params = {"repository": f"{reg.host}/{repo}"}
+        s1 = client.create_snapshot("live1", vol, parameters=params)
+        first = registry_bytes(reg, repo)
+        (staging / "more").write_bytes(os.urandom(MiB))
+        s2 = client.create_snapshot("live2", vol, parameters=params)
+        second = registry_bytes(reg, repo) - first
+    finally:
+        client.unstage(vol, staging)
+    for snap in (s1, s2):
+        client.delete_snapshot(snap.snapshot_id)
+    client.delete_volume(vol)
+    return first, second
 
 
 if __name__ == "__main__":

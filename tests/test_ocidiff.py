@@ -514,3 +514,30 @@ def test_import_keeps_no_selinux_label_from_a_layer(tmp_path):
     names = os.listxattr(upper / "f")
     assert "security.selinux" not in names or os.getxattr(upper / "f", "security.selinux") != (
         b"system_u:object_r:shadow_t:s0")
+
+
+def test_naive_diff_compares_contents_only_when_asked(tmp_path):
+    """A file rewritten to the same size and mtime is unchanged by its metadata; an
+    incremental export's ``same_data`` tells it from the untouched ones."""
+    parent, new = tmp_path / "parent", tmp_path / "new"
+    write(parent / "rewritten", "aaaa")
+    write(parent / "untouched", "bbbb")
+    subprocess.run(["cp", "-a", str(parent), str(new)], check=True)
+    st = os.stat(new / "rewritten")
+    (new / "rewritten").write_text("cccc")
+    os.utime(new / "rewritten", ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    by_metadata = io.BytesIO()
+    ocidiff.export_naive(parent, new, by_metadata)
+    assert set(members(by_metadata.getvalue())) == {"."}
+
+    asked: list[str] = []
+
+    def same_data(rel: str, old: str, new_path: str) -> bool:
+        asked.append(rel)
+        return ocidiff.same_content(old, new_path)
+
+    by_contents = io.BytesIO()
+    ocidiff.export_naive(parent, new, by_contents, same_data=same_data)
+    assert set(members(by_contents.getvalue())) == {".", "rewritten"}
+    assert sorted(asked) == ["rewritten", "untouched"]

@@ -40,6 +40,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -95,6 +96,9 @@ GZIP_SLACK = 64 * MiB
 MAX_LAYER_ENTRIES = 1_000_000
 #: What a tar or gzip that is no valid layer raises while it is read (OSError: some of them)
 _NOT_A_LAYER = (DiffError, OSError, EOFError, zlib.error, OverflowError, ValueError, RecursionError)
+#: An incremental export stacks one layer on an earlier export's; a manifest of this
+#: many layers is followed by a whole export (a restore stacks them all)
+MAX_INCREMENTAL_LAYERS = 32
 PULL_WAIT_SECONDS = 60.0  # at most this long for another pull of the same reference (then ABORTED)
 
 
@@ -161,6 +165,15 @@ def _layer_need(tar_bytes: int, entries: int) -> int:
     return tar_bytes + tar_bytes // 4 + 4096 * entries + 256 * (entries + entries // 8) + 16 * MiB
 
 
+@dataclass(frozen=True)
+class _Base:
+    """An earlier export an incremental one builds on: its snapshot, chain and blobs."""
+
+    snapshot: Snapshot
+    chain: list[Layer]
+    blobs: list[Descriptor]
+
+
 class Transfers:
     def __init__(self, ctx: EngineContext, insecure: frozenset[str] = frozenset()) -> None:
         self.ctx = ctx
@@ -205,8 +218,14 @@ class Transfers:
             raise InvalidArgument("a block volume's snapshot cannot be exported")
         client = self.client(ref.repository, credentials)
         chain = self.ctx.chain(snap.layer)
-        with self._pinned([x.id for x in chain]):
-            layers = [self._push_layer(client, chain[i:]) for i in reversed(range(len(chain)))]
+        with self._pinned([x.id for x in chain]), ExitStack() as held:
+            base = self._export_base(snap, ref.repository, client, held)
+            if base is None:
+                layers = [self._push_layer(client, chain[i:]) for i in reversed(range(len(chain)))]
+            else:  # the earlier export's blobs: its manifest says the registry holds them
+                for _blob in base.blobs:
+                    count_blob("push", "skipped")
+                layers = base.blobs + self._push_over(client, base, chain)
             with self.ctx.scratch() as scratch:
                 config = scratch / "config"
                 config.write_bytes(b"{}")
@@ -234,6 +253,71 @@ class Transfers:
                 tx.set_exported(snap.id, digest)
         log.info("snapshot %s pushed as %s: %d layers, manifest %s", snap.id, ref, len(layers), digest[:19])
         return ref
+
+    def _export_base(
+        self, snap: Snapshot, repository: Repository, client: RegistryClient, held: ExitStack
+    ) -> _Base | None:
+        """The export ``snap`` goes on top of: the newest earlier snapshot of the same
+        volume that is held here (its chain pinned in ``held``) and exported to the same
+        repository, whose manifest that registry still serves, with room for more layers
+        (``MAX_INCREMENTAL_LAYERS``); None for a whole export."""
+        with self.ctx.store.read() as tx:
+            earlier = [
+                s
+                for s in tx.snapshots(source_volume_id=snap.source_volume_id)
+                if s.seq < snap.seq
+                and s.exported
+                and s.access_type != BLOCK
+                and (own := snapshot_reference(s.id)) is not None
+                and str(own.repository) == str(repository)
+            ]
+            if not earlier:
+                return None
+            base = earlier[-1]
+            self.ctx.store.pin(base.layer)  # before the read ends: no collection in between
+            held.callback(self.ctx.store.unpin, base.layer)
+            chain = tx.chain(base.layer)
+        try:
+            manifest = client.pull_manifest(base.exported)
+        except NotFound:
+            log.info("snapshot %s: its earlier export %s is gone, pushed whole", snap.id, base.id)
+            return None
+        if manifest.media_type != OCI_MANIFEST or manifest.body.get("artifactType") != ARTIFACT_TYPE:
+            return None
+        blobs = descriptors(manifest.body.get("layers"), f"snapshot {base.id}")
+        if not blobs or len(blobs) >= MAX_INCREMENTAL_LAYERS:
+            return None  # a restore would stack too many layers: a whole export starts anew
+        return _Base(base, chain, blobs)
+
+    def _push_over(self, client: RegistryClient, base: _Base, chain: list[Layer]) -> list[Descriptor]:
+        """The blobs that make ``chain``'s view out of ``base``'s: the layers above the
+        base's own layer when the chain holds it (a detached volume's snapshots), else
+        one tar of what changed between the two views (a capture of a volume in use)."""
+        ids = [x.id for x in chain]
+        if base.snapshot.layer in ids:
+            above = ids.index(base.snapshot.layer)
+            return [self._push_layer(client, chain[i:]) for i in reversed(range(above))]
+        cancel.check()
+        top = chain[0]
+        need = top.used_bytes + 16 * MiB  # at most the whole view changed: the tar holds the top's data
+        with self.ctx.capacity.admit(need, f"export of layer {top.id}"), self.ctx.scratch() as scratch:
+            tar = scratch / "layer.tar"
+            views = scratch / "views"
+            views.mkdir()
+            with open(tar, "wb") as f:
+                out = HashingWriter(f)
+                stats = self.ctx.backend.export_diff_over(base.chain, chain, views, out)  # type: ignore[arg-type]
+            digest = "sha256:" + out.sha.hexdigest()
+            client.push_blob(tar, digest, out.size)
+        log.info(
+            "layer %s pushed as %d bytes of changes (%d files, %d bytes of data) over snapshot %s",
+            top.id,
+            out.size,
+            stats.entries,
+            stats.bytes,
+            base.snapshot.id,
+        )
+        return [Descriptor(LAYER_TAR, digest, out.size)]
 
     def _push_layer(self, client: RegistryClient, chain: list[Layer]) -> Descriptor:
         """The blob of ``chain[0]``, uploaded unless the registry has it."""

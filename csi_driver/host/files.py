@@ -99,6 +99,56 @@ def release_unwritten(path: str | Path) -> int:
         os.close(fd)
 
 
+#: extents whose bytes are not at their physical address as they are (inline, encoded,
+#: delayed, unaligned, encrypted, unknown): no proof that two files share them
+_FIEMAP_NOT_PLAIN = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400
+
+
+def data_map(path: str | Path, start: int = 0, length: int | None = None) -> list[tuple[int, int, int, bool]]:
+    """Where the bytes ``[start, start+length)`` of a file are on its device: (offset in
+    the range, physical address, length, unwritten) runs, clipped to the range and merged
+    where contiguous; holes are left out. ``OSError`` where the file system has no
+    extent map or an extent is not plain data at its address (inline, encoded, delayed)."""
+    size = os.path.getsize(path)
+    end = size if length is None else min(size, start + length)
+    runs: list[tuple[int, int, int, bool]] = []
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        pos = start
+        while pos < end:
+            count = 256
+            buf = bytearray(_FIEMAP_HEAD.size + count * _FIEMAP_EXTENT.size)
+            _FIEMAP_HEAD.pack_into(buf, 0, pos, end - pos, _FIEMAP_FLAG_SYNC, 0, count, 0)
+            fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
+            mapped = _FIEMAP_HEAD.unpack_from(buf)[3]
+            if mapped == 0:
+                break
+            for i in range(mapped):
+                logical, physical, size_, _, _, flags, *_ = _FIEMAP_EXTENT.unpack_from(
+                    buf, _FIEMAP_HEAD.size + i * _FIEMAP_EXTENT.size
+                )
+                if flags & _FIEMAP_NOT_PLAIN:
+                    raise OSError(errno.EOPNOTSUPP, f"{path}: an extent that is not plain data")
+                lo, hi = max(logical, start), min(logical + size_, end)
+                if lo < hi:
+                    run = (lo - start, physical + lo - logical, hi - lo, bool(flags & _FIEMAP_UNWRITTEN))
+                    if (
+                        runs
+                        and runs[-1][0] + runs[-1][2] == run[0]
+                        and runs[-1][1] + runs[-1][2] == run[1]
+                        and runs[-1][3] == run[3]
+                    ):
+                        prev = runs.pop()
+                        run = (prev[0], prev[1], prev[2] + run[2], run[3])
+                    runs.append(run)
+                pos = max(pos, logical + size_)
+                if flags & _FIEMAP_LAST:
+                    pos = end
+    finally:
+        os.close(fd)
+    return runs
+
+
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if libc().fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
         err = ctypes.get_errno()

@@ -149,6 +149,15 @@ class LayerBackend(Protocol):
         are counted in what it returns). ``scratch`` is an empty private dir for
         views the export may mount."""
 
+    def export_diff_over(
+        self, base: Sequence[Layer], chain: Sequence[Layer], scratch: Path, out: BinaryIO
+    ) -> DiffStats:
+        """Write the merged view of the committed ``chain`` to ``out`` as an OCI layer
+        tar over the merged view of another committed chain, ``base`` (both nearest
+        first): what changed from one to the other, file contents compared where the
+        metadata is equal (an incremental export over an earlier one). ``scratch``
+        as for ``export_diff``."""
+
     # ---- changes in place ---------------------------------------------------
     def commit(self, layer: Layer) -> int:
         """Make a detached active layer immutable in place; return the data it holds

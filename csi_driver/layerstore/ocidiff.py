@@ -27,6 +27,7 @@ import re
 import shutil
 import stat
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -47,6 +48,10 @@ _ZERO_BLOCK = bytes(_BLOCK)
 _NS = 10**9
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DECIMAL = re.compile(r"(-?)(\d+)(?:\.(\d*))?")
+
+
+#: whether two regular files of equal metadata hold the same bytes: (rel, old path, new path)
+SameData = Callable[[str, str, str], bool]
 
 
 class DiffError(Exception):
@@ -331,11 +336,15 @@ class _Dir:
         self.rel, self.node, self.up, self.written = rel, node, up, written
 
 
-def export_naive(parent: Path | None, merged: Path, out: BinaryIO) -> DiffStats:
+def export_naive(
+    parent: Path | None, merged: Path, out: BinaryIO, *, same_data: SameData | None = None
+) -> DiffStats:
     """Write what changed from the merged view ``parent`` (None: nothing) to ``merged`` as a layer tar.
 
     Regular files whose metadata (type, mode, owner, size, mtime, xattrs,
-    hard-link group) is unchanged count as unchanged; contents are not compared.
+    hard-link group) is unchanged count as unchanged; their contents are
+    compared only with ``same_data`` (``rel``, old path, new path: whether the
+    two files hold the same bytes), which an incremental export passes.
     A removed path is one whiteout, a directory included. A path whose type
     changed is written as the new entry, which hides the old one by itself.
     A changed entry's directories are written too (with their metadata in
@@ -380,6 +389,8 @@ def export_naive(parent: Path | None, merged: Path, out: BinaryIO) -> DiffStats:
                     w.whiteout(rel)
                 continue
             changed = old is None or not _same(old, node) or old_groups.get(rel) != new_groups.get(rel)
+            if not changed and same_data is not None and stat.S_ISREG(node.st.st_mode):
+                changed = not same_data(rel, os.path.join(old_root, rel), path)  # type: ignore[arg-type]
             if changed:
                 write_dirs(d)
                 w.entry(rel, path, node)
@@ -388,6 +399,29 @@ def export_naive(parent: Path | None, merged: Path, out: BinaryIO) -> DiffStats:
                 subdirs.append((_Dir(rel, node, d, changed), old_dir))
         stack.extend(reversed(subdirs))
     return w.close()
+
+
+def same_content(old: str, new: str) -> bool:
+    """Whether two regular files hold the same bytes (read until they differ;
+    holes read as zeros, as they export)."""
+    fa = os.open(old, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fb = os.open(new, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if os.fstat(fa).st_size != os.fstat(fb).st_size:
+                return False
+            pos = 0
+            while True:
+                a, b = os.pread(fa, _CHUNK, pos), os.pread(fb, _CHUNK, pos)
+                if a != b:
+                    return False
+                if not a:
+                    return True
+                pos += len(a)
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
 
 
 def export_layer(upper: Path, out: BinaryIO, *, parent: Path | None, merged: Path | None) -> DiffStats:

@@ -142,6 +142,15 @@ class PlainDirBackend:
         below = self.tree(chain[1].id) if len(chain) > 1 else None
         return ocidiff.export_naive(below, self.tree(chain[0].id), out)
 
+    def export_diff_over(
+        self, base: Sequence[Layer], chain: Sequence[Layer], scratch: Path, out: BinaryIO
+    ) -> ocidiff.DiffStats:
+        """The naive diff of two complete trees, contents compared (a capture copies
+        a tree: nothing proves a file unchanged but its bytes)."""
+        return ocidiff.export_naive(
+            self.tree(base[0].id), self.tree(chain[0].id), out, same_data=_same_content
+        )
+
     def install(self, build: Path, layer: Layer) -> None:
         os.rename(build, self.layer_dir(layer.id))
 
@@ -303,3 +312,7 @@ def _remove(path: Path) -> None:
                 if not os.path.islink(full := os.path.join(dirpath, d)):
                     os.chmod(full, 0o700)
         shutil.rmtree(path)
+
+
+def _same_content(rel: str, old: str, new: str) -> bool:
+    return ocidiff.same_content(old, new)

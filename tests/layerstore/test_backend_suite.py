@@ -615,6 +615,52 @@ def test_diffs_export_and_import_a_chain(rig: Rig, tmp_path: Path) -> None:
     assert not any(k.startswith("data/deep/") for k in merged)
 
 
+def test_a_diff_over_another_chain_rebuilds_the_chain_on_top_of_it(rig: Rig, tmp_path: Path) -> None:
+    """Two siblings over one parent (two captures of an upper): the second as a diff over
+    the first, imported over a copy of the first, shows the second's tree."""
+    base = rig.prepare()
+    with rig.open(base) as view:
+        sample(view)
+        put(view, "d/x", "x")
+    base, _ = rig.commit(base)
+    first = rig.prepare(base)
+    with rig.open(first) as view:
+        put(view, "kept", "k")
+        put(view, "gone", "g")
+        put(view, "d/new", "n1")
+        (view / "top.txt").unlink()
+    first, _ = rig.commit(first)
+    second = rig.prepare(base)
+    with rig.open(second) as view:
+        put(view, "kept", "k")
+        put(view, "d/new", "n2", 0o600)
+        put(view, "top.txt", "back\n")
+        shutil.rmtree(view / "d")
+        put(view, "d", "a file now")
+
+    second, _ = rig.commit(second)
+    copy: Layer | None = None
+    for original in (base, first):  # the first export: the chain as it is
+        archive = tmp_path / f"{original.id}.tar"
+        with open(archive, "wb") as out:
+            rig.backend.export_diff(rig.chain(original), rig.scratch(), out)
+        build = rig.scratch()
+        with open(archive, "rb") as diff:
+            built = rig.backend.import_diff(build, diff, rig.chain(copy) if copy else [])
+        copy = rig.add(build, built, copy, active=False)
+    archive = tmp_path / "second.tar"
+    views = rig.scratch()
+    with open(archive, "wb") as out:
+        rig.backend.export_diff_over(rig.chain(first), rig.chain(second), views, out)
+    assert not host.MountTable.read().under(views), "the export's views are unmounted"
+    build = rig.scratch()
+    with open(archive, "rb") as diff:
+        built = rig.backend.import_diff(build, diff, rig.chain(copy))
+    rebuilt = rig.add(build, built, copy, active=False)
+    assert rig.view(rebuilt) == rig.view(second)
+    assert "gone" not in rig.view(rebuilt) and rig.view(rebuilt)["d"][0] == "file"
+
+
 def test_import_diff_refuses_a_tar_that_escapes(rig: Rig, tmp_path: Path) -> None:
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:

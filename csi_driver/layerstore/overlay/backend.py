@@ -24,6 +24,7 @@ from csi_driver.errors import CommandFailed, FailedPrecondition
 from csi_driver.ids import ID_RE
 from csi_driver.layerstore import ocidiff
 from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount, Ration
+from csi_driver.layerstore.overlay import shared
 from csi_driver.layerstore.overlay.compose import overlay_options, view_options
 from csi_driver.layerstore.overlay.images import (
     build_image,
@@ -257,6 +258,43 @@ class OverlayLoopBackend:
             self._mount_view(chain, merged)
             held.callback(host.umount, merged)
             return ocidiff.export_naive(below if len(chain) > 1 else None, merged, out)
+
+    def export_diff_over(
+        self, base: Sequence[Layer], chain: Sequence[Layer], scratch: Path, out: BinaryIO
+    ) -> ocidiff.DiffStats:
+        """The naive diff of two read-only views, ``base`` and ``chain``; a file whose
+        metadata is equal in both is unchanged when its extents prove it (``same_extents``:
+        two captures of one upper share their unchanged blocks), else when its bytes are."""
+        with ExitStack() as held:
+            for layer in {x.id: x for x in [*base, *chain]}.values():
+                self.held.acquire(layer.id, layer.fs_type, readonly=True)
+                held.callback(self.deactivate, layer)
+            old, new = scratch / "base", scratch / "merged"
+            old.mkdir()
+            new.mkdir()
+            self._mount_view(base, old)
+            held.callback(host.umount, old)
+            self._mount_view(chain, new)
+            held.callback(host.umount, new)
+            return ocidiff.export_naive(old, new, out, same_data=self._same_data(base, chain))
+
+    def _same_data(self, base: Sequence[Layer], chain: Sequence[Layer]) -> ocidiff.SameData:
+        """Whether two files of equal metadata hold the same bytes (``export_diff_over``):
+        the same lower file in both views, or one whose blocks the two top images share
+        (``shared``), is; else their contents tell."""
+        old_upper, new_upper = self.layout.upper(base[0].id), self.layout.upper(chain[0].id)
+        old_image, new_image = self.layout.image(base[0].id), self.layout.image(chain[0].id)
+        same_lowers = [x.id for x in base[1:]] == [x.id for x in chain[1:]]
+
+        def same(rel: str, old: str, new: str) -> bool:
+            a, b = shared.upper_file(old_upper, rel), shared.upper_file(new_upper, rel)
+            if a is None and b is None and same_lowers:
+                return True  # neither top holds it: both views show the same lower file
+            if isinstance(a, str) and isinstance(b, str) and shared.same_blocks(a, b, old_image, new_image):
+                return True
+            return ocidiff.same_content(old, new)
+
+        return same
 
     def install(self, build: Path, layer: Layer) -> None:
         os.rename(build, self.layout.layer_dir(layer.id))
