@@ -269,9 +269,10 @@ def report(title: str, base: Side, vol: Side) -> None:
 
 @dataclass
 class Driver:
-    """One running driver the volumes are made on; ``suffix`` tells its sides apart."""
+    """One running driver the volumes are made on; ``where`` names its sides
+    ("volume": today's default, "on pool": the pool file)."""
 
-    suffix: str
+    where: str
     client: object
     teardown: Teardown
     work: Path
@@ -295,18 +296,18 @@ def main() -> None:
     reexec_in_private_namespace()
     s = Settings(args.size_mib * MiB, args.seconds, args.files)
     with ExitStack() as stack:
-        drivers = [_driver(stack, "")]
+        drivers = [_driver(stack, "volume")]
         if args.pool_file:
             device = stack.enter_context(pool_file(args.pool_file, args.pool_file_size))
-            drivers.append(_driver(stack, " on pool", pool_device=device))
+            drivers.append(_driver(stack, "on pool", pool_device=device))
         measure(drivers, s, args)
 
 
-def _driver(stack: ExitStack, suffix: str, **opts) -> Driver:
+def _driver(stack: ExitStack, where: str, **opts) -> Driver:
     _server, client, work = stack.enter_context(running_driver(**opts))
     teardown = Teardown(client)
     stack.callback(teardown.run)
-    return Driver(suffix, client, teardown, work)
+    return Driver(where, client, teardown, work)
 
 
 def measure(drivers: list[Driver], s: Settings, args: argparse.Namespace) -> None:
@@ -329,8 +330,8 @@ def measure(drivers: list[Driver], s: Settings, args: argparse.Namespace) -> Non
         vols, lows = [], []
         for d in drivers:
             tgt, low = fs_volume(d.client, d.teardown, d.work, kind, s)
-            vols.append(Side(f"{kind} volume{d.suffix}", tgt))
-            lows.append(Side(f"{kind} volume{d.suffix}", low))
+            vols.append(Side(f"{kind} {d.where}", tgt))
+            lows.append(Side(f"{kind} {d.where}", low))
         run_rounds((base, *vols), (seq_write, rand_read, fsync_write, small_files), s, args.rounds, args.only)
         run_rounds((lbase, *lows), (lower_read,), s, args.rounds, args.only)
         for vol, low in zip(vols, lows, strict=True):
@@ -344,7 +345,7 @@ def measure(drivers: list[Driver], s: Settings, args: argparse.Namespace) -> Non
         os.truncate(raw, s.size)
         base = Side("raw file", raw, block=True)
         vols = [
-            Side(f"block volume{d.suffix}", block_volume(d.client, d.teardown, d.work, s), block=True)
+            Side(f"block {d.where}", block_volume(d.client, d.teardown, d.work, s), block=True)
             for d in drivers
         ]
         run_rounds((base, *vols), (seq_write, rand_read, fsync_write), s, args.rounds, args.only)
