@@ -66,6 +66,10 @@ def test_an_fsync_in_a_volume_on_a_pool_is_one_flush_of_the_pool(pool):
     fsyncs = 32
     rng = random.Random(26)
     with loopdev.attached(image, sector_size=loopdev.FS_SECTOR) as device:
+        # opened by handle, the device still names its file: what restarts and the
+        # second-writer check go by
+        assert host.loop_backing_file(device) == str(image)
+        assert host.loops_under(mnt) == [device]
         fd = os.open(device, os.O_RDWR | os.O_DIRECT)
         try:
             os.pwritev(fd, [buf], 0)
