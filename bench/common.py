@@ -1,4 +1,5 @@
-"""Shared bench plumbing: run the real server in a private mount namespace."""
+"""Shared bench plumbing: run the real server in a private mount namespace, on
+the host's file system or on a pool file."""
 
 from __future__ import annotations
 
@@ -10,8 +11,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from csi_driver import host
 from csi_driver.client import Client
+from csi_driver.host import loopdev
 from csi_driver.server import ServeOptions, Server
+
+#: A pool file's virtual size unless the bench is told otherwise: sparse, so it
+#: costs only what the pool's file system writes.
+POOL_FILE_SIZE = "64Gi"
 
 
 def reexec_in_private_namespace() -> None:
@@ -20,15 +27,15 @@ def reexec_in_private_namespace() -> None:
         sys.exit("benchmarks need root (they mount file systems)")
     if os.environ.get("OVERLAY_CSI_BENCH_NS") != "1":
         os.environ["OVERLAY_CSI_BENCH_NS"] = "1"
-        os.execvp("unshare", ["unshare", "--mount", "--propagation", "private",
-                              *sys.orig_argv])
+        os.execvp("unshare", ["unshare", "--mount", "--propagation", "private", *sys.orig_argv])
 
 
 @contextmanager
 def running_driver(**opts) -> Iterator[tuple[Server, Client, Path]]:
     work = Path(tempfile.mkdtemp(prefix="overlay-csi-bench-", dir=os.environ.get("BENCH_DIR")))
-    server = Server(ServeOptions(endpoint=f"unix://{work}/csi.sock", state_dir=work / "state",
-                                 node_id="bench", **opts))
+    server = Server(
+        ServeOptions(endpoint=f"unix://{work}/csi.sock", state_dir=work / "state", node_id="bench", **opts)
+    )
     server.start()
     client = Client(work / "csi.sock")
     client.wait_ready()
@@ -37,10 +44,30 @@ def running_driver(**opts) -> Iterator[tuple[Server, Client, Path]]:
     finally:
         client.close()
         server.stop(grace=5)
-        from csi_driver import host
-
         for m in host.mounts_under(work):
             host.umount(m.target, lazy=True)
         for device in host.loops_under(work):  # block volumes' devices stay otherwise
             host.loop_detach(device)
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def pool_file(path: Path, size: int) -> Iterator[str]:
+    """A pool made the way the driver makes one from a file: a new sparse file
+    of ``size`` bytes attached to a direct-I/O loop device with 4 KiB sectors;
+    yield the device, to be handed to a driver as its pool device (which formats
+    and mounts it: ``pool.prepare``). Afterwards every mount of the device is
+    undone, the device detached and the file removed."""
+    with open(path, "xb") as f:  # never an existing file: it would be destroyed
+        f.truncate(size)
+    try:
+        device = loopdev.attach(path, sector_size=loopdev.FS_SECTOR)
+        try:
+            yield device
+        finally:
+            for m in reversed(host.MountTable.read().entries):
+                if m.source == device:
+                    host.umount(m.target, lazy=True)
+            host.loop_detach(device)
+    finally:
+        path.unlink(missing_ok=True)

@@ -10,8 +10,16 @@ Targets (issue 11): sequential write >= 0.9x, O_DIRECT 4 KiB random read >= 0.9x
 fsync'd 4 KiB random write >= 0.5x, small files >= 0.9x, a file read from a lower
 layer >= 0.9x, page cache growth <= 1.1x the data written.
 
+With ``--pool-file PATH`` a second driver keeps its state dir on a pool file
+made there (a sparse file on the host file system, a direct-I/O loop device with
+4 KiB sectors, formatted and mounted by ``pool.prepare``), and each kind is also
+measured on it in the same interleaved rounds (the order rotates every round);
+one more table gives the pool file against today's default side by side. The
+pool file is removed at the end.
+
 Usage: python -m bench.data_path [--rounds 5] [--size-mib 1024] [--seconds 8]
-       [--kinds ext4,xfs,block]    (BENCH_DIR picks the host file system; /var/tmp)
+       [--kinds ext4,xfs,block] [--pool-file PATH [--pool-file-size 64Gi]]
+       (BENCH_DIR picks the host file system; /var/tmp)
 """
 
 from __future__ import annotations
@@ -24,10 +32,12 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import reexec_in_private_namespace, running_driver
+from bench.common import POOL_FILE_SIZE, pool_file, reexec_in_private_namespace, running_driver
+from csi_driver.cli.args import parse_size
 from csi_driver.client import mount_capability
 from csi_driver.proto import csi_pb2 as csi
 
@@ -78,7 +88,7 @@ def fio(target: Path, *args: str, directory: bool = True) -> dict:
     where = f"--directory={target}" if directory else f"--filename={target}"
     argv = ["fio", "--name=bench", where, "--ioengine=psync", "--output-format=json", *args]
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    return json.loads(out[out.index("{"):])["jobs"][0]
+    return json.loads(out[out.index("{") :])["jobs"][0]
 
 
 def wall(fn: Callable[[], object]) -> float:
@@ -97,8 +107,11 @@ def seq_write(target: Path, s: Settings, block: bool = False) -> dict[str, float
     drop_caches()
     before = page_cache()
     extra = ["--direct=1"] if block else []
-    dt = wall(lambda: fio(target, "--rw=write", "--bs=1M", f"--size={s.size}", "--end_fsync=1",
-                          *extra, directory=not block))
+    dt = wall(
+        lambda: fio(
+            target, "--rw=write", "--bs=1M", f"--size={s.size}", "--end_fsync=1", *extra, directory=not block
+        )
+    )
     return {"seq write MB/s": s.size / dt / 1e6, "page cache / data": (page_cache() - before) / s.size}
 
 
@@ -107,18 +120,34 @@ def rand_read(target: Path, s: Settings, block: bool = False) -> dict[str, float
     if not block:
         fio(target, "--rw=write", "--bs=1M", f"--size={s.size}", "--filename=rr", "--end_fsync=1")
     drop_caches()
-    job = fio(target, "--rw=randread", "--bs=4k", "--direct=1", f"--size={s.size}",
-              f"--runtime={s.seconds}", "--time_based", *([] if block else ["--filename=rr"]),
-              directory=not block)
+    job = fio(
+        target,
+        "--rw=randread",
+        "--bs=4k",
+        "--direct=1",
+        f"--size={s.size}",
+        f"--runtime={s.seconds}",
+        "--time_based",
+        *([] if block else ["--filename=rr"]),
+        directory=not block,
+    )
     return {"4k O_DIRECT rand read IOPS": job["read"]["iops"]}
 
 
 def fsync_write(target: Path, s: Settings, block: bool = False) -> dict[str, float]:
     """4 KiB random writes, each followed by fsync (a database's commit)."""
     size = min(s.size, 256 * MiB)
-    job = fio(target, "--rw=randwrite", "--bs=4k", "--fsync=1", f"--size={size}",
-              f"--runtime={s.seconds}", "--time_based", *(["--direct=1"] if block else ["--filename=fw"]),
-              directory=not block)
+    job = fio(
+        target,
+        "--rw=randwrite",
+        "--bs=4k",
+        "--fsync=1",
+        f"--size={size}",
+        f"--runtime={s.seconds}",
+        "--time_based",
+        *(["--direct=1"] if block else ["--filename=fw"]),
+        directory=not block,
+    )
     return {"4k rand write+fsync IOPS": job["write"]["iops"]}
 
 
@@ -144,8 +173,11 @@ def small_files(target: Path, s: Settings) -> dict[str, float]:
 def lower_read(target: Path, s: Settings) -> dict[str, float]:
     """Sequential read, cold, of a file that lives in a lower layer."""
     drop_caches()
-    dt = wall(lambda: fio(target / "lower.bin", "--rw=read", "--bs=1M", f"--size={s.size}",
-                          "--readonly", directory=False))
+    dt = wall(
+        lambda: fio(
+            target / "lower.bin", "--rw=read", "--bs=1M", f"--size={s.size}", "--readonly", directory=False
+        )
+    )
     return {"lower-layer read MB/s": s.size / dt / 1e6}
 
 
@@ -208,10 +240,13 @@ def block_volume(client, t: Teardown, work: Path, s: Settings) -> Path:
     return tgt
 
 
-def run_rounds(pair: tuple[Side, Side], workloads, s: Settings, rounds: int, only: str = "") -> None:
+def run_rounds(sides: tuple[Side, ...], workloads, s: Settings, rounds: int, only: str = "") -> None:
+    """Each round runs every workload on every side; the order rotates every round,
+    so noise from the rest of the machine falls on all sides alike."""
     workloads = [w for w in workloads if not only or w.__name__ in only.split(",")]
     for r in range(rounds if workloads else 0):
-        order = pair if r % 2 == 0 else pair[::-1]
+        shift = r % len(sides)
+        order = sides[shift:] + sides[:shift]
         for workload in workloads:
             for side in order:
                 if side.block:
@@ -232,6 +267,17 @@ def report(title: str, base: Side, vol: Side) -> None:
         print(f"{key:28} {b:14.2f} {v:14.2f} {ratio:>7}")
 
 
+@dataclass
+class Driver:
+    """One running driver the volumes are made on; ``where`` names its sides
+    ("volume": today's default, "on pool": the pool file)."""
+
+    where: str
+    client: object
+    teardown: Teardown
+    work: Path
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=5)
@@ -240,47 +286,79 @@ def main() -> None:
     p.add_argument("--files", type=int, default=20000)
     p.add_argument("--kinds", default="ext4,xfs,block")
     p.add_argument("--only", default="", help="comma-separated workload functions, e.g. fsync_write")
+    p.add_argument("--pool-file", type=Path, help="also measure on a pool file made at this (new) path")
+    p.add_argument("--pool-file-size", type=parse_size, default=parse_size(POOL_FILE_SIZE))
     args = p.parse_args()
     if shutil.which("fio") is None:
         raise SystemExit("fio is not installed (bash scripts/setup.sh --test installs it)")
+    if args.pool_file and args.pool_file.exists():
+        raise SystemExit(f"{args.pool_file} exists: the bench makes its pool file and removes it after")
     reexec_in_private_namespace()
     s = Settings(args.size_mib * MiB, args.seconds, args.files)
-    with running_driver() as (_server, client, work):
-        teardown = Teardown(client)
-        try:
-            measure(client, teardown, work, s, args)
-        finally:
-            teardown.run()
+    with ExitStack() as stack:
+        drivers = [_driver(stack, "volume")]
+        if args.pool_file:
+            device = stack.enter_context(pool_file(args.pool_file, args.pool_file_size))
+            drivers.append(_driver(stack, "on pool", pool_device=device))
+        measure(drivers, s, args)
 
 
-def measure(client, teardown: Teardown, work: Path, s: Settings, args: argparse.Namespace) -> None:
+def _driver(stack: ExitStack, where: str, **opts) -> Driver:
+    _server, client, work = stack.enter_context(running_driver(**opts))
+    teardown = Teardown(client)
+    stack.callback(teardown.run)
+    return Driver(where, client, teardown, work)
+
+
+def measure(drivers: list[Driver], s: Settings, args: argparse.Namespace) -> None:
     kinds = args.kinds.split(",")
+    work = drivers[0].work
     plain = work / "plain"
     plain.mkdir()
     fs = subprocess.run(["findmnt", "-no", "FSTYPE", "-T", str(work)], capture_output=True, text=True).stdout
-    print(f"host file system: {work} ({fs.strip()}); data {args.size_mib} MiB, "
-          f"{args.seconds} s per timed run", flush=True)
+    print(
+        f"host file system: {work} ({fs.strip()}); data {args.size_mib} MiB, {args.seconds} s per timed run",
+        flush=True,
+    )
+    if len(drivers) > 1:
+        print(f"pool file: {args.pool_file} ({args.pool_file_size / GiB:g} GiB, sparse)", flush=True)
     if {"ext4", "xfs"} & set(kinds):
         write_file(plain / "lower.bin", s.size)
     for kind in [k for k in kinds if k in ("ext4", "xfs")]:
         print(f"{kind} volume vs plain directory", flush=True)
-        tgt, low = fs_volume(client, teardown, work, kind, s)
-        base, vol = Side("plain dir", plain), Side(f"{kind} volume", tgt)
-        run_rounds((base, vol), (seq_write, rand_read, fsync_write, small_files), s, args.rounds, args.only)
-        lbase, lvol = Side("plain dir", plain), Side(f"{kind} volume", low)
-        run_rounds((lbase, lvol), (lower_read,), s, args.rounds, args.only)
-        for key, values in lvol.results.items():
-            vol.results[key], base.results[key] = values, lbase.results[key]
-        report(f"{kind} volume", base, vol)
+        base, lbase = Side("plain dir", plain), Side("plain dir", plain)
+        vols, lows = [], []
+        for d in drivers:
+            tgt, low = fs_volume(d.client, d.teardown, d.work, kind, s)
+            vols.append(Side(f"{kind} {d.where}", tgt))
+            lows.append(Side(f"{kind} {d.where}", low))
+        run_rounds((base, *vols), (seq_write, rand_read, fsync_write, small_files), s, args.rounds, args.only)
+        run_rounds((lbase, *lows), (lower_read,), s, args.rounds, args.only)
+        for vol, low in zip(vols, lows, strict=True):
+            vol.results.update(low.results)
+        base.results.update(lbase.results)
+        report_all(f"{kind} volume", base, vols)
     if "block" in kinds:
         print("raw block volume vs raw file", flush=True)
         raw = work / "raw.img"
         raw.touch()
         os.truncate(raw, s.size)
         base = Side("raw file", raw, block=True)
-        vol = Side("block volume", block_volume(client, teardown, work, s), block=True)
-        run_rounds((base, vol), (seq_write, rand_read, fsync_write), s, args.rounds, args.only)
-        report("block volume", base, vol)
+        vols = [
+            Side(f"block {d.where}", block_volume(d.client, d.teardown, d.work, s), block=True)
+            for d in drivers
+        ]
+        run_rounds((base, *vols), (seq_write, rand_read, fsync_write), s, args.rounds, args.only)
+        report_all("block volume", base, vols)
+
+
+def report_all(title: str, base: Side, vols: list[Side]) -> None:
+    """Each volume against the bare side; with a pool file, also the pool file's
+    volume against today's default (its ratio is the one issue 26 judges)."""
+    report(title, base, vols[0])
+    for vol in vols[1:]:
+        report(f"{title} on the pool file", base, vol)
+        report(f"{title}, pool file against the default", vols[0], vol)
 
 
 if __name__ == "__main__":

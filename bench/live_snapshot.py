@@ -13,12 +13,14 @@ written after it, and the restore byte-identical.
 
 Usage: python -m bench.live_snapshot --state-dir DIR [--data-gib 1]
        python -m bench.live_snapshot --pool-device /dev/loopN [--data-gib 1]
-       python -m bench.live_snapshot --pool-file /var/tmp/pool.img [--data-gib 1]
+       python -m bench.live_snapshot --pool-file PATH [--pool-file-size 64Gi] [--data-gib 1]
 The state dir's file system is what is measured: put DIR on ext4, on xfs
 (reflink=1) or btrfs; ``--pool-device`` formats (if empty) and mounts a disk
-the way ``overlay-csi serve --pool-device`` does, ``--pool-file`` a pool file as
-``serve --pool-file`` (the chart's default) does; the run unmounts it at the end,
-and the file stays for the next run (remove it when done).
+the way ``overlay-csi serve --pool-device`` does; ``--pool-file`` makes a new
+sparse file at PATH, attaches it to a direct-I/O loop device with 4 KiB sectors
+and hands that to the driver as its pool device, and removes it all at the end.
+The disk cost is what the state dir's file system lost; with a pool file also
+what the pool file grew by on the host (its allocated blocks).
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-from bench.common import reexec_in_private_namespace
+from bench.common import POOL_FILE_SIZE, pool_file, reexec_in_private_namespace
 from csi_driver import host
+from csi_driver.cli.args import parse_size
 from csi_driver.client import Client
 from csi_driver.server import ServeOptions, Server
 
@@ -62,6 +66,14 @@ def free_bytes(path: Path) -> int:
     os.sync()
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def pool_file_bytes(args: argparse.Namespace) -> int:
+    """What the pool file holds on the host (0 without one), after a sync."""
+    if not args.pool_file:
+        return 0
+    os.sync()
+    return host.allocated_bytes(args.pool_file)
 
 
 def fs_type(path: Path) -> str:
@@ -92,15 +104,20 @@ def main() -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--state-dir", type=Path, help="a directory on the file system to measure")
     where.add_argument("--pool-device", help="a disk (or loop device) for the driver to format and mount")
-    where.add_argument(
-        "--pool-file",
-        type=Path,
-        help="a pool file for the driver to create (or find) and mount (the default install)",
-    )
+    where.add_argument("--pool-file", type=Path, help="a new pool file to make here (removed after)")
+    p.add_argument("--pool-file-size", type=parse_size, default=parse_size(POOL_FILE_SIZE))
     p.add_argument("--data-gib", type=float, default=1.0)
     args = p.parse_args()
+    if args.pool_file and args.pool_file.exists():
+        raise SystemExit(f"{args.pool_file} exists: the bench makes its pool file and removes it after")
     reexec_in_private_namespace()
+    with ExitStack() as stack:
+        if args.pool_file:
+            args.pool_device = stack.enter_context(pool_file(args.pool_file, args.pool_file_size))
+        measure(args)
 
+
+def measure(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="overlay-csi-live-"))
     state = (args.state_dir / f"live-snapshot-{os.getpid()}") if args.state_dir else work / "pool"
     opts = ServeOptions(
@@ -108,7 +125,6 @@ def main() -> None:
         state_dir=state,
         node_id="bench",
         pool_device=args.pool_device or "",
-        pool_file=str(args.pool_file or ""),
         max_live_snapshot_copy=0,  # a state dir that cannot clone: measure the copy, however long
     )
     server = Server(opts)
@@ -137,12 +153,12 @@ def main() -> None:
         rows = []
         snaps = []
         for name in ("first", "second"):
-            before = free_bytes(state)
+            before, host_before = free_bytes(state), pool_file_bytes(args)
             t0 = time.monotonic()
             snaps.append(client.create_snapshot(name, vol).snapshot_id)
             t1 = time.monotonic()
             time.sleep(1)  # the pod goes on writing: that is in the next snapshot's cost
-            rows.append((name, t0, t1, before - free_bytes(state)))
+            rows.append((name, t0, t1, before - free_bytes(state), pool_file_bytes(args) - host_before))
         stop.touch()
         writer.wait(timeout=30)
         stamps = [float(x) for x in log.read_text().split()]
@@ -160,14 +176,14 @@ def main() -> None:
         for s in snaps:
             client.delete_snapshot(s)
 
-        kind = fs_type(state)
-        if args.pool_device or args.pool_file:
-            kind = f"pool {'device' if args.pool_device else 'file'} ({kind})"
+        kind = f"pool device ({fs_type(state)})" if args.pool_device else fs_type(state)
+        kind = f"pool file {args.pool_file} ({fs_type(state)})" if args.pool_file else kind
         print(f"state dir on {kind}, {args.data_gib:g} GiB of data, writer: 4 KiB + fsync every 2 ms")
         print(f"{'snapshot':8} {'time':>8} {'longest stall':>14} {'disk cost':>10}")
-        for name, t0, t1, cost in rows:
+        for name, t0, t1, cost, host_cost in rows:
             stall = longest_gap(stamps, t0, t1)
-            print(f"{name:8} {t1 - t0:>7.3f}s {stall * 1000:>11.0f} ms {cost / MiB:>7.1f} MiB")
+            grown = f"   pool file grew {host_cost / MiB:.1f} MiB" if args.pool_file else ""
+            print(f"{name:8} {t1 - t0:>7.3f}s {stall * 1000:>11.0f} ms {cost / MiB:>7.1f} MiB{grown}")
         print(f"restore of the first byte-identical: {'yes' if identical else 'NO'}")
     finally:
         client.close()

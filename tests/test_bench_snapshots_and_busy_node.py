@@ -37,6 +37,30 @@ def test_live_snapshot_bench_prints_both_snapshots_and_an_identical_restore(tmp_
     assert list(state.iterdir()) == [], "the bench removes its state dir"
 
 
+def test_live_snapshot_bench_on_a_pool_file_reports_its_growth_and_removes_it(tmp_path):
+    pool = tmp_path / "pool.img"
+    out = bench(
+        tmp_path,
+        "bench.live_snapshot",
+        "--pool-file",
+        str(pool),
+        "--pool-file-size",
+        "8Gi",  # sparse; the volume and its restore are 1 GiB more than the data each
+        "--data-gib",
+        "0.01",
+    )
+    assert f"state dir on pool file {pool} (xfs)" in out, out
+    rows = re.findall(
+        r"^(first|second)\s+(\d+\.\d+)s\s+(\d+) ms\s+(-?\d+\.\d) MiB"
+        r"\s+pool file grew (-?\d+\.\d) MiB$",
+        out,
+        re.M,
+    )
+    assert [r[0] for r in rows] == ["first", "second"], out
+    assert "restore of the first byte-identical: yes" in out
+    assert not pool.exists(), "the bench removes its pool file"
+
+
 def test_busy_node_bench_prints_every_figure(tmp_path):
     out = bench(tmp_path, "bench.busy_node", "--samples", "2", "--staged", "0,2", "--existing", "5")
     for row in ("pod start", "teardown", "CreateVolume alone"):

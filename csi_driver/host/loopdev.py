@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from csi_driver.errors import DriverError, ResourceExhausted
+from csi_driver.host import xfshandle
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,10 @@ def attached(
     """
     flags = LO_FLAGS_DIRECT_IO | (LO_FLAGS_READ_ONLY if readonly else 0)
     flags |= LO_FLAGS_AUTOCLEAR if autoclear else 0
-    image_fd = os.open(image, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+    if readonly:
+        image_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    else:  # on xfs without mtime updates: an fsync in the volume is then one flush (xfshandle)
+        image_fd = xfshandle.open_image(image, os.O_RDWR | os.O_CLOEXEC)
     try:
         device, device_fd = _claim(image_fd, os.fsencode(image), sector_size, flags)
     finally:
