@@ -8,7 +8,7 @@ import time
 from csi_driver.engine.capture import Capture
 from csi_driver.engine.context import BLOCK, GROUP_PREFIX, SNAPSHOT_PREFIX, EngineContext
 from csi_driver.engine.transfers import exported_id, snapshot_reference
-from csi_driver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi_driver.errors import AlreadyExists, FailedPrecondition, NotFound
 from csi_driver.ids import issued_id, new_id
 from csi_driver.locks import KeyedLocks
 from csi_driver.registry.reference import Repository
@@ -147,8 +147,6 @@ class Snapshots:
             v = tx.volume(source_volume_id)
             if v is None:
                 raise NotFound(f"volume {source_volume_id} does not exist")
-            if repository is not None and v.access_type == BLOCK:
-                raise InvalidArgument("a block volume's snapshot cannot be exported to a registry")
             self._check_limit(tx, v)
         admitted = self.ctx.capacity.admit(self.ctx.allocation(v), f"snapshot {name!r}")
         with admitted, self.ctx.scratch() as scratch:
