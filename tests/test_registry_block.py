@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,6 +21,7 @@ from csi_driver.proto import csi_pb2 as csi
 from csi_driver.proto import csi_pb2_grpc
 from csi_driver.registry.client import RegistryClient
 from csi_driver.registry.reference import Repository
+from csi_driver.service.pending_deletes import DeleteRetrier
 from driver_harness import Driver, serving
 from registry_harness import REGISTRY_BINARY, FaultProxy, LocalRegistry
 
@@ -217,4 +219,40 @@ def test_an_exported_group_snapshot_restores_and_deletes(nodes: tuple[LocalRegis
     assert code == grpc.StatusCode.NOT_FOUND
     for vid in (v1, v2):
         a.client.delete_volume(vid)
+    nothing_left(a)
+
+
+def test_a_group_deleted_while_its_registry_is_down(nodes: tuple[LocalRegistry, Driver, Driver]) -> None:
+    """The group goes at once; its members' manifests once the registry is back."""
+    reg, a, _b = nodes
+    a.engine.pending_deletes.first = 0.2
+    a.engine.pending_deletes.longest = 1.0
+    retrier = next(w for w in a.server.background if isinstance(w, DeleteRetrier))
+    retrier.interval = 0.05
+    v1, _ = written_volume(a, "one", WRITES[:1])
+    groups = csi_pb2_grpc.GroupControllerStub(a.client.channel)
+    request = csi.CreateVolumeGroupSnapshotRequest(
+        name="g", source_volume_ids=[v1], parameters={"repository": f"{reg.host}/{REPO}"}
+    )
+    group = groups.CreateVolumeGroupSnapshot(request).group_snapshot
+    (sid,) = [s.snapshot_id for s in group.snapshots]
+    reg.stop()
+    try:
+        groups.DeleteVolumeGroupSnapshot(
+            csi.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=group.group_snapshot_id)
+        )
+        code, _ = code_of(
+            groups.GetVolumeGroupSnapshot,
+            csi.GetVolumeGroupSnapshotRequest(group_snapshot_id=group.group_snapshot_id),
+        )
+        assert code == grpc.StatusCode.NOT_FOUND
+        assert a.engine.pending_deletes.get(sid) is not None, "the member's manifest deletion is recorded"
+    finally:
+        reg.start()
+    end = time.monotonic() + 60
+    while a.engine.pending_deletes.get(sid) is not None:
+        assert time.monotonic() < end, "the deletion is retried once the registry is back"
+        time.sleep(0.05)
+    assert manifest_of(reg, sid) is None
+    a.client.delete_volume(v1)
     nothing_left(a)
