@@ -42,7 +42,8 @@ def _propagation(path: Path) -> Check:
             "mount_propagation",
             FAIL,
             f"{path} is not visible in this pod",
-            f"mount the host's {path} into the node plugin (hostPath) with mountPropagation: Bidirectional",
+            f"mount the host's {path} into the node plugin (hostPath) "
+            "with mountPropagation: Bidirectional",
         )
     m = mount_of(str(path))
     tags = m.optional if m else []

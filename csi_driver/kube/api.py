@@ -69,41 +69,22 @@ class ClusterApi:
         return None if pv is None else self._plain(pv)
 
     def patch_pv(self, name: str, patch: Obj) -> None:
-        self._call(
-            f"patch PersistentVolume {name}",
-            self._core.patch_persistent_volume,
-            name,
-            patch,
-            _content_type=MERGE_PATCH,
-        )
+        self._call(f"patch PersistentVolume {name}", self._core.patch_persistent_volume, name, patch,
+                   _content_type=MERGE_PATCH)
 
     def list_pvs(self, label_selector: str) -> list[Obj]:
-        found = self._call(
-            "list PersistentVolumes", self._core.list_persistent_volume, label_selector=label_selector
-        )
+        found = self._call("list PersistentVolumes", self._core.list_persistent_volume,
+                           label_selector=label_selector)
         return [] if found is None else [self._plain(x) for x in found.items]
 
     def list_snapshot_contents(self) -> list[Obj]:
-        found = self._call(
-            "list VolumeSnapshotContents",
-            self._custom.list_cluster_custom_object,
-            SNAPSHOT_GROUP,
-            SNAPSHOT_VERSION,
-            CONTENTS,
-        )
+        found = self._call("list VolumeSnapshotContents", self._custom.list_cluster_custom_object,
+                           SNAPSHOT_GROUP, SNAPSHOT_VERSION, CONTENTS)
         return [] if found is None else list(found.get("items", []))
 
     def patch_snapshot_content(self, name: str, patch: Obj) -> None:
-        self._call(
-            f"patch VolumeSnapshotContent {name}",
-            self._custom.patch_cluster_custom_object,
-            SNAPSHOT_GROUP,
-            SNAPSHOT_VERSION,
-            CONTENTS,
-            name,
-            patch,
-            _content_type=MERGE_PATCH,
-        )
+        self._call(f"patch VolumeSnapshotContent {name}", self._custom.patch_cluster_custom_object,
+                   SNAPSHOT_GROUP, SNAPSHOT_VERSION, CONTENTS, name, patch, _content_type=MERGE_PATCH)
 
 
 def connect(setting: str) -> KubeApi | None:
@@ -116,10 +97,8 @@ def connect(setting: str) -> KubeApi | None:
     try:
         return ClusterApi()
     except ImportError:
-        log.warning(
-            "the kubernetes client is not installed: VolumeAttributesClass changes and "
-            "pre-provisioned snapshot contents are not handled"
-        )
+        log.warning("the kubernetes client is not installed: VolumeAttributesClass changes and "
+                    "pre-provisioned snapshot contents are not handled")
     except Exception as e:  # not in a pod: no service account, no KUBERNETES_SERVICE_HOST
         log.info("no Kubernetes API (%s): running without it", str(e)[:200])
     return None

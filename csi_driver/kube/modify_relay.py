@@ -39,16 +39,8 @@ POLL_SECONDS = 0.25
 MAX_WAIT_SECONDS = 60.0
 _CODES: dict[str, type[DriverError]] = {
     cls.code: cls
-    for cls in (
-        errors.InvalidArgument,
-        NotFound,
-        errors.OutOfRange,
-        errors.ResourceExhausted,
-        FailedPrecondition,
-        errors.Aborted,
-        Unavailable,
-        errors.AlreadyExists,
-    )
+    for cls in (errors.InvalidArgument, NotFound, errors.OutOfRange, errors.ResourceExhausted,
+                FailedPrecondition, errors.Aborted, Unavailable, errors.AlreadyExists)
 }
 
 
@@ -108,15 +100,10 @@ class ModifyRelay:
             return self._answer(result, node)  # a retry of a change the node has already answered
         if not same:
             request = {"id": uuid.uuid4().hex, "volumeId": volume_id, "node": node, "parameters": parameters}
-            self.api.patch_pv(
-                pv_name,
-                {
-                    "metadata": {
-                        "labels": {self.keys.pending: "true"},
-                        "annotations": {self.keys.request: json.dumps(request, sort_keys=True)},
-                    }
-                },
-            )
+            self.api.patch_pv(pv_name, {"metadata": {
+                "labels": {self.keys.pending: "true"},
+                "annotations": {self.keys.request: json.dumps(request, sort_keys=True)},
+            }})
             log.info("modification of %s handed to node %s: %s", volume_id, node, parameters)
         deadline = time.monotonic() + max(0.0, min(seconds, MAX_WAIT_SECONDS))
         while time.monotonic() < deadline:
@@ -125,16 +112,13 @@ class ModifyRelay:
             result = _json((pv.get("metadata") or {}).get("annotations") or {}, self.keys.result)
             if result.get("id") == request["id"]:
                 return self._answer(result, node)
-        raise Unavailable(
-            f"node {node} has not applied the modification of {volume_id} yet; "
-            "the resizer's retry waits for it"
-        )
+        raise Unavailable(f"node {node} has not applied the modification of {volume_id} yet; "
+                          "the resizer's retry waits for it")
 
     def _pv(self, volume_id: str, pv_name: str) -> Obj:
         if not pv_name:
             raise FailedPrecondition(
-                f"no {PV_NAME_KEY} in mutable_parameters: run csi-resizer with --extra-modify-metadata"
-            )
+                f"no {PV_NAME_KEY} in mutable_parameters: run csi-resizer with --extra-modify-metadata")
         pv = self.api.get_pv(pv_name)
         if pv is None:
             raise NotFound(f"PersistentVolume {pv_name} does not exist")
@@ -184,25 +168,18 @@ class ModifyWatcher(Periodic):
             result = self._apply(request)
             if result["code"] == "ABORTED":
                 continue  # the volume is busy: next pass
-            self.api.patch_pv(
-                meta.get("name", ""),
-                {
-                    "metadata": {
-                        "labels": {self.keys.pending: None},
-                        "annotations": {self.keys.result: json.dumps(result, sort_keys=True)},
-                    }
-                },
-            )
+            self.api.patch_pv(meta.get("name", ""), {"metadata": {
+                "labels": {self.keys.pending: None},
+                "annotations": {self.keys.result: json.dumps(result, sort_keys=True)},
+            }})
             answered += 1
         return answered
 
     def _apply(self, request: dict[str, Any]) -> dict[str, str]:
         volume_id, params = request.get("volumeId"), request.get("parameters")
         answer = {"id": str(request.get("id", ""))}
-        if (
-            not isinstance(volume_id, str)
-            or not isinstance(params, dict)
-            or not all(isinstance(k, str) and isinstance(v, str) for k, v in params.items())
+        if not isinstance(volume_id, str) or not isinstance(params, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in params.items()
         ):
             return {**answer, "code": "INVALID_ARGUMENT", "message": "malformed modification request"}
         try:
