@@ -105,7 +105,6 @@ class Engine:
         self.list_snapshots = self.snapshots.list_snapshots
         self.create_group_snapshot = self.snapshots.create_group_snapshot
         self.get_group_snapshot = self.snapshots.get_group_snapshot
-        self.delete_group_snapshot = self.snapshots.delete_group_snapshot
         self.stage = self.node.stage
         self.unstage = self.node.unstage
         self.publish = self.node.publish
@@ -207,6 +206,34 @@ class Engine:
             self.pending_deletes.asked_again(snapshot_id, credentials)
             return None
         return self.transfers.delete_exported(snapshot_id, credentials)
+
+    def export_group(self, group_id: str, credentials: Credentials | None) -> tuple[dict, list[Snapshot]]:
+        """Push a group snapshot's members taken for export, those not pushed yet. A push
+        that fails takes the whole group back (its manifests pushed so far too): nobody
+        was given its id, and the caller's retry takes it anew."""
+        found = self.get_group_snapshot(group_id)
+        if found is None:
+            raise Aborted(f"group snapshot {group_id} was taken back: its push failed meanwhile; retry")
+        try:
+            for snap in found[1]:
+                if snapshot_reference(snap.id) is not None and not snap.exported:
+                    self.transfers.push_snapshot(snap, credentials)
+        except BaseException:
+            self.delete_group_snapshot(group_id, credentials)
+            raise
+        return self.get_group_snapshot(group_id) or found
+
+    def delete_group_snapshot(self, group_id: str, credentials: Credentials | None = None) -> None:
+        """Delete a group snapshot and its members; exported members' artifacts go from
+        their registry first, or their deletion is recorded while it cannot be reached
+        (as ``delete_snapshot`` does for one)."""
+        found = self.get_group_snapshot(group_id)
+        if found is None:
+            return
+        pending = [p for s in found[1] if (p := self._delete_exported(s.id, credentials)) is not None]
+        self.snapshots.delete_group_snapshot(group_id, pending)
+        for p in pending:
+            self.pending_deletes.recorded(p, credentials)
 
     def list_volumes(self, after_seq: int, limit: int) -> list[Volume]:
         with self.store.read() as tx:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 from csi_driver.engine.capture import Capture
 from csi_driver.engine.context import BLOCK, GROUP_PREFIX, SNAPSHOT_PREFIX, EngineContext
 from csi_driver.engine.transfers import exported_id, snapshot_reference
-from csi_driver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi_driver.errors import AlreadyExists, FailedPrecondition, NotFound
 from csi_driver.ids import issued_id, new_id
 from csi_driver.locks import KeyedLocks
 from csi_driver.registry.reference import Repository
@@ -33,15 +34,23 @@ class Snapshots:
                 "delete some of its snapshots first"
             )
 
-    def create_group_snapshot(self, name: str, volume_ids: list[str]) -> tuple[dict, list[Snapshot]]:
-        """Snapshots of several volumes taken at one instant (all frozen together)."""
+    def create_group_snapshot(
+        self, name: str, volume_ids: list[str], repository: Repository | None = None
+    ) -> tuple[dict, list[Snapshot]]:
+        """Snapshots of several volumes taken at one instant (all frozen together).
+        ``repository``: the members are for export there, each id its artifact's
+        reference (``Engine.export_group`` pushes them)."""
         members = sorted(set(volume_ids))
         with self.ctx.store.tx() as tx:
             existing = tx.group_by_name(name)
             if existing is not None:
-                if sorted(existing["members"]) == members:
-                    return existing, self._group_snapshots(tx, existing["id"])
-                raise AlreadyExists(f"group snapshot {name!r} exists with other volumes")
+                snaps = self._group_snapshots(tx, existing["id"])
+                if sorted(existing["members"]) != members:
+                    raise AlreadyExists(f"group snapshot {name!r} exists with other volumes")
+                refs = {(ref.repository if (ref := snapshot_reference(s.id)) else None) for s in snaps}
+                if refs != {repository}:
+                    raise AlreadyExists(f"group snapshot {name!r} exists with another repository parameter")
+                return existing, snaps
             vols = []
             for vid in members:
                 v = tx.volume(vid)
@@ -56,7 +65,12 @@ class Snapshots:
             with self.ctx.store.tx() as tx:
                 tx.add_group(group_id, name, members)
                 for v, layer in zip(vols, layers, strict=True):
-                    self._record_snapshot(tx, f"{group_id}/{v.id}", v, layer, group_id)
+                    member_id = (
+                        exported_id(repository, SNAPSHOT_PREFIX + new_id())
+                        if repository is not None
+                        else issued_id(SNAPSHOT_PREFIX, self.ctx.config.node_id)
+                    )
+                    self._record_snapshot(tx, f"{group_id}/{v.id}", v, layer, group_id, member_id)
                 group = tx.group(group_id)
                 snaps = self._group_snapshots(tx, group_id)
         assert group is not None
@@ -71,8 +85,12 @@ class Snapshots:
             group = tx.group(group_id)
             return (group, self._group_snapshots(tx, group_id)) if group else None
 
-    def delete_group_snapshot(self, group_id: str) -> None:
+    def delete_group_snapshot(self, group_id: str, pending: Sequence[PendingDelete] = ()) -> None:
+        """Delete a group and its members; ``pending`` (members' manifest deletions that
+        wait for their registry) is recorded in the same transaction."""
         with self.ctx.store.tx() as tx:
+            for p in pending:
+                tx.add_pending_delete(p)
             if tx.group(group_id) is None:
                 return
             for s in self._group_snapshots(tx, group_id):
@@ -147,8 +165,6 @@ class Snapshots:
             v = tx.volume(source_volume_id)
             if v is None:
                 raise NotFound(f"volume {source_volume_id} does not exist")
-            if repository is not None and v.access_type == BLOCK:
-                raise InvalidArgument("a block volume's snapshot cannot be exported to a registry")
             self._check_limit(tx, v)
         admitted = self.ctx.capacity.admit(self.ctx.allocation(v), f"snapshot {name!r}")
         with admitted, self.ctx.scratch() as scratch:

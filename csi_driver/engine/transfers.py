@@ -47,6 +47,8 @@ from typing import Any, BinaryIO
 from csi_driver.engine.context import BLOCK, SNAPSHOT_PREFIX, EngineContext
 from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from csi_driver.ids import untagged
+from csi_driver.layerstore import blockimage
+from csi_driver.layerstore.blockimage import MEDIA_TYPE as BLOCK_MEDIA_TYPE
 from csi_driver.layerstore.ocidiff import DiffError, TooManyEntries, count_tar
 from csi_driver.locks import KeyedLocks
 from csi_driver.registry import cancel
@@ -214,13 +216,15 @@ class Transfers:
         local_id = own.tag if own is not None else untagged(snap.id)  # an OCI tag holds no '@'
         ref = Reference.parse(exported_id(repository, local_id)) if repository else own
         assert ref is not None
-        if snap.access_type == BLOCK:
-            raise InvalidArgument("a block volume's snapshot cannot be exported")
         client = self.client(ref.repository, credentials)
         chain = self.ctx.chain(snap.layer)
         with self._pinned([x.id for x in chain]), ExitStack() as held:
-            base = self._export_base(snap, ref.repository, client, held)
-            if base is None:
+            base = (
+                None if snap.access_type == BLOCK else self._export_base(snap, ref.repository, client, held)
+            )
+            if snap.access_type == BLOCK:  # one blob of the whole image, holes left out
+                layers = [self._push_block(client, chain[0])]
+            elif base is None:
                 layers = [self._push_layer(client, chain[i:]) for i in reversed(range(len(chain)))]
             else:  # the earlier export's blobs: its manifest says the registry holds them
                 for _blob in base.blobs:
@@ -238,6 +242,7 @@ class Transfers:
             "layers": [x.as_json() for x in layers],
             "annotations": {
                 NOTE + "source-volume": snap.source_volume_id,
+                NOTE + "access-type": snap.access_type,
                 NOTE + "fs-type": snap.fs_type,
                 NOTE + "source-capacity": str(snap.source_capacity),
                 NOTE + "size": str(snap.size_bytes),
@@ -346,6 +351,54 @@ class Transfers:
         self._pushed(exported, client)
         return _layer_descriptor(exported)
 
+    def _push_block(self, client: RegistryClient, layer: Layer) -> Descriptor:
+        """A raw block layer's blob (``blockimage``: its data extents, no holes),
+        uploaded unless the registry has it."""
+        cancel.check()
+        with self.ctx.store.read() as tx:
+            known = [b for b in tx.layer_blobs(layer.id) if b.media_type == BLOCK_MEDIA_TYPE]
+        for blob in known:
+            if client.has_blob(blob.digest):
+                count_blob("push", "skipped")
+                self._pushed(blob, client)
+                return Descriptor(BLOCK_MEDIA_TYPE, blob.digest, blob.size)
+        need = layer.used_bytes + 16 * MiB  # the blob holds the image's data and its extent list
+        with self.ctx.capacity.admit(need, f"export of layer {layer.id}"), self.ctx.scratch() as scratch:
+            path = scratch / "block.img"
+            with open(path, "wb") as f:
+                out = HashingWriter(f)
+                size, data = blockimage.write_image(self.ctx.backend.block_file(layer), out)  # type: ignore[arg-type]
+            exported = Blob(layer.id, "sha256:" + out.sha.hexdigest(), out.size, BLOCK_MEDIA_TYPE, 0)
+            with self.ctx.store.tx() as tx:
+                if tx.layer(layer.id) is not None:
+                    tx.add_layer_blob(exported)
+            client.push_blob(path, exported.digest, exported.size)
+        log.info("block layer %s pushed: %d bytes of data in an image of %d", layer.id, data, size)
+        self._pushed(exported, client)
+        return Descriptor(BLOCK_MEDIA_TYPE, exported.digest, exported.size)
+
+    def _import_block(
+        self, client: RegistryClient, blob: Descriptor, build: Path, size: int, what: str
+    ) -> Any:
+        """Build a raw block layer of ``size`` bytes from its blob as it downloads: only
+        its extents are written (holes stay holes), and the layer may be installed only
+        once the stream's digest checks at the end."""
+        name = f"layer {blob.digest[:19]}"
+        with client.blob(blob.digest, blob.size) as stream:
+            try:
+                built = self.ctx.backend.import_block(
+                    build, size, lambda fd: blockimage.restore_image(stream.read, fd, blob.size, size)
+                )
+            except blockimage.BadImage as e:
+                stream.finish()  # a blob whose digest does not check: that is the cause
+                raise BadContent(f"{what}: {name} is not a valid block image: {e}") from e
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ResourceExhausted(f"{what}: no room to build {name}") from e
+                raise
+            stream.finish()
+        return built
+
     def _pushed(self, blob: Blob, client: RegistryClient) -> None:
         """The repository holds the layer's blob now: pulls from it may use the layer."""
         with self.ctx.store.tx() as tx:
@@ -396,7 +449,10 @@ class Transfers:
         if not blobs:
             raise BadContent(f"{what}: its manifest has no layers")
         notes = _annotations(manifest.body.get("annotations"), what)
-        with self._pull_chain(client, blobs, what) as (tx, top):
+        block = notes["access-type"] == BLOCK
+        if block and (len(blobs) != 1 or blobs[0].media_type != BLOCK_MEDIA_TYPE):
+            raise BadContent(f"{what}: a block snapshot's manifest must hold one {BLOCK_MEDIA_TYPE} layer")
+        with self._pull_chain(client, blobs, what, block_size=notes["size"] if block else None) as (tx, top):
             snap = tx.add_snapshot(
                 Snapshot(
                     seq=0,
@@ -404,7 +460,7 @@ class Transfers:
                     name=snapshot_id,
                     source_volume_id=notes["source-volume"],
                     layer=top.id,
-                    access_type="mount",
+                    access_type=notes["access-type"],
                     fs_type=notes["fs-type"],
                     source_capacity=notes["source-capacity"],
                     size_bytes=notes["size"],
@@ -473,7 +529,7 @@ class Transfers:
             name=snapshot_id,
             source_volume_id=notes["source-volume"],
             layer="",
-            access_type="mount",
+            access_type=notes["access-type"],
             fs_type=notes["fs-type"],
             source_capacity=notes["source-capacity"],
             size_bytes=notes["size"],
@@ -540,13 +596,18 @@ class Transfers:
         raise FailedPrecondition(f"image {name} has no manifest for linux/{arch}")
 
     @contextmanager
-    def _pull_chain(self, client: RegistryClient, blobs: list[Descriptor], what: str) -> Iterator[Any]:
+    def _pull_chain(
+        self, client: RegistryClient, blobs: list[Descriptor], what: str, block_size: int | None = None
+    ) -> Iterator[Any]:
         """Build what is missing of the chain ``blobs`` (bottom first) in scratch,
-        then yield (tx, top layer) inside the one transaction that installs it all."""
+        then yield (tx, top layer) inside the one transaction that installs it all.
+        ``block_size``: the chain is one raw block layer's blob of that image size."""
         ctx = self.ctx
         if len(blobs) > MAX_LAYERS:
             raise BadContent(f"{what}: {len(blobs)} layers (at most {MAX_LAYERS})")
         for blob in blobs:
+            if block_size is not None:
+                continue  # checked by the caller: one block image
             if blob.media_type != LAYER_TAR and blob.media_type not in GZIP_TYPES:
                 raise FailedPrecondition(f"{what}: layer {blob.digest[:19]} is a {blob.media_type[:80]!r}")
         reused: list[str] = []
@@ -584,7 +645,12 @@ class Transfers:
                         cancel.check()
                         build = scratch / f"layer{i}"
                         build.mkdir()
-                        built, count = self._import_blob(client, blob, build, scratch, plan, what, admitted)
+                        if block_size is not None:
+                            built, count = self._import_block(client, blob, build, block_size, what), 0
+                        else:
+                            built, count = self._import_blob(
+                                client, blob, build, scratch, plan, what, admitted
+                            )
                         layer = ctx.new_layer(parent, built, active=False, fs_type=built.fs_type)
                         entries[layer.id] = count
                         plan.append((blob, layer, build))
@@ -772,8 +838,12 @@ def _annotations(raw: Any, what: str) -> dict[str, Any]:
     if not isinstance(source, str) or not 0 < len(source) <= 128:
         raise BadContent(f"{what}: no valid source volume in its manifest")
     out["source-volume"] = source
+    access_type = raw.get(NOTE + "access-type", "mount")  # absent: an export made before block ones
+    if access_type not in ("mount", BLOCK):
+        raise BadContent(f"{what}: access type {str(access_type)[:20]!r} in its manifest")
+    out["access-type"] = access_type
     fs_type = raw.get(NOTE + "fs-type", "")
-    if fs_type not in ("ext4", "xfs", "dir"):
+    if fs_type not in (("ext4", "xfs", "dir") if access_type == "mount" else (BLOCK,)):
         raise BadContent(f"{what}: file system {str(fs_type)[:20]!r} in its manifest")
     out["fs-type"] = fs_type
     for key in ("source-capacity", "size"):

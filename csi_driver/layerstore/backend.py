@@ -216,6 +216,10 @@ class LayerBackend(Protocol):
     def block_file(self, layer: Layer) -> Path:
         """The file behind a raw block layer (attached to a loop device by the engine)."""
 
+    def import_block(self, build: Path, size: int, fill: Callable[[int], int]) -> Built:
+        """A raw block layer of ``size`` bytes built from elsewhere (a registry blob):
+        an empty sparse image that ``fill`` writes into (given its open descriptor)."""
+
     def block_capture(self, layer: Layer, build: Path, devices: Sequence[str]) -> Built:
         """Copy a block layer's bytes at one instant into a build; ``devices`` are
         the loop devices it is attached to (none when detached)."""

@@ -501,6 +501,14 @@ class OverlayLoopBackend:
     def block_file(self, layer: Layer) -> Path:
         return self.layout.image(layer.id)
 
+    def import_block(self, build: Path, size: int, fill: Callable[[int], int]) -> Built:
+        dest = build / "image"
+        with open(dest, "wb") as f:
+            f.truncate(size)
+            fill(f.fileno())
+            os.fsync(f.fileno())
+        return Built(image_bytes=size, used_bytes=host.allocated_bytes(dest), fs_type=BLOCK)
+
     def block_capture(self, layer: Layer, build: Path, devices: Sequence[str]) -> Built:
         """A detached image does not change, so any copy is exact. An attached one
         is written to while we read; only a reflink (one atomic clone of the file,
