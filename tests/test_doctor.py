@@ -236,7 +236,7 @@ def test_troubleshooting_covers_every_error_message():
     assert len(templates) > 50
     missing = []
     for where, parts in templates:
-        key = max((p.strip() for p in parts), key=len)
+        key = max((p.strip() for p in parts), key=len, default="")  # f"{e}{hint}": no words of its own
         if len(key) >= 6 and key not in doc:
             missing.append(f"{where}: {' … '.join(parts)!r}")
     assert not missing, "add these messages to docs/troubleshooting.md:\n" + "\n".join(missing)
