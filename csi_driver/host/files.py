@@ -155,6 +155,25 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (offset, length) runs of data of the file ``fd`` below ``size``, holes left out
+    (SEEK_DATA/SEEK_HOLE)."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if end > start:
+            out.append((start, end - start))
+        pos = end
+    return out
+
+
 def copy_sparse(src: Path, dst: Path) -> int:
     """Copy only the allocated extents of ``src``; return the bytes copied."""
     copied = 0
@@ -162,23 +181,14 @@ def copy_sparse(src: Path, dst: Path) -> int:
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         fo.truncate(size)
         fd_in, fd_out = fi.fileno(), fo.fileno()
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd_in, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break
-                raise
-            end = os.lseek(fd_in, start, os.SEEK_HOLE)
-            off = start
+        for start, length in data_extents(fd_in, size):
+            off, end = start, start + length
             while off < end:
                 n = os.copy_file_range(fd_in, fd_out, min(end - off, 1 << 30), off, off)
                 if n == 0:
                     break
                 off += n
-            copied += end - start
-            pos = end
+            copied += length
         os.fsync(fd_out)
     return copied
 

@@ -15,12 +15,13 @@ else reads as zeros and is a hole again after a restore. A blob is therefore exa
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from csi_driver import host
 
 MEDIA_TYPE = "application/vnd.overlay-csi.block.v1.sparse"
 MAGIC = b"OCSIBLK\0"
@@ -36,24 +37,6 @@ class BadImage(ValueError):
     """A blob that is not a valid block image in this format."""
 
 
-def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    """The (offset, length) runs of data of the file ``fd``, holes left out."""
-    out: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break
-            raise
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        if end > start:
-            out.append((start, end - start))
-        pos = end
-    return out
-
-
 def blob_size(extents: list[tuple[int, int]]) -> int:
     return _HEADER.size + _EXTENT.size * len(extents) + sum(n for _o, n in extents)
 
@@ -64,7 +47,7 @@ def write_image(image: Path, out: BinaryIO) -> tuple[int, int]:
     with open(image, "rb") as f:
         fd = f.fileno()
         size = os.fstat(fd).st_size
-        extents = data_extents(fd, size)
+        extents = host.data_extents(fd, size)
         if len(extents) > MAX_EXTENTS:
             raise BadImage(f"{len(extents)} runs of data (at most {MAX_EXTENTS})")
         out.write(_HEADER.pack(MAGIC, VERSION, 0, size, len(extents)))
