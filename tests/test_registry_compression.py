@@ -191,3 +191,35 @@ def test_a_zstd_bomb_is_refused(nodes: tuple[LocalRegistry, Driver, Driver], tmp
     code, message = code_of(b.client.create_volume, "r", 64 * MiB, snapshot=sid)
     assert code == grpc.StatusCode.DATA_LOSS and "not a valid layer" in message, message
     nothing_left(b)
+
+
+def test_an_incremental_export_in_use_is_compressed(
+    nodes: tuple[LocalRegistry, Driver, Driver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A volume in use, exported twice with zstd: the second export's change layer is a
+    tar+zstd that announces its expansion, and both restore to their trees in one pass."""
+    reg, a, b = nodes
+    params = {"repository": f"{reg.host}/{REPO}", "compression": "zstd"}
+    vid = a.client.create_volume("db", 64 * MiB).volume_id
+    with staged(a, vid) as root:  # in use throughout: each snapshot is a copy of the upper
+        text_like(root)
+        s1 = a.client.create_snapshot("s1", vid, parameters=params)
+        first = tree(root)
+        (root / "more.log").write_text("more lines\n" * 100_000)
+        s2 = a.client.create_snapshot("s2", vid, parameters=params)
+        second = tree(root)
+    bottom, top = layers_of(reg, s2.snapshot_id)
+    assert bottom == layers_of(reg, s1.snapshot_id)[0], "built on the first export's blob"
+    assert top["mediaType"] == OCI + "+zstd" and transfers.LAYER_ENTRIES in top["annotations"]
+    assert top["size"] < int(top["annotations"][transfers.LAYER_EXPANDED]) // 4
+    tried = no_download(monkeypatch)
+    for snap, want in ((s2, second), (s1, first)):
+        restored = b.client.create_volume("copy", 64 * MiB, snapshot=snap.snapshot_id)
+        with staged(b, restored.volume_id) as root:
+            assert tree(root) == want
+        b.client.delete_volume(restored.volume_id)
+    assert tried == []
+    nothing_left(b)
+    for snap in (s1, s2):
+        a.client.delete_snapshot(snap.snapshot_id)
+    a.client.delete_volume(vid)
