@@ -58,7 +58,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && python -c "__import__('shutil').rmtree(__import__('kubernetes.aio', fromlist=['_']).__path__[0])" \
     && python -m pip uninstall --yes --quiet pip setuptools \
     && overlay-csi --help >/dev/null \
-    && python -c 'import csi_driver.kube.api, kubernetes.client'
+    && python -c 'import csi_driver.kube.api, csi_driver.registry.codec, kubernetes.client'
 
 # The node plugin needs root (mounts, loop devices); the chart runs it
 # privileged. The controller-expand companion runs unprivileged.

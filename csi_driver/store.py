@@ -29,9 +29,10 @@ MiB = 1 << 20
 SQLITE_FULL = 13  # sqlite3's result code for a full disk
 MAX_ERROR = 500  # characters of a pending deletion's last error kept
 
-SCHEMA_VERSION = 5  # 3: snapshots.exported and layer_blobs (registries); 4: layer_blob_sources
+SCHEMA_VERSION = 6  # 3: snapshots.exported and layer_blobs (registries); 4: layer_blob_sources
 # (the repositories a blob was pulled from or pushed to); 5: pending_deletes (exported snapshots'
-# manifests to delete once their registry is back) and layer_blobs.entries; older drivers refuse it
+# manifests to delete once their registry is back) and layer_blobs.entries; 6: layer_blobs.expanded
+# (a compressed blob's tar size); older drivers refuse it
 
 # Layers: the graph and what the engine accounts (layers), apart from what the
 # layer backend keeps for itself (layer_storage, one row per layer); the view
@@ -148,6 +149,7 @@ CREATE TABLE IF NOT EXISTS layer_blobs (
     size INTEGER NOT NULL,
     media_type TEXT NOT NULL,
     entries INTEGER NOT NULL DEFAULT 0,
+    expanded INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (layer, digest)
 );
 CREATE INDEX IF NOT EXISTS layer_blobs_digest ON layer_blobs(digest);
@@ -248,6 +250,7 @@ class Blob:
     size: int
     media_type: str
     entries: int = 0  # the tar's entries, at most (an export's count, or what a pull checked); 0: unknown
+    expanded: int = 0  # the tar's size (a compressed blob's, as exported); 0: unknown or uncompressed
 
 
 _LAYER_COLUMNS = ", ".join(f.name for f in fields(Layer))
@@ -526,10 +529,10 @@ class Tx(ReadTx):
         """Record that ``blob`` holds the layer; with ``repository`` (``host/path``), that
         this node pulled it from there (the registry served it) or pushed it there."""
         self.c.execute(
-            "INSERT INTO layer_blobs (layer,digest,size,media_type,entries) VALUES (?,?,?,?,?)"
-            " ON CONFLICT (layer,digest) DO UPDATE SET entries=excluded.entries"
+            "INSERT INTO layer_blobs (layer,digest,size,media_type,entries,expanded) VALUES (?,?,?,?,?,?)"
+            " ON CONFLICT (layer,digest) DO UPDATE SET entries=excluded.entries, expanded=excluded.expanded"
             " WHERE layer_blobs.entries=0",
-            (blob.layer, blob.digest, blob.size, blob.media_type, blob.entries),
+            (blob.layer, blob.digest, blob.size, blob.media_type, blob.entries, blob.expanded),
         )
         if repository:
             self.c.execute(
@@ -738,6 +741,8 @@ class Store:
             columns = {r[1] for r in self._conn.execute("PRAGMA table_info(layer_blobs)")}
             if "entries" not in columns:  # schema 5: a blob's entry count, announced when pushed again
                 self._conn.execute("ALTER TABLE layer_blobs ADD COLUMN entries INTEGER NOT NULL DEFAULT 0")
+            if "expanded" not in columns:  # schema 6: a compressed blob's tar size
+                self._conn.execute("ALTER TABLE layer_blobs ADD COLUMN expanded INTEGER NOT NULL DEFAULT 0")
         with self.tx() as tx:
             row = tx.c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:

@@ -364,7 +364,7 @@ def test_a_schema_4_store_gains_pending_deletes_that_hold_no_secret(tmp_path):
 
     store = Store(db)
     try:
-        assert store.schema_version == SCHEMA_VERSION == 5
+        assert store.schema_version == SCHEMA_VERSION == 6
         sid = "reg.io/a/db:snap-" + "1" * 32
         with store.tx() as tx:
             tx.add_pending_delete(PendingDelete(sid, "sha256:" + "d" * 64, 5.0, last_error="refused"))
@@ -399,7 +399,7 @@ def test_a_schema_4_store_gains_blob_entries_and_keeps_a_known_count(tmp_path):
 
     store = Store(db)
     try:
-        assert store.schema_version == SCHEMA_VERSION == 5
+        assert store.schema_version == SCHEMA_VERSION == 6
         with store.tx() as tx:
             assert tx.layer_blobs("b") == [Blob("b", digest, 10, tar, 0)], "unknown"
             tx.add_layer_blob(Blob("b", digest, 10, tar, 7), repository="reg.io/a/db")
@@ -407,5 +407,32 @@ def test_a_schema_4_store_gains_blob_entries_and_keeps_a_known_count(tmp_path):
             tx.add_layer_blob(Blob("b", digest, 10, tar, 0))
             tx.add_layer_blob(Blob("b", digest, 10, tar, 9))
             assert tx.layer_blobs("b")[0].entries == 7, "and not overwritten"
+    finally:
+        store.close()
+
+
+def test_a_schema_5_store_gains_blob_expansion(tmp_path):
+    """Schema 6 records a compressed blob's tar size (announced when it is pushed again);
+    blobs of a schema 5 store read as unknown (0)."""
+    db = tmp_path / "state.db"
+    digest, zstd = "sha256:" + "e" * 64, "application/vnd.oci.image.layer.v1.tar+zstd"
+    store = Store(db)
+    with store.tx() as tx:
+        tx.add_layer(replace(_layer(), id="b"))
+        tx.add_layer_blob(Blob("b", digest, 10, zstd, 3))
+    store.close()
+    conn = sqlite3.connect(db)  # what a driver of schema 5 left: no expanded column
+    conn.executescript(
+        "ALTER TABLE layer_blobs DROP COLUMN expanded; UPDATE meta SET value='5' WHERE key='schema_version';"
+    )
+    conn.close()
+
+    store = Store(db)
+    try:
+        assert store.schema_version == SCHEMA_VERSION == 6
+        with store.tx() as tx:
+            assert tx.layer_blobs("b") == [Blob("b", digest, 10, zstd, 3, 0)], "unknown"
+            tx.add_layer_blob(Blob("b", "sha256:" + "f" * 64, 10, zstd, 3, 4096))
+            assert tx.layer_blobs("b")[1].expanded == 4096
     finally:
         store.close()

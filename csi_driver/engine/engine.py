@@ -162,12 +162,16 @@ class Engine:
         source_volume_id: str,
         repository: Repository | None = None,
         credentials: Credentials | None = None,
+        compression: str = "none",
     ) -> Snapshot:
-        """A snapshot; with ``repository``, pushed there before it is reported ready."""
+        """A snapshot; with ``repository``, pushed there (its layers compressed with
+        ``compression``) before it is reported ready."""
         snap = self.snapshots.create_snapshot(name, source_volume_id, repository=repository)
-        return self.export_snapshot(snap, credentials)
+        return self.export_snapshot(snap, credentials, compression)
 
-    def export_snapshot(self, snap: Snapshot, credentials: Credentials | None) -> Snapshot:
+    def export_snapshot(
+        self, snap: Snapshot, credentials: Credentials | None, compression: str = "none"
+    ) -> Snapshot:
         """Push a snapshot taken for export, unless it is pushed already (as the store says
         now: a push that ended in the background is not repeated). A push that fails takes
         the snapshot back (nobody was given its id), so nothing is left that only a
@@ -180,7 +184,7 @@ class Engine:
         if now.exported:
             return now
         try:
-            self.transfers.push_snapshot(snap, credentials)
+            self.transfers.push_snapshot(snap, credentials, compression=compression)
         except BaseException:
             self.snapshots.delete_snapshot(snap.id)
             raise

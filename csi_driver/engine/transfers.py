@@ -1,7 +1,8 @@
 """Layers to and from OCI registries: snapshot exports, restores anywhere, base images.
 
 A snapshot is pushed as an OCI artifact: one blob per layer of its chain,
-bottom first, each an uncompressed OCI layer tar (``LayerBackend.export_diff``),
+bottom first, each an OCI layer tar (``LayerBackend.export_diff``), uncompressed or
+compressed with the codec the VolumeSnapshotClass names (``registry.codec``),
 and a manifest whose annotations say what the snapshot is. A layer's blob
 digest is recorded when it is first exported or pulled, so a later push asks
 the registry about it (HEAD) before exporting anything: a chain shares blobs
@@ -51,7 +52,7 @@ from csi_driver.layerstore import blockimage
 from csi_driver.layerstore.blockimage import MEDIA_TYPE as BLOCK_MEDIA_TYPE
 from csi_driver.layerstore.ocidiff import DiffError, TooManyEntries, count_tar
 from csi_driver.locks import KeyedLocks
-from csi_driver.registry import cancel
+from csi_driver.registry import cancel, codec
 from csi_driver.registry.client import (
     DOCKER_LIST,
     OCI_INDEX,
@@ -71,10 +72,7 @@ log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 ARTIFACT_TYPE = "application/vnd.overlay-csi.snapshot.v1"
-LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
-GZIP_TYPES = frozenset(
-    {"application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip"}
-)
+LAYER_TAR = codec.LAYER_TAR
 EMPTY_CONFIG = Descriptor(
     "application/vnd.oci.empty.v1+json",
     "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",  # b"{}"
@@ -89,7 +87,9 @@ LAYER_EXPANDED = "dev.overlay-csi.layer.expanded-size"
 LAYER_ENTRIES = "dev.overlay-csi.layer.entries"
 MAX_SNAPSHOT_ID = 128  # CSI: an id of at most 128 bytes
 MAX_LAYERS = 128  # more than a chain at the default depth cap ever holds
-GZIP_RATIO = 20  # a compressed layer may expand this much (plus 64 MiB), no further
+#: a compressed layer that announces nothing (a foreign image's) may expand this much (plus
+#: 64 MiB), no further; one that announces its expansion is read no further than that
+GZIP_RATIO = 20
 GZIP_SLACK = 64 * MiB
 #: Entries (inodes of its image) a pulled layer may hold. Container layers hold
 #: tens of thousands (a Node or Python tree, a distribution's /usr: 20k-200k);
@@ -97,7 +97,16 @@ GZIP_SLACK = 64 * MiB
 #: what a small hostile gzip (150,000 empty entries fit in 1 MB) can cost.
 MAX_LAYER_ENTRIES = 1_000_000
 #: What a tar or gzip that is no valid layer raises while it is read (OSError: some of them)
-_NOT_A_LAYER = (DiffError, OSError, EOFError, zlib.error, OverflowError, ValueError, RecursionError)
+_NOT_A_LAYER = (
+    DiffError,
+    OSError,
+    EOFError,
+    zlib.error,
+    OverflowError,
+    ValueError,
+    RecursionError,
+    *codec.DECODE_ERRORS,
+)
 #: An incremental export stacks one layer on an earlier export's; a manifest of this
 #: many layers is followed by a whole export (a restore stacks them all)
 MAX_INCREMENTAL_LAYERS = 32
@@ -138,6 +147,23 @@ class HashingWriter:
     def write(self, data: bytes | memoryview) -> int:
         n = self._f.write(data)
         self.sha.update(data[:n])
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        """Nothing is buffered here (a compressor's writer flushes through it)."""
+
+
+class _Counting:
+    """A writer that counts what goes through it (a tar's size, before it is compressed)."""
+
+    def __init__(self, f: codec.Writer) -> None:
+        self._f = f
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        n = self._f.write(data)
+        n = len(data) if n is None else n  # zstd's writer answers what it consumed
         self.size += n
         return n
 
@@ -205,11 +231,16 @@ class Transfers:
 
     # ---- push -----------------------------------------------------------------
     def push_snapshot(
-        self, snap: Snapshot, credentials: Credentials | None, repository: Repository | None = None
+        self,
+        snap: Snapshot,
+        credentials: Credentials | None,
+        repository: Repository | None = None,
+        compression: str = codec.NONE,
     ) -> Reference:
         """Push a snapshot to ``repository`` (default: the one its id names), tagged
-        with its local id; return the artifact's reference, which is the id to
-        restore it by anywhere. Repeating it uploads nothing the registry has."""
+        with its local id, its new layers compressed with ``compression``; return the
+        artifact's reference, which is the id to restore it by anywhere. Repeating it
+        uploads nothing the registry has."""
         own = snapshot_reference(snap.id)
         if repository is None and own is None:
             raise InvalidArgument(f"snapshot {snap.id} names no repository; say where to push it")
@@ -225,11 +256,13 @@ class Transfers:
             if snap.access_type == BLOCK:  # one blob of the whole image, holes left out
                 layers = [self._push_block(client, chain[0])]
             elif base is None:
-                layers = [self._push_layer(client, chain[i:]) for i in reversed(range(len(chain)))]
+                layers = [
+                    self._push_layer(client, chain[i:], compression) for i in reversed(range(len(chain)))
+                ]
             else:  # the earlier export's blobs: its manifest says the registry holds them
                 for _blob in base.blobs:
                     count_blob("push", "skipped")
-                layers = base.blobs + self._push_over(client, base, chain)
+                layers = base.blobs + self._push_over(client, base, chain, compression)
             with self.ctx.scratch() as scratch:
                 config = scratch / "config"
                 config.write_bytes(b"{}")
@@ -294,42 +327,59 @@ class Transfers:
             return None  # a restore would stack too many layers: a whole export starts anew
         return _Base(base, chain, blobs)
 
-    def _push_over(self, client: RegistryClient, base: _Base, chain: list[Layer]) -> list[Descriptor]:
+    def _push_over(
+        self, client: RegistryClient, base: _Base, chain: list[Layer], compression: str
+    ) -> list[Descriptor]:
         """The blobs that make ``chain``'s view out of ``base``'s: the layers above the
         base's own layer when the chain holds it (a detached volume's snapshots), else
         one tar of what changed between the two views (a capture of a volume in use)."""
         ids = [x.id for x in chain]
         if base.snapshot.layer in ids:
             above = ids.index(base.snapshot.layer)
-            return [self._push_layer(client, chain[i:]) for i in reversed(range(above))]
+            return [self._push_layer(client, chain[i:], compression) for i in reversed(range(above))]
         cancel.check()
         top = chain[0]
         need = top.used_bytes + 16 * MiB  # at most the whole view changed: the tar holds the top's data
         with self.ctx.capacity.admit(need, f"export of layer {top.id}"), self.ctx.scratch() as scratch:
-            tar = scratch / "layer.tar"
+            blob = scratch / "layer.blob"
             views = scratch / "views"
             views.mkdir()
-            with open(tar, "wb") as f:
+            with open(blob, "wb") as f:
                 out = HashingWriter(f)
-                stats = self.ctx.backend.export_diff_over(base.chain, chain, views, out)  # type: ignore[arg-type]
+                with codec.compressing(out, compression) as encoder:
+                    tar = _Counting(encoder)
+                    stats = self.ctx.backend.export_diff_over(base.chain, chain, views, tar)  # type: ignore[arg-type]
             digest = "sha256:" + out.sha.hexdigest()
-            client.push_blob(tar, digest, out.size)
+            client.push_blob(blob, digest, out.size)
         log.info(
-            "layer %s pushed as %d bytes of changes (%d files, %d bytes of data) over snapshot %s",
+            "layer %s pushed as %d bytes of changes (%d as %s; %d files, %d bytes of data) over snapshot %s",
             top.id,
+            tar.size,
             out.size,
+            compression,
             stats.entries,
             stats.bytes,
             base.snapshot.id,
         )
-        return [Descriptor(LAYER_TAR, digest, out.size)]
+        media_type = codec.MEDIA_TYPES[compression]
+        if media_type == LAYER_TAR:
+            return [Descriptor(LAYER_TAR, digest, out.size)]
+        # announced: a compressed tar that announces nothing is held to GZIP_RATIO
+        notes = {LAYER_EXPANDED: str(tar.size), LAYER_ENTRIES: str(stats.entries)}
+        return [Descriptor(media_type, digest, out.size, notes)]
 
-    def _push_layer(self, client: RegistryClient, chain: list[Layer]) -> Descriptor:
-        """The blob of ``chain[0]``, uploaded unless the registry has it."""
+    def _push_layer(self, client: RegistryClient, chain: list[Layer], compression: str) -> Descriptor:
+        """The blob of ``chain[0]`` (compressed with ``compression``), uploaded unless the
+        registry has it."""
         layer = chain[0]
+        media_type = codec.MEDIA_TYPES[compression]
         cancel.check()
         with self.ctx.store.read() as tx:
-            known = [b for b in tx.layer_blobs(layer.id) if b.media_type == LAYER_TAR]
+            known = [
+                b
+                for b in tx.layer_blobs(layer.id)
+                if b.media_type == media_type and (media_type == LAYER_TAR or b.expanded)
+            ]
         for blob in known:
             if client.has_blob(blob.digest):
                 count_blob("push", "skipped")
@@ -337,17 +387,21 @@ class Transfers:
                 return _layer_descriptor(blob)
         need = layer.used_bytes + 16 * MiB  # the tar holds the layer's data and headers
         with self.ctx.capacity.admit(need, f"export of layer {layer.id}"), self.ctx.scratch() as scratch:
-            tar = scratch / "layer.tar"
+            path = scratch / "layer.blob"  # the tar, compressed as it is exported
             views = scratch / "views"
             views.mkdir()
-            with open(tar, "wb") as f:
+            with open(path, "wb") as f:
                 out = HashingWriter(f)
-                stats = self.ctx.backend.export_diff(chain, views, out)  # type: ignore[arg-type]
-            exported = Blob(layer.id, "sha256:" + out.sha.hexdigest(), out.size, LAYER_TAR, stats.entries)
+                with codec.compressing(out, compression) as encoder:
+                    tar = _Counting(encoder)
+                    stats = self.ctx.backend.export_diff(chain, views, tar)  # type: ignore[arg-type]
+            expanded = 0 if media_type == LAYER_TAR else tar.size
+            digest = "sha256:" + out.sha.hexdigest()
+            exported = Blob(layer.id, digest, out.size, media_type, stats.entries, expanded)
             with self.ctx.store.tx() as tx:
                 if tx.layer(layer.id) is not None:
                     tx.add_layer_blob(exported)
-            client.push_blob(tar, exported.digest, exported.size)
+            client.push_blob(path, exported.digest, exported.size)
         self._pushed(exported, client)
         return _layer_descriptor(exported)
 
@@ -608,8 +662,11 @@ class Transfers:
         for blob in blobs:
             if block_size is not None:
                 continue  # checked by the caller: one block image
-            if blob.media_type != LAYER_TAR and blob.media_type not in GZIP_TYPES:
-                raise FailedPrecondition(f"{what}: layer {blob.digest[:19]} is a {blob.media_type[:80]!r}")
+            if codec.codec_of(blob.media_type) is None:
+                raise FailedPrecondition(
+                    f"{what}: layer {blob.digest[:19]} is a {blob.media_type[:80]!r}, not a layer media type "
+                    "this driver reads (an OCI layer tar, tar+gzip or tar+zstd)"
+                )
         reused: list[str] = []
         source = client.where  # host/path: the repository the caller's credentials just reached
         try:
@@ -707,21 +764,23 @@ class Transfers:
         made, and nothing is read beyond what was admitted."""
         parents = [layer for _b, layer, _p in reversed(plan)]
         name = f"layer {blob.digest[:19]}"
-        gzipped = blob.media_type in GZIP_TYPES
+        kind = codec.codec_of(blob.media_type)
+        assert kind is not None  # refused before (_pull_chain)
         announced = _announced(blob)
         try:
             if announced is None:
                 return self._import_counted(client, blob, build, scratch, parents, what, admitted)
             expanded, entries = announced
-            cap = blob.size * GZIP_RATIO + GZIP_SLACK if gzipped else blob.size
-            if expanded > cap or (not gzipped and expanded != blob.size):
+            # a compressed blob is read no further than it announces, and admitted for that;
+            # an uncompressed one is its tar
+            if kind == codec.NONE and expanded != blob.size:
                 raise BadContent(f"{what}: {name} announces {expanded} bytes expanded, for {blob.size}")
             if entries > MAX_LAYER_ENTRIES:
                 raise TooManyEntries(f"holds more than {MAX_LAYER_ENTRIES} entries (the per-layer limit)")
             admitted.enter_context(self.ctx.capacity.admit(_layer_need(expanded, entries), f"{what}: {name}"))
             with client.blob(blob.digest, blob.size) as stream:
                 try:
-                    raw: BinaryIO = gzip.open(stream) if gzipped else stream  # type: ignore[assignment]
+                    raw = codec.decompressing(stream, kind)  # type: ignore[arg-type]
                     why = f"{name} expands beyond the {expanded} bytes its manifest announces"
                     reading = _Bounded(raw, expanded, why)
                     try:
@@ -773,14 +832,14 @@ class Transfers:
         download = scratch / "blob"
         client.pull_blob(blob.digest, blob.size, download)
         name = f"layer {blob.digest[:19]}"
-        gzipped = blob.media_type in GZIP_TYPES
+        kind = codec.codec_of(blob.media_type) or codec.NONE
 
         def opened(raw: BinaryIO, limit: int, why: str) -> _Bounded:
-            return _Bounded(gzip.open(raw) if gzipped else raw, limit, why)  # type: ignore[arg-type]
+            return _Bounded(codec.decompressing(raw, kind), limit, why)
 
         try:
             with open(download, "rb") as raw:
-                cap = blob.size * GZIP_RATIO + GZIP_SLACK if gzipped else blob.size
+                cap = blob.size * GZIP_RATIO + GZIP_SLACK if kind != codec.NONE else blob.size
                 counting = opened(raw, cap, f"{name} expands beyond {GZIP_RATIO} times its size")
                 stats = count_tar(counting, MAX_LAYER_ENTRIES)  # type: ignore[arg-type]
                 expanded = counting.count + 4 * MiB  # what the import may read: buffering differs
@@ -815,9 +874,10 @@ def _announced(blob: Descriptor) -> tuple[int, int] | None:
 
 
 def _layer_descriptor(blob: Blob) -> Descriptor:
-    """A layer tar's descriptor, announcing its expansion when its entries are known."""
-    notes = {LAYER_EXPANDED: str(blob.size), LAYER_ENTRIES: str(blob.entries)} if blob.entries else {}
-    return Descriptor(LAYER_TAR, blob.digest, blob.size, notes)
+    """A layer blob's descriptor, announcing its expansion when its entries are known."""
+    expanded = blob.expanded or blob.size  # a compressed blob's is recorded; a tar is its size
+    notes = {LAYER_EXPANDED: str(expanded), LAYER_ENTRIES: str(blob.entries)} if blob.entries else {}
+    return Descriptor(blob.media_type, blob.digest, blob.size, notes)
 
 
 def _created(raw: Any) -> float:

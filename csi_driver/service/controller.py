@@ -377,7 +377,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             )
         if snapshot_reference(snap.id) is not None and not snap.exported:
             snap = self.ctx.registry.run(
-                lambda: self.engine.export_snapshot(snap, credentials),
+                lambda: self.engine.export_snapshot(snap, credentials, params.compression),
                 context,
                 f"the push of snapshot {name!r}",
                 keys=["snapname:" + name],

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from csi_driver.errors import InvalidArgument
 from csi_driver.ids import NODE_PATTERN
 from csi_driver.proto import csi_pb2 as csi
+from csi_driver.registry import codec
 from csi_driver.registry.reference import (
     HOST_PATTERN,
     PATH_PATTERN,
@@ -291,18 +292,20 @@ def volume_parameters(params: dict[str, str], caps: list[Capability] | None = No
     return params
 
 
-SNAPSHOT_PARAMETERS = {"repository", "liveCopyLimit"}
+SNAPSHOT_PARAMETERS = {"repository", "liveCopyLimit", "compression"}
 
 
 @dataclass(frozen=True)
 class SnapshotParameters:
     repository: Repository | None  # export the snapshot there
     live_copy_limit: int | None  # the most a snapshot of a volume in use may copy (lowers the node's)
+    compression: str = codec.NONE  # how its exported layers travel
 
 
 def snapshot_parameters(params: dict[str, str]) -> SnapshotParameters:
     """A VolumeSnapshotClass's parameters: ``repository`` exports the snapshot there;
-    ``liveCopyLimit`` (a size) lowers the node's --max-live-snapshot-copy."""
+    ``liveCopyLimit`` (a size) lowers the node's --max-live-snapshot-copy; ``compression``
+    (none, gzip, zstd) is how an exported snapshot's new layers travel."""
     params = string_map(params, "parameters")
     unknown = sorted(k for k in params if k not in SNAPSHOT_PARAMETERS and not k.startswith(PARAM_PREFIX))
     if unknown:
@@ -310,10 +313,15 @@ def snapshot_parameters(params: dict[str, str]) -> SnapshotParameters:
             f"unknown snapshot parameters {unknown}; supported: {sorted(SNAPSHOT_PARAMETERS)}"
         )
     limit = quantity(params["liveCopyLimit"], "liveCopyLimit") if "liveCopyLimit" in params else None
+    compression = params.get("compression", codec.NONE)
+    if compression not in codec.COMPRESSIONS:
+        raise InvalidArgument(
+            f"compression {compression[:40]!r} is not one of {', '.join(codec.COMPRESSIONS)}"
+        )
     if "repository" not in params:
-        return SnapshotParameters(None, limit)
+        return SnapshotParameters(None, limit, compression)
     try:
-        return SnapshotParameters(Repository.parse(params["repository"]), limit)
+        return SnapshotParameters(Repository.parse(params["repository"]), limit, compression)
     except BadReference as e:
         raise InvalidArgument(f"repository: {e}") from e
 
