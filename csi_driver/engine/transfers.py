@@ -39,7 +39,7 @@ import logging
 import platform
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,18 +373,11 @@ class Transfers:
         registry has it."""
         layer = chain[0]
         media_type = codec.MEDIA_TYPES[compression]
-        cancel.check()
-        with self.ctx.store.read() as tx:
-            known = [
-                b
-                for b in tx.layer_blobs(layer.id)
-                if b.media_type == media_type and (media_type == LAYER_TAR or b.expanded)
-            ]
-        for blob in known:
-            if client.has_blob(blob.digest):
-                count_blob("push", "skipped")
-                self._pushed(blob, client)
-                return _layer_descriptor(blob)
+        known = self._already_pushed(
+            client, layer, lambda b: b.media_type == media_type and (media_type == LAYER_TAR or b.expanded)
+        )
+        if known is not None:
+            return _layer_descriptor(known)
         need = layer.used_bytes + 16 * MiB  # the tar holds the layer's data and headers
         with self.ctx.capacity.admit(need, f"export of layer {layer.id}"), self.ctx.scratch() as scratch:
             path = scratch / "layer.blob"  # the tar, compressed as it is exported
@@ -398,24 +391,15 @@ class Transfers:
             expanded = 0 if media_type == LAYER_TAR else tar.size
             digest = "sha256:" + out.sha.hexdigest()
             exported = Blob(layer.id, digest, out.size, media_type, stats.entries, expanded)
-            with self.ctx.store.tx() as tx:
-                if tx.layer(layer.id) is not None:
-                    tx.add_layer_blob(exported)
-            client.push_blob(path, exported.digest, exported.size)
-        self._pushed(exported, client)
+            self._push_blob(client, path, exported)
         return _layer_descriptor(exported)
 
     def _push_block(self, client: RegistryClient, layer: Layer) -> Descriptor:
         """A raw block layer's blob (``blockimage``: its data extents, no holes),
         uploaded unless the registry has it."""
-        cancel.check()
-        with self.ctx.store.read() as tx:
-            known = [b for b in tx.layer_blobs(layer.id) if b.media_type == BLOCK_MEDIA_TYPE]
-        for blob in known:
-            if client.has_blob(blob.digest):
-                count_blob("push", "skipped")
-                self._pushed(blob, client)
-                return Descriptor(BLOCK_MEDIA_TYPE, blob.digest, blob.size)
+        known = self._already_pushed(client, layer, lambda b: b.media_type == BLOCK_MEDIA_TYPE)
+        if known is not None:
+            return Descriptor(BLOCK_MEDIA_TYPE, known.digest, known.size)
         need = layer.used_bytes + 16 * MiB  # the blob holds the image's data and its extent list
         with self.ctx.capacity.admit(need, f"export of layer {layer.id}"), self.ctx.scratch() as scratch:
             path = scratch / "block.img"
@@ -423,13 +407,32 @@ class Transfers:
                 out = HashingWriter(f)
                 size, data = blockimage.write_image(self.ctx.backend.block_file(layer), out)  # type: ignore[arg-type]
             exported = Blob(layer.id, "sha256:" + out.sha.hexdigest(), out.size, BLOCK_MEDIA_TYPE, 0)
-            with self.ctx.store.tx() as tx:
-                if tx.layer(layer.id) is not None:
-                    tx.add_layer_blob(exported)
-            client.push_blob(path, exported.digest, exported.size)
+            self._push_blob(client, path, exported)
         log.info("block layer %s pushed: %d bytes of data in an image of %d", layer.id, data, size)
-        self._pushed(exported, client)
         return Descriptor(BLOCK_MEDIA_TYPE, exported.digest, exported.size)
+
+    def _already_pushed(
+        self, client: RegistryClient, layer: Layer, usable: Callable[[Blob], bool]
+    ) -> Blob | None:
+        """A blob recorded for ``layer`` that ``usable`` accepts and the registry has (then
+        counted as skipped), or None: it must be exported."""
+        cancel.check()
+        with self.ctx.store.read() as tx:
+            known = [b for b in tx.layer_blobs(layer.id) if usable(b)]
+        for blob in known:
+            if client.has_blob(blob.digest):
+                count_blob("push", "skipped")
+                self._pushed(blob, client)
+                return blob
+        return None
+
+    def _push_blob(self, client: RegistryClient, path: Path, exported: Blob) -> None:
+        """Record ``exported`` as its layer's blob (if the layer is still here), upload it."""
+        with self.ctx.store.tx() as tx:
+            if tx.layer(exported.layer) is not None:
+                tx.add_layer_blob(exported)
+        client.push_blob(path, exported.digest, exported.size)
+        self._pushed(exported, client)
 
     def _import_block(
         self, client: RegistryClient, blob: Descriptor, build: Path, size: int, what: str
