@@ -341,21 +341,17 @@ class Transfers:
         top = chain[0]
         need = top.used_bytes + 16 * MiB  # at most the whole view changed: the tar holds the top's data
         with self.ctx.capacity.admit(need, f"export of layer {top.id}"), self.ctx.scratch() as scratch:
-            blob = scratch / "layer.blob"
-            views = scratch / "views"
-            views.mkdir()
-            with open(blob, "wb") as f:
-                out = HashingWriter(f)
-                with codec.compressing(out, compression) as encoder:
-                    tar = _Counting(encoder)
-                    stats = self.ctx.backend.export_diff_over(base.chain, chain, views, tar)  # type: ignore[arg-type]
-            digest = "sha256:" + out.sha.hexdigest()
-            client.push_blob(blob, digest, out.size)
+            blob, digest, size, tar_size, stats = _encoded(
+                scratch,
+                compression,
+                lambda views, tar: self.ctx.backend.export_diff_over(base.chain, chain, views, tar),
+            )
+            client.push_blob(blob, digest, size)
         log.info(
             "layer %s pushed as %d bytes of changes (%d as %s; %d files, %d bytes of data) over snapshot %s",
             top.id,
-            tar.size,
-            out.size,
+            tar_size,
+            size,
             compression,
             stats.entries,
             stats.bytes,
@@ -363,10 +359,10 @@ class Transfers:
         )
         media_type = codec.MEDIA_TYPES[compression]
         if media_type == LAYER_TAR:
-            return [Descriptor(LAYER_TAR, digest, out.size)]
+            return [Descriptor(LAYER_TAR, digest, size)]
         # announced: a compressed tar that announces nothing is held to GZIP_RATIO
-        notes = {LAYER_EXPANDED: str(tar.size), LAYER_ENTRIES: str(stats.entries)}
-        return [Descriptor(media_type, digest, out.size, notes)]
+        notes = {LAYER_EXPANDED: str(tar_size), LAYER_ENTRIES: str(stats.entries)}
+        return [Descriptor(media_type, digest, size, notes)]
 
     def _push_layer(self, client: RegistryClient, chain: list[Layer], compression: str) -> Descriptor:
         """The blob of ``chain[0]`` (compressed with ``compression``), uploaded unless the
@@ -380,17 +376,11 @@ class Transfers:
             return _layer_descriptor(known)
         need = layer.used_bytes + 16 * MiB  # the tar holds the layer's data and headers
         with self.ctx.capacity.admit(need, f"export of layer {layer.id}"), self.ctx.scratch() as scratch:
-            path = scratch / "layer.blob"  # the tar, compressed as it is exported
-            views = scratch / "views"
-            views.mkdir()
-            with open(path, "wb") as f:
-                out = HashingWriter(f)
-                with codec.compressing(out, compression) as encoder:
-                    tar = _Counting(encoder)
-                    stats = self.ctx.backend.export_diff(chain, views, tar)  # type: ignore[arg-type]
-            expanded = 0 if media_type == LAYER_TAR else tar.size
-            digest = "sha256:" + out.sha.hexdigest()
-            exported = Blob(layer.id, digest, out.size, media_type, stats.entries, expanded)
+            path, digest, size, tar_size, stats = _encoded(
+                scratch, compression, lambda views, tar: self.ctx.backend.export_diff(chain, views, tar)
+            )
+            expanded = 0 if media_type == LAYER_TAR else tar_size
+            exported = Blob(layer.id, digest, size, media_type, stats.entries, expanded)
             self._push_blob(client, path, exported)
         return _layer_descriptor(exported)
 
@@ -881,6 +871,22 @@ def _layer_descriptor(blob: Blob) -> Descriptor:
     expanded = blob.expanded or blob.size  # a compressed blob's is recorded; a tar is its size
     notes = {LAYER_EXPANDED: str(expanded), LAYER_ENTRIES: str(blob.entries)} if blob.entries else {}
     return Descriptor(blob.media_type, blob.digest, blob.size, notes)
+
+
+def _encoded(
+    scratch: Path, compression: str, export: Callable[[Path, Any], Any]
+) -> tuple[Path, str, int, int, Any]:
+    """A layer tar exported (``export(views, out)``) into ``scratch``, compressed as it is
+    written: (the blob, its digest, its size, the tar's size, what the export counted)."""
+    path = scratch / "layer.blob"
+    views = scratch / "views"
+    views.mkdir()
+    with open(path, "wb") as f:
+        out = HashingWriter(f)
+        with codec.compressing(out, compression) as encoder:
+            tar = _Counting(encoder)
+            stats = export(views, tar)
+    return path, "sha256:" + out.sha.hexdigest(), out.size, tar.size, stats
 
 
 def _created(raw: Any) -> float:
