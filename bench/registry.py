@@ -222,7 +222,7 @@ def compression_figures(data_mib: int) -> None:
                         snap, None, Repository(reg.host, repo), compression=codec
                     )
                     pushed = time.perf_counter() - t
-                    sent = registry_bytes(reg, repo) - EMPTY.size
+                    sent = reg.blob_bytes(repo) - EMPTY.size
                     os.sync()
                     t = time.perf_counter()
                     restored = cb.create_volume(f"r-{repo[6:]}", data_mib * MiB + GiB, snapshot=str(ref))
@@ -240,16 +240,6 @@ def compression_figures(data_mib: int) -> None:
         print(f"{dataset:8s} {codec:5s} {sent / MiB:8.1f} MiB {share:7.1%} {pushed:7.2f} {restore:9.2f}")
 
 
-def registry_bytes(reg: LocalRegistry, repository: str) -> int:
-    """The bytes of every blob linked into ``repository`` of the registry's storage."""
-    v2 = reg.root / "docker" / "registry" / "v2"
-    total = 0
-    for link in (v2 / "repositories" / repository / "_layers" / "sha256").glob("*/link"):
-        name = link.parent.name
-        total += (v2 / "blobs" / "sha256" / name[:2] / name / "data").stat().st_size
-    return total
-
-
 def live_second_export(reg: LocalRegistry, client, work: Path, data_mib: int) -> tuple[int, int]:
     """The registry bytes added by a volume in use's first export (``data_mib`` written in
     16 MiB files) and by its second one, after 1 MiB more."""
@@ -263,10 +253,10 @@ def live_second_export(reg: LocalRegistry, client, work: Path, data_mib: int) ->
             (staging / f"f{i:03d}").write_bytes(os.urandom(min(16, data_mib) * MiB))
         params = {"repository": f"{reg.host}/{repo}"}
         s1 = client.create_snapshot("live1", vol, parameters=params)
-        first = registry_bytes(reg, repo)
+        first = reg.blob_bytes(repo)
         (staging / "more").write_bytes(os.urandom(MiB))
         s2 = client.create_snapshot("live2", vol, parameters=params)
-        second = registry_bytes(reg, repo) - first
+        second = reg.blob_bytes(repo) - first
     finally:
         client.unstage(vol, staging)
     for snap in (s1, s2):

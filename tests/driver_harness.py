@@ -7,6 +7,7 @@ fixture also unmounts and checks for leaks itself."""
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import shutil
 import subprocess
@@ -80,6 +81,32 @@ def online_ext4_growth_missing() -> str:
     )
 
 
+def digest(path: Path) -> str:
+    """The sha256 (hex) of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def available(path: Path) -> int:
+    """The bytes still free to an unprivileged writer on ``path``'s file system, once
+    what is written has reached it (a sync first)."""
+    os.sync()
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def entries(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
+    """Every entry below ``root`` in a stable order, but ``root``'s lost+found: its path
+    relative to ``root``, its path, and its lstat."""
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = Path(dirpath, name)
+            rel = str(path.relative_to(root))
+            if rel == "lost+found":
+                continue
+            yield rel, path, path.lstat()
+
+
 def leftovers(root: Path) -> tuple[list[str], list[str]]:
     """Mounts below ``root`` and loop devices backed by files below it."""
     from csi_driver import host
@@ -128,6 +155,14 @@ class Driver:
         target = self.kubelet / "pods" / name / "mount"
         target.parent.mkdir(parents=True, exist_ok=True)
         return staging, target
+
+    def published(self, name: str, size: int) -> tuple[str, Path, Path]:
+        """A new mount volume staged and published at ``paths(name)``: its id, staging dir and target."""
+        vid = self.client.create_volume(name, size).volume_id
+        staging, target = self.paths(name)
+        self.client.stage(vid, staging)
+        self.client.publish(vid, staging, target)
+        return vid, staging, target
 
     def stop(self) -> None:
         self.client.close()

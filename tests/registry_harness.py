@@ -200,6 +200,14 @@ class LocalRegistry:
         """Blobs linked into ``repository`` (its ``_layers/sha256/*/link`` files)."""
         return sum(1 for _ in (self._v2 / "repositories" / repository / "_layers" / "sha256").glob("*/link"))
 
+    def blob_bytes(self, repository: str) -> int:
+        """The bytes of every blob linked into ``repository``."""
+        total = 0
+        for link in (self._v2 / "repositories" / repository / "_layers" / "sha256").glob("*/link"):
+            hexdigest = link.parent.name
+            total += (self._v2 / "blobs" / "sha256" / hexdigest[:2] / hexdigest / "data").stat().st_size
+        return total
+
     def all_blobs(self) -> int:
         """Blobs in the registry's content store (``blobs/sha256/*/*/data``)."""
         return sum(1 for _ in (self._v2 / "blobs" / "sha256").glob("*/*/data"))

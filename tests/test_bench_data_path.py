@@ -23,22 +23,19 @@ pytestmark = [
 ROW = re.compile(r"^(?P<name>.+?)\s+(?P<base>-?\d+\.\d\d)\s+(?P<vol>-?\d+\.\d\d)\s*(?P<ratio>\d+\.\d\dx)?$")
 
 
-def test_data_path_bench_prints_every_workload_for_every_kind(tmp_path: Path):
+def bench(tmp_path: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m bench.data_path ARGS`` with its scratch in ``tmp_path``."""
     env = {**os.environ, "BENCH_DIR": str(tmp_path), "OVERLAY_CSI_BENCH_NS": ""}
-    argv = [
-        sys.executable,
-        "-m",
-        "bench.data_path",
-        "--rounds",
-        "1",
-        "--size-mib",
-        "16",
-        "--seconds",
-        "1",
-        "--files",
-        "100",
-    ]
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    argv = [sys.executable, "-m", "bench.data_path", *args]
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_run(
+    tmp_path: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, dict[str, re.Match]]]:
+    """A successful one-round bench at tiny sizes, and its rows by table title and row name."""
+    tiny = ("--rounds", "1", "--size-mib", "16", "--seconds", "1", "--files", "100")
+    proc = bench(tmp_path, *tiny, *args, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     tables: dict[str, dict[str, re.Match]] = {}
     title = ""
@@ -48,6 +45,11 @@ def test_data_path_bench_prints_every_workload_for_every_kind(tmp_path: Path):
             tables[title] = {}
         elif title and (m := ROW.match(line)):
             tables[title][m["name"]] = m
+    return proc, tables
+
+
+def test_data_path_bench_prints_every_workload_for_every_kind(tmp_path: Path):
+    proc, tables = tiny_run(tmp_path)
     assert set(tables) == {"ext4 volume", "xfs volume", "block volume"}, proc.stdout
     fs_rows = {
         "seq write MB/s",
@@ -69,36 +71,15 @@ def test_data_path_bench_prints_every_workload_for_every_kind(tmp_path: Path):
 
 def test_data_path_bench_measures_a_pool_file_beside_the_default_and_removes_it(tmp_path: Path):
     pool = tmp_path / "pool.img"
-    env = {**os.environ, "BENCH_DIR": str(tmp_path), "OVERLAY_CSI_BENCH_NS": ""}
-    argv = [
-        sys.executable,
-        "-m",
-        "bench.data_path",
-        "--rounds",
-        "1",
-        "--size-mib",
-        "16",
-        "--seconds",
-        "1",
-        "--files",
-        "100",
+    proc, tables = tiny_run(
+        tmp_path,
         "--kinds",
         "ext4,block",
         "--pool-file",
         str(pool),
         "--pool-file-size",
         "32Gi",  # sparse; the bench's three ext4 volumes are 8 GiB each, as pods' mostly free claims
-    ]
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    tables: dict[str, dict[str, re.Match]] = {}
-    title = ""
-    for line in proc.stdout.splitlines():
-        if "interleaved rounds" in line:
-            title = line.split(":")[0]
-            tables[title] = {}
-        elif title and (m := ROW.match(line)):
-            tables[title][m["name"]] = m
+    )
     kinds = ("ext4 volume", "block volume")
     expected = {
         f"{k}{t}" for k in kinds for t in ("", " on the pool file", ", pool file against the default")
@@ -120,8 +101,6 @@ def test_data_path_bench_measures_a_pool_file_beside_the_default_and_removes_it(
 def test_data_path_bench_refuses_an_existing_pool_file(tmp_path: Path):
     pool = tmp_path / "precious.img"
     pool.write_bytes(b"keep me")
-    env = {**os.environ, "BENCH_DIR": str(tmp_path), "OVERLAY_CSI_BENCH_NS": ""}
-    argv = [sys.executable, "-m", "bench.data_path", "--pool-file", str(pool)]
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    proc = bench(tmp_path, "--pool-file", str(pool), timeout=60)
     assert proc.returncode != 0 and "exists" in proc.stderr, proc.stdout + proc.stderr
     assert pool.read_bytes() == b"keep me"

@@ -9,11 +9,11 @@ import os
 
 import grpc
 import pytest
-from test_pool_file import available, host_fs  # noqa: F401 - the fixture
+from test_pool_file import host_fs  # noqa: F401 - the fixture
 
 from csi_driver.doctor.check import WARN
 from csi_driver.doctor.setup import check_setup
-from driver_harness import Driver, needs_mounts
+from driver_harness import Driver, available, needs_mounts
 
 MiB = 1 << 20
 pytestmark = needs_mounts
@@ -33,10 +33,7 @@ def test_a_live_copy_beyond_the_limit_is_refused_with_nothing_changed(tmp_path, 
     assert "up to 32 MiB" in doctor.message and "--pool-file" in doctor.fix
     try:
         c = d.client
-        vid = c.create_volume("pvc", 128 * MiB).volume_id
-        staging, target = d.paths("pvc")
-        c.stage(vid, staging)
-        c.publish(vid, staging, target)
+        vid, staging, target = d.published("pvc", 128 * MiB)
         (target / "small.bin").write_bytes(os.urandom(8 * MiB))
         os.sync()
         assert c.create_snapshot("small", vid).snapshot_id, "under the limit: copied"

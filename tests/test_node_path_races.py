@@ -142,6 +142,16 @@ class World:
         self.canaries.append(path)
         return path
 
+    def global_mount(self, volume_id: str) -> Path:
+        """The staging dir the kubelet makes for a volume (made here)."""
+        gm = self.csi / DRIVER / hashlib.sha256(volume_id.encode()).hexdigest() / "globalmount"
+        gm.mkdir(parents=True)
+        return gm
+
+    def pod_volume(self, pod_uid: str, pv: str) -> Path:
+        """A pod's dir for a CSI volume (not made here)."""
+        return self.k / "pods" / pod_uid / "volumes" / "kubernetes.io~csi" / pv
+
     def check(self) -> None:
         outside = [m.target for m in host.MountTable.read().entries if m.target.startswith(str(self.out))]
         assert outside == [], f"mounted outside the kubelet dir: {outside}"
@@ -184,9 +194,8 @@ def test_racing_swaps_never_reach_outside_the_kubelet_dir(world):
     c = d.client
     deadline = time.monotonic() + 55
     vid = c.create_volume("race", 16 * MiB).volume_id
-    gm = w.csi / DRIVER / hashlib.sha256(vid.encode()).hexdigest() / "globalmount"
-    gm.mkdir(parents=True)
-    pod = w.k / "pods" / "uid-1" / "volumes" / "kubernetes.io~csi" / "pv-1"
+    gm = w.global_mount(vid)
+    pod = w.pod_volume("uid-1", "pv-1")
     target = pod / "mount"
     pod.mkdir(parents=True)
 
@@ -373,11 +382,10 @@ def test_a_node_dir_renamed_into_another_pod_keeps_no_mount(world):
     c = d.client
     deadline = time.monotonic() + 60
     vid = c.create_volume("renamed", 16 * MiB).volume_id
-    gm = w.csi / DRIVER / hashlib.sha256(vid.encode()).hexdigest() / "globalmount"
-    gm.mkdir(parents=True)
-    target = w.k / "pods" / "uid-1" / "volumes" / "kubernetes.io~csi" / "pv-1" / "mount"
+    gm = w.global_mount(vid)
+    target = w.pod_volume("uid-1", "pv-1") / "mount"
     target.parent.mkdir(parents=True)
-    other = w.k / "pods" / "uid-2" / "volumes" / "kubernetes.io~csi" / "pv-2"
+    other = w.pod_volume("uid-2", "pv-2")
     other.mkdir(parents=True)
     wrong: list[str] = []
 

@@ -4,7 +4,6 @@ state dir; snapshots of volumes in use on it are clones, not copies."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 
 from csi_driver import host
 from csi_driver.pool import LABEL, PoolError, prepare
-from driver_harness import REPO, Driver, cleanup, needs_mounts
+from driver_harness import REPO, Driver, available, cleanup, digest, needs_mounts, staged
 
 MiB = 1 << 20
 pytestmark = needs_mounts
@@ -36,16 +35,6 @@ def disk(tmp_path: Path) -> Iterator[str]:
         host.loop_detach(device)
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def free(path: Path) -> int:
-    os.sync()
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
 def test_an_empty_disk_is_formatted_and_in_use_snapshots_are_clones(tmp_path, disk):
     root = tmp_path / "node"
     root.mkdir()
@@ -55,24 +44,19 @@ def test_an_empty_disk_is_formatted_and_in_use_snapshots_are_clones(tmp_path, di
         assert found.get("TYPE") == "xfs" and found.get("LABEL") == LABEL
         assert host.mount_at(d.state).source == disk
         c = d.client
-        vid = c.create_volume("pvc", 256 * MiB).volume_id
-        staging, target = d.paths("pvc")
-        c.stage(vid, staging)
-        c.publish(vid, staging, target)
+        vid, staging, target = d.published("pvc", 256 * MiB)
         (target / "data.bin").write_bytes(os.urandom(96 * MiB))
         os.sync()
         want = digest(target / "data.bin")
-        before = free(d.state)
+        before = available(d.state)
         snap = c.create_snapshot("snap", vid).snapshot_id  # in use: captured, not committed
-        cost = before - free(d.state)
+        cost = before - available(d.state)
         assert cost < 16 * MiB, f"a clone of the image, not a copy of its 96 MiB ({cost / MiB:.1f} MiB)"
         (target / "data.bin").write_bytes(b"changed")
 
         restored = c.create_volume("restored", 256 * MiB, snapshot=snap).volume_id
-        rstaging, _ = d.paths("restored")
-        c.stage(restored, rstaging)
-        assert digest(rstaging / "data.bin") == want
-        c.unstage(restored, rstaging)
+        with staged(d, restored) as files:
+            assert digest(files / "data.bin") == want
         c.unpublish(vid, target)
         c.unstage(vid, staging)
     finally:
@@ -86,10 +70,8 @@ def test_an_empty_disk_is_formatted_and_in_use_snapshots_are_clones(tmp_path, di
     try:
         names = {v.name for v in d.engine.list_volumes(0, 0)}
         assert names == {"pvc", "restored"}, "the pool kept its volumes"
-        rstaging, _ = d.paths("restored")
-        d.client.stage(restored, rstaging)
-        assert digest(rstaging / "data.bin") == want
-        d.client.unstage(restored, rstaging)
+        with staged(d, restored) as files:
+            assert digest(files / "data.bin") == want
     finally:
         d.stop()
 

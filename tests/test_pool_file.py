@@ -10,7 +10,6 @@ free space is known and nothing outside the test fills."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from csi_driver.host import loopdev
 from csi_driver.pool import LABEL, PoolError
 from csi_driver.pool_file import HostBoundSpace, prepare
 from csi_driver.proto import csi_pb2 as csi
-from driver_harness import REPO, Driver, cleanup, needs_mounts
+from driver_harness import REPO, Driver, available, cleanup, digest, needs_mounts, staged
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -54,16 +53,6 @@ def host_fs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
         yield make
     finally:
         cleanup(tmp_path)
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def available(path: Path) -> int:
-    os.sync()
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 def size_of(path: Path) -> int:
@@ -100,10 +89,7 @@ def test_the_pool_file_is_created_then_found_after_a_restart_and_a_reboot(tmp_pa
         assert found.get("TYPE") == "xfs" and found.get("LABEL") == LABEL
 
         c = d.client
-        vid = c.create_volume("pvc", 128 * MiB).volume_id
-        staging, target = d.paths("pvc")
-        c.stage(vid, staging)
-        c.publish(vid, staging, target)
+        vid, staging, target = d.published("pvc", 128 * MiB)
         (target / "data.bin").write_bytes(os.urandom(48 * MiB))
         os.sync()
         want = digest(target / "data.bin")
@@ -129,10 +115,8 @@ def test_the_pool_file_is_created_then_found_after_a_restart_and_a_reboot(tmp_pa
     try:
         assert d.server.pool_file.done == "mounted", "attached and mounted again, never formatted"
         restored = d.client.create_volume("restored", 128 * MiB, snapshot=snap).volume_id
-        rstaging, _ = d.paths("restored")
-        d.client.stage(restored, rstaging)
-        assert digest(rstaging / "data.bin") == want
-        d.client.unstage(restored, rstaging)
+        with staged(d, restored) as files:
+            assert digest(files / "data.bin") == want
     finally:
         d.stop()
 
@@ -247,10 +231,7 @@ def test_admission_and_the_volumes_writes_are_bounded_by_the_hosts_free_space(tm
     try:
         assert d.server.pool_file.done == "already mounted"
         c = d.client
-        vid = c.create_volume("big", 1 * GiB).volume_id
-        staging, target = d.paths("big")
-        c.stage(vid, staging)
-        c.publish(vid, staging, target)
+        vid, staging, target = d.published("big", 1 * GiB)
         written, failed = 0, None
         chunk = os.urandom(MiB)
         with open(target / "fill.bin", "wb") as f:

@@ -28,8 +28,9 @@ from csi_driver.registry import progress
 from csi_driver.registry.client import OCI_INDEX, OCI_MANIFEST, RegistryClient
 from csi_driver.registry.credentials import Credentials, Login
 from csi_driver.registry.reference import Repository
-from driver_harness import Driver, serving, staged
+from driver_harness import Driver, entries, serving, staged
 from registry_harness import REGISTRY_BINARY, FaultProxy, LocalRegistry
+from registry_nodes import code_of, registry_nodes
 
 pytestmark = [
     pytest.mark.mounts,
@@ -40,33 +41,20 @@ MiB = 1 << 20
 REPO = "backups/db"
 
 
-def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as e:
-        call(*args, **kwargs)
-    return e.value.code(), e.value.details()
-
-
 def tree(root: Path) -> dict[str, tuple]:
     """Every entry under ``root``: kind, mode, and contents, link target or hard-link group."""
     out: dict[str, tuple] = {}
     inodes: dict[int, str] = {}
-    for dirpath, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(dirs + files):
-            path = Path(dirpath, name)
-            rel = str(path.relative_to(root))
-            if rel == "lost+found":
-                continue
-            st = path.lstat()
-            mode = oct(stat.S_IMODE(st.st_mode))
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", mode)
-            else:
-                first = inodes.setdefault(st.st_ino, rel) if st.st_nlink > 1 else rel
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-                out[rel] = ("file", mode, digest, first)
+    for rel, path, st in entries(root):
+        mode = oct(stat.S_IMODE(st.st_mode))
+        if stat.S_ISLNK(st.st_mode):
+            out[rel] = ("link", os.readlink(path))
+        elif stat.S_ISDIR(st.st_mode):
+            out[rel] = ("dir", mode)
+        else:
+            first = inodes.setdefault(st.st_ino, rel) if st.st_nlink > 1 else rel
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            out[rel] = ("file", mode, digest, first)
     return out
 
 
@@ -84,15 +72,8 @@ def nothing_left(d: Driver) -> None:
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[tuple[LocalRegistry, Driver, Driver]]:
     """A registry and two drivers (node A and node B) that reach it over HTTP."""
-    with ExitStack() as stack:
-        reg = stack.enter_context(LocalRegistry(tmp_path / "registry"))
-        insecure = frozenset({reg.host})
-        roots = [tmp_path / "a", tmp_path / "b"]
-        for root in roots:
-            root.mkdir()
-        a = stack.enter_context(serving(roots[0], insecure_registries=insecure))
-        b = stack.enter_context(serving(roots[1], insecure_registries=insecure))
-        yield reg, a, b
+    with registry_nodes(tmp_path) as n:
+        yield n
 
 
 def through(d: Driver, proxy: FaultProxy) -> None:

@@ -8,7 +8,6 @@ import os
 import struct
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -22,8 +21,9 @@ from csi_driver.proto import csi_pb2_grpc
 from csi_driver.registry.client import RegistryClient
 from csi_driver.registry.reference import Repository
 from csi_driver.service.pending_deletes import DeleteRetrier
-from driver_harness import Driver, serving
+from driver_harness import Driver
 from registry_harness import REGISTRY_BINARY, FaultProxy, LocalRegistry
+from registry_nodes import code_of, registry_nodes
 
 pytestmark = [
     pytest.mark.mounts,
@@ -37,14 +37,8 @@ WRITES = [(0, b"boot" * 1024), (37 * MiB + 5, os.urandom(3 * MiB)), (255 * MiB, 
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[tuple[LocalRegistry, Driver, Driver]]:
-    with ExitStack() as stack:
-        reg = stack.enter_context(LocalRegistry(tmp_path / "registry"))
-        insecure = frozenset({reg.host})
-        for name in ("a", "b"):
-            (tmp_path / name).mkdir()
-        a = stack.enter_context(serving(tmp_path / "a", insecure_registries=insecure))
-        b = stack.enter_context(serving(tmp_path / "b", insecure_registries=insecure))
-        yield reg, a, b
+    with registry_nodes(tmp_path) as n:
+        yield n
 
 
 def block_cap() -> csi.VolumeCapability:
@@ -91,12 +85,6 @@ def manifest_of(reg: LocalRegistry, snapshot_id: str) -> dict | None:
         return registry(reg).pull_manifest(snapshot_id.rpartition(":")[2]).body
     except NotFound:
         return None
-
-
-def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as e:
-        call(*args, **kwargs)
-    return e.value.code(), e.value.details()
 
 
 def nothing_left(d: Driver) -> None:

@@ -14,13 +14,15 @@ from pathlib import Path
 import grpc
 import pytest
 import zstandard
-from test_registry_stream import announce, code_of, no_download, nodes, nothing_left, push_artifact, tar_of
+from test_registry_stream import announce, no_download, nodes, nothing_left, push_artifact, tar_of
 
 from csi_driver.engine import transfers
+from csi_driver.proto import csi_pb2 as csi
 from csi_driver.registry.client import RegistryClient
 from csi_driver.registry.reference import Repository
 from driver_harness import Driver, staged
 from registry_harness import REGISTRY_BINARY, LocalRegistry
+from registry_nodes import code_of
 
 pytestmark = [
     pytest.mark.mounts,
@@ -70,6 +72,28 @@ def layers_of(reg: LocalRegistry, snapshot_id: str) -> list[dict]:
     return client.pull_manifest(snapshot_id.rpartition(":")[2]).body["layers"]
 
 
+def restore_streamed_then_delete(
+    monkeypatch: pytest.MonkeyPatch,
+    a: Driver,
+    b: Driver,
+    vid: str,
+    snapshots: list[tuple[csi.Snapshot, dict]],
+) -> None:
+    """Node B restores each snapshot to its tree, every layer read as it arrives (announced:
+    never kept in a file), and is left with nothing; then node A deletes them and ``vid``."""
+    tried = no_download(monkeypatch)
+    for snap, want in snapshots:
+        restored = b.client.create_volume("copy", 64 * MiB, snapshot=snap.snapshot_id)
+        with staged(b, restored.volume_id) as root:
+            assert tree(root) == want
+        b.client.delete_volume(restored.volume_id)
+    assert tried == []
+    nothing_left(b)
+    for snap, _ in snapshots:
+        a.client.delete_snapshot(snap.snapshot_id)
+    a.client.delete_volume(vid)
+
+
 @pytest.mark.parametrize("compression", ["gzip", "zstd"])
 def test_a_compressed_snapshot_moves_between_nodes(
     nodes: tuple[LocalRegistry, Driver, Driver], monkeypatch: pytest.MonkeyPatch, compression: str
@@ -99,17 +123,7 @@ def test_a_compressed_snapshot_moves_between_nodes(
     bottom, top = layers_of(reg, s2.snapshot_id)
     assert bottom == layer and top["mediaType"] == f"{OCI}+{compression}"
 
-    tried = no_download(monkeypatch)  # announced: read as they arrive, never kept in a file
-    for snap, want in ((s2, second), (s1, first)):
-        restored = b.client.create_volume("copy", 64 * MiB, snapshot=snap.snapshot_id)
-        with staged(b, restored.volume_id) as root:
-            assert tree(root) == want
-        b.client.delete_volume(restored.volume_id)
-    assert tried == []
-    nothing_left(b)
-    for snap in (s1, s2):
-        a.client.delete_snapshot(snap.snapshot_id)
-    a.client.delete_volume(vid)
+    restore_streamed_then_delete(monkeypatch, a, b, vid, [(s2, second), (s1, first)])
 
 
 def test_an_unknown_compression_is_invalid(nodes: tuple[LocalRegistry, Driver, Driver]) -> None:
@@ -212,14 +226,4 @@ def test_an_incremental_export_in_use_is_compressed(
     assert bottom == layers_of(reg, s1.snapshot_id)[0], "built on the first export's blob"
     assert top["mediaType"] == OCI + "+zstd" and transfers.LAYER_ENTRIES in top["annotations"]
     assert top["size"] < int(top["annotations"][transfers.LAYER_EXPANDED]) // 4
-    tried = no_download(monkeypatch)
-    for snap, want in ((s2, second), (s1, first)):
-        restored = b.client.create_volume("copy", 64 * MiB, snapshot=snap.snapshot_id)
-        with staged(b, restored.volume_id) as root:
-            assert tree(root) == want
-        b.client.delete_volume(restored.volume_id)
-    assert tried == []
-    nothing_left(b)
-    for snap in (s1, s2):
-        a.client.delete_snapshot(snap.snapshot_id)
-    a.client.delete_volume(vid)
+    restore_streamed_then_delete(monkeypatch, a, b, vid, [(s2, second), (s1, first)])

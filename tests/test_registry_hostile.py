@@ -8,8 +8,9 @@ in the background or not, and no body is read whole."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -78,6 +79,31 @@ def wait_until(cond: Callable[[], bool], seconds: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@contextmanager
+def driver_against(tmp_path: Path, reg: HostileRegistry) -> Iterator[DriverProcess]:
+    """A driver process in ``tmp_path`` that reaches ``reg`` over plain HTTP; killed, and
+    its mounts and loop devices cleaned up, after."""
+    driver = DriverProcess(tmp_path, None, "--insecure-registry", reg.host)
+    driver.start()
+    try:
+        yield driver
+    finally:
+        driver.kill()
+        cleanup(tmp_path)
+
+
+def sigterm(driver: DriverProcess) -> tuple[int | None, float]:
+    """SIGTERM the driver: its exit code (None while it still runs 10 s on) and the seconds it took."""
+    assert driver.proc is not None
+    start = time.monotonic()
+    driver.proc.terminate()
+    try:
+        rc = driver.proc.wait(timeout=10)
+    except Exception:
+        rc = None
+    return rc, time.monotonic() - start
+
+
 def test_a_trickling_registry_starves_nothing(tmp_path: Path) -> None:
     """20 restores and image pulls from a registry that sends a byte every half
     second, with 3 s deadlines: the node answers everything else at once, every
@@ -131,29 +157,14 @@ def test_sigterm_ends_the_driver_with_transfers_hung(tmp_path: Path) -> None:
     within seconds of SIGTERM."""
     if MOUNT_SKIP:
         pytest.skip(MOUNT_SKIP)
-    with HostileRegistry("silent") as reg:
-        driver = DriverProcess(tmp_path, None, "--insecure-registry", reg.host)
-        driver.start()
-        try:
-            with Client(driver.sock) as client, ThreadPoolExecutor(6) as pool:
-                calls = [
-                    pool.submit(restore, client, f"pvc-{n}", snapshot_id(reg.host, n), 60) for n in range(6)
-                ]
-                wait_until(lambda: reg.count("/manifests/") >= 4, 5, "transfers did not start")
-                assert driver.proc is not None
-                start = time.monotonic()
-                driver.proc.terminate()
-                try:
-                    rc = driver.proc.wait(timeout=10)
-                except Exception:
-                    rc = None
-                took = time.monotonic() - start
-                for c in calls:
-                    c.result(timeout=10)
-            assert rc == 0 and took < 5, f"exit code {rc} after {took:.1f} s"
-        finally:
-            driver.kill()
-            cleanup(tmp_path)
+    with HostileRegistry("silent") as reg, driver_against(tmp_path, reg) as driver:
+        with Client(driver.sock) as client, ThreadPoolExecutor(6) as pool:
+            calls = [pool.submit(restore, client, f"pvc-{n}", snapshot_id(reg.host, n), 60) for n in range(6)]
+            wait_until(lambda: reg.count("/manifests/") >= 4, 5, "transfers did not start")
+            rc, took = sigterm(driver)
+            for c in calls:
+                c.result(timeout=10)
+        assert rc == 0 and took < 5, f"exit code {rc} after {took:.1f} s"
 
 
 def test_sigterm_ends_the_driver_with_transfers_in_the_background(tmp_path: Path) -> None:
@@ -161,31 +172,18 @@ def test_sigterm_ends_the_driver_with_transfers_in_the_background(tmp_path: Path
     registry; SIGTERM still ends the driver within seconds."""
     if MOUNT_SKIP:
         pytest.skip(MOUNT_SKIP)
-    with HostileRegistry("silent") as reg:
-        driver = DriverProcess(tmp_path, None, "--insecure-registry", reg.host)
-        driver.start()
-        try:
-            with Client(driver.sock) as client:
-                for n in range(4):
-                    req = restore_request(f"pvc-{n}", snapshot_id(reg.host, n))
-                    with pytest.raises(grpc.RpcError) as e:
-                        client.controller.CreateVolume(req, timeout=2)
-                    assert e.value.code() == grpc.StatusCode.ABORTED, e.value
-                    assert "still running in the background" in (e.value.details() or ""), e.value
-            # the transfers were not cancelled with their callers: each still waits on the registry
-            wait_until(lambda: reg.open_connections() >= 4, 5, "transfers did not go on")
-            assert driver.proc is not None
-            start = time.monotonic()
-            driver.proc.terminate()
-            try:
-                rc = driver.proc.wait(timeout=10)
-            except Exception:
-                rc = None
-            took = time.monotonic() - start
-            assert rc == 0 and took < 5, f"exit code {rc} after {took:.1f} s"
-        finally:
-            driver.kill()
-            cleanup(tmp_path)
+    with HostileRegistry("silent") as reg, driver_against(tmp_path, reg) as driver:
+        with Client(driver.sock) as client:
+            for n in range(4):
+                req = restore_request(f"pvc-{n}", snapshot_id(reg.host, n))
+                with pytest.raises(grpc.RpcError) as e:
+                    client.controller.CreateVolume(req, timeout=2)
+                assert e.value.code() == grpc.StatusCode.ABORTED, e.value
+                assert "still running in the background" in (e.value.details() or ""), e.value
+        # the transfers were not cancelled with their callers: each still waits on the registry
+        wait_until(lambda: reg.open_connections() >= 4, 5, "transfers did not go on")
+        rc, took = sigterm(driver)
+        assert rc == 0 and took < 5, f"exit code {rc} after {took:.1f} s"
 
 
 def peak_rss(pid: int) -> tuple[int, int]:
@@ -208,30 +206,24 @@ def test_huge_bodies_are_not_read(tmp_path: Path, mode: str, code: str, message:
     stays where it was, and the call fails with a clear code."""
     if MOUNT_SKIP:
         pytest.skip(MOUNT_SKIP)
-    with HostileRegistry(mode, size=300 * MiB) as reg:
-        driver = DriverProcess(tmp_path, None, "--insecure-registry", reg.host)
-        driver.start()
-        try:
-            assert driver.proc is not None
-            before, _ = peak_rss(driver.proc.pid)
-            with Client(driver.sock) as client:
-                req = csi.CreateVolumeRequest(
-                    name="pvc",
-                    capacity_range=csi.CapacityRange(required_bytes=64 * MiB),
-                    volume_capabilities=[
-                        csi.VolumeCapability(
-                            mount=csi.VolumeCapability.MountVolume(),
-                            access_mode=csi.VolumeCapability.AccessMode(mode=1),
-                        )
-                    ],
-                )
-                req.volume_content_source.snapshot.snapshot_id = snapshot_id(reg.host, 1)
-                with pytest.raises(grpc.RpcError) as e:
-                    client.controller.CreateVolume(req, timeout=20)
-            _, peak = peak_rss(driver.proc.pid)
-            assert e.value.code().name == code and message in (e.value.details() or ""), e.value
-            assert peak - before < 32 * MiB, f"RSS went from {before >> 20} to {peak >> 20} MiB"
-            assert driver.terminate() == 0
-        finally:
-            driver.kill()
-            cleanup(tmp_path)
+    with HostileRegistry(mode, size=300 * MiB) as reg, driver_against(tmp_path, reg) as driver:
+        assert driver.proc is not None
+        before, _ = peak_rss(driver.proc.pid)
+        with Client(driver.sock) as client:
+            req = csi.CreateVolumeRequest(
+                name="pvc",
+                capacity_range=csi.CapacityRange(required_bytes=64 * MiB),
+                volume_capabilities=[
+                    csi.VolumeCapability(
+                        mount=csi.VolumeCapability.MountVolume(),
+                        access_mode=csi.VolumeCapability.AccessMode(mode=1),
+                    )
+                ],
+            )
+            req.volume_content_source.snapshot.snapshot_id = snapshot_id(reg.host, 1)
+            with pytest.raises(grpc.RpcError) as e:
+                client.controller.CreateVolume(req, timeout=20)
+        _, peak = peak_rss(driver.proc.pid)
+        assert e.value.code().name == code and message in (e.value.details() or ""), e.value
+        assert peak - before < 32 * MiB, f"RSS went from {before >> 20} to {peak >> 20} MiB"
+        assert driver.terminate() == 0

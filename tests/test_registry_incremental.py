@@ -10,14 +10,15 @@ import os
 import shutil
 import stat
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from csi_driver.layerstore import ocidiff
-from driver_harness import Driver, cleanup, serving, staged
+from driver_harness import Driver, cleanup, entries, serving, staged
 from registry_harness import REGISTRY_BINARY, LocalRegistry
+from registry_nodes import registry_nodes
 
 pytestmark = [
     pytest.mark.mounts,
@@ -45,56 +46,31 @@ def pooled(root: Path, **opts) -> Iterator[Driver]:
 def nodes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[LocalRegistry, Driver, Driver]]:
     """A registry and two drivers (node A and node B) that reach it over HTTP. Node A's
     state dir copies the images it captures, or clones them (a pool file)."""
-    with ExitStack() as stack:
-        reg = stack.enter_context(LocalRegistry(tmp_path / "registry"))
-        insecure = frozenset({reg.host})
-        roots = [tmp_path / "a", tmp_path / "b"]
-        for root in roots:
-            root.mkdir()
-        start = pooled if request.param == "clones" else serving
-        a = stack.enter_context(start(roots[0], insecure_registries=insecure))
+    with registry_nodes(tmp_path, start_a=pooled if request.param == "clones" else serving) as (reg, a, b):
         assert a.engine.backend.can_clone() == (request.param == "clones")  # type: ignore[attr-defined]
-        b = stack.enter_context(serving(roots[1], insecure_registries=insecure))
         yield reg, a, b
-
-
-def registry_bytes(reg: LocalRegistry, repository: str) -> int:
-    """The bytes of every blob linked into ``repository``."""
-    v2 = reg.root / "docker" / "registry" / "v2"
-    total = 0
-    for link in (v2 / "repositories" / repository / "_layers" / "sha256").glob("*/link"):
-        hexdigest = link.parent.name
-        total += (v2 / "blobs" / "sha256" / hexdigest[:2] / hexdigest / "data").stat().st_size
-    return total
 
 
 def tree(root: Path) -> dict[str, tuple]:
     """Every entry: kind, mode, owner, xattrs, and content hash, link target or hard-link group."""
     out: dict[str, tuple] = {}
     inodes: dict[int, str] = {}
-    for dirpath, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(dirs + files):
-            path = Path(dirpath, name)
-            rel = str(path.relative_to(root))
-            if rel == "lost+found":
-                continue
-            st = path.lstat()
-            xattrs = tuple(
-                sorted(
-                    (x, os.getxattr(path, x, follow_symlinks=False))
-                    for x in os.listxattr(path, follow_symlinks=False)
-                )
+    for rel, path, st in entries(root):
+        xattrs = tuple(
+            sorted(
+                (x, os.getxattr(path, x, follow_symlinks=False))
+                for x in os.listxattr(path, follow_symlinks=False)
             )
-            meta = (oct(st.st_mode), st.st_uid, st.st_gid, xattrs)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(path), st.st_uid, st.st_gid)
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", *meta)
-            else:
-                first = inodes.setdefault(st.st_ino, rel) if st.st_nlink > 1 else rel
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-                out[rel] = ("file", *meta, st.st_mtime_ns, digest, first)
+        )
+        meta = (oct(st.st_mode), st.st_uid, st.st_gid, xattrs)
+        if stat.S_ISLNK(st.st_mode):
+            out[rel] = ("link", os.readlink(path), st.st_uid, st.st_gid)
+        elif stat.S_ISDIR(st.st_mode):
+            out[rel] = ("dir", *meta)
+        else:
+            first = inodes.setdefault(st.st_ino, rel) if st.st_nlink > 1 else rel
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            out[rel] = ("file", *meta, st.st_mtime_ns, digest, first)
     return out
 
 
@@ -158,13 +134,13 @@ def test_a_second_export_of_a_volume_in_use_pushes_only_what_changed(
         first = tree(root)
         s1 = a.client.create_snapshot("s1", vid, parameters={"repository": repository})
         assert s1.ready_to_use
-        one = registry_bytes(reg, REPO)
+        one = reg.blob_bytes(REPO)
         assert one > 16 * MiB, "the first export is the whole upper"
 
         changed = change(root)
         second = tree(root)
         s2 = a.client.create_snapshot("s2", vid, parameters={"repository": repository})
-        two = registry_bytes(reg, REPO)
+        two = reg.blob_bytes(REPO)
         assert two - one <= changed + MiB, f"the second export added {two - one} bytes"
         compared = {Path(x).name for x in read}
         assert "same-size" in compared, "equal metadata: its contents were compared"
@@ -175,7 +151,7 @@ def test_a_second_export_of_a_volume_in_use_pushes_only_what_changed(
         (root / "later").write_bytes(os.urandom(MiB // 2))
         third = tree(root)
         s3 = a.client.create_snapshot("s3", vid, parameters={"repository": repository})
-        assert registry_bytes(reg, REPO) - two <= MiB // 2 + MiB, "the third builds on the second"
+        assert reg.blob_bytes(REPO) - two <= MiB // 2 + MiB, "the third builds on the second"
         assert tree(root) == third
 
     # node B holds none of it: each export restores to the tree it was taken from
@@ -206,9 +182,9 @@ def test_an_export_whose_earlier_one_is_gone_is_whole_again(
         a.engine.transfers.delete_manifest(s1.snapshot_id, "", None)  # held here, gone from the registry
         (root / "g").write_bytes(os.urandom(MiB))
         expected = tree(root)
-        one = registry_bytes(reg, REPO)
+        one = reg.blob_bytes(REPO)
         s2 = a.client.create_snapshot("s2", vid, parameters={"repository": repository})
-        assert registry_bytes(reg, REPO) - one > 3 * MiB, "pushed whole: its earlier export is gone"
+        assert reg.blob_bytes(REPO) - one > 3 * MiB, "pushed whole: its earlier export is gone"
     restored = b.client.create_volume("copy", 64 * MiB, snapshot=s2.snapshot_id)
     with staged(b, restored.volume_id) as root:
         assert tree(root) == expected

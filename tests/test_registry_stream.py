@@ -12,7 +12,6 @@ import io
 import json
 import tarfile
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -21,8 +20,9 @@ import pytest
 from csi_driver.engine import transfers
 from csi_driver.registry.client import OCI_MANIFEST, RegistryClient
 from csi_driver.registry.reference import Repository
-from driver_harness import Driver, serving, staged
+from driver_harness import Driver, staged
 from registry_harness import REGISTRY_BINARY, FaultProxy, LocalRegistry
+from registry_nodes import code_of, registry_nodes
 
 pytestmark = [
     pytest.mark.mounts,
@@ -37,20 +37,8 @@ GZIP_TAR = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[tuple[LocalRegistry, Driver, Driver]]:
-    with ExitStack() as stack:
-        reg = stack.enter_context(LocalRegistry(tmp_path / "registry"))
-        insecure = frozenset({reg.host})
-        for name in ("a", "b"):
-            (tmp_path / name).mkdir()
-        a = stack.enter_context(serving(tmp_path / "a", insecure_registries=insecure))
-        b = stack.enter_context(serving(tmp_path / "b", insecure_registries=insecure))
-        yield reg, a, b
-
-
-def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as e:
-        call(*args, **kwargs)
-    return e.value.code(), e.value.details()
+    with registry_nodes(tmp_path) as n:
+        yield n
 
 
 def nothing_left(d: Driver) -> None:

@@ -319,20 +319,31 @@ def test_a_store_from_before_registries_gains_the_exported_column_and_blob_table
     Store(db).close()
 
 
+def _older_store(db: Path, blob: Blob, downgrade: str) -> None:
+    """Leave at ``db`` a store whose layer "b" has ``blob``, taken back by the SQL
+    ``downgrade`` to what a driver of an older schema left."""
+    store = Store(db)
+    with store.tx() as tx:
+        tx.add_layer(replace(_layer(), id="b"))
+        tx.add_layer_blob(blob)
+    store.close()
+    conn = sqlite3.connect(db)
+    conn.executescript(downgrade)
+    conn.close()
+
+
 def test_a_schema_3_store_gains_blob_sources_and_trusts_no_old_blob_row(tmp_path):
     """Schema 4 records the repositories a layer's blob came from or went to. A store of
     schema 3 knows blobs but not where from: its layers are found by digest, but none as
     coming from a repository, so a pull makes the registry serve the blob once."""
     db = tmp_path / "state.db"
     digest, tar = "sha256:" + "c" * 64, "application/vnd.oci.image.layer.v1.tar"
-    store = Store(db)
-    with store.tx() as tx:
-        tx.add_layer(replace(_layer(), id="b"))
-        tx.add_layer_blob(Blob("b", digest, 10, tar))
-    store.close()
-    conn = sqlite3.connect(db)  # what a driver of schema 3 left: no sources table
-    conn.executescript("DROP TABLE layer_blob_sources; UPDATE meta SET value='3' WHERE key='schema_version';")
-    conn.close()
+    # what a driver of schema 3 left: no sources table
+    _older_store(
+        db,
+        Blob("b", digest, 10, tar),
+        "DROP TABLE layer_blob_sources; UPDATE meta SET value='3' WHERE key='schema_version';",
+    )
 
     store = Store(db)
     try:
@@ -386,16 +397,12 @@ def test_a_schema_4_store_gains_blob_entries_and_keeps_a_known_count(tmp_path):
     again). Blobs of a schema 4 store read as unknown (0); a count, once known, stays."""
     db = tmp_path / "state.db"
     digest, tar = "sha256:" + "d" * 64, "application/vnd.oci.image.layer.v1.tar"
-    store = Store(db)
-    with store.tx() as tx:
-        tx.add_layer(replace(_layer(), id="b"))
-        tx.add_layer_blob(Blob("b", digest, 10, tar))
-    store.close()
-    conn = sqlite3.connect(db)  # what a driver of schema 4 left: no entries column
-    conn.executescript(
-        "ALTER TABLE layer_blobs DROP COLUMN entries; UPDATE meta SET value='4' WHERE key='schema_version';"
+    # what a driver of schema 4 left: no entries column
+    _older_store(
+        db,
+        Blob("b", digest, 10, tar),
+        "ALTER TABLE layer_blobs DROP COLUMN entries; UPDATE meta SET value='4' WHERE key='schema_version';",
     )
-    conn.close()
 
     store = Store(db)
     try:
@@ -416,16 +423,12 @@ def test_a_schema_5_store_gains_blob_expansion(tmp_path):
     blobs of a schema 5 store read as unknown (0)."""
     db = tmp_path / "state.db"
     digest, zstd = "sha256:" + "e" * 64, "application/vnd.oci.image.layer.v1.tar+zstd"
-    store = Store(db)
-    with store.tx() as tx:
-        tx.add_layer(replace(_layer(), id="b"))
-        tx.add_layer_blob(Blob("b", digest, 10, zstd, 3))
-    store.close()
-    conn = sqlite3.connect(db)  # what a driver of schema 5 left: no expanded column
-    conn.executescript(
-        "ALTER TABLE layer_blobs DROP COLUMN expanded; UPDATE meta SET value='5' WHERE key='schema_version';"
+    # what a driver of schema 5 left: no expanded column
+    _older_store(
+        db,
+        Blob("b", digest, 10, zstd, 3),
+        "ALTER TABLE layer_blobs DROP COLUMN expanded; UPDATE meta SET value='5' WHERE key='schema_version';",
     )
-    conn.close()
 
     store = Store(db)
     try:
