@@ -52,10 +52,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1
 
 # The kubernetes client's asyncio half (kubernetes/aio, about half its size) is
-# never imported: the driver uses the synchronous client only.
+# never imported: the driver uses the synchronous client only. zstandard ships two
+# backends of 12 MB each; its C extension is the one it loads (checked below), so
+# the cffi one goes.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels "overlay-csi[metrics]" \
     && python -c "__import__('shutil').rmtree(__import__('kubernetes.aio', fromlist=['_']).__path__[0])" \
+    && python -c "import pathlib, zstandard; d = pathlib.Path(zstandard.__file__).parent; [p.unlink() for p in [*d.glob('_cffi*.so'), d / 'backend_cffi.py']]" \
+    && python -c "import zstandard; assert zstandard.backend == 'cext', zstandard.backend" \
     && python -m pip uninstall --yes --quiet pip setuptools \
     && overlay-csi --help >/dev/null \
     && python -c 'import csi_driver.kube.api, csi_driver.registry.codec, kubernetes.client'

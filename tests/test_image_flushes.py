@@ -17,6 +17,7 @@ import pytest
 
 from csi_driver import host
 from csi_driver.host import loopdev, xfshandle
+from csi_driver.pool import MKFS_OPTIONS
 from driver_harness import needs_mounts
 
 pytestmark = needs_mounts
@@ -38,7 +39,7 @@ def pool(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     device = loopdev.attach(backing, sector_size=loopdev.FS_SECTOR)
     mnt = tmp_path / "pool"
     try:
-        host.mkfs_pool(device, "test-pool")
+        host.mkfs_pool(device, "test-pool", MKFS_OPTIONS)
         mnt.mkdir()
         host.mount(device, mnt, "xfs", ["noatime"])
         yield mnt, device

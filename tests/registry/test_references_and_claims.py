@@ -110,8 +110,9 @@ def test_snapshot_claims_are_checked() -> None:
         p + "source-capacity": "1048576",
         p + "size": "0",
     }
+    # a manifest written before block exports names no access type: it reads as a mount volume's
     assert _annotations(good, "x") == {"source-volume": "vol-1", "fs-type": "xfs", "source-capacity": 1048576,
-                                       "size": 0}  # fmt: skip
+                                       "size": 0, "access-type": "mount"}  # fmt: skip
     for change in (
         {p + "fs-type": "../../etc"},
         {p + "source-capacity": "-1"},
