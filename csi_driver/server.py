@@ -8,6 +8,7 @@ import os
 import signal
 import stat
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ WORKERS = 16
 STORAGE_WATCH_SECONDS = 10.0
 STOP_TRANSFERS_SECONDS = 3.0  # at stop, cancelled registry transfers get this long to clean up
 STORAGE_WATCH_LOW_SECONDS = 2.0  # and checkpoint the volumes each time
+LOCK_WAIT_SECONDS = 5.0  # a state dir's lock still held at start is waited for this long
 RATION_SECONDS = 0.25  # how often the volumes' shares of the free space are looked at
 RATION_LIMITED_SECONDS = 0.05  # and while they are limited (a fast writer outruns a slow look)
 
@@ -92,19 +94,27 @@ def socket_path(endpoint: str) -> Path:
     return Path(endpoint)
 
 
-def lock_state_dir(state_dir: Path) -> int:
-    """Hold an exclusive lock on the state dir for the process lifetime."""
+def lock_state_dir(state_dir: Path, wait: float = LOCK_WAIT_SECONDS) -> int:
+    """Hold an exclusive lock on the state dir for the process lifetime. A lock still
+    held is waited for ``wait`` seconds: a driver killed a moment ago may have left a
+    child between fork and exec, which holds the lock until it execs."""
     state_dir.mkdir(parents=True, exist_ok=True)
     lock = StateDir(state_dir).lockfile
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as e:
-        os.close(fd)
-        pid = lock.read_text().strip() or "?"
-        raise AlreadyRunning(
-            f"another overlay-csi (pid {pid}) is serving state dir {state_dir}; refusing to start"
-        ) from e
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError as e:
+            if time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            os.close(fd)
+            pid = lock.read_text().strip() or "?"
+            raise AlreadyRunning(
+                f"another overlay-csi (pid {pid}) is serving state dir {state_dir}; refusing to start"
+            ) from e
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd

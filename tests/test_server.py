@@ -82,3 +82,33 @@ def test_metrics_without_the_extra_say_what_to_install(tmp_path: Path):
     assert "Traceback" not in proc.stderr
     assert "pip install 'overlay-csi[metrics]'" in proc.stderr
     assert not (tmp_path / "csi.sock").exists() and not (tmp_path / "state").exists()
+
+
+def test_a_lock_left_for_a_moment_is_waited_for(tmp_path: Path):
+    """A driver killed a moment ago may leave a child between fork and exec that holds
+    the state dir's lock until it execs: the next start waits for it (up to 5 s) instead
+    of refusing."""
+    import fcntl
+    import os
+
+    from csi_driver.server import AlreadyRunning, lock_state_dir
+    from csi_driver.statedir import StateDir
+
+    state = tmp_path / "state"
+    state.mkdir()
+    held = os.open(StateDir(state).lockfile, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    threading.Timer(1.0, os.close, (held,)).start()  # the child execs: its copy closes
+    start = time.monotonic()
+    fd = lock_state_dir(state)
+    try:
+        assert time.monotonic() - start > 0.8, "it waited for the lock, and got it"
+    finally:
+        os.close(fd)
+    held = os.open(StateDir(state).lockfile, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(AlreadyRunning):
+            lock_state_dir(state, wait=0.3)  # a lock that stays held is refused, as before
+    finally:
+        os.close(held)
