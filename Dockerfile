@@ -58,8 +58,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels "overlay-csi[metrics]" \
     && python -c "__import__('shutil').rmtree(__import__('kubernetes.aio', fromlist=['_']).__path__[0])" \
-    && python -c "import pathlib, zstandard; d = pathlib.Path(zstandard.__file__).parent; [p.unlink() for p in [*d.glob('_cffi*.so'), d / 'backend_cffi.py']]" \
-    && python -c "import zstandard; assert zstandard.backend == 'cext', zstandard.backend" \
+    && python -c "[p.unlink() for d in [__import__('pathlib').Path(__import__('zstandard').__file__).parent] for p in [*d.glob('_cffi*.so'), d / 'backend_cffi.py']]" \
+    && python -c "assert __import__('zstandard').backend == 'cext'" \
     && python -m pip uninstall --yes --quiet pip setuptools \
     && overlay-csi --help >/dev/null \
     && python -c 'import csi_driver.kube.api, csi_driver.registry.codec, kubernetes.client'
