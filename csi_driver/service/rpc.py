@@ -108,15 +108,13 @@ def rpc(guard: Callable[[Any], Iterable[str]] | None = None) -> Callable[[F], F]
                 code, message = getattr(grpc.StatusCode, e.code), str(e)[:MAX_ERROR_MESSAGE]
                 if e.code == "INTERNAL":
                     log.error("%s failed: %s", method, e)
-            except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            except Exception as e:  # never a traceback to the caller
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    # a full disk is named, with the figures, so the caller can act on it
+                    code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, _disk_full(e)
+                else:
                     log.exception("%s crashed", method)
                     code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"
-                else:  # a full disk is named, with the figures, so the caller can act on it
-                    code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, _disk_full(e)
-            except Exception as e:  # never a traceback to the caller
-                log.exception("%s crashed", method)
-                code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"
             elapsed = time.monotonic() - start
             log.info(
                 "rpc",
