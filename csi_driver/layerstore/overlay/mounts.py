@@ -68,12 +68,17 @@ class LayerMounts:
 
     def device(self, layer_id: str) -> str | None:
         """The loop device under a mounted layer (from the mount table only for a
-        mount an earlier process made)."""
+        mount an earlier process made, and only once while this process holds it:
+        the share-out looks at every writable layer several times a second)."""
         with self._guard:
             known = self._devices.get(layer_id)
         if known:
             return known
-        return host.device_of(self.layout.mnt(layer_id))
+        device = host.device_of(self.layout.mnt(layer_id))
+        with self._guard:
+            if device and layer_id in self._counts:  # held: release or forget drops it
+                self._devices[layer_id] = device
+        return device
 
     def count(self, layer_id: str) -> int:
         with self._guard:
