@@ -511,7 +511,49 @@ class _ProxyHandler(_TrackingHandler):
                 pass
 
 
-class FaultProxy:
+class _Served:
+    """A test server of our own (a ``_TrackingServer``) on 127.0.0.1, served by a daemon
+    thread while its ``with`` block runs; on exit it stops and every connection goes."""
+
+    thread_name = "served"
+
+    def __init__(self) -> None:
+        self.host = ""
+        self.url = ""
+        self._server: _TrackingServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _make_server(self) -> _TrackingServer:
+        raise NotImplementedError
+
+    def _before_stop(self) -> None:
+        """What a subclass must do before its handlers are stopped."""
+
+    def __enter__(self) -> Self:
+        self._server = self._make_server()
+        self.host = f"127.0.0.1:{self._server.server_address[1]}"
+        self.url = f"http://{self.host}"
+        serve = self._server.serve_forever
+        self._thread = threading.Thread(
+            target=serve, kwargs={"poll_interval": 0.05}, name=self.thread_name, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._before_stop()
+        server.stop()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+class FaultProxy(_Served):
     """A threaded HTTP/1.1 reverse proxy in front of ``upstream`` (e.g. a
     LocalRegistry's ``url``) that injects faults on demand.
 
@@ -531,35 +573,15 @@ class FaultProxy:
             raise ValueError(f"upstream must be http://host:port, not {upstream!r}")
         self.upstream_host = parts.netloc
         self.upstream_url = f"http://{parts.netloc}"
+        super().__init__()
         self.requests: list[tuple[str, str, int]] = []
-        self.host = ""
-        self.url = ""
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
-        self._server: _ProxyServer | None = None
-        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> Self:
-        self._server = _ProxyServer(self)
-        port = self._server.server_address[1]
-        self.host = f"127.0.0.1:{port}"
-        self.url = f"http://{self.host}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fault-proxy", daemon=True
-        )
-        self._thread.start()
-        return self
+    thread_name = "fault-proxy"
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.stop()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+    def _make_server(self) -> _TrackingServer:
+        return _ProxyServer(self)
 
     def _add(self, fault: _Fault) -> None:
         if fault.times == 0 or fault.times < -1:
@@ -694,7 +716,7 @@ class _HostileHandler(_TrackingHandler):
     do_HEAD = do_GET
 
 
-class HostileRegistry:
+class HostileRegistry(_Served):
     """An HTTP server on 127.0.0.1 that acts as a registry that should not be trusted.
 
     ``/v2/`` answers 200 (``huge-token``: a bearer challenge). Every other request:
@@ -713,32 +735,15 @@ class HostileRegistry:
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.host = ""
-        self.url = ""
-        self._server: _HostileServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
-    def __enter__(self) -> Self:
-        self._server = _HostileServer(self)
-        self.host = f"127.0.0.1:{self._server.server_address[1]}"
-        self.url = f"http://{self.host}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="hostile", daemon=True
-        )
-        self._thread.start()
-        return self
+    thread_name = "hostile"
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        self.stopping.set()
-        server.stop()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+    def _make_server(self) -> _TrackingServer:
+        return _HostileServer(self)
+
+    def _before_stop(self) -> None:
+        self.stopping.set()  # handlers trickling or holding a request end now
 
     def count(self, path_part: str) -> int:
         with self.lock:
