@@ -448,7 +448,13 @@ def test_one_volume_filling_an_overprovisioned_disk_hurts_no_neighbour(small_dis
 def test_a_disk_filled_from_outside_still_lets_kubernetes_free_space(small_disk: Path):
     """Something else fills the disk to its last block: the driver's own writes use its
     reserve, so unpublish, unstage and delete work; what needs space is RESOURCE_EXHAUSTED
-    with the figures, never INTERNAL."""
+    with the figures, never INTERNAL.
+
+    Callers: the external-provisioner's checkError turns CreateVolume's RESOURCE_EXHAUSTED
+    into ProvisioningReschedule (the driver has topology; the selected-node annotation
+    goes) where INTERNAL would retry on this node; kubelet's NodeUnpublishVolume and
+    NodeUnstageVolume (csi_client.go) must succeed for the pod and the PV to go, and the
+    provisioner's DeleteVolume and the snapshotter's DeleteSnapshot for space to be freed."""
     d = start(small_disk, ratio=1.0)
     try:
         c = d.client

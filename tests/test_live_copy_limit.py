@@ -1,7 +1,11 @@
 """Where the state dir cannot clone (ext4), a snapshot of a volume in use copies its
 written data while its writes wait: beyond ``--max-live-snapshot-copy`` (or a
 VolumeSnapshotClass's lower ``liveCopyLimit``) it is refused with
-FAILED_PRECONDITION, a message that says what to do, and nothing changed."""
+FAILED_PRECONDITION, a message that says what to do, and nothing changed.
+
+The caller is csi-snapshotter's sidecar controller (v8.6.0, createSnapshotWrapper):
+isCSIFinalError counts FAILED_PRECONDITION as final, so the content records the error
+and no CreateSnapshot is left "in progress"; RESOURCE_EXHAUSTED would not be."""
 
 from __future__ import annotations
 
