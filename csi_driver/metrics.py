@@ -108,34 +108,15 @@ class StateCollector(Collector):
     def _collect(self) -> Iterator[Any]:
         engine = self.engine
         with engine.store.read() as tx:
-            c = tx.c
-            vol = c.execute(
-                "SELECT COUNT(*), COALESCE(SUM(capacity_bytes), 0),"
-                " COALESCE(SUM(EXISTS (SELECT 1 FROM publications p WHERE p.volume_id = v.id)), 0),"
-                " COALESCE(SUM(staging_path IS NOT NULL"
-                "  AND NOT EXISTS (SELECT 1 FROM publications p WHERE p.volume_id = v.id)), 0)"
-                " FROM volumes v"
-            ).fetchone()
-            snaps = c.execute(
-                "SELECT COUNT(*), COALESCE(SUM(NOT EXISTS"
-                " (SELECT 1 FROM volumes v WHERE v.id = s.source_volume_id)), 0),"
-                " COALESCE(SUM(size_bytes), 0) FROM snapshots s"
-            ).fetchone()
-            layer_rows = c.execute(
-                "SELECT CASE WHEN active THEN 'active' WHEN name IS NOT NULL THEN 'base'"
-                " ELSE 'committed' END, COUNT(*), COALESCE(MAX(depth), 0) FROM layers GROUP BY 1"
-            ).fetchall()
-            staging = [
-                r[0] for r in c.execute("SELECT staging_path FROM volumes WHERE staging_path IS NOT NULL")
-            ]
-            targets = [r[0] for r in c.execute("SELECT target_path FROM publications")]
+            census = tx.census()
             layers = tx.layers()
-            pending_deletes = c.execute("SELECT COUNT(*) FROM pending_deletes").fetchone()[0]
         allocated = sum(engine.backend.usage(x) for x in layers)
 
-        total, provisioned, published, staged = (int(x) for x in vol)
+        provisioned, published, staged = census.provisioned_bytes, census.published, census.staged
         g = GaugeMetricFamily(f"{PREFIX}_volumes", "Volumes on this node by state", labels=["state"])
-        for state, n in zip(VOLUME_STATES, (total - published - staged, staged, published), strict=True):
+        for state, n in zip(
+            VOLUME_STATES, (census.volumes - published - staged, staged, published), strict=True
+        ):
             g.add_metric([state], n)
         yield g
 
@@ -144,14 +125,16 @@ class StateCollector(Collector):
             "Snapshots on this node, by whether their source volume still exists",
             labels=["state"],
         )
-        g.add_metric(["source_present"], int(snaps[0]) - int(snaps[1]))
-        g.add_metric(["source_deleted"], int(snaps[1]))
+        g.add_metric(["source_present"], census.snapshots - census.orphan_snapshots)
+        g.add_metric(["source_deleted"], census.orphan_snapshots)
         yield g
         yield GaugeMetricFamily(
-            f"{PREFIX}_snapshot_bytes", "Sum of the snapshots' reported size_bytes", value=int(snaps[2])
+            f"{PREFIX}_snapshot_bytes",
+            "Sum of the snapshots' reported size_bytes",
+            value=census.snapshot_bytes,
         )
 
-        by_state = {state: (int(n), int(depth)) for state, n, depth in layer_rows}
+        by_state = census.layers
         g = GaugeMetricFamily(
             f"{PREFIX}_layers",
             "Layers by state: active (a volume's writable upper), committed (read-only, "
@@ -227,7 +210,9 @@ class StateCollector(Collector):
             value=room.free,
         )
 
-        counts = count_mounts(staging, targets, len(engine.backend.active_layers()))
+        counts = count_mounts(
+            census.staging_paths, census.publication_targets, len(engine.backend.active_layers())
+        )
         g = GaugeMetricFamily(
             f"{PREFIX}_mounts",
             "Mounts this driver holds: stage (a volume's overlay), publish (its bind mount "
@@ -264,7 +249,7 @@ class StateCollector(Collector):
             f"{PREFIX}_registry_pending_deletes",
             "Exported snapshots deleted while their registry could not be reached, whose "
             "manifests are still to be deleted from it (retried in the background)",
-            value=int(pending_deletes),
+            value=census.pending_deletes,
         )
         retries = engine.pending_deletes.retries
         c = CounterMetricFamily(

@@ -253,6 +253,46 @@ class Blob:
     expanded: int = 0  # the tar's size (a compressed blob's, as exported); 0: unknown or uncompressed
 
 
+@dataclass(frozen=True)
+class Census:
+    """What the store holds, counted by state in one read (the metrics' node figures)."""
+
+    volumes: int
+    provisioned_bytes: int  # the sum of the volumes' capacities
+    published: int  # volumes with at least one publication
+    staged: int  # volumes staged and not published
+    snapshots: int
+    orphan_snapshots: int  # snapshots whose source volume is gone
+    snapshot_bytes: int  # the sum of the snapshots' size_bytes
+    layers: dict[str, tuple[int, int]]  # "active", "committed" or "base" -> (count, deepest depth)
+    pending_deletes: int
+    staging_paths: list[str]
+    publication_targets: list[str]
+
+
+@dataclass(frozen=True)
+class LayerDependents:
+    """Who stands on a layer: its children, the volume it is the upper of, and every volume
+    and snapshot whose chain holds it (the layer itself or one stacked on it)."""
+
+    children: list[str]
+    owner: str | None
+    volumes: list[str]
+    snapshots: list[str]
+
+
+@dataclass(frozen=True)
+class StoreSummary:
+    """What ``summarize`` reads of a store without opening it for writing (``doctor``)."""
+
+    schema_version: str
+    volumes: int
+    provisioned_bytes: int
+    snapshots: int
+    layers: int
+    integrity: str  # "ok", or what SQLite's quick_check found
+
+
 _LAYER_COLUMNS = ", ".join(f.name for f in fields(Layer))
 
 # Walk parent links from the top; the guard on n ends a (corrupt) cycle instead of looping forever.
@@ -339,6 +379,23 @@ class ReadTx:
             (layer_id, layer_id, layer_id),
         ).fetchone()
         return int(row[0])
+
+    def dependents(self, layer_id: str) -> LayerDependents:
+        above = "WITH RECURSIVE d(id) AS (SELECT ? UNION SELECT l.id FROM layers l JOIN d ON l.parent = d.id)"
+        volumes = self.c.execute(
+            above + " SELECT v.id FROM volumes v WHERE v.upper IN d ORDER BY v.seq", (layer_id,)
+        )
+        snapshots = self.c.execute(
+            above + " SELECT s.id FROM snapshots s WHERE s.layer IN d ORDER BY s.seq", (layer_id,)
+        )
+        children = self.c.execute("SELECT id FROM layers WHERE parent=?", (layer_id,))
+        owner = self.c.execute("SELECT id FROM volumes WHERE upper=?", (layer_id,)).fetchone()
+        return LayerDependents(
+            children=[r[0] for r in children],
+            owner=owner[0] if owner else None,
+            volumes=[r[0] for r in volumes],
+            snapshots=[r[0] for r in snapshots],
+        )
 
     # ---- registry blobs -----------------------------------------------
     def layer_blobs(self, layer_id: str) -> list[Blob]:
@@ -481,6 +538,42 @@ class ReadTx:
     def group_by_name(self, name: str) -> dict[str, Any] | None:
         row = self.c.execute("SELECT * FROM groups WHERE name=?", (name,)).fetchone()
         return _group(row) if row else None
+
+    # ---- figures ------------------------------------------------------
+    def census(self) -> Census:
+        """Aggregate queries only: no row of a volume or snapshot is read into Python."""
+        vol = self.c.execute(
+            "SELECT COUNT(*), COALESCE(SUM(capacity_bytes), 0),"
+            " COALESCE(SUM(EXISTS (SELECT 1 FROM publications p WHERE p.volume_id = v.id)), 0),"
+            " COALESCE(SUM(staging_path IS NOT NULL"
+            "  AND NOT EXISTS (SELECT 1 FROM publications p WHERE p.volume_id = v.id)), 0)"
+            " FROM volumes v"
+        ).fetchone()
+        snaps = self.c.execute(
+            "SELECT COUNT(*), COALESCE(SUM(NOT EXISTS"
+            " (SELECT 1 FROM volumes v WHERE v.id = s.source_volume_id)), 0),"
+            " COALESCE(SUM(size_bytes), 0) FROM snapshots s"
+        ).fetchone()
+        layers = self.c.execute(
+            "SELECT CASE WHEN active THEN 'active' WHEN name IS NOT NULL THEN 'base'"
+            " ELSE 'committed' END, COUNT(*), COALESCE(MAX(depth), 0) FROM layers GROUP BY 1"
+        )
+        staging = self.c.execute("SELECT staging_path FROM volumes WHERE staging_path IS NOT NULL")
+        targets = self.c.execute("SELECT target_path FROM publications")
+        pending = self.c.execute("SELECT COUNT(*) FROM pending_deletes").fetchone()
+        return Census(
+            volumes=int(vol[0]),
+            provisioned_bytes=int(vol[1]),
+            published=int(vol[2]),
+            staged=int(vol[3]),
+            snapshots=int(snaps[0]),
+            orphan_snapshots=int(snaps[1]),
+            snapshot_bytes=int(snaps[2]),
+            layers={state: (int(n), int(depth)) for state, n, depth in layers},
+            pending_deletes=int(pending[0]),
+            staging_paths=[r[0] for r in staging],
+            publication_targets=[r[0] for r in targets],
+        )
 
 
 class Tx(ReadTx):
@@ -626,6 +719,10 @@ class Tx(ReadTx):
 
     def set_exported(self, snapshot_id: str, manifest_digest: str) -> None:
         self.c.execute("UPDATE snapshots SET exported=? WHERE id=?", (manifest_digest, snapshot_id))
+
+    def repoint_snapshot(self, snapshot_id: str, layer_id: str) -> None:
+        """Let the snapshot use ``layer_id`` (a flattened copy of its chain's view)."""
+        self.c.execute("UPDATE snapshots SET layer=? WHERE id=?", (layer_id, snapshot_id))
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.c.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
@@ -818,3 +915,27 @@ class Store:
             for conn in list(self._readers):
                 conn.close()
             self._readers.clear()
+
+
+class Unreadable(Exception):
+    """A store that cannot be opened or read (``summarize``): SQLite's message."""
+
+
+def summarize(path: Path) -> StoreSummary:
+    """Read a store's figures and check its integrity without migrating it or taking the
+    writer's lock (read-only: a driver may be serving it). Raises ``Unreadable``."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+            volumes, provisioned = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(capacity_bytes), 0) FROM volumes"
+            ).fetchone()
+            snapshots = conn.execute("SELECT COUNT(*) FROM snapshots").fetchone()[0]
+            layers = conn.execute("SELECT COUNT(*) FROM layers").fetchone()[0]
+            integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise Unreadable(str(e)) from e
+    return StoreSummary(str(version), int(volumes), int(provisioned), int(snapshots), int(layers), integrity)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import sqlite3
 import threading
 import time
@@ -13,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.store import SCHEMA_VERSION, Blob, Layer, PendingDelete, ReadTx, Store
+from csi_driver.store import SCHEMA_VERSION, Blob, Layer, PendingDelete, ReadTx, Snapshot, Store, Volume
 
 QUERIES = (
     "layer layer_by_name layers chain volume volume_by_name volumes count_staged count_attached"
     " publications publication_at attachment attached_nodes snapshot snapshot_by_name snapshots"
-    " group group_by_name layer_users unreferenced_layers"
+    " group group_by_name layer_users unreferenced_layers dependents census"
 ).split()
 CHANGES = (
     "add_layer collect_garbage update_layer add_volume update_volume delete_volume add_publication"
-    " delete_publication attach detach add_snapshot delete_snapshot add_group delete_group"
+    " delete_publication attach detach add_snapshot delete_snapshot add_group delete_group repoint_snapshot"
 ).split()
 
 
@@ -439,3 +440,54 @@ def test_a_schema_5_store_gains_blob_expansion(tmp_path):
             assert tx.layer_blobs("b")[1].expanded == 4096
     finally:
         store.close()
+
+
+def test_no_module_but_the_store_runs_sql():
+    """All SQL lives in store.py: a query elsewhere (``.execute``, ``sqlite3``) is a seam leaking."""
+    package = Path(__file__).resolve().parents[1] / "csi_driver"
+    leaks = []
+    for path in sorted(package.rglob("*.py")):
+        if path == package / "store.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            called = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            if called and node.func.attr in ("execute", "executemany", "executescript"):
+                leaks.append(f"{path.relative_to(package)}:{node.lineno} .{node.func.attr}()")
+            imported = [a.name for a in node.names] if isinstance(node, ast.Import | ast.ImportFrom) else []
+            if "sqlite3" in imported or (isinstance(node, ast.ImportFrom) and node.module == "sqlite3"):
+                leaks.append(f"{path.relative_to(package)}:{node.lineno} imports sqlite3")
+    assert leaks == []
+
+
+def test_a_layers_dependents_are_everything_stacked_on_it(store: Store):
+    base, mid, top = _stack(store, 3)
+    side = _layer(parent=base.id)
+    with store.tx() as tx:
+        tx.add_layer(side)
+        for n, upper in enumerate((top, side)):
+            tx.add_volume(
+                Volume(
+                    0,
+                    f"vol-{n}",
+                    f"v{n}",
+                    1 << 20,
+                    upper.id,
+                    "mount",
+                    "ext4",
+                    "",
+                    "",
+                    {},
+                    {},
+                    False,
+                    None,
+                    {},
+                    time.time(),
+                )
+            )
+        tx.add_snapshot(Snapshot(0, "snap-1", "s1", "vol-0", mid.id, "mount", "ext4", 1 << 20, 0, "", 0.0))
+    with store.read() as r:
+        at_base, at_mid, at_top = (r.dependents(x.id) for x in (base, mid, top))
+    assert sorted(at_base.children) == sorted([mid.id, side.id]) and at_base.owner is None
+    assert at_base.volumes == ["vol-0", "vol-1"] and at_base.snapshots == ["snap-1"]
+    assert at_mid.children == [top.id] and at_mid.volumes == ["vol-0"] and at_mid.snapshots == ["snap-1"]
+    assert at_top.owner == "vol-0" and at_top.children == [] and at_top.snapshots == []

@@ -108,6 +108,11 @@ def cmd_layer_list(args: argparse.Namespace) -> int:
     )
 
 
+def _some(ids: list[str]) -> str:
+    """How many, and the first ten."""
+    return f"{len(ids)}" + (": " + ", ".join(ids[:10]) if ids else "") + (" ..." if len(ids) > 10 else "")
+
+
 def cmd_layer_inspect(args: argparse.Namespace) -> int:
     from csi_driver import host
 
@@ -120,24 +125,7 @@ def cmd_layer_inspect(args: argparse.Namespace) -> int:
             if layer is None:
                 raise CliError("NOT_FOUND", f"layer {args.layer!r} does not exist (by name or id)")
             chain = tx.chain(layer.id)
-            # every layer stacked on this one, then who uses those
-            above = (
-                "WITH RECURSIVE d(id) AS (SELECT ? UNION SELECT l.id FROM layers l JOIN d ON l.parent = d.id)"
-            )
-            volumes = [
-                r[0]
-                for r in tx.c.execute(
-                    above + " SELECT v.id FROM volumes v WHERE v.upper IN d ORDER BY v.seq", (layer.id,)
-                )
-            ]
-            snapshots = [
-                r[0]
-                for r in tx.c.execute(
-                    above + " SELECT s.id FROM snapshots s WHERE s.layer IN d ORDER BY s.seq", (layer.id,)
-                )
-            ]
-            children = [r[0] for r in tx.c.execute("SELECT id FROM layers WHERE parent=?", (layer.id,))]
-            owner = tx.c.execute("SELECT id FROM volumes WHERE upper=?", (layer.id,)).fetchone()
+            dependents = tx.dependents(layer.id)
         where = engine.backend.describe(layer)
         mount = host.mount_at(where["mountpoint"]) if "mountpoint" in where else None
         disk = engine.backend.usage(layer)
@@ -148,10 +136,10 @@ def cmd_layer_inspect(args: argparse.Namespace) -> int:
         {
             **where,
             "chain": [x.id for x in chain],
-            "children": children,
-            "volume": owner[0] if owner else None,
-            "volumes": volumes,
-            "snapshots": snapshots,
+            "children": dependents.children,
+            "volume": dependents.owner,
+            "volumes": dependents.volumes,
+            "snapshots": dependents.snapshots,
             "mounted": (
                 {"target": mount.target, "device": mount.source, "options": mount.options} if mount else None
             ),
@@ -171,19 +159,9 @@ def cmd_layer_inspect(args: argparse.Namespace) -> int:
                 ("link", d["link"]),
                 ("mounted", f"{mount.source} at {mount.target} ({mount.options})" if mount else "no"),
                 ("created", d["created"]),
-                ("children", len(children)),
-                (
-                    "volumes",
-                    f"{len(volumes)}"
-                    + (": " + ", ".join(volumes[:10]) if volumes else "")
-                    + (" ..." if len(volumes) > 10 else ""),
-                ),
-                (
-                    "snapshots",
-                    f"{len(snapshots)}"
-                    + (": " + ", ".join(snapshots[:10]) if snapshots else "")
-                    + (" ..." if len(snapshots) > 10 else ""),
-                ),
+                ("children", len(dependents.children)),
+                ("volumes", _some(dependents.volumes)),
+                ("snapshots", _some(dependents.snapshots)),
             ]
         )
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sqlite3
 from pathlib import Path
 
 from csi_driver.doctor.check import FAIL, OK, WARN, Check, fmt_gib
 from csi_driver.statedir import StateDir
+from csi_driver.store import Unreadable, summarize
 
 
 def check_store(state_dir: Path) -> list[Check]:
@@ -18,18 +18,8 @@ def check_store(state_dir: Path) -> list[Check]:
         return [Check("store", OK, "no store yet (a new node)")]
     out = []
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-            vols, provisioned = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(capacity_bytes), 0) FROM volumes"
-            ).fetchone()
-            snaps = conn.execute("SELECT COUNT(*) FROM snapshots").fetchone()[0]
-            layers = conn.execute("SELECT COUNT(*) FROM layers").fetchone()[0]
-            integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
-        finally:
-            conn.close()
-    except sqlite3.Error as e:
+        summary = summarize(db)
+    except Unreadable as e:
         return [
             Check(
                 "store",
@@ -38,22 +28,28 @@ def check_store(state_dir: Path) -> list[Check]:
                 "restore the state dir from a backup (docs/operations.md); keep the broken copy for analysis",
             )
         ]
-    if integrity != "ok":
+    if summary.integrity != "ok":
         out.append(
             Check(
                 "store",
                 FAIL,
-                f"{db} fails its integrity check: {integrity}",
+                f"{db} fails its integrity check: {summary.integrity}",
                 "stop the driver and restore the state dir from a backup (docs/operations.md)",
             )
         )
     else:
         out.append(
-            Check("store", OK, f"schema {version}: {vols} volumes, {snaps} snapshots, {layers} layers")
+            Check(
+                "store",
+                OK,
+                f"schema {summary.schema_version}: {summary.volumes} volumes, {summary.snapshots} snapshots, "
+                f"{summary.layers} layers",
+            )
         )
     st = os.statvfs(state_dir)
     free = st.f_bavail * st.f_frsize
     allocated = sum(p.stat().st_blocks * 512 for p in (state_dir / "layers").glob("*/image") if p.is_file())
+    provisioned = summary.provisioned_bytes
     if provisioned > free + allocated:
         out.append(
             Check(

@@ -190,7 +190,7 @@ class Volumes:
         """After flattening a snapshot's deep chain, let the snapshot use the flat layer
         so later restores reuse it."""
         if spec.source_kind == "snapshot":
-            tx.c.execute("UPDATE snapshots SET layer=? WHERE id=?", (flat.id, spec.source_id))
+            tx.repoint_snapshot(spec.source_id, flat.id)
 
     def delete_volume(self, volume_id: str) -> None:
         ctx = self.ctx
