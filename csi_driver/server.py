@@ -63,10 +63,10 @@ class ServeOptions:
     driver_name: str = "overlay.csi.dev"
     max_volumes_per_node: int = 0
     max_volume_size: int = 0
-    max_ephemeral_size: int = 1 << 30  # all inline volumes of the node together; 0: none
+    max_ephemeral_size: int = EngineConfig.max_ephemeral_size  # all inline volumes together; 0: none
     max_snapshots_per_volume: int = 0  # 0: no limit
-    max_layer_depth: int = 64
-    default_fs_type: str = "ext4"
+    max_layer_depth: int = EngineConfig.max_depth
+    default_fs_type: str = EngineConfig.fs_type
     hidden_capabilities: tuple[str, ...] = ()
     mode: str = "all"  # or "controller-expand"
     drain_seconds: float = 30.0
@@ -84,6 +84,24 @@ class ServeOptions:
     kubernetes: str = "auto"  # the in-cluster API when there is one ("off": never)
     kube_api: KubeApi | None = None  # given instead of connecting (tests)
     registry_snapshotter_node: str = ""  # label pre-provisioned exported contents for this name
+
+    def engine_config(self, space: Space | None = None) -> EngineConfig:
+        """The engine's settings: the one place serving options become an ``EngineConfig``
+        (``space``: where layers are kept, when a pool file bounds it)."""
+        return EngineConfig(
+            state_dir=self.state_dir,
+            node_id=self.node_id,
+            max_volumes=self.max_volumes_per_node,
+            max_volume_size=self.max_volume_size,
+            max_ephemeral_size=self.max_ephemeral_size,
+            max_snapshots_per_volume=self.max_snapshots_per_volume,
+            max_depth=self.max_layer_depth,
+            fs_type=self.default_fs_type,
+            capacity=self.capacity,
+            insecure_registries=self.insecure_registries,
+            space=space,
+            max_live_copy=self.max_live_snapshot_copy,
+        )
 
 
 def socket_path(endpoint: str) -> Path:
@@ -135,22 +153,7 @@ class Server:
         # node paths under the kubelet dir resolve beneath its pods/ and plugins/ (host.beneath)
         host.beneath.confine(opts.kubelet_dir)
         host.beneath.add_root(str(opts.state_dir))
-        self.engine = engine or Engine(
-            EngineConfig(
-                state_dir=opts.state_dir,
-                node_id=opts.node_id,
-                max_volumes=opts.max_volumes_per_node,
-                max_volume_size=opts.max_volume_size,
-                max_ephemeral_size=opts.max_ephemeral_size,
-                max_snapshots_per_volume=opts.max_snapshots_per_volume,
-                max_depth=opts.max_layer_depth,
-                fs_type=opts.default_fs_type,
-                capacity=opts.capacity,
-                insecure_registries=opts.insecure_registries,
-                space=space,
-                max_live_copy=opts.max_live_snapshot_copy,
-            )
-        )
+        self.engine = engine or Engine(opts.engine_config(space))
         report = reconcile(self.engine)
         log.info("reconciled state dir %s: %s", opts.state_dir, report)
         self.ctx = DriverContext(

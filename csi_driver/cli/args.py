@@ -84,6 +84,17 @@ def parse_kv(items: list[str], what: str) -> dict[str, str]:
     return out
 
 
+def local_engine(args: argparse.Namespace) -> Any:
+    """An engine on ``--state-dir`` for the commands that work on it directly (no driver
+    serving it): this host's name as the node, the serving defaults otherwise."""
+    from csi_driver.engine.engine import Engine, EngineConfig
+
+    insecure = frozenset(getattr(args, "insecure_registry", ()))
+    return Engine(
+        EngineConfig(state_dir=args.state_dir, node_id=os.uname().nodename, insecure_registries=insecure)
+    )
+
+
 def add_insecure_registry_option(p: argparse.ArgumentParser) -> None:
     """``--insecure-registry HOST[:PORT]``, for ``serve`` and the commands that reach registries."""
     p.add_argument(

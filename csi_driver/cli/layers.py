@@ -5,14 +5,13 @@ they need no running driver; ``import`` reports progress on stderr."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from csi_driver.cli.args import DEFAULT_STATE_DIR, add_command
+from csi_driver.cli.args import DEFAULT_STATE_DIR, add_command, local_engine
 from csi_driver.cli.import_progress import ImportProgress
 from csi_driver.cli.output import CliError, emit, fields, fmt_bytes, fmt_time, table
 from csi_driver.statedir import StateDir
@@ -20,14 +19,13 @@ from csi_driver.statedir import StateDir
 
 def _layer_engine(args: argparse.Namespace, create: bool = False) -> Any:
     from csi_driver import logs
-    from csi_driver.engine.engine import Engine, EngineConfig
 
     if not create and not (args.state_dir / "state.db").exists():
         raise CliError("NOT_FOUND", f"no overlay-csi state in {args.state_dir} (wrong --state-dir?)")
     import logging
 
     logs.setup(logging.WARNING)
-    return Engine(EngineConfig(state_dir=args.state_dir, node_id=os.uname().nodename))
+    return local_engine(args)
 
 
 def _layer_dict(x: Any, disk: int) -> dict[str, Any]:

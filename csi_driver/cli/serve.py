@@ -21,6 +21,7 @@ from csi_driver.cli.args import (
 )
 from csi_driver.engine.capacity import CapacityPolicy, Share
 from csi_driver.engine.capture import DEFAULT_MAX_LIVE_COPY
+from csi_driver.engine.context import EngineConfig
 
 DEFAULT_DRIVER_NAME = "overlay.csi.dev"
 
@@ -39,7 +40,7 @@ def add_parser(sub: Any) -> None:
     s.add_argument(
         "--max-ephemeral-size",
         type=parse_size,
-        default=1 << 30,
+        default=EngineConfig.max_ephemeral_size,
         help="the most all inline ephemeral volumes of the node may hold together (default 1Gi); "
         "0: refuse inline volumes",
     )
@@ -47,11 +48,14 @@ def add_parser(sub: Any) -> None:
         "--max-snapshots-per-volume", type=int, default=0, help="snapshots one volume may have; 0: no limit"
     )
     s.add_argument(
-        "--max-layer-depth", type=int, default=64, help="layers under a volume before its chain is flattened"
+        "--max-layer-depth",
+        type=int,
+        default=EngineConfig.max_depth,
+        help="layers under a volume before its chain is flattened",
     )
     s.add_argument(
         "--default-fs-type",
-        default="ext4",
+        default=EngineConfig.fs_type,
         choices=["ext4", "xfs"],
         help="file system of a volume's upper when the capability names none",
     )
@@ -209,30 +213,12 @@ def _metrics_installed() -> bool:
     return True
 
 
-def run(args: argparse.Namespace) -> int:
-    from csi_driver.pool import PoolError
-    from csi_driver.server import AlreadyRunning, ServeOptions, Server
+def options(args: argparse.Namespace, pool_device: str, policy: CapacityPolicy) -> Any:
+    """The parsed flags as the server's ``ServeOptions`` (``pool_device``: this node's, when
+    ``--pool-devices`` names one; ``policy``: the capacity flags, checked)."""
+    from csi_driver.server import ServeOptions
 
-    logs.setup(logs.level_from(args.log_level, args.verbosity), args.log_format)
-    if os.geteuid() != 0:
-        logging.error("overlay-csi serve needs root (it mounts file systems)")
-        return 2
-    if args.metrics_address and not _metrics_installed():
-        logging.error("--metrics-address needs prometheus-client: pip install 'overlay-csi[metrics]'")
-        return 2
-    try:
-        pool_device = args.pool_device or _pool_device_of(args.pool_devices, args.node_id)
-    except (OSError, ValueError) as e:
-        logging.error("--pool-devices %s: %s", args.pool_devices, e)
-        return 2
-    if pool_device and args.pool_file:
-        logging.info("this node has pool device %s: --pool-file %s is not used", pool_device, args.pool_file)
-    try:
-        policy = CapacityPolicy(args.overprovision_ratio, args.reserve, args.low_space_watermark)
-    except ValueError as e:
-        logging.error("%s", e)
-        return 2
-    opts = ServeOptions(
+    return ServeOptions(
         endpoint=args.endpoint,
         state_dir=args.state_dir,
         node_id=args.node_id,
@@ -259,6 +245,32 @@ def run(args: argparse.Namespace) -> int:
         kubernetes=args.kubernetes,
         registry_snapshotter_node=args.registry_snapshotter_node,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from csi_driver.pool import PoolError
+    from csi_driver.server import AlreadyRunning, Server
+
+    logs.setup(logs.level_from(args.log_level, args.verbosity), args.log_format)
+    if os.geteuid() != 0:
+        logging.error("overlay-csi serve needs root (it mounts file systems)")
+        return 2
+    if args.metrics_address and not _metrics_installed():
+        logging.error("--metrics-address needs prometheus-client: pip install 'overlay-csi[metrics]'")
+        return 2
+    try:
+        pool_device = args.pool_device or _pool_device_of(args.pool_devices, args.node_id)
+    except (OSError, ValueError) as e:
+        logging.error("--pool-devices %s: %s", args.pool_devices, e)
+        return 2
+    if pool_device and args.pool_file:
+        logging.info("this node has pool device %s: --pool-file %s is not used", pool_device, args.pool_file)
+    try:
+        policy = CapacityPolicy(args.overprovision_ratio, args.reserve, args.low_space_watermark)
+    except ValueError as e:
+        logging.error("%s", e)
+        return 2
+    opts = options(args, pool_device, policy)
     try:
         server = Server(opts)
     except AlreadyRunning as e:

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from csi_driver.cli.args import DEFAULT_STATE_DIR, add_command, add_insecure_registry_option
+from csi_driver.cli.args import DEFAULT_STATE_DIR, add_command, add_insecure_registry_option, local_engine
 from csi_driver.cli.output import CliError, emit, fmt_bytes
 from csi_driver.registry.credentials import Credentials, registry_host
 from csi_driver.registry.reference import BadReference, Reference, Repository
@@ -57,17 +57,10 @@ def _credentials() -> Credentials | None:
 
 def _engine(args: argparse.Namespace) -> Any:
     from csi_driver import logs
-    from csi_driver.engine.engine import Engine, EngineConfig
 
     logs.setup(logging.WARNING)
     logging.getLogger("csi_driver.registry").setLevel(logging.INFO)  # progress lines
-    return Engine(
-        EngineConfig(
-            state_dir=args.state_dir,
-            node_id=os.uname().nodename,
-            insecure_registries=frozenset(args.insecure_registry),
-        )
-    )
+    return local_engine(args)
 
 
 def _parse(kind: type, text: str) -> Any:
