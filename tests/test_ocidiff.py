@@ -1,4 +1,5 @@
-"""OCI layer tars from overlay layers and back (csi_driver.layerstore.ocidiff), on real overlayfs.
+"""OCI layer tars from overlay layers and back (layerstore.overlay.upperdiff, layerstore.treediff,
+layerstore.layertar), on real overlayfs.
 
 Each round trip: changes made through a mounted overlay, the layer exported,
 imported into a fresh upper over the same lower, and the two merged views
@@ -23,8 +24,10 @@ from typing import BinaryIO
 import pytest
 
 from csi_driver import host
-from csi_driver.layerstore import ocidiff
-from csi_driver.layerstore.ocidiff import DiffError, NeedsNaiveDiff
+from csi_driver.layerstore import layertar, treediff
+from csi_driver.layerstore.layertar import DiffError
+from csi_driver.layerstore.overlay import upperdiff
+from csi_driver.layerstore.overlay.upperdiff import NeedsNaiveDiff
 from driver_harness import MOUNT_SKIP
 
 pytestmark = pytest.mark.skipif(bool(MOUNT_SKIP), reason=MOUNT_SKIP or "ok")
@@ -113,10 +116,10 @@ def members(tar: bytes) -> dict[str, tarfile.TarInfo]:
         return {ti.name: ti for ti in tf.getmembers()}
 
 
-Export = Callable[[Path, Path, BinaryIO], ocidiff.DiffStats]
+Export = Callable[[Path, Path, BinaryIO], layertar.DiffStats]
 
 
-def through_pipe(export: Callable[[BinaryIO], ocidiff.DiffStats], dest: Path):
+def through_pipe(export: Callable[[BinaryIO], layertar.DiffStats], dest: Path):
     """Export in a thread into a pipe that import_as_upper(dest) reads: neither side may seek."""
     r, w = os.pipe()
     result: list = []
@@ -132,7 +135,7 @@ def through_pipe(export: Callable[[BinaryIO], ocidiff.DiffStats], dest: Path):
     thread.start()
     try:
         with open(r, "rb") as tar:
-            imported = ocidiff.import_as_upper(tar, dest)
+            imported = upperdiff.import_as_upper(tar, dest)
     finally:
         thread.join()
     if isinstance(result[0], BaseException):
@@ -165,7 +168,7 @@ def round_trip(
         buf = io.BytesIO()
         export(upper, lower, buf)
         tar = buf.getvalue()
-        stats = ocidiff.import_as_upper(io.BytesIO(tar), imported)
+        stats = upperdiff.import_as_upper(io.BytesIO(tar), imported)
         assert stats.entries == len(members(tar))
     with overlay(tmp_path / "merged2", [lower], imported) as merged2:
         after = snapshot(merged2)
@@ -225,11 +228,11 @@ def test_clean_upper_takes_the_fast_path_with_whiteouts_and_opaque_dirs(tmp_path
     def no_naive(*args):
         raise AssertionError("the naive diff ran for a complete upper")
 
-    monkeypatch.setattr(ocidiff, "export_naive", no_naive)
+    monkeypatch.setattr(treediff, "export_naive", no_naive)
 
-    def export(upper: Path, lower: Path, out: BinaryIO) -> ocidiff.DiffStats:
-        assert not ocidiff.needs_naive_diff(upper)
-        stats = ocidiff.export_layer(upper, out, parent=None, merged=None)
+    def export(upper: Path, lower: Path, out: BinaryIO) -> layertar.DiffStats:
+        assert not upperdiff.needs_naive_diff(upper)
+        stats = upperdiff.export_layer(upper, out, parent=None, merged=None)
         # del.txt, deldir, repl replaced; newdir too: overlay marks the directories it makes in a merged
         # directory opaque (it saves lookups below), harmless where the lower has no namesake.
         whiteouts = [n for n in members(out.getvalue()) if n.rpartition("/")[2].startswith(".wh.")]
@@ -266,15 +269,15 @@ def test_renamed_directory_needs_the_naive_diff_and_round_trips(tmp_path):
         common_changes(m)
         assert not (m / "d1").exists()
 
-    def export(upper: Path, lower: Path, out: BinaryIO) -> ocidiff.DiffStats:
+    def export(upper: Path, lower: Path, out: BinaryIO) -> layertar.DiffStats:
         assert os.getxattr(upper / "d1renamed", "trusted.overlay.redirect")
-        assert ocidiff.needs_naive_diff(upper)
+        assert upperdiff.needs_naive_diff(upper)
         with pytest.raises(NeedsNaiveDiff):
-            ocidiff.export_upper(upper, io.BytesIO())
+            upperdiff.export_upper(upper, io.BytesIO())
         with pytest.raises(NeedsNaiveDiff):
-            ocidiff.export_layer(upper, io.BytesIO(), parent=lower, merged=None)
+            upperdiff.export_layer(upper, io.BytesIO(), parent=lower, merged=None)
         with overlay(tmp_path / "view", [upper, lower]) as view:
-            return ocidiff.export_layer(upper, out, parent=lower, merged=view)
+            return upperdiff.export_layer(upper, out, parent=lower, merged=view)
 
     tar, _, view = round_trip(tmp_path, base_tree, change, export)
     assert "d1" not in view and view["d1renamed/sub/g"][0] == stat.S_IFREG
@@ -293,8 +296,8 @@ def test_sparse_file_streams_through_a_pipe_and_stays_sparse(tmp_path):
                 f.seek(off)
                 f.write(os.urandom(3000))
 
-    def export(upper: Path, lower: Path, out: BinaryIO) -> ocidiff.DiffStats:
-        return ocidiff.export_layer(upper, out, parent=None, merged=None)
+    def export(upper: Path, lower: Path, out: BinaryIO) -> layertar.DiffStats:
+        return upperdiff.export_layer(upper, out, parent=None, merged=None)
 
     _, imported, _ = round_trip(tmp_path, lambda lower: None, change, export, pipe=True)
     st = os.lstat(imported / "big.img")
@@ -331,7 +334,7 @@ def test_naive_diff_between_plain_trees(tmp_path):
     os.mknod(new / "sock", stat.S_IFSOCK | 0o600)  # not representable: left out
 
     buf = io.BytesIO()
-    stats = ocidiff.export_naive(parent, new, buf)
+    stats = treediff.export_naive(parent, new, buf)
     names = members(buf.getvalue())
     assert set(names) == {
         ".", "chmod.txt", "file2dir", "file2dir/y", "dir2file", "linkchange", "grp1", "grp2", ".wh.gone",
@@ -343,7 +346,7 @@ def test_naive_diff_between_plain_trees(tmp_path):
     assert stats.whiteouts == 1 and stats.bytes == len("x") + 1 + len("now a file") + 1 + 2
 
     upper.mkdir()
-    ocidiff.import_as_upper(io.BytesIO(buf.getvalue()), upper)
+    upperdiff.import_as_upper(io.BytesIO(buf.getvalue()), upper)
     root = os.stat(new)
     (new / "sock").unlink()
     os.utime(new, ns=(root.st_atime_ns, root.st_mtime_ns))
@@ -356,7 +359,7 @@ def test_naive_diff_between_plain_trees(tmp_path):
         assert got[rel] == expected[rel], rel
 
     everything = io.BytesIO()
-    ocidiff.export_naive(None, new, everything)
+    treediff.export_naive(None, new, everything)
     assert {"same.txt", "sub/kept"} <= members(everything.getvalue()).keys()
     assert not any(n.startswith(".wh.") for n in members(everything.getvalue()))
 
@@ -372,10 +375,10 @@ def test_export_refuses_what_a_layer_cannot_hold(tmp_path, kind):
     else:
         write(upper / "dir/.wh.sneaky", "x")
     with pytest.raises(DiffError) as e:
-        ocidiff.export_upper(upper, io.BytesIO())
+        upperdiff.export_upper(upper, io.BytesIO())
     assert not isinstance(e.value, NeedsNaiveDiff)
     with pytest.raises(DiffError):
-        ocidiff.export_naive(None, upper, io.BytesIO())
+        treediff.export_naive(None, upper, io.BytesIO())
 
 
 def test_export_upper_sockets_become_whiteouts_and_fifos_stay(tmp_path):
@@ -385,7 +388,7 @@ def test_export_upper_sockets_become_whiteouts_and_fifos_stay(tmp_path):
     os.mkfifo(upper / "fifo")
     os.mknod(upper / "gone", stat.S_IFCHR, os.makedev(0, 0))
     buf = io.BytesIO()
-    stats = ocidiff.export_upper(upper, buf)
+    stats = upperdiff.export_upper(upper, buf)
     names = members(buf.getvalue())
     assert set(names) == {".", ".wh.sock", "fifo", ".wh.gone"} and names["fifo"].isfifo()
     assert stats.whiteouts == 2
@@ -425,7 +428,7 @@ def test_import_turns_oci_whiteouts_into_overlay_ones(tmp_path):
         (info("later"), b"replaces the whiteout before it"),
         (info("implicit/child"), b"c"),
     )
-    stats = ocidiff.import_as_upper(tar, upper)
+    stats = upperdiff.import_as_upper(tar, upper)
     assert stats.whiteouts == 4 and stats.bytes == 4 + 31 + 1
     assert os.getxattr(upper / "d", "trusted.overlay.opaque") == b"y"
     assert os.getxattr(upper / "both", "trusted.overlay.opaque") == b"y"
@@ -435,7 +438,7 @@ def test_import_turns_oci_whiteouts_into_overlay_ones(tmp_path):
     assert (upper / "later").read_bytes().startswith(b"replaces")
     assert (upper / "implicit").is_dir()
     with pytest.raises(ValueError):
-        ocidiff.import_as_upper(tar, upper)  # not empty
+        upperdiff.import_as_upper(tar, upper)  # not empty
 
 
 def unsafe_tars(outside: Path) -> dict[str, io.BytesIO]:
@@ -477,7 +480,7 @@ def test_import_refuses_unsafe_tars_and_writes_nothing_outside(tmp_path, case):
     before = os.stat(outside / "secret")
     before = (before.st_nlink, before.st_mode, before.st_ctime_ns)
     with pytest.raises(DiffError):
-        ocidiff.import_as_upper(unsafe_tars(outside)[case], dest)
+        upperdiff.import_as_upper(unsafe_tars(outside)[case], dest)
     assert sorted(os.listdir(outside)) == ["secret"] and os.listdir(box) == ["dest"]
     after = os.stat(outside / "secret")
     assert (after.st_nlink, after.st_mode, after.st_ctime_ns) == before  # no link, chmod, chown, write
@@ -493,13 +496,13 @@ def test_count_tar_counts_entries_and_bytes_and_stops_at_the_limit() -> None:
             tar.addfile(ti, io.BytesIO(b"x" * i))
         tar.addfile(tarfile.TarInfo(".wh.gone"))
     raw.seek(0)
-    stats = ocidiff.count_tar(raw, 11)
+    stats = layertar.count_tar(raw, 11)
     assert (stats.entries, stats.bytes, stats.whiteouts) == (11, 45, 1)
     raw.seek(0)
-    with pytest.raises(ocidiff.TooManyEntries, match="more than 10 entries"):
-        ocidiff.count_tar(raw, 10)
+    with pytest.raises(layertar.TooManyEntries, match="more than 10 entries"):
+        layertar.count_tar(raw, 10)
     with pytest.raises(DiffError, match="not a valid layer tar"):
-        ocidiff.count_tar(io.BytesIO(b"\x01" * 1024), 10)
+        layertar.count_tar(io.BytesIO(b"\x01" * 1024), 10)
 
 
 def test_import_keeps_no_selinux_label_from_a_layer(tmp_path):
@@ -509,7 +512,7 @@ def test_import_keeps_no_selinux_label_from_a_layer(tmp_path):
     upper.mkdir()
     ti = info("f", pax_headers={"SCHILY.xattr.security.selinux": "system_u:object_r:shadow_t:s0",
                                 "SCHILY.xattr.user.note": "kept"})
-    ocidiff.import_as_upper(tar_of((ti, b"x")), upper)
+    upperdiff.import_as_upper(tar_of((ti, b"x")), upper)
     assert os.getxattr(upper / "f", "user.note") == b"kept"
     names = os.listxattr(upper / "f")
     assert "security.selinux" not in names or os.getxattr(upper / "f", "security.selinux") != (
@@ -528,16 +531,16 @@ def test_naive_diff_compares_contents_only_when_asked(tmp_path):
     os.utime(new / "rewritten", ns=(st.st_atime_ns, st.st_mtime_ns))
 
     by_metadata = io.BytesIO()
-    ocidiff.export_naive(parent, new, by_metadata)
+    treediff.export_naive(parent, new, by_metadata)
     assert set(members(by_metadata.getvalue())) == {"."}
 
     asked: list[str] = []
 
     def same_data(rel: str, old: str, new_path: str) -> bool:
         asked.append(rel)
-        return ocidiff.same_content(old, new_path)
+        return treediff.same_content(old, new_path)
 
     by_contents = io.BytesIO()
-    ocidiff.export_naive(parent, new, by_contents, same_data=same_data)
+    treediff.export_naive(parent, new, by_contents, same_data=same_data)
     assert set(members(by_contents.getvalue())) == {".", "rewritten"}
     assert sorted(asked) == ["rewritten", "untouched"]

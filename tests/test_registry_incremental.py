@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.layerstore import ocidiff
+from csi_driver.layerstore import treediff
 from driver_harness import Driver, cleanup, entries, serving, staged
 from registry_harness import REGISTRY_BINARY, LocalRegistry
 from registry_nodes import registry_nodes
@@ -125,8 +125,8 @@ def test_a_second_export_of_a_volume_in_use_pushes_only_what_changed(
         read.append(new)
         return compare(old, new)
 
-    compare = ocidiff.same_content
-    monkeypatch.setattr(ocidiff, "same_content", same_content)
+    compare = treediff.same_content
+    monkeypatch.setattr(treediff, "same_content", same_content)
     repository = f"{reg.host}/{REPO}"
     vid = a.client.create_volume("db", 64 * MiB).volume_id
     with staged(a, vid) as root:  # in use throughout: each snapshot is a copy of the upper

@@ -26,7 +26,7 @@ the next start removes.
 
 Registry answers are untrusted: ``registry.client`` checks digests, sizes and
 the manifest schema; this module checks what the manifest claims about the
-snapshot, and ``ocidiff`` what the tars hold.
+snapshot, and ``layerstore.layertar`` what the tars hold.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, Res
 from csi_driver.ids import untagged
 from csi_driver.layerstore import blockimage
 from csi_driver.layerstore.blockimage import MEDIA_TYPE as BLOCK_MEDIA_TYPE
-from csi_driver.layerstore.ocidiff import DiffError, TooManyEntries, count_tar
+from csi_driver.layerstore.layertar import DiffError, TooManyEntries, count_tar
 from csi_driver.locks import KeyedLocks
 from csi_driver.registry import cancel, codec
 from csi_driver.registry.client import (

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from csi_driver.host import MountEntry, Mounts
-from csi_driver.layerstore.ocidiff import DiffStats
+from csi_driver.layerstore.layertar import DiffStats
 from csi_driver.store import Layer
 
 
@@ -132,7 +132,7 @@ class LayerBackend(Protocol):
         the parents hold. ``size_hint``: the tar's size when known (the backend may
         then build in place); ``entries``: its entry count when known (an image
         then gets an inode for each, and a tar of more entries raises
-        ``ocidiff.TooManyEntries``). The tar is untrusted (``ocidiff.DiffError``)."""
+        ``layertar.TooManyEntries``). The tar is untrusted (``layertar.DiffError``)."""
 
     def install(self, build: Path, layer: Layer) -> None:
         """Move a build into place as ``layer`` (inside the transaction adding its row)."""

@@ -34,8 +34,9 @@ from typing import BinaryIO
 
 from csi_driver import host
 from csi_driver.ids import ID_RE
-from csi_driver.layerstore import ocidiff
+from csi_driver.layerstore import treediff
 from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount, Ration, Unsupported
+from csi_driver.layerstore.layertar import DiffStats
 from csi_driver.locks import KeyedLocks
 from csi_driver.store import Layer
 
@@ -133,21 +134,21 @@ class PlainDirBackend:
                 _copy_tree(self.tree(parents[0].id), dest)
         else:
             dest.mkdir(mode=0o755)
-        ocidiff.apply_to_tree(diff, dest, max_entries=entries)
+        treediff.apply_to_tree(diff, dest, max_entries=entries)
         used = host.tree_bytes(dest)
         return Built(image_bytes=used, used_bytes=used, fs_type=DIR)
 
-    def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> ocidiff.DiffStats:
+    def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> DiffStats:
         """Every tree is complete: the naive diff of the parent's tree and the top's."""
         below = self.tree(chain[1].id) if len(chain) > 1 else None
-        return ocidiff.export_naive(below, self.tree(chain[0].id), out)
+        return treediff.export_naive(below, self.tree(chain[0].id), out)
 
     def export_diff_over(
         self, base: Sequence[Layer], chain: Sequence[Layer], scratch: Path, out: BinaryIO
-    ) -> ocidiff.DiffStats:
+    ) -> DiffStats:
         """The naive diff of two complete trees, contents compared (a capture copies
         a tree: nothing proves a file unchanged but its bytes)."""
-        return ocidiff.export_naive(
+        return treediff.export_naive(
             self.tree(base[0].id), self.tree(chain[0].id), out, same_data=_same_content
         )
 
@@ -318,4 +319,4 @@ def _remove(path: Path) -> None:
 
 
 def _same_content(rel: str, old: str, new: str) -> bool:
-    return ocidiff.same_content(old, new)
+    return treediff.same_content(old, new)

@@ -27,7 +27,7 @@ from csi_driver import host
 from csi_driver.errors import FailedPrecondition
 from csi_driver.ids import new_id, new_link
 from csi_driver.layerstore.backend import Built, LayerBackend, Unsupported
-from csi_driver.layerstore.ocidiff import DiffError
+from csi_driver.layerstore.layertar import DiffError
 from csi_driver.store import Layer
 from driver_harness import MOUNT_SKIP
 

@@ -22,9 +22,10 @@ from typing import BinaryIO
 from csi_driver import host
 from csi_driver.errors import CommandFailed, FailedPrecondition
 from csi_driver.ids import ID_RE
-from csi_driver.layerstore import ocidiff
+from csi_driver.layerstore import treediff
 from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount, Ration
-from csi_driver.layerstore.overlay import shared
+from csi_driver.layerstore.layertar import DiffStats
+from csi_driver.layerstore.overlay import shared, upperdiff
 from csi_driver.layerstore.overlay.compose import overlay_options, view_options
 from csi_driver.layerstore.overlay.images import (
     build_image,
@@ -212,7 +213,7 @@ class OverlayLoopBackend:
         root = build / "root"
         (root / "work").mkdir(parents=True)
         (root / "upper").mkdir()
-        stats = ocidiff.import_as_upper(diff, root / "upper", max_entries=entries)
+        stats = upperdiff.import_as_upper(diff, root / "upper", max_entries=entries)
         used = host.tree_bytes(root / "upper")
         size, inodes = image_size_for_entries(used, stats.entries + 2)
         build_image(build / "image", size, "ext4", populate=root, inodes=inodes)
@@ -228,14 +229,14 @@ class OverlayLoopBackend:
         mnt.mkdir()
         host.mount_image(image, mnt, "ext4", mount_options("ext4", readonly=False), readonly=False)
         try:
-            ocidiff.import_as_upper(diff, mnt / "upper", max_entries=entries)
+            upperdiff.import_as_upper(diff, mnt / "upper", max_entries=entries)
             used = host.tree_bytes(mnt / "upper")
         finally:
             host.umount(mnt)
         mnt.rmdir()
         return Built(image_bytes=size, used_bytes=used, fs_type="ext4")
 
-    def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> ocidiff.DiffStats:
+    def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> DiffStats:
         """The upper alone when it is a complete diff; else (a renamed directory)
         the naive diff of two read-only views, the chain with and without it.
         Whatever it holds or mounts is released however it ends."""
@@ -244,8 +245,8 @@ class OverlayLoopBackend:
             self.held.acquire(top.id, top.fs_type, readonly=True)
             held.callback(self.deactivate, top)
             upper = self.layout.upper(top.id)
-            if not ocidiff.needs_naive_diff(upper):
-                return ocidiff.export_upper(upper, out)
+            if not upperdiff.needs_naive_diff(upper):
+                return upperdiff.export_upper(upper, out)
             for layer in chain[1:]:
                 self.held.acquire(layer.id, layer.fs_type, readonly=True)
                 held.callback(self.deactivate, layer)
@@ -257,11 +258,11 @@ class OverlayLoopBackend:
                 held.callback(host.umount, below)
             self._mount_view(chain, merged)
             held.callback(host.umount, merged)
-            return ocidiff.export_naive(below if len(chain) > 1 else None, merged, out)
+            return treediff.export_naive(below if len(chain) > 1 else None, merged, out)
 
     def export_diff_over(
         self, base: Sequence[Layer], chain: Sequence[Layer], scratch: Path, out: BinaryIO
-    ) -> ocidiff.DiffStats:
+    ) -> DiffStats:
         """The naive diff of two read-only views, ``base`` and ``chain``; a file whose
         metadata is equal in both is unchanged when its extents prove it (``same_extents``:
         two captures of one upper share their unchanged blocks), else when its bytes are."""
@@ -276,9 +277,9 @@ class OverlayLoopBackend:
             held.callback(host.umount, old)
             self._mount_view(chain, new)
             held.callback(host.umount, new)
-            return ocidiff.export_naive(old, new, out, same_data=self._same_data(base, chain))
+            return treediff.export_naive(old, new, out, same_data=self._same_data(base, chain))
 
-    def _same_data(self, base: Sequence[Layer], chain: Sequence[Layer]) -> ocidiff.SameData:
+    def _same_data(self, base: Sequence[Layer], chain: Sequence[Layer]) -> treediff.SameData:
         """Whether two files of equal metadata hold the same bytes (``export_diff_over``):
         the same lower file in both views, or one whose blocks the two top images share
         (``shared``), is; else their contents tell."""
@@ -292,7 +293,7 @@ class OverlayLoopBackend:
                 return True  # neither top holds it: both views show the same lower file
             if isinstance(a, str) and isinstance(b, str) and shared.same_blocks(a, b, old_image, new_image):
                 return True
-            return ocidiff.same_content(old, new)
+            return treediff.same_content(old, new)
 
         return same
 
