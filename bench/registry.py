@@ -48,8 +48,8 @@ from pathlib import Path
 import requests
 
 from bench.common import reexec_in_private_namespace, running_driver
-from csi_driver.engine.transfers import EMPTY_CONFIG as EMPTY
 from csi_driver.engine.transfers import HashingWriter
+from csi_driver.registry.artifact import EMPTY_CONFIG as EMPTY
 from csi_driver.registry.reference import Reference, Repository
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

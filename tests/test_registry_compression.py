@@ -16,8 +16,8 @@ import pytest
 import zstandard
 from test_registry_stream import announce, no_download, nodes, nothing_left, push_artifact, tar_of
 
-from csi_driver.engine import transfers
 from csi_driver.proto import csi_pb2 as csi
+from csi_driver.registry import artifact
 from csi_driver.registry.client import RegistryClient
 from csi_driver.registry.reference import Repository
 from driver_harness import Driver, staged
@@ -110,7 +110,7 @@ def test_a_compressed_snapshot_moves_between_nodes(
     s1 = a.client.create_snapshot("s1", vid, parameters=params)
     [layer] = layers_of(reg, s1.snapshot_id)
     assert layer["mediaType"] == f"{OCI}+{compression}"
-    expanded = int(layer["annotations"][transfers.LAYER_EXPANDED])
+    expanded = int(layer["annotations"][artifact.LAYER_EXPANDED])
     assert expanded > 7 * MiB and layer["size"] < expanded // 4, "the tar of text compresses"
 
     with staged(a, vid) as root:
@@ -224,6 +224,6 @@ def test_an_incremental_export_in_use_is_compressed(
         second = tree(root)
     bottom, top = layers_of(reg, s2.snapshot_id)
     assert bottom == layers_of(reg, s1.snapshot_id)[0], "built on the first export's blob"
-    assert top["mediaType"] == OCI + "+zstd" and transfers.LAYER_ENTRIES in top["annotations"]
-    assert top["size"] < int(top["annotations"][transfers.LAYER_EXPANDED]) // 4
+    assert top["mediaType"] == OCI + "+zstd" and artifact.LAYER_ENTRIES in top["annotations"]
+    assert top["size"] < int(top["annotations"][artifact.LAYER_EXPANDED]) // 4
     restore_streamed_then_delete(monkeypatch, a, b, vid, [(s2, second), (s1, first)])

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver.engine import transfers
+from csi_driver.registry import artifact
 from csi_driver.registry.client import OCI_MANIFEST, RegistryClient
 from csi_driver.registry.reference import Repository
 from driver_harness import Driver, staged
@@ -97,9 +97,9 @@ def test_an_export_announces_its_layers_and_restores_in_one_pass(
     assert len(layers) == 2, "s1's layer (pushed before, found in the registry) and s2's own"
     for layer in layers:
         notes = layer.get("annotations", {})
-        assert notes.get(transfers.LAYER_EXPANDED) == str(layer["size"]), layer
-        assert int(notes.get(transfers.LAYER_ENTRIES, "0")) >= 2, layer
-    assert int(layers[0]["annotations"][transfers.LAYER_ENTRIES]) >= 1 + 1 + 20, "root, d/ and 20 files"
+        assert notes.get(artifact.LAYER_EXPANDED) == str(layer["size"]), layer
+        assert int(notes.get(artifact.LAYER_ENTRIES, "0")) >= 2, layer
+    assert int(layers[0]["annotations"][artifact.LAYER_ENTRIES]) >= 1 + 1 + 20, "root, d/ and 20 files"
 
     tried = no_download(monkeypatch)
     built = imports(b, monkeypatch)
@@ -177,14 +177,14 @@ def push_artifact(
     manifest = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "artifactType": transfers.ARTIFACT_TYPE,
+        "artifactType": artifact.ARTIFACT_TYPE,
         "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": EMPTY, "size": 2},
         "layers": [layer],
         "annotations": {
-            transfers.NOTE + "source-volume": "vol-1",
-            transfers.NOTE + "fs-type": "ext4",
-            transfers.NOTE + "source-capacity": str(64 * MiB),
-            transfers.NOTE + "size": "0",
+            artifact.NOTE + "source-volume": "vol-1",
+            artifact.NOTE + "fs-type": "ext4",
+            artifact.NOTE + "source-capacity": str(64 * MiB),
+            artifact.NOTE + "size": "0",
         },
     }
     tag = "snap-" + hashlib.md5(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
@@ -193,7 +193,7 @@ def push_artifact(
 
 
 def announce(expanded: int, entries: int) -> dict[str, str]:
-    return {transfers.LAYER_EXPANDED: str(expanded), transfers.LAYER_ENTRIES: str(entries)}
+    return {artifact.LAYER_EXPANDED: str(expanded), artifact.LAYER_ENTRIES: str(entries)}
 
 
 def test_what_a_layer_announces_is_a_limit(
@@ -210,9 +210,9 @@ def test_what_a_layer_announces_is_a_limit(
     tar = tar_of(50, bytes(3 * MiB))
     zipped = gzip.compress(tar, mtime=0)
     for blob, kind, notes, words in (
-        (tar, transfers.LAYER_TAR, announce(len(tar), 49), "more than its manifest announces"),
+        (tar, artifact.LAYER_TAR, announce(len(tar), 49), "more than its manifest announces"),
         (zipped, GZIP_TAR, announce(len(tar) - MiB, 51), "expands beyond the"),
-        (tar, transfers.LAYER_TAR, announce(len(tar) + 1, 51), "announces"),
+        (tar, artifact.LAYER_TAR, announce(len(tar) + 1, 51), "announces"),
     ):
         sid = push_artifact(reg, blob, kind, notes, scratch)
         code, message = code_of(b.client.create_volume, "r", 64 * MiB, snapshot=sid)
@@ -221,7 +221,7 @@ def test_what_a_layer_announces_is_a_limit(
     assert tried == [], "announced layers are never downloaded to a file"
     assert built == ["TooManyEntries", "DiffError"], "refused while they were built (the third: before)"
 
-    for blob, kind in ((tar, transfers.LAYER_TAR), (zipped, GZIP_TAR)):
+    for blob, kind in ((tar, artifact.LAYER_TAR), (zipped, GZIP_TAR)):
         sid = push_artifact(reg, blob, kind, announce(len(tar), 51), scratch)
         restored = b.client.create_volume("r", 64 * MiB, snapshot=sid)
         with staged(b, restored.volume_id) as root:

@@ -1,15 +1,16 @@
 """Layers to and from OCI registries: snapshot exports, restores anywhere, base images.
 
-A snapshot is pushed as an OCI artifact: one blob per layer of its chain,
-bottom first, each an OCI layer tar (``LayerBackend.export_diff``), uncompressed or
-compressed with the codec the VolumeSnapshotClass names (``registry.codec``),
-and a manifest whose annotations say what the snapshot is. A layer's blob
+A snapshot is pushed as an OCI artifact (its format: ``registry.artifact``):
+one blob per layer of its chain, bottom first, each an OCI layer tar
+(``LayerBackend.export_diff``), uncompressed or compressed with the codec the
+VolumeSnapshotClass names (``registry.codec``), and a manifest whose
+annotations say what the snapshot is. A layer's blob
 digest is recorded when it is first exported or pulled, so a later push asks
 the registry about it (HEAD) before exporting anything: a chain shares blobs
 with the snapshots before it, and a second push uploads only new layers.
 
 A pull goes the other way. A blob whose descriptor announces what its tar
-expands to (our own exports: ``LAYER_EXPANDED``, ``LAYER_ENTRIES``) is built
+expands to (our own exports: ``artifact.announced``) is built
 into a scratch dir as it downloads, in one pass, and its size and sha256 are
 checked at the end of the stream, before the layer may be installed; any other
 blob is downloaded into the scratch dir, checked, counted, then built. A layer this node already
@@ -25,13 +26,12 @@ installed: its scratch dir goes, and a crash leaves only a scratch dir, which
 the next start removes.
 
 Registry answers are untrusted: ``registry.client`` checks digests, sizes and
-the manifest schema; this module checks what the manifest claims about the
+the manifest schema, ``registry.artifact`` what the manifest claims about the
 snapshot, and ``layerstore.layertar`` what the tars hold.
 """
 
 from __future__ import annotations
 
-import calendar
 import errno
 import gzip
 import hashlib
@@ -52,11 +52,10 @@ from csi_driver.layerstore import blockimage
 from csi_driver.layerstore.blockimage import MEDIA_TYPE as BLOCK_MEDIA_TYPE
 from csi_driver.layerstore.layertar import DiffError, TooManyEntries, count_tar
 from csi_driver.locks import KeyedLocks
-from csi_driver.registry import cancel, codec
+from csi_driver.registry import artifact, cancel, codec
 from csi_driver.registry.client import (
     DOCKER_LIST,
     OCI_INDEX,
-    OCI_MANIFEST,
     BadContent,
     Descriptor,
     Manifest,
@@ -71,20 +70,7 @@ from csi_driver.store import Blob, Layer, PendingDelete, Snapshot
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-ARTIFACT_TYPE = "application/vnd.overlay-csi.snapshot.v1"
 LAYER_TAR = codec.LAYER_TAR
-EMPTY_CONFIG = Descriptor(
-    "application/vnd.oci.empty.v1+json",
-    "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",  # b"{}"
-    2,
-)
-NOTE = "dev.overlay-csi.snapshot."  # the manifest annotations' prefix
-#: A layer descriptor's annotations (our own exports): what its tar expands to and
-#: how many entries it holds, so that a restore can size the layer's image before
-#: reading the blob and build it from the download stream. Untrusted: the import
-#: reads no more than they announce (DATA_LOSS beyond).
-LAYER_EXPANDED = "dev.overlay-csi.layer.expanded-size"
-LAYER_ENTRIES = "dev.overlay-csi.layer.entries"
 MAX_SNAPSHOT_ID = 128  # CSI: an id of at most 128 bytes
 MAX_LAYERS = 128  # more than a chain at the default depth cap ever holds
 #: a compressed layer that announces nothing (a foreign image's) may expand this much (plus
@@ -265,25 +251,9 @@ class Transfers:
                 layers = base.blobs + self._push_over(client, base, chain, compression)
             with self.ctx.scratch() as scratch:
                 config = scratch / "config"
-                config.write_bytes(b"{}")
-                client.push_blob(config, EMPTY_CONFIG.digest, EMPTY_CONFIG.size)
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "artifactType": ARTIFACT_TYPE,
-            "config": EMPTY_CONFIG.as_json(),
-            "layers": [x.as_json() for x in layers],
-            "annotations": {
-                NOTE + "source-volume": snap.source_volume_id,
-                NOTE + "access-type": snap.access_type,
-                NOTE + "fs-type": snap.fs_type,
-                NOTE + "source-capacity": str(snap.source_capacity),
-                NOTE + "size": str(snap.size_bytes),
-                "org.opencontainers.image.created": time.strftime(
-                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(snap.created_at)
-                ),
-            },
-        }
+                config.write_bytes(artifact.EMPTY_CONFIG_BYTES)
+                client.push_blob(config, artifact.EMPTY_CONFIG.digest, artifact.EMPTY_CONFIG.size)
+        manifest = artifact.snapshot_manifest(snap, layers)
         cancel.check()  # the snapshot is ready once the manifest is stored: not after the deadline
         digest = client.push_manifest(manifest, ref.tag or "")
         if str(ref) == snap.id:
@@ -320,7 +290,7 @@ class Transfers:
         except NotFound:
             log.info("snapshot %s: its earlier export %s is gone, pushed whole", snap.id, base.id)
             return None
-        if manifest.media_type != OCI_MANIFEST or manifest.body.get("artifactType") != ARTIFACT_TYPE:
+        if not artifact.is_snapshot(manifest):
             return None
         blobs = descriptors(manifest.body.get("layers"), f"snapshot {base.id}")
         if not blobs or len(blobs) >= MAX_INCREMENTAL_LAYERS:
@@ -361,8 +331,7 @@ class Transfers:
         if media_type == LAYER_TAR:
             return [Descriptor(LAYER_TAR, digest, size)]
         # announced: a compressed tar that announces nothing is held to GZIP_RATIO
-        notes = {LAYER_EXPANDED: str(tar_size), LAYER_ENTRIES: str(stats.entries)}
-        return [Descriptor(media_type, digest, size, notes)]
+        return [artifact.announcing(media_type, digest, size, tar_size, stats.entries)]
 
     def _push_layer(self, client: RegistryClient, chain: list[Layer], compression: str) -> Descriptor:
         """The blob of ``chain[0]`` (compressed with ``compression``), uploaded unless the
@@ -373,7 +342,7 @@ class Transfers:
             client, layer, lambda b: b.media_type == media_type and (media_type == LAYER_TAR or b.expanded)
         )
         if known is not None:
-            return _layer_descriptor(known)
+            return artifact.layer_descriptor(known)
         need = layer.used_bytes + 16 * MiB  # the tar holds the layer's data and headers
         with self.ctx.capacity.admit(need, f"export of layer {layer.id}"), self.ctx.scratch() as scratch:
             path, digest, size, tar_size, stats = _encoded(
@@ -382,7 +351,7 @@ class Transfers:
             expanded = 0 if media_type == LAYER_TAR else tar_size
             exported = Blob(layer.id, digest, size, media_type, stats.entries, expanded)
             self._push_blob(client, path, exported)
-        return _layer_descriptor(exported)
+        return artifact.layer_descriptor(exported)
 
     def _push_block(self, client: RegistryClient, layer: Layer) -> Descriptor:
         """A raw block layer's blob (``blockimage``: its data extents, no holes),
@@ -490,12 +459,12 @@ class Transfers:
         client = self.client(ref.repository, credentials)
         manifest = client.pull_manifest(ref.version)
         what = f"snapshot {snapshot_id}"
-        if manifest.media_type != OCI_MANIFEST or manifest.body.get("artifactType") != ARTIFACT_TYPE:
+        if not artifact.is_snapshot(manifest):
             raise FailedPrecondition(f"{ref} is not an overlay-csi snapshot")
         blobs = descriptors(manifest.body.get("layers"), what)
         if not blobs:
             raise BadContent(f"{what}: its manifest has no layers")
-        notes = _annotations(manifest.body.get("annotations"), what)
+        notes = artifact.snapshot_claims(manifest.body.get("annotations"), what)
         block = notes["access-type"] == BLOCK
         if block and (len(blobs) != 1 or blobs[0].media_type != BLOCK_MEDIA_TYPE):
             raise BadContent(f"{what}: a block snapshot's manifest must hold one {BLOCK_MEDIA_TYPE} layer")
@@ -567,9 +536,9 @@ class Transfers:
         self._check_not_deleted(snapshot_id)
         manifest = self.client(ref.repository, credentials).pull_manifest(ref.version)
         what = f"snapshot {snapshot_id}"
-        if manifest.media_type != OCI_MANIFEST or manifest.body.get("artifactType") != ARTIFACT_TYPE:
+        if not artifact.is_snapshot(manifest):
             raise FailedPrecondition(f"{ref} is not an overlay-csi snapshot")
-        notes = _annotations(manifest.body.get("annotations"), what)
+        notes = artifact.snapshot_claims(manifest.body.get("annotations"), what)
         return Snapshot(
             seq=0,
             id=snapshot_id,
@@ -581,7 +550,7 @@ class Transfers:
             source_capacity=notes["source-capacity"],
             size_bytes=notes["size"],
             group_id="",
-            created_at=_created(manifest.body.get("annotations")),
+            created_at=artifact.created_at(manifest.body.get("annotations")),
             exported=manifest.digest,
         )
 
@@ -685,7 +654,7 @@ class Transfers:
                 missing = blobs[len(plan) :]
                 # the downloads now; each layer's image once its tar is counted (_import_blob)
                 # (a blob that announces its expansion is read as it arrives: no download)
-                need += max((blob.size for blob in missing if _announced(blob) is None), default=0)
+                need += max((blob.size for blob in missing if artifact.announced(blob) is None), default=0)
                 need += 16 * MiB * bool(missing)
                 need += sum(blob.size for blob in unproven)
                 with ctx.capacity.admit(need, what), ExitStack() as admitted:
@@ -759,7 +728,7 @@ class Transfers:
         name = f"layer {blob.digest[:19]}"
         kind = codec.codec_of(blob.media_type)
         assert kind is not None  # refused before (_pull_chain)
-        announced = _announced(blob)
+        announced = artifact.announced(blob)
         try:
             if announced is None:
                 return self._import_counted(client, blob, build, scratch, parents, what, admitted)
@@ -856,23 +825,6 @@ class Transfers:
             download.unlink(missing_ok=True)
 
 
-def _announced(blob: Descriptor) -> tuple[int, int] | None:
-    """What a layer descriptor announces (untrusted): (expanded bytes, entries), or None
-    when it does not announce both as numbers."""
-    expanded = blob.annotations.get(LAYER_EXPANDED, "")
-    entries = blob.annotations.get(LAYER_ENTRIES, "")
-    if not (expanded.isdecimal() and entries.isdecimal() and len(expanded) <= 18 and len(entries) <= 18):
-        return None
-    return int(expanded), int(entries)
-
-
-def _layer_descriptor(blob: Blob) -> Descriptor:
-    """A layer blob's descriptor, announcing its expansion when its entries are known."""
-    expanded = blob.expanded or blob.size  # a compressed blob's is recorded; a tar is its size
-    notes = {LAYER_EXPANDED: str(expanded), LAYER_ENTRIES: str(blob.entries)} if blob.entries else {}
-    return Descriptor(blob.media_type, blob.digest, blob.size, notes)
-
-
 def _encoded(
     scratch: Path, compression: str, export: Callable[[Path, Any], Any]
 ) -> tuple[Path, str, int, int, Any]:
@@ -887,39 +839,3 @@ def _encoded(
             tar = _Counting(encoder)
             stats = export(views, tar)
     return path, "sha256:" + out.sha.hexdigest(), out.size, tar.size, stats
-
-
-def _created(raw: Any) -> float:
-    """The manifest's creation time (untrusted): 0 when absent or malformed."""
-    text = raw.get("org.opencontainers.image.created", "") if isinstance(raw, dict) else ""
-    try:
-        return float(calendar.timegm(time.strptime(str(text)[:32], "%Y-%m-%dT%H:%M:%SZ")))
-    except ValueError:
-        return 0.0
-
-
-def _annotations(raw: Any, what: str) -> dict[str, Any]:
-    """What an exported snapshot's manifest says of it (untrusted), checked."""
-    if not isinstance(raw, dict):
-        raise BadContent(f"{what}: its manifest has no annotations")
-    out: dict[str, Any] = {}
-    source = raw.get(NOTE + "source-volume", "")
-    if not isinstance(source, str) or not 0 < len(source) <= 128:
-        raise BadContent(f"{what}: no valid source volume in its manifest")
-    out["source-volume"] = source
-    access_type = raw.get(NOTE + "access-type", "mount")  # absent: an export made before block ones
-    if access_type not in ("mount", BLOCK):
-        raise BadContent(f"{what}: access type {str(access_type)[:20]!r} in its manifest")
-    out["access-type"] = access_type
-    fs_type = raw.get(NOTE + "fs-type", "")
-    if fs_type not in (("ext4", "xfs", "dir") if access_type == "mount" else (BLOCK,)):
-        raise BadContent(f"{what}: file system {str(fs_type)[:20]!r} in its manifest")
-    out["fs-type"] = fs_type
-    for key in ("source-capacity", "size"):
-        value = raw.get(NOTE + key, "")
-        if not isinstance(value, str) or not value.isdigit() or len(value) > 18:
-            raise BadContent(f"{what}: no valid {key} in its manifest")
-        out[key] = int(value)
-    if out["source-capacity"] <= 0:
-        raise BadContent(f"{what}: a source capacity of 0 in its manifest")
-    return out

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from csi_driver.engine.transfers import _annotations, exported_id, snapshot_reference
+from csi_driver.engine.transfers import exported_id, snapshot_reference
 from csi_driver.errors import InvalidArgument
+from csi_driver.registry.artifact import snapshot_claims
 from csi_driver.registry.client import BadContent, descriptors
 from csi_driver.registry.reference import BadReference, Reference, Repository
 from csi_driver.service import validate as v
@@ -111,8 +112,9 @@ def test_snapshot_claims_are_checked() -> None:
         p + "size": "0",
     }
     # a manifest written before block exports names no access type: it reads as a mount volume's
-    assert _annotations(good, "x") == {"source-volume": "vol-1", "fs-type": "xfs", "source-capacity": 1048576,
-                                       "size": 0, "access-type": "mount"}  # fmt: skip
+    assert snapshot_claims(good, "x") == {"source-volume": "vol-1", "fs-type": "xfs",
+                                          "source-capacity": 1048576, "size": 0,
+                                          "access-type": "mount"}  # fmt: skip
     for change in (
         {p + "fs-type": "../../etc"},
         {p + "source-capacity": "-1"},
@@ -123,6 +125,6 @@ def test_snapshot_claims_are_checked() -> None:
         {p + "source-volume": "v" * 129},
     ):
         with pytest.raises(BadContent):
-            _annotations({**good, **change}, "x")
+            snapshot_claims({**good, **change}, "x")
     with pytest.raises(BadContent):
-        _annotations(None, "x")
+        snapshot_claims(None, "x")
