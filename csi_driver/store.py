@@ -15,8 +15,8 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -28,6 +28,7 @@ from csi_driver.space_reserve import SpaceReserve
 MiB = 1 << 20
 SQLITE_FULL = 13  # sqlite3's result code for a full disk
 MAX_ERROR = 500  # characters of a pending deletion's last error kept
+LAYER_LOG = 1024  # write transactions whose changed layers ``layer_changes`` can tell
 
 SCHEMA_VERSION = 6  # 3: snapshots.exported and layer_blobs (registries); 4: layer_blob_sources
 # (the repositories a blob was pulled from or pushed to); 5: pending_deletes (exported snapshots'
@@ -341,12 +342,16 @@ class ReadTx:
     def layers(self) -> list[Layer]:
         return [Layer(**dict(r)) for r in self.c.execute("SELECT * FROM layer_rows ORDER BY created_at")]
 
-    def active_image_bytes(self) -> int:
-        """The sum of the writable uppers' image sizes."""
-        return self.c.execute("SELECT COALESCE(SUM(image_bytes), 0) FROM layers WHERE active").fetchone()[0]
-
-    def layer_ids(self, *, active: bool) -> list[str]:
-        return [r[0] for r in self.c.execute("SELECT id FROM layers WHERE active=?", (int(active),))]
+    def layer_sizes(self, ids: Collection[str] | None = None) -> dict[str, tuple[bool, int]]:
+        """id -> (active, image_bytes) of every layer, or of those of ``ids`` that exist."""
+        if ids is None:
+            rows = self.c.execute("SELECT id, active, image_bytes FROM layers")
+        else:
+            marks = ",".join("?" * len(ids))
+            rows = self.c.execute(
+                f"SELECT id, active, image_bytes FROM layers WHERE id IN ({marks})", tuple(ids)
+            )
+        return {r[0]: (bool(r[1]), int(r[2])) for r in rows}
 
     def chain(self, top: str | None) -> list[Layer]:
         """The layer stack under ``top``, nearest (top) first, in one query."""
@@ -579,6 +584,10 @@ class ReadTx:
 class Tx(ReadTx):
     """Queries and changes inside one open write transaction."""
 
+    def __init__(self, conn: sqlite3.Connection, pinned: Counter[str] | None = None) -> None:
+        super().__init__(conn, pinned)
+        self.changed_layers: set[str] = set()  # added, changed or deleted rows (``Store.layer_changes``)
+
     # ---- layers -------------------------------------------------------
     def add_layer(self, layer: Layer) -> None:
         self.c.execute(
@@ -600,6 +609,7 @@ class Tx(ReadTx):
             "INSERT INTO layer_storage (layer,link,base_bytes) VALUES (?,?,?)",
             (layer.id, layer.link, layer.base_bytes),
         )
+        self.changed_layers.add(layer.id)
 
     def collect_garbage(self) -> list[Layer]:
         """Delete every unreferenced unnamed layer row, transitively; return them."""
@@ -607,6 +617,7 @@ class Tx(ReadTx):
         while batch := self.unreferenced_layers():
             for layer in batch:
                 self.c.execute("DELETE FROM layers WHERE id=?", (layer.id,))
+                self.changed_layers.add(layer.id)
             gone.extend(batch)
         return gone
 
@@ -617,6 +628,7 @@ class Tx(ReadTx):
             if cols:
                 sets = ", ".join(f"{k}=?" for k in cols)
                 self.c.execute(f"UPDATE {table} SET {sets} WHERE {key}=?", (*cols.values(), layer_id))
+        self.changed_layers.add(layer_id)
 
     def add_layer_blob(self, blob: Blob, repository: str = "") -> None:
         """Record that ``blob`` holds the layer; with ``repository`` (``host/path``), that
@@ -780,6 +792,11 @@ class Store:
         self._readers: set[sqlite3.Connection] = set()
         self._readers_lock = threading.RLock()  # reentrant: a reader's finaliser may run under it
         self._closed = False
+        # the layer rows each write transaction changed, newest last: what ``layer_changes`` answers
+        self._layer_log: deque[tuple[int, frozenset[str]]] = deque(maxlen=LAYER_LOG)
+        self._layer_generation = 0
+        self._layer_log_floor = 0  # changes up to this generation are no longer in the log
+        self._data_version = -1  # the writer's PRAGMA data_version: changes on another process's commit
         self.reserve = SpaceReserve(path.with_name(path.name + ".reserve"))
         self.reserve.restore()
         self._conn = self._connect()
@@ -875,8 +892,11 @@ class Store:
             self.reserve.before_write()
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield Tx(self._conn, self.pinned)
+                tx = Tx(self._conn, self.pinned)
+                yield tx
                 self._conn.execute("COMMIT")
+                if tx.changed_layers:
+                    self._log_layers(frozenset(tx.changed_layers))
             except BaseException as e:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
@@ -886,6 +906,33 @@ class Store:
                         f"({self.reserve.free() // MiB} MiB free); nothing changed, free space on the node"
                     ) from e
                 raise
+
+    def _log_layers(self, ids: frozenset[str]) -> None:
+        if len(self._layer_log) == self._layer_log.maxlen:
+            self._layer_log_floor = self._layer_log[0][0]
+        self._layer_generation += 1
+        self._layer_log.append((self._layer_generation, ids))
+
+    def layer_changes(self, since: int) -> tuple[int, set[str] | None]:
+        """(the layer generation now, the ids of the layer rows added, changed or deleted
+        since generation ``since``); None for the ids when they are not known: ``since``
+        is -1, the log has dropped them, or another process wrote to the store (read
+        everything again then). Costs the changes since, not the layers there are."""
+        with self._lock:
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._data_version:  # another connection (process) committed
+                self._data_version = version
+                self._layer_log.clear()
+                self._layer_log_floor = self._layer_generation
+                return self._layer_generation, None
+            if since < self._layer_log_floor:
+                return self._layer_generation, None
+            changed: set[str] = set()
+            for generation, ids in reversed(self._layer_log):
+                if generation <= since:
+                    break
+                changed |= ids
+            return self._layer_generation, changed
 
     @contextmanager
     def read(self) -> Iterator[ReadTx]:

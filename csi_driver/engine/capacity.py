@@ -35,7 +35,7 @@ from typing import Protocol
 
 from csi_driver.errors import DriverError, ResourceExhausted
 from csi_driver.layerstore.backend import LayerBackend, Ration
-from csi_driver.store import ReadTx, Store
+from csi_driver.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ MiB = 1 << 20
 #: per volume: 10 ms at 3,000); their growth since then only makes the answer
 #: more cautious, as the free space is read fresh
 HELD_TTL = 2.0
+#: more layers changed since the last look than this: all are read again (one query)
+MAX_CHANGED = 500
 #: the slop: 1/32 of the disk, as ZFS holds back, within these bounds
 SLOP_SHARE = 1 / 32
 SLOP_MIN, SLOP_MAX = 16 * MiB, 1 << 30
@@ -157,8 +159,15 @@ class Capacity:
         self._guard = threading.Lock()  # one admission at a time: check, then count it
         self._sums = threading.Lock()  # the caches below
         self._pending = 0
+        # The layers' figures, kept up to date from the store's log of changed layers, so
+        # that a look costs the layers changed since the last one, not all of them.
+        self._generation = -1  # the store's layer generation they are of (-1: none read yet)
+        self._layers: dict[str, tuple[bool, int]] = {}  # layer -> (active, image bytes)
+        self._images = 0  # the writable uppers' image bytes, summed
         self._committed: dict[str, int] = {}  # committed layer -> allocation (fixed)
+        self._committed_sum = 0
         self._active: dict[str, int] = {}  # writable upper -> allocation, as last read
+        self._active_sum = 0
         self._active_read = -HELD_TTL
         self._was_low = False
         self._state = threading.Lock()  # one log line per change, from any thread
@@ -171,10 +180,9 @@ class Capacity:
         """The figures now. Allocations are read from the host per layer: a committed
         layer's once, the writable uppers' at most every ``HELD_TTL`` seconds."""
         fs_bytes, free = self.space.fs_size(), self.space.free_bytes()
-        with self._sums, self.store.read() as tx:
-            images = tx.active_image_bytes()
-            held_committed = self._committed_allocation(tx)
-            held_active = self._active_allocation(tx)
+        with self._sums:
+            self._catch_up()
+            images, held_committed, held_active = self._images, self._committed_sum, self._active_sum
         f = Figures(
             fs_bytes=fs_bytes,
             free=free,
@@ -202,26 +210,51 @@ class Capacity:
         f = self.figures()  # near the watermark (or leaving it): the whole picture
         return f.low_message() if f.low else ""
 
-    def _committed_allocation(self, tx: ReadTx) -> int:
-        known = self._committed
-        ids = tx.layer_ids(active=False)
-        known.update(self.backend.usages([x for x in ids if x not in known]))
-        if len(known) > len(ids):  # forget collected layers
-            for gone in known.keys() - set(ids):
-                del known[gone]
-        return sum(known[x] for x in ids)
-
-    def _active_allocation(self, tx: ReadTx) -> int:
-        """Of the uppers writable now: a removed or committed one no longer counts, a
-        new one is read at once, all of them again every ``HELD_TTL`` seconds."""
-        ids = tx.layer_ids(active=True)
+    def _catch_up(self) -> None:
+        """Bring the layers' figures to the store's state: the rows of the layers changed
+        since the last look (all of them at the first, or when the store cannot tell), a
+        new layer's allocation at once, every writable upper's again each ``HELD_TTL``."""
+        generation, changed = self.store.layer_changes(self._generation)
+        if changed is None or len(changed) > MAX_CHANGED:
+            with self.store.read() as tx:
+                rows = tx.layer_sizes()
+            changed = set(rows) | set(self._layers)
+        elif changed:
+            with self.store.read() as tx:
+                rows = tx.layer_sizes(changed)
+        else:
+            rows = {}
+        self._generation = generation
+        new_active, new_committed = [], []
+        for layer_id in changed:
+            if rows.get(layer_id) == self._layers.get(layer_id):
+                continue  # as it was (a full read): a committed layer's allocation is not read again
+            old = self._layers.pop(layer_id, None)
+            if old is not None and old[0]:
+                self._images -= old[1]
+                self._active_sum -= self._active.pop(layer_id, 0)
+            elif old is not None:
+                self._committed_sum -= self._committed.pop(layer_id, 0)
+            row = rows.get(layer_id)
+            if row is not None:
+                self._layers[layer_id] = row
+                if row[0]:
+                    self._images += row[1]
+                    new_active.append(layer_id)
+                else:
+                    new_committed.append(layer_id)
+        for layer_id, n in self.backend.usages(new_committed).items():
+            self._committed[layer_id] = n
+            self._committed_sum += n
         now = self.clock()
         if now - self._active_read >= HELD_TTL:
-            self._active = self.backend.usages(ids)
+            self._active = self.backend.usages([x for x, (active, _) in self._layers.items() if active])
+            self._active_sum = sum(self._active.values())
             self._active_read = now
         else:
-            self._active.update(self.backend.usages([x for x in ids if x not in self._active]))
-        return sum(self._active[x] for x in ids)
+            for layer_id, n in self.backend.usages(new_active).items():
+                self._active[layer_id] = n
+                self._active_sum += n
 
     def watch(self) -> bool:
         """One look of the background watch: True while storage is low (and then the

@@ -149,3 +149,83 @@ def test_concurrent_admissions_never_promise_the_same_bytes_twice(store):
     for t in threads:
         t.join()
     assert len(admitted) == 5
+
+
+def _sums(f) -> tuple[int, int, int]:
+    return f.promised, f.held, f.unwritten
+
+
+def test_the_figures_follow_every_layer_change_as_a_fresh_look_sees_them(store, tmp_path):
+    """The figures are kept from the store's log of changed layers: after adds, a commit, an
+    expansion, a collection and a write by another process they are what a new look reads."""
+    disk = Disk(size=10_000 * MiB, free=5_000 * MiB)
+    cap = Capacity(store, disk, CapacityPolicy(2.0, Share(), Share()))
+
+    def fresh() -> tuple[int, int, int]:
+        return _sums(Capacity(store, disk, CapacityPolicy(2.0, Share(), Share())).figures())
+
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
+    layer(store, disk, a, active=True, image=300 * MiB, allocated=100 * MiB)
+    layer(store, disk, b, active=False, image=200 * MiB, allocated=50 * MiB)
+    assert _sums(cap.figures()) == fresh() == (350 * MiB, 150 * MiB, 200 * MiB)
+    layer(store, disk, c, active=True, image=400 * MiB, allocated=10 * MiB)
+    with store.tx() as tx:
+        tx.update_layer(a, active=0)  # committed: its allocation is fixed now
+        tx.update_layer(c, image_bytes=800 * MiB)  # expanded
+    assert _sums(cap.figures()) == fresh() == (800 * MiB + 150 * MiB, 160 * MiB, 790 * MiB)
+    with store.tx() as tx:
+        assert {x.id for x in tx.collect_garbage()} == {a, b, c}
+    assert _sums(cap.figures()) == fresh() == (0, 0, 0)
+    other = Store(tmp_path / "state.db")  # another process's write (the offline layer commands)
+    try:
+        layer(other, disk, a, active=True, image=64 * MiB, allocated=MiB)
+    finally:
+        other.close()
+    assert _sums(cap.figures()) == fresh() == (64 * MiB, MiB, 63 * MiB)
+
+
+def sql_steps(store: Store, look) -> int:
+    """The SQLite VM instructions ``look()`` runs on this thread's connections (the
+    writer's and this thread's reader): rows scanned show as steps, an index lookup does not."""
+    with store.read() as r:
+        reader = r.c
+    with store.tx() as tx:
+        writer = tx.c
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    for conn in (reader, writer):
+        conn.set_progress_handler(count, 1)
+    try:
+        look()
+    finally:
+        for conn in (reader, writer):
+            conn.set_progress_handler(None, 1)
+    return steps[0]
+
+
+def test_a_look_costs_the_layers_changed_not_the_layers_there_are(store):
+    """Each admission looks at the figures: with 500 layers that look must cost what it does
+    with 20 (a CreateVolume at 3,000 volumes as at none)."""
+    disk = Disk(size=100_000 * MiB, free=50_000 * MiB)
+    cap = Capacity(store, disk, CapacityPolicy(2.0, Share(), Share()), clock=lambda: 0.0)
+    n = 0
+
+    def one_more_then_look() -> int:
+        nonlocal n
+        n += 1
+        layer(store, disk, f"{n:08x}" * 4, active=n % 3 != 0, image=MiB, allocated=0)
+        return sql_steps(store, cap.figures)
+
+    while n < 20:
+        one_more_then_look()
+    few = one_more_then_look()
+    while n < 500:
+        layer(store, disk, f"{n + 1:08x}" * 4, active=n % 3 != 0, image=MiB, allocated=0)
+        n += 1
+    cap.figures()
+    many = one_more_then_look()
+    assert many <= few + 10, (few, many)
