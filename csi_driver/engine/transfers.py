@@ -339,14 +339,14 @@ class Transfers:
             return [self._push_layer(client, chain[i:], compression) for i in reversed(range(above))]
         cancel.check()
         top = chain[0]
-        need = top.used_bytes + 16 * MiB  # at most the whole view changed: the tar holds the top's data
-        with self.ctx.capacity.admit(need, f"export of layer {top.id}"), self.ctx.scratch() as scratch:
-            blob, digest, size, tar_size, stats = _encoded(
+        with self.ctx.scratch() as scratch:
+            digest, size, tar_size, stats = _streamed(
+                client,
                 scratch,
                 compression,
                 lambda views, tar: self.ctx.backend.export_diff_over(base.chain, chain, views, tar),
+                top.used_bytes,
             )
-            client.push_blob(blob, digest, size)
         log.info(
             "layer %s pushed as %d bytes of changes (%d as %s; %d files, %d bytes of data) over snapshot %s",
             top.id,
@@ -374,14 +374,18 @@ class Transfers:
         )
         if known is not None:
             return _layer_descriptor(known)
-        need = layer.used_bytes + 16 * MiB  # the tar holds the layer's data and headers
-        with self.ctx.capacity.admit(need, f"export of layer {layer.id}"), self.ctx.scratch() as scratch:
-            path, digest, size, tar_size, stats = _encoded(
-                scratch, compression, lambda views, tar: self.ctx.backend.export_diff(chain, views, tar)
+        with self.ctx.scratch() as scratch:
+            digest, size, tar_size, stats = _streamed(
+                client,
+                scratch,
+                compression,
+                lambda views, tar: self.ctx.backend.export_diff(chain, views, tar),
+                layer.used_bytes,
             )
-            expanded = 0 if media_type == LAYER_TAR else tar_size
-            exported = Blob(layer.id, digest, size, media_type, stats.entries, expanded)
-            self._push_blob(client, path, exported)
+        expanded = 0 if media_type == LAYER_TAR else tar_size
+        exported = Blob(layer.id, digest, size, media_type, stats.entries, expanded)
+        self._record_blob(exported)
+        self._pushed(exported, client)
         return _layer_descriptor(exported)
 
     def _push_block(self, client: RegistryClient, layer: Layer) -> Descriptor:
@@ -418,11 +422,16 @@ class Transfers:
 
     def _push_blob(self, client: RegistryClient, path: Path, exported: Blob) -> None:
         """Record ``exported`` as its layer's blob (if the layer is still here), upload it."""
+        self._record_blob(exported)
+        client.push_blob(path, exported.digest, exported.size)
+        self._pushed(exported, client)
+
+    def _record_blob(self, exported: Blob) -> None:
+        """Record ``exported`` as its layer's blob, if the layer is still here (a later
+        push of the layer skips it while the registry has it)."""
         with self.ctx.store.tx() as tx:
             if tx.layer(exported.layer) is not None:
                 tx.add_layer_blob(exported)
-        client.push_blob(path, exported.digest, exported.size)
-        self._pushed(exported, client)
 
     def _import_block(
         self, client: RegistryClient, blob: Descriptor, build: Path, size: int, what: str
@@ -873,20 +882,23 @@ def _layer_descriptor(blob: Blob) -> Descriptor:
     return Descriptor(blob.media_type, blob.digest, blob.size, notes)
 
 
-def _encoded(
-    scratch: Path, compression: str, export: Callable[[Path, Any], Any]
-) -> tuple[Path, str, int, int, Any]:
-    """A layer tar exported (``export(views, out)``) into ``scratch``, compressed as it is
-    written: (the blob, its digest, its size, the tar's size, what the export counted)."""
-    path = scratch / "layer.blob"
+def _streamed(
+    client: RegistryClient, scratch: Path, compression: str, export: Callable[[Path, Any], Any], expected: int
+) -> tuple[str, int, int, Any]:
+    """A layer tar exported (``export(views, out)``, its views mounted in ``scratch``),
+    compressed and uploaded as it is written (nothing spooled): (the blob's digest,
+    its size, the tar's size, what the export counted)."""
     views = scratch / "views"
     views.mkdir()
-    with open(path, "wb") as f:
-        out = HashingWriter(f)
-        with codec.compressing(out, compression) as encoder:
+
+    def produce(body: Any) -> tuple[int, Any]:
+        with codec.compressing(body, compression) as encoder:
             tar = _Counting(encoder)
             stats = export(views, tar)
-    return path, "sha256:" + out.sha.hexdigest(), out.size, tar.size, stats
+        return tar.size, stats
+
+    digest, size, (tar_size, stats) = client.push_stream(produce, expected)
+    return digest, size, tar_size, stats
 
 
 def _created(raw: Any) -> float:
