@@ -34,7 +34,6 @@ from __future__ import annotations
 import calendar
 import errno
 import gzip
-import hashlib
 import logging
 import platform
 import time
@@ -134,24 +133,6 @@ def snapshot_reference(snapshot_id: str) -> Reference | None:
         return Repository.parse(repo).at(tag)
     except BadReference:
         return None
-
-
-class HashingWriter:
-    """A write-only file that hashes what goes through it (an export becoming a blob)."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes | memoryview) -> int:
-        n = self._f.write(data)
-        self.sha.update(data[:n])
-        self.size += n
-        return n
-
-    def flush(self) -> None:
-        """Nothing is buffered here (a compressor's writer flushes through it)."""
 
 
 class _Counting:
@@ -394,14 +375,14 @@ class Transfers:
         known = self._already_pushed(client, layer, lambda b: b.media_type == BLOCK_MEDIA_TYPE)
         if known is not None:
             return Descriptor(BLOCK_MEDIA_TYPE, known.digest, known.size)
-        need = layer.used_bytes + 16 * MiB  # the blob holds the image's data and its extent list
-        with self.ctx.capacity.admit(need, f"export of layer {layer.id}"), self.ctx.scratch() as scratch:
-            path = scratch / "block.img"
-            with open(path, "wb") as f:
-                out = HashingWriter(f)
-                size, data = blockimage.write_image(self.ctx.backend.block_file(layer), out)  # type: ignore[arg-type]
-            exported = Blob(layer.id, "sha256:" + out.sha.hexdigest(), out.size, BLOCK_MEDIA_TYPE, 0)
-            self._push_blob(client, path, exported)
+        image = self.ctx.backend.block_file(layer)
+        digest, blob_size, (size, data) = client.push_stream(
+            lambda body: blockimage.write_image(image, body),  # type: ignore[arg-type]
+            layer.used_bytes,
+        )
+        exported = Blob(layer.id, digest, blob_size, BLOCK_MEDIA_TYPE, 0)
+        self._record_blob(exported)
+        self._pushed(exported, client)
         log.info("block layer %s pushed: %d bytes of data in an image of %d", layer.id, data, size)
         return Descriptor(BLOCK_MEDIA_TYPE, exported.digest, exported.size)
 
@@ -419,12 +400,6 @@ class Transfers:
                 self._pushed(blob, client)
                 return blob
         return None
-
-    def _push_blob(self, client: RegistryClient, path: Path, exported: Blob) -> None:
-        """Record ``exported`` as its layer's blob (if the layer is still here), upload it."""
-        self._record_blob(exported)
-        client.push_blob(path, exported.digest, exported.size)
-        self._pushed(exported, client)
 
     def _record_blob(self, exported: Blob) -> None:
         """Record ``exported`` as its layer's blob, if the layer is still here (a later
