@@ -16,7 +16,7 @@ from pathlib import Path
 from csi_driver import host
 from csi_driver.engine.capacity import Capacity, CapacityPolicy, Space
 from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
-from csi_driver.ids import new_id, new_link
+from csi_driver.ids import new_id
 from csi_driver.layerstore.backend import Built, FsUsage, LayerBackend
 from csi_driver.statedir import StateDir
 from csi_driver.store import Layer, Publication, Store, Volume
@@ -173,8 +173,8 @@ class EngineContext:
             self.backend.remove(layer)
 
     # ---- layer records ------------------------------------------------------
-    @staticmethod
     def new_layer(
+        self,
         parent: Layer | None,
         built: Built,
         *,
@@ -186,7 +186,7 @@ class EngineContext:
         return Layer(
             id=new_id(),
             parent=parent.id if parent else None,
-            link=new_link(),
+            link=self.backend.new_link(),
             name=name,
             active=int(active),
             fs_type=fs_type,
