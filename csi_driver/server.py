@@ -26,6 +26,7 @@ from csi_driver.kube.api import KubeApi, connect
 from csi_driver.kube.contents import ContentAdopter
 from csi_driver.kube.modify_relay import ModifyRelay, ModifyWatcher
 from csi_driver.kube.periodic import Periodic
+from csi_driver.layerstore.backends import DEFAULT as DEFAULT_BACKEND
 from csi_driver.pool_file import DEFAULT_HOST_RESERVE, HostBoundSpace
 from csi_driver.proto import csi_pb2_grpc
 from csi_driver.service.central import CentralControllerServicer
@@ -66,7 +67,8 @@ class ServeOptions:
     max_ephemeral_size: int = 1 << 30  # all inline volumes of the node together; 0: none
     max_snapshots_per_volume: int = 0  # 0: no limit
     max_layer_depth: int = 64
-    default_fs_type: str = "ext4"
+    backend: str = DEFAULT_BACKEND  # how layers are kept (layerstore.backends)
+    default_fs_type: str = ""  # "": the backend's default
     hidden_capabilities: tuple[str, ...] = ()
     mode: str = "all"  # or "controller-expand"
     drain_seconds: float = 30.0
@@ -145,12 +147,20 @@ class Server:
                 max_snapshots_per_volume=opts.max_snapshots_per_volume,
                 max_depth=opts.max_layer_depth,
                 fs_type=opts.default_fs_type,
+                backend=opts.backend,
                 capacity=opts.capacity,
                 insecure_registries=opts.insecure_registries,
                 space=space,
                 max_live_copy=opts.max_live_snapshot_copy,
             )
         )
+        if not self.engine.backend.capabilities.enforces_capacity:
+            log.warning(
+                "THE %s LAYER BACKEND ENFORCES NO CAPACITY: a volume may write past its size until "
+                "the state dir's file system is full, and fill it for every other volume and the "
+                "host. Use it on development clusters only; the overlay backend enforces capacity",
+                self.engine.backend.name.upper(),
+            )
         report = reconcile(self.engine)
         log.info("reconciled state dir %s: %s", opts.state_dir, report)
         self.ctx = DriverContext(

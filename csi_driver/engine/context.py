@@ -60,6 +60,10 @@ def crash_hook_from_env() -> CrashHook:
     return hook
 
 
+class BadConfig(ValueError):
+    """An engine configuration the chosen layer backend cannot serve."""
+
+
 @dataclass
 class EngineConfig:
     state_dir: Path
@@ -71,7 +75,8 @@ class EngineConfig:
     max_depth: int = 64
     default_capacity: int = GiB
     min_capacity: int = MiB
-    fs_type: str = "ext4"
+    fs_type: str = ""  # a mount volume's when its request names none; "": the backend's default
+    backend: str = ""  # how layers are kept (layerstore.backends); "": the state dir's, else the default
     capacity: CapacityPolicy = field(default_factory=CapacityPolicy)
     insecure_registries: frozenset[str] = frozenset()  # hosts reached over plain HTTP
     space: Space | None = None  # where layers are kept (free, size); None: the backend's file system
