@@ -18,7 +18,7 @@ import grpc
 from csi_driver import __version__, host, pool, pool_file
 from csi_driver.engine.capacity import CapacityPolicy, Share, Space
 from csi_driver.engine.capture import DEFAULT_MAX_LIVE_COPY
-from csi_driver.engine.engine import Engine, EngineConfig
+from csi_driver.engine.engine import BadConfig, Engine, EngineConfig
 from csi_driver.engine.reconcile import reconcile
 from csi_driver.engine.transfers import snapshot_reference
 from csi_driver.errors import Aborted
@@ -137,23 +137,27 @@ class Server:
         # node paths under the kubelet dir resolve beneath its pods/ and plugins/ (host.beneath)
         host.beneath.confine(opts.kubelet_dir)
         host.beneath.add_root(str(opts.state_dir))
-        self.engine = engine or Engine(
-            EngineConfig(
-                state_dir=opts.state_dir,
-                node_id=opts.node_id,
-                max_volumes=opts.max_volumes_per_node,
-                max_volume_size=opts.max_volume_size,
-                max_ephemeral_size=opts.max_ephemeral_size,
-                max_snapshots_per_volume=opts.max_snapshots_per_volume,
-                max_depth=opts.max_layer_depth,
-                fs_type=opts.default_fs_type,
-                backend=opts.backend,
-                capacity=opts.capacity,
-                insecure_registries=opts.insecure_registries,
-                space=space,
-                max_live_copy=opts.max_live_snapshot_copy,
+        try:
+            self.engine = engine or Engine(
+                EngineConfig(
+                    state_dir=opts.state_dir,
+                    node_id=opts.node_id,
+                    max_volumes=opts.max_volumes_per_node,
+                    max_volume_size=opts.max_volume_size,
+                    max_ephemeral_size=opts.max_ephemeral_size,
+                    max_snapshots_per_volume=opts.max_snapshots_per_volume,
+                    max_depth=opts.max_layer_depth,
+                    fs_type=opts.default_fs_type,
+                    backend=opts.backend,
+                    capacity=opts.capacity,
+                    insecure_registries=opts.insecure_registries,
+                    space=space,
+                    max_live_copy=opts.max_live_snapshot_copy,
+                )
             )
-        )
+        except BadConfig:
+            os.close(self._lock_fd)  # refused: nothing holds the state dir
+            raise
         if not self.engine.backend.capabilities.enforces_capacity:
             log.warning(
                 "THE %s LAYER BACKEND ENFORCES NO CAPACITY: a volume may write past its size until "
