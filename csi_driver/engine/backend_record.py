@@ -1,10 +1,10 @@
 """Which layer backend a state dir's layers are kept with, recorded in the state dir.
 
-One backend cannot read another's layers (overlay keeps images under ``layers/``,
-plaindir trees under ``dirs/``), so a state dir that holds layers is served only with
-the backend that made them: a changed ``--backend`` is refused at start instead of
-leaving every volume unusable. A state dir without layers may change backend. A state
-dir from before the record existed was made with the overlay backend, the only one then.
+One backend cannot read another's layers (each keeps them its own way below the state
+dir), so a state dir that holds layers is served only with the backend that made them:
+a changed ``--backend`` is refused at start instead of leaving every volume unusable. A
+state dir without layers may change backend. A state dir from before the record existed
+was made with the overlay backend, the only one then.
 """
 
 from __future__ import annotations
