@@ -21,6 +21,8 @@ from csi_driver.cli.args import (
 )
 from csi_driver.engine.capacity import CapacityPolicy, Share
 from csi_driver.engine.capture import DEFAULT_MAX_LIVE_COPY
+from csi_driver.layerstore.backends import BACKENDS
+from csi_driver.layerstore.backends import DEFAULT as DEFAULT_BACKEND
 
 DEFAULT_DRIVER_NAME = "overlay.csi.dev"
 
@@ -50,10 +52,18 @@ def add_parser(sub: Any) -> None:
         "--max-layer-depth", type=int, default=64, help="layers under a volume before its chain is flattened"
     )
     s.add_argument(
+        "--backend",
+        default=DEFAULT_BACKEND,
+        choices=sorted(BACKENDS),
+        help="how layers are kept: overlay (ext4/xfs images on loop devices, stacked by overlayfs; "
+        "the default) or plaindir (plain directories: enforces no capacity, for development clusters)",
+    )
+    s.add_argument(
         "--default-fs-type",
-        default="ext4",
-        choices=["ext4", "xfs"],
-        help="file system of a volume's upper when the capability names none",
+        default="",
+        metavar="TYPE",
+        help="file system of a volume's upper when the capability names none, one the backend "
+        "offers (default: the backend's; overlay: ext4, or xfs; plaindir: dir)",
     )
     s.add_argument(
         "--hide-capability",
@@ -210,6 +220,7 @@ def _metrics_installed() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from csi_driver.engine.engine import BadConfig
     from csi_driver.pool import PoolError
     from csi_driver.server import AlreadyRunning, ServeOptions, Server
 
@@ -242,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
         max_ephemeral_size=args.max_ephemeral_size,
         max_snapshots_per_volume=args.max_snapshots_per_volume,
         max_layer_depth=args.max_layer_depth,
+        backend=args.backend,
         default_fs_type=args.default_fs_type,
         hidden_capabilities=tuple(args.hide_capability),
         mode=args.mode,
@@ -264,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     except AlreadyRunning as e:
         logging.error("%s", e)
         return 1
-    except PoolError as e:
+    except (PoolError, BadConfig) as e:
         logging.error("%s", e)
         return 2
     server.serve_forever()

@@ -48,6 +48,7 @@ from csi_driver.engine.context import BLOCK, SNAPSHOT_PREFIX, EngineContext
 from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from csi_driver.ids import untagged
 from csi_driver.layerstore import blockimage
+from csi_driver.layerstore.backend import Capabilities
 from csi_driver.layerstore.blockimage import MEDIA_TYPE as BLOCK_MEDIA_TYPE
 from csi_driver.layerstore.ocidiff import DiffError, TooManyEntries, count_tar
 from csi_driver.locks import KeyedLocks
@@ -479,8 +480,12 @@ class Transfers:
         blobs = descriptors(manifest.body.get("layers"), what)
         if not blobs:
             raise BadContent(f"{what}: its manifest has no layers")
-        notes = _annotations(manifest.body.get("annotations"), what)
+        notes = _annotations(manifest.body.get("annotations"), what, self.ctx.backend.capabilities)
         block = notes["access-type"] == BLOCK
+        if block and not self.ctx.backend.capabilities.block:
+            raise FailedPrecondition(
+                f"{what} is of a raw block volume: this node's {self.ctx.backend.name} backend keeps none"
+            )
         if block and (len(blobs) != 1 or blobs[0].media_type != BLOCK_MEDIA_TYPE):
             raise BadContent(f"{what}: a block snapshot's manifest must hold one {BLOCK_MEDIA_TYPE} layer")
         with self._pull_chain(client, blobs, what, block_size=notes["size"] if block else None) as (tx, top):
@@ -553,7 +558,7 @@ class Transfers:
         what = f"snapshot {snapshot_id}"
         if manifest.media_type != OCI_MANIFEST or manifest.body.get("artifactType") != ARTIFACT_TYPE:
             raise FailedPrecondition(f"{ref} is not an overlay-csi snapshot")
-        notes = _annotations(manifest.body.get("annotations"), what)
+        notes = _annotations(manifest.body.get("annotations"), what, self.ctx.backend.capabilities)
         return Snapshot(
             seq=0,
             id=snapshot_id,
@@ -885,8 +890,9 @@ def _created(raw: Any) -> float:
         return 0.0
 
 
-def _annotations(raw: Any, what: str) -> dict[str, Any]:
-    """What an exported snapshot's manifest says of it (untrusted), checked."""
+def _annotations(raw: Any, what: str, offered: Capabilities) -> dict[str, Any]:
+    """What an exported snapshot's manifest says of it (untrusted), checked: a mount
+    snapshot's fs type must be one the backend ``offered`` to import."""
     if not isinstance(raw, dict):
         raise BadContent(f"{what}: its manifest has no annotations")
     out: dict[str, Any] = {}
@@ -899,7 +905,7 @@ def _annotations(raw: Any, what: str) -> dict[str, Any]:
         raise BadContent(f"{what}: access type {str(access_type)[:20]!r} in its manifest")
     out["access-type"] = access_type
     fs_type = raw.get(NOTE + "fs-type", "")
-    if fs_type not in (("ext4", "xfs", "dir") if access_type == "mount" else (BLOCK,)):
+    if fs_type not in (offered.artifact_fs_types if access_type == "mount" else (BLOCK,)):
         raise BadContent(f"{what}: file system {str(fs_type)[:20]!r} in its manifest")
     out["fs-type"] = fs_type
     for key in ("source-capacity", "size"):

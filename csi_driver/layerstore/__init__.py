@@ -1,2 +1,2 @@
-"""How layers are kept: the LayerBackend protocol (backend.py), its backends
-(overlay/, plaindir.py) and layer diffs as OCI tars (ocidiff.py)."""
+"""How layers are kept: the LayerBackend protocol (backend.py), the backends by name
+(backends.py: overlay/, plaindir/) and layer diffs as OCI tars (ocidiff.py)."""
