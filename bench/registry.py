@@ -7,12 +7,14 @@ data in 16 MiB files and is snapshotted once, detached. Each round, interleaved
 (the order of driver and plain flipped every round):
 
 - driver push: node A pushes that snapshot to a new repository (the layer is
-  exported to an OCI layer tar and hashed, then uploaded: nothing is skipped);
+  exported to an OCI layer tar, hashed and uploaded as it is made, in one chunked
+  PATCH: nothing is skipped, nothing spooled);
 - plain upload: ``requests`` sends the same tar, already on disk, to another
   new repository (POST, then one monolithic PUT of the file);
 - driver restore: node B (its own state dir) restores a volume from the pushed
-  snapshot: manifest, the blob hashed as it arrives and written into the new
-  layer's image, the digest checked, the layer installed, the volume created;
+  snapshot: manifest, the blob read ahead on a thread and hashed as it arrives,
+  written into the new layer's image (its writeback started every 8 MiB), the
+  digest checked, the layer installed (its image on disk), the volume created;
   the volume is deleted again, and its layers with it;
 - plain download: ``requests`` GETs every blob of the same manifest to a file
   in the same state dir's file system; again with an fsync at the end (the
@@ -37,6 +39,7 @@ Usage: python -m bench.registry [--data-mib 1024] [--rounds 3] [--live-mib 128] 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import statistics
@@ -44,11 +47,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import requests
 
 from bench.common import reexec_in_private_namespace, running_driver
-from csi_driver.engine.transfers import HashingWriter
 from csi_driver.registry.artifact import EMPTY_CONFIG as EMPTY
 from csi_driver.registry.reference import Reference, Repository
 
@@ -57,6 +60,24 @@ from registry_harness import LocalRegistry  # noqa: E402 - the tests' registry r
 
 MiB = 1 << 20
 GiB = 1 << 30
+
+
+class HashingWriter:
+    """A write-only file that hashes what goes through it (the tar a plain upload sends)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        n = self._f.write(data)
+        self.sha.update(data[:n])
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        """Nothing is buffered here (a compressor's writer flushes through it)."""
 
 
 def plain_upload(url: str, path: str, tar: Path, digest: str) -> None:

@@ -11,9 +11,10 @@ Two kinds of figures:
 - Node state, computed when scraped (a custom collector): volumes, snapshots
   and layers by state, bytes provisioned (the sum of volume capacities) against
   bytes allocated (what the layer images really occupy), the backing file
-  system's size and free space, mounts and loop devices. One short read
-  transaction with aggregate queries, one read of the mount table and of
-  ``/sys/block``, and one ``stat`` per layer image: a scrape takes about 4 ms
+  system's size and free space, mounts and the block devices the backend holds
+  (loop devices). One short read transaction with aggregate queries, one read of
+  the mount table and of ``/sys/block`` (the overlay backend's device count), and
+  one ``stat`` per layer image: a scrape takes about 4 ms
   on an empty node and 19 ms with 3,000 volumes.
 
 Requires the ``metrics`` extra (``prometheus-client``).
@@ -21,7 +22,6 @@ Requires the ``metrics`` extra (``prometheus-client``).
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import threading
@@ -224,8 +224,9 @@ class StateCollector(Collector):
         yield g
         yield GaugeMetricFamily(
             f"{PREFIX}_loop_devices",
-            "Loop devices backed by files in the state dir",
-            value=count_loop_devices(str(engine.state.root)),
+            "Block devices the layer backend's layers are attached to (loop devices backed by "
+            "files in the state dir; 0 for a backend that attaches none)",
+            value=engine.backend.devices(),
         )
         moved, blobs = progress.totals()
         c = CounterMetricFamily(
@@ -285,20 +286,6 @@ def count_mounts(staging: list[str], targets: list[str], layers: int) -> dict[st
         return n
 
     return {"stage": live(staging), "publish": live(targets), "layer": layers}
-
-
-def count_loop_devices(state_dir: str) -> int:
-    """Loop devices whose backing file is under ``state_dir`` (reads /sys, no losetup)."""
-    base = os.path.realpath(state_dir) + "/"
-    n = 0
-    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
-        try:
-            with open(path) as f:
-                if f.read().strip().startswith(base):
-                    n += 1
-        except OSError:  # detached while we looked
-            continue
-    return n
 
 
 class InFlightInterceptor(grpc.ServerInterceptor):

@@ -18,7 +18,7 @@ import grpc
 from csi_driver import __version__, host, pool, pool_file
 from csi_driver.engine.capacity import CapacityPolicy, Share, Space
 from csi_driver.engine.capture import DEFAULT_MAX_LIVE_COPY
-from csi_driver.engine.engine import Engine, EngineConfig
+from csi_driver.engine.engine import BadConfig, Engine, EngineConfig
 from csi_driver.engine.reconcile import reconcile
 from csi_driver.engine.transfers import snapshot_reference
 from csi_driver.errors import Aborted
@@ -26,6 +26,7 @@ from csi_driver.kube.api import KubeApi, connect
 from csi_driver.kube.contents import ContentAdopter
 from csi_driver.kube.modify_relay import ModifyRelay, ModifyWatcher
 from csi_driver.kube.periodic import Periodic
+from csi_driver.layerstore.backends import DEFAULT as DEFAULT_BACKEND
 from csi_driver.pool_file import DEFAULT_HOST_RESERVE, HostBoundSpace
 from csi_driver.proto import csi_pb2_grpc
 from csi_driver.service.central import CentralControllerServicer
@@ -66,7 +67,8 @@ class ServeOptions:
     max_ephemeral_size: int = EngineConfig.max_ephemeral_size  # all inline volumes together; 0: none
     max_snapshots_per_volume: int = 0  # 0: no limit
     max_layer_depth: int = EngineConfig.max_depth
-    default_fs_type: str = EngineConfig.fs_type
+    backend: str = DEFAULT_BACKEND  # how layers are kept (layerstore.backends)
+    default_fs_type: str = EngineConfig.fs_type  # "": the backend's default
     hidden_capabilities: tuple[str, ...] = ()
     mode: str = "all"  # or "controller-expand"
     drain_seconds: float = 30.0
@@ -97,6 +99,7 @@ class ServeOptions:
             max_snapshots_per_volume=self.max_snapshots_per_volume,
             max_depth=self.max_layer_depth,
             fs_type=self.default_fs_type,
+            backend=self.backend,
             capacity=self.capacity,
             insecure_registries=self.insecure_registries,
             space=space,
@@ -153,7 +156,18 @@ class Server:
         # node paths under the kubelet dir resolve beneath its pods/ and plugins/ (host.beneath)
         host.beneath.confine(opts.kubelet_dir)
         host.beneath.add_root(str(opts.state_dir))
-        self.engine = engine or Engine(opts.engine_config(space))
+        try:
+            self.engine = engine or Engine(opts.engine_config(space))
+        except BadConfig:
+            os.close(self._lock_fd)  # refused: nothing holds the state dir
+            raise
+        if not self.engine.backend.capabilities.enforces_capacity:
+            log.warning(
+                "THE %s LAYER BACKEND ENFORCES NO CAPACITY: a volume may write past its size until "
+                "the state dir's file system is full, and fill it for every other volume and the "
+                "host. Use it on development clusters only; the overlay backend enforces capacity",
+                self.engine.backend.name.upper(),
+            )
         report = reconcile(self.engine)
         log.info("reconciled state dir %s: %s", opts.state_dir, report)
         self.ctx = DriverContext(

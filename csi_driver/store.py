@@ -342,6 +342,9 @@ class ReadTx:
     def layers(self) -> list[Layer]:
         return [Layer(**dict(r)) for r in self.c.execute("SELECT * FROM layer_rows ORDER BY created_at")]
 
+    def has_layers(self) -> bool:
+        return self.c.execute("SELECT 1 FROM layers LIMIT 1").fetchone() is not None
+
     def layer_sizes(self, ids: Collection[str] | None = None) -> dict[str, tuple[bool, int]]:
         """id -> (active, image_bytes) of every layer, or of those of ``ids`` that exist."""
         if ids is None:

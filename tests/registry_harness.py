@@ -434,18 +434,22 @@ class _ProxyHandler(_TrackingHandler):
             if name.lower() not in HOP_BY_HOP:
                 upstream.putheader(name, value)
         length, chunked = self._request_chunks()
-        if chunked:
+        slow = self.server.proxy._take(("throttle",), self.command, urlsplit(self.path).path)
+        pace = _Pace(slow.rate) if slow is not None else None
+        if chunked:  # a streamed upload (a PATCH): paced chunk by chunk
             upstream.putheader("Transfer-Encoding", "chunked")
             upstream.endheaders()
             for data in self._read_chunked():
-                upstream.send(b"%x\r\n%s\r\n" % (len(data), data))
+                for at in range(0, len(data), pace.step if pace else len(data) or 1):
+                    part = data[at : at + pace.step] if pace else data
+                    if pace:
+                        pace._count(len(part))
+                    upstream.send(b"%x\r\n%s\r\n" % (len(part), part))
             upstream.send(b"0\r\n\r\n")
         else:
             if length or self.command in ("POST", "PUT", "PATCH"):
                 upstream.putheader("Content-Length", str(length))
             upstream.endheaders()
-            slow = self.server.proxy._take(("throttle",), self.command, urlsplit(self.path).path)
-            pace = _Pace(slow.rate) if slow is not None else None
             while length:
                 data = pace.read(self.rfile, length) if pace else self.rfile.read(min(length, CHUNK))
                 if not data:
@@ -604,7 +608,7 @@ class FaultProxy(_Served):
         self._add(_Fault("truncate", re.compile(path_re), times, keep=keep))
 
     def throttle(self, path_re: str, rate: int, method: str | None = None) -> None:
-        """Forward, but move the body (a response's, or a request's with a Content-Length)
+        """Forward, but move the body (a response's, or a request's, chunked or not)
         at ``rate`` bytes per second, for every request that matches (``method``: only it)."""
         if rate <= 0:
             raise ValueError("rate must be positive")

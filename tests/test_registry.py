@@ -476,6 +476,14 @@ def test_the_cli_pushes_pulls_and_keeps(
         # tagged with the local id minus its node ("@" is no tag character)
         assert ref == f"{reg.host}/cli/db:{sid.partition('@')[0]}" and reg.blob_count("cli/db") == 2
         assert not MountTable.read().under(a), "the push released the layers it mounted"
+        rc, out, err = run("snapshot", "push", sid, f"{reg.host}/cli/dbz", "--state-dir", str(a / "state"),
+                           *opts, "--json", "--compression", "zstd")  # fmt: skip
+        assert rc == 0, err
+        zref = json.loads(out)["reference"]
+        login = Credentials({reg.host: Login(**good)})
+        pushed = RegistryClient(Repository(reg.host, "cli/dbz"), login, insecure=True)
+        layers = pushed.pull_manifest(zref.rsplit(":", 1)[1]).body["layers"]
+        assert [x["mediaType"] for x in layers] == ["application/vnd.oci.image.layer.v1.tar+zstd"]
         rc, out, err = run("snapshot", "pull", ref, "--state-dir", str(b / "state"), *opts)
         assert rc == 0 and "kept on this node" in out, err
 

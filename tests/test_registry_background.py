@@ -153,7 +153,7 @@ def test_a_push_longer_than_its_callers_deadline_completes(world) -> None:
     with staged(a, vid) as root:
         fill(root)
         expected = tree(root)
-    proxy.throttle(r"/blobs/uploads/", RATE, method="PUT")
+    proxy.throttle(r"/blobs/uploads/", RATE, method="PATCH")  # the layer streams in one PATCH
     params = {"repository": f"{proxy.host}/{REPO}"}
     with impatient(a) as client:
         snap, answers = retried(lambda: client.create_snapshot("s", vid, parameters=params))

@@ -20,6 +20,7 @@ QUERIES = (
     "layer layer_by_name layers chain volume volume_by_name volumes count_staged count_attached"
     " publications publication_at attachment attached_nodes snapshot snapshot_by_name snapshots"
     " group group_by_name layer_users unreferenced_layers dependents census layer_sizes"
+    " has_layers"
 ).split()
 CHANGES = (
     "add_layer collect_garbage update_layer add_volume update_volume delete_volume add_publication"

@@ -113,11 +113,11 @@ def test_bad_quantity():
 def test_digits_from_other_scripts_are_not_numbers(value):
     """str.isdigit() says yes to superscripts and other scripts' digits, which int()
     then refuses: untrusted numbers must be ASCII digits (found by the hostile suite)."""
-    from csi_driver.engine.modify import validate_mutable
+    from csi_driver.layerstore.overlay import tuning
     from csi_driver.service.controller import _token
 
     with pytest.raises(InvalidArgument):
-        validate_mutable({"reservedPercent": value})
+        tuning.check({"reservedPercent": value}, "ext4")
     from csi_driver.errors import Aborted
 
     with pytest.raises(Aborted):

@@ -135,7 +135,11 @@ def add_command(
 
 
 def add_capability_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fs-type", default="", help="ext4 or xfs (default: the driver's)")
+    p.add_argument(
+        "--fs-type",
+        default="",
+        help="one the node's backend makes: ext4 or xfs (overlay), dir (plaindir); default: the driver's",
+    )
     p.add_argument("--mount-flag", action="append", default=[], metavar="FLAG")
     p.add_argument("--block", action="store_true", help="a raw block volume")
     p.add_argument("--access-mode", default="single-node-writer", choices=sorted(ACCESS_MODES))

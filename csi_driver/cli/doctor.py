@@ -13,6 +13,7 @@ from typing import Any
 from csi_driver.cli.args import DEFAULT_STATE_DIR, parse_size
 from csi_driver.doctor import FAIL, OK, WARN, in_pod, run_checks
 from csi_driver.engine.capture import DEFAULT_MAX_LIVE_COPY
+from csi_driver.layerstore.backends import BACKENDS
 
 
 def add_parser(sub: Any) -> None:
@@ -27,6 +28,12 @@ def add_parser(sub: Any) -> None:
         default=DEFAULT_MAX_LIVE_COPY,
         metavar="SIZE",
         help="serve's limit, for the cost of a snapshot of a volume in use (default 1Gi)",
+    )
+    d.add_argument(
+        "--backend",
+        default="",
+        choices=sorted(BACKENDS),
+        help="serve's --backend (default: the one the state dir records, else overlay)",
     )
     d.add_argument("--json", action="store_true")
     d.add_argument(
@@ -50,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         args.pool_device,
         args.pool_file,
         args.max_live_snapshot_copy,
+        args.backend,
     )
     counts = {s: sum(c.status == s for c in checks) for s in (OK, WARN, FAIL)}
     if args.json:

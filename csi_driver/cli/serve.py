@@ -22,6 +22,8 @@ from csi_driver.cli.args import (
 from csi_driver.engine.capacity import CapacityPolicy, Share
 from csi_driver.engine.capture import DEFAULT_MAX_LIVE_COPY
 from csi_driver.engine.context import EngineConfig
+from csi_driver.layerstore.backends import BACKENDS
+from csi_driver.layerstore.backends import DEFAULT as DEFAULT_BACKEND
 
 DEFAULT_DRIVER_NAME = "overlay.csi.dev"
 
@@ -54,10 +56,18 @@ def add_parser(sub: Any) -> None:
         help="layers under a volume before its chain is flattened",
     )
     s.add_argument(
+        "--backend",
+        default=DEFAULT_BACKEND,
+        choices=sorted(BACKENDS),
+        help="how layers are kept: overlay (ext4/xfs images on loop devices, stacked by overlayfs; "
+        "the default) or plaindir (plain directories: enforces no capacity, for development clusters)",
+    )
+    s.add_argument(
         "--default-fs-type",
         default=EngineConfig.fs_type,
-        choices=["ext4", "xfs"],
-        help="file system of a volume's upper when the capability names none",
+        metavar="TYPE",
+        help="file system of a volume's upper when the capability names none, one the backend "
+        "offers (default: the backend's; overlay: ext4, or xfs; plaindir: dir)",
     )
     s.add_argument(
         "--hide-capability",
@@ -228,6 +238,7 @@ def options(args: argparse.Namespace, pool_device: str, policy: CapacityPolicy) 
         max_ephemeral_size=args.max_ephemeral_size,
         max_snapshots_per_volume=args.max_snapshots_per_volume,
         max_layer_depth=args.max_layer_depth,
+        backend=args.backend,
         default_fs_type=args.default_fs_type,
         hidden_capabilities=tuple(args.hide_capability),
         mode=args.mode,
@@ -248,6 +259,7 @@ def options(args: argparse.Namespace, pool_device: str, policy: CapacityPolicy) 
 
 
 def run(args: argparse.Namespace) -> int:
+    from csi_driver.engine.engine import BadConfig
     from csi_driver.pool import PoolError
     from csi_driver.server import AlreadyRunning, Server
 
@@ -276,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
     except AlreadyRunning as e:
         logging.error("%s", e)
         return 1
-    except PoolError as e:
+    except (PoolError, BadConfig) as e:
         logging.error("%s", e)
         return 2
     server.serve_forever()

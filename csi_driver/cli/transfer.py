@@ -18,6 +18,7 @@ from typing import Any
 
 from csi_driver.cli.args import DEFAULT_STATE_DIR, add_command, add_insecure_registry_option, local_engine
 from csi_driver.cli.output import CliError, emit, fmt_bytes
+from csi_driver.registry import codec
 from csi_driver.registry.credentials import Credentials, registry_host
 from csi_driver.registry.reference import BadReference, Reference, Repository
 from csi_driver.statedir import StateDir
@@ -96,7 +97,7 @@ def cmd_snapshot_push(args: argparse.Namespace) -> int:
         snap = engine.get_snapshot(args.snapshot_id)
         if snap is None:
             raise CliError("NOT_FOUND", f"snapshot {args.snapshot_id!r} does not exist on this node")
-        ref = engine.transfers.push_snapshot(snap, _credentials(), repository)
+        ref = engine.transfers.push_snapshot(snap, _credentials(), repository, args.compression)
     finally:
         engine.close()
     d = {"snapshot_id": snap.id, "reference": str(ref)}
@@ -139,6 +140,12 @@ def add_snapshot_transfer(ssub: Any) -> None:
     )
     p.add_argument("snapshot_id")
     p.add_argument("repository", help="HOST[:PORT]/PATH")
+    p.add_argument(
+        "--compression",
+        choices=codec.COMPRESSIONS,
+        default=codec.NONE,
+        help="how new layer blobs are compressed, as a VolumeSnapshotClass's `compression` (default: none)",
+    )
     p = add_command(
         ssub, "pull", cmd_snapshot_pull, "keep a copy of an exported snapshot here", common, local=True
     )

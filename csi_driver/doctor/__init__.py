@@ -6,7 +6,8 @@ With root, a functional probe builds a small ext4 image, loop-mounts it,
 freezes and thaws it and mounts an overlay on it, in a private mount namespace
 (a forked child), so nothing it mounts can outlive it.
 
-The checks, by topic: ``kernel`` (privileges, overlayfs, loop devices),
+The checks, by topic: ``backend`` (how layers are kept; the plain-directory backend
+enforces no capacity), ``kernel`` (privileges, overlayfs, loop devices),
 ``tools`` (host programs), ``pool`` (a disk for the state dir), ``setup`` (pool file,
 pool device or plain state dir, and what a snapshot of a volume in use costs there), ``state_dir``
 (file system, space, sparse files, reflink), ``probe`` (mounts for real),
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from csi_driver.doctor.backend import check_backend
 from csi_driver.doctor.check import FAIL, OK, WARN, Check
 from csi_driver.doctor.kernel import check_loop, check_overlayfs, check_privileges
 from csi_driver.doctor.kubernetes import check_propagation, in_pod
@@ -39,8 +41,10 @@ def run_checks(
     pool_device: str = "",
     pool_file: str = "",
     max_live_copy: int = 1 << 30,
+    backend: str = "",
 ) -> list[Check]:
-    checks = check_privileges()
+    checks = [check_backend(state_dir, backend)]
+    checks += check_privileges()
     checks.append(check_overlayfs())
     checks.append(check_loop())
     checks += check_tools()

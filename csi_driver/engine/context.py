@@ -16,7 +16,7 @@ from pathlib import Path
 from csi_driver import host
 from csi_driver.engine.capacity import Capacity, CapacityPolicy, Space
 from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
-from csi_driver.ids import new_id, new_link
+from csi_driver.ids import new_id
 from csi_driver.layerstore.backend import Built, FsUsage, LayerBackend
 from csi_driver.statedir import StateDir
 from csi_driver.store import Layer, Publication, Store, Volume
@@ -60,6 +60,10 @@ def crash_hook_from_env() -> CrashHook:
     return hook
 
 
+class BadConfig(ValueError):
+    """An engine configuration the chosen layer backend cannot serve."""
+
+
 @dataclass
 class EngineConfig:
     state_dir: Path
@@ -71,7 +75,8 @@ class EngineConfig:
     max_depth: int = 64
     default_capacity: int = GiB
     min_capacity: int = MiB
-    fs_type: str = "ext4"
+    fs_type: str = ""  # a mount volume's when its request names none; "": the backend's default
+    backend: str = ""  # how layers are kept (layerstore.backends); "": the state dir's, else the default
     capacity: CapacityPolicy = field(default_factory=CapacityPolicy)
     insecure_registries: frozenset[str] = frozenset()  # hosts reached over plain HTTP
     space: Space | None = None  # where layers are kept (free, size); None: the backend's file system
@@ -173,8 +178,8 @@ class EngineContext:
             self.backend.remove(layer)
 
     # ---- layer records ------------------------------------------------------
-    @staticmethod
     def new_layer(
+        self,
         parent: Layer | None,
         built: Built,
         *,
@@ -186,7 +191,7 @@ class EngineContext:
         return Layer(
             id=new_id(),
             parent=parent.id if parent else None,
-            link=new_link(),
+            link=self.backend.new_link(),
             name=name,
             active=int(active),
             fs_type=fs_type,

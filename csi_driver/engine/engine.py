@@ -14,8 +14,10 @@ engine knows nothing of gRPC. Callers serialise operations per volume.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from csi_driver.engine import backend_record
 from csi_driver.engine.attachments import Attachments
 from csi_driver.engine.base_layers import BaseLayers
 from csi_driver.engine.block import BlockVolumes
@@ -23,6 +25,7 @@ from csi_driver.engine.capture import Capture
 from csi_driver.engine.context import (
     SNAPSHOT_PREFIX,
     VOLUME_PREFIX,
+    BadConfig,
     CrashHook,
     EngineConfig,
     EngineContext,
@@ -42,8 +45,8 @@ from csi_driver.engine.snapshots import Snapshots
 from csi_driver.engine.transfers import Transfers, snapshot_reference
 from csi_driver.engine.volumes import Volumes
 from csi_driver.errors import Aborted
-from csi_driver.layerstore.backend import LayerBackend
-from csi_driver.layerstore.overlay.backend import OverlayLoopBackend
+from csi_driver.layerstore.backend import Capabilities, LayerBackend
+from csi_driver.layerstore.backends import open_backend
 from csi_driver.registry.credentials import Credentials
 from csi_driver.registry.reference import Reference, Repository, looks_like_reference
 from csi_driver.store import Layer, PendingDelete, Snapshot, Store, Volume
@@ -53,6 +56,7 @@ __all__ = [
     "MiB",
     "SNAPSHOT_PREFIX",
     "VOLUME_PREFIX",
+    "BadConfig",
     "CrashHook",
     "Engine",
     "EngineConfig",
@@ -60,6 +64,19 @@ __all__ = [
     "VolumeStats",
     "crash_hook_from_env",
 ]
+
+
+def _with_fs_type(config: EngineConfig, backend: str, offered: Capabilities) -> EngineConfig:
+    """``config`` with the backend's default fs type when it names none; one the backend
+    does not offer is refused (BadConfig), before any volume is made with it."""
+    if not config.fs_type:
+        return dataclasses.replace(config, fs_type=offered.default_fs_type)
+    if config.fs_type not in offered.fs_types:
+        raise BadConfig(
+            f"default fs type {config.fs_type!r}: the {backend} backend makes "
+            f"{sorted(offered.fs_types)} volumes"
+        )
+    return config
 
 
 class Engine:
@@ -76,8 +93,19 @@ class Engine:
         root = Path(config.state_dir)
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         store = Store(root / "state.db")
-        # an overprovisioned node's disk may fill: each volume then holds its fixed metadata
-        backend = backend or OverlayLoopBackend(root, hold_metadata=config.capacity.ratio > 1)
+        if backend is None:
+            try:
+                name = backend_record.choose(root, config.backend, store)
+            except BadConfig:
+                store.close()
+                raise
+            backend = open_backend(name, root, overprovisioned=config.capacity.ratio > 1)
+        try:
+            config = _with_fs_type(config, backend.name, backend.capabilities)
+        except BadConfig:
+            backend.close()
+            store.close()
+            raise
         self.ctx = EngineContext(config, store, backend, crash_hook)
         self.ctx.state.ensure()
         self.config = config

@@ -1,44 +1,33 @@
 """Mutable volume parameters (ControllerModifyVolume, VolumeAttributesClass).
 
-Each parameter changes something real about the volume's upper file system:
-
-| key | values | effect |
-|---|---|---|
-| ``reservedPercent`` | 0..50 | ext4 blocks reserved for root (``tune2fs -m``): what the pod can fill |
-| ``discard`` | true/false | freed blocks go back to the host at once (thin stays thin) or not |
-| ``commitSeconds`` | 1..300 | ext4 journal commit interval: durability window vs write throughput |
-| ``readAheadKiB`` | 0..16384 | read-ahead of the volume's loop device (file system and block volumes) |
-
-Applied at once when the volume is in use, and at every later stage.
+Which parameters there are, and what each does, is the layer backend's business:
+it names them (``capabilities.modifiable``), checks their values (``check_tune``)
+and applies them (``tune``). Applied at once when the volume is in use, and at
+every later stage.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from csi_driver.engine.context import EngineContext
 from csi_driver.errors import InvalidArgument
+from csi_driver.layerstore.backend import LayerBackend
 from csi_driver.store import Volume
 
-MUTABLE_KEYS = ("reservedPercent", "discard", "commitSeconds", "readAheadKiB")
-FS_ONLY = {"reservedPercent", "discard", "commitSeconds"}
-RANGES = {"reservedPercent": (0, 50), "commitSeconds": (1, 300), "readAheadKiB": (0, 16384)}
 
-
-def validate_mutable(params: dict[str, str], fs_type: str = "ext4") -> dict[str, str]:
-    """Check every key and value; raise InvalidArgument naming the first bad one."""
-    unknown = sorted(set(params) - set(MUTABLE_KEYS))
+def validate_mutable(params: Mapping[str, str], backend: LayerBackend, fs_type: str) -> dict[str, str]:
+    """Check every key and value for a volume of ``fs_type`` ('' when the volume is not
+    known here); raise InvalidArgument naming the first bad one."""
+    offered = backend.capabilities.modifiable
+    unknown = sorted(set(params) - offered)
+    if unknown and not offered:
+        raise InvalidArgument(
+            f"mutable parameters {unknown}: the {backend.name} backend has no parameters to modify"
+        )
     if unknown:
-        raise InvalidArgument(f"unknown mutable parameters {unknown}; supported: {list(MUTABLE_KEYS)}")
-    for key, value in params.items():
-        if key in FS_ONLY and fs_type == "block":
-            raise InvalidArgument(f"{key} applies to file system volumes only")
-        if key == "discard" and value not in ("true", "false"):
-            raise InvalidArgument("discard must be 'true' or 'false'")
-        if key in RANGES:
-            lo, hi = RANGES[key]
-            if not (value.isascii() and value.isdigit()) or not lo <= int(value) <= hi:
-                raise InvalidArgument(f"{key} must be an integer from {lo} to {hi}")
-        if key in ("reservedPercent", "commitSeconds") and fs_type not in ("ext4", ""):
-            raise InvalidArgument(f"{key} applies to ext4 volumes only")
+        raise InvalidArgument(f"unknown mutable parameters {unknown}; supported: {sorted(offered)}")
+    backend.check_tune(params, fs_type)
     return dict(params)
 
 
@@ -49,7 +38,7 @@ class Modifier:
     def modify_volume(self, volume_id: str, params: dict[str, str]) -> Volume:
         ctx = self.ctx
         v = ctx.get_volume(volume_id)
-        validate_mutable(params, v.fs_type)
+        validate_mutable(params, ctx.backend, v.fs_type)
         with ctx.store.tx() as tx:
             tx.update_volume(volume_id, mutable={**v.mutable, **params})
         v = ctx.get_volume(volume_id)

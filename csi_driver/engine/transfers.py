@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import hashlib
 import logging
 import platform
 import time
@@ -120,24 +119,6 @@ def snapshot_reference(snapshot_id: str) -> Reference | None:
         return Repository.parse(repo).at(tag)
     except BadReference:
         return None
-
-
-class HashingWriter:
-    """A write-only file that hashes what goes through it (an export becoming a blob)."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes | memoryview) -> int:
-        n = self._f.write(data)
-        self.sha.update(data[:n])
-        self.size += n
-        return n
-
-    def flush(self) -> None:
-        """Nothing is buffered here (a compressor's writer flushes through it)."""
 
 
 class _Counting:
@@ -309,14 +290,14 @@ class Transfers:
             return [self._push_layer(client, chain[i:], compression) for i in reversed(range(above))]
         cancel.check()
         top = chain[0]
-        need = top.used_bytes + 16 * MiB  # at most the whole view changed: the tar holds the top's data
-        with self.ctx.capacity.admit(need, f"export of layer {top.id}"), self.ctx.scratch() as scratch:
-            blob, digest, size, tar_size, stats = _encoded(
+        with self.ctx.scratch() as scratch:
+            digest, size, tar_size, stats = _streamed(
+                client,
                 scratch,
                 compression,
                 lambda views, tar: self.ctx.backend.export_diff_over(base.chain, chain, views, tar),
+                top.used_bytes,
             )
-            client.push_blob(blob, digest, size)
         log.info(
             "layer %s pushed as %d bytes of changes (%d as %s; %d files, %d bytes of data) over snapshot %s",
             top.id,
@@ -343,14 +324,18 @@ class Transfers:
         )
         if known is not None:
             return artifact.layer_descriptor(known)
-        need = layer.used_bytes + 16 * MiB  # the tar holds the layer's data and headers
-        with self.ctx.capacity.admit(need, f"export of layer {layer.id}"), self.ctx.scratch() as scratch:
-            path, digest, size, tar_size, stats = _encoded(
-                scratch, compression, lambda views, tar: self.ctx.backend.export_diff(chain, views, tar)
+        with self.ctx.scratch() as scratch:
+            digest, size, tar_size, stats = _streamed(
+                client,
+                scratch,
+                compression,
+                lambda views, tar: self.ctx.backend.export_diff(chain, views, tar),
+                layer.used_bytes,
             )
-            expanded = 0 if media_type == LAYER_TAR else tar_size
-            exported = Blob(layer.id, digest, size, media_type, stats.entries, expanded)
-            self._push_blob(client, path, exported)
+        expanded = 0 if media_type == LAYER_TAR else tar_size
+        exported = Blob(layer.id, digest, size, media_type, stats.entries, expanded)
+        self._record_blob(exported)
+        self._pushed(exported, client)
         return artifact.layer_descriptor(exported)
 
     def _push_block(self, client: RegistryClient, layer: Layer) -> Descriptor:
@@ -359,14 +344,14 @@ class Transfers:
         known = self._already_pushed(client, layer, lambda b: b.media_type == BLOCK_MEDIA_TYPE)
         if known is not None:
             return Descriptor(BLOCK_MEDIA_TYPE, known.digest, known.size)
-        need = layer.used_bytes + 16 * MiB  # the blob holds the image's data and its extent list
-        with self.ctx.capacity.admit(need, f"export of layer {layer.id}"), self.ctx.scratch() as scratch:
-            path = scratch / "block.img"
-            with open(path, "wb") as f:
-                out = HashingWriter(f)
-                size, data = blockimage.write_image(self.ctx.backend.block_file(layer), out)  # type: ignore[arg-type]
-            exported = Blob(layer.id, "sha256:" + out.sha.hexdigest(), out.size, BLOCK_MEDIA_TYPE, 0)
-            self._push_blob(client, path, exported)
+        image = self.ctx.backend.block_file(layer)
+        digest, blob_size, (size, data) = client.push_stream(
+            lambda body: blockimage.write_image(image, body),  # type: ignore[arg-type]
+            layer.used_bytes,
+        )
+        exported = Blob(layer.id, digest, blob_size, BLOCK_MEDIA_TYPE, 0)
+        self._record_blob(exported)
+        self._pushed(exported, client)
         log.info("block layer %s pushed: %d bytes of data in an image of %d", layer.id, data, size)
         return Descriptor(BLOCK_MEDIA_TYPE, exported.digest, exported.size)
 
@@ -385,13 +370,12 @@ class Transfers:
                 return blob
         return None
 
-    def _push_blob(self, client: RegistryClient, path: Path, exported: Blob) -> None:
-        """Record ``exported`` as its layer's blob (if the layer is still here), upload it."""
+    def _record_blob(self, exported: Blob) -> None:
+        """Record ``exported`` as its layer's blob, if the layer is still here (a later
+        push of the layer skips it while the registry has it)."""
         with self.ctx.store.tx() as tx:
             if tx.layer(exported.layer) is not None:
                 tx.add_layer_blob(exported)
-        client.push_blob(path, exported.digest, exported.size)
-        self._pushed(exported, client)
 
     def _import_block(
         self, client: RegistryClient, blob: Descriptor, build: Path, size: int, what: str
@@ -464,8 +448,14 @@ class Transfers:
         blobs = descriptors(manifest.body.get("layers"), what)
         if not blobs:
             raise BadContent(f"{what}: its manifest has no layers")
-        notes = artifact.snapshot_claims(manifest.body.get("annotations"), what)
+        notes = artifact.snapshot_claims(
+            manifest.body.get("annotations"), what, self.ctx.backend.capabilities.artifact_fs_types
+        )
         block = notes["access-type"] == BLOCK
+        if block and not self.ctx.backend.capabilities.block:
+            raise FailedPrecondition(
+                f"{what} is of a raw block volume: this node's {self.ctx.backend.name} backend keeps none"
+            )
         if block and (len(blobs) != 1 or blobs[0].media_type != BLOCK_MEDIA_TYPE):
             raise BadContent(f"{what}: a block snapshot's manifest must hold one {BLOCK_MEDIA_TYPE} layer")
         with self._pull_chain(client, blobs, what, block_size=notes["size"] if block else None) as (tx, top):
@@ -538,7 +528,9 @@ class Transfers:
         what = f"snapshot {snapshot_id}"
         if not artifact.is_snapshot(manifest):
             raise FailedPrecondition(f"{ref} is not an overlay-csi snapshot")
-        notes = artifact.snapshot_claims(manifest.body.get("annotations"), what)
+        notes = artifact.snapshot_claims(
+            manifest.body.get("annotations"), what, self.ctx.backend.capabilities.artifact_fs_types
+        )
         return Snapshot(
             seq=0,
             id=snapshot_id,
@@ -825,17 +817,20 @@ class Transfers:
             download.unlink(missing_ok=True)
 
 
-def _encoded(
-    scratch: Path, compression: str, export: Callable[[Path, Any], Any]
-) -> tuple[Path, str, int, int, Any]:
-    """A layer tar exported (``export(views, out)``) into ``scratch``, compressed as it is
-    written: (the blob, its digest, its size, the tar's size, what the export counted)."""
-    path = scratch / "layer.blob"
+def _streamed(
+    client: RegistryClient, scratch: Path, compression: str, export: Callable[[Path, Any], Any], expected: int
+) -> tuple[str, int, int, Any]:
+    """A layer tar exported (``export(views, out)``, its views mounted in ``scratch``),
+    compressed and uploaded as it is written (nothing spooled): (the blob's digest,
+    its size, the tar's size, what the export counted)."""
     views = scratch / "views"
     views.mkdir()
-    with open(path, "wb") as f:
-        out = HashingWriter(f)
-        with codec.compressing(out, compression) as encoder:
+
+    def produce(body: Any) -> tuple[int, Any]:
+        with codec.compressing(body, compression) as encoder:
             tar = _Counting(encoder)
             stats = export(views, tar)
-    return path, "sha256:" + out.sha.hexdigest(), out.size, tar.size, stats
+        return tar.size, stats
+
+    digest, size, (tar_size, stats) = client.push_stream(produce, expected)
+    return digest, size, tar_size, stats

@@ -49,10 +49,16 @@ class Volumes:
         block = spec.access_type == BLOCK
         fs_type = BLOCK if block else (spec.fs_type or self.ctx.config.fs_type)
         ctx = self.ctx
-        if fs_type not in ctx.backend.fs_types:
+        offered = ctx.backend.capabilities
+        if block and not offered.block:
+            raise InvalidArgument(
+                f"this node keeps layers with the {ctx.backend.name} backend, "
+                "which keeps no raw block volumes"
+            )
+        if not block and fs_type not in offered.fs_types:
             raise InvalidArgument(
                 f"this node keeps layers with the {ctx.backend.name} backend, which holds "
-                f"{sorted(ctx.backend.fs_types)} volumes, not {fs_type}"
+                f"{sorted(offered.fs_types)} volumes, not {fs_type}"
             )
         with ctx.store.tx() as tx:
             existing = tx.volume_by_name(spec.name)

@@ -35,6 +35,7 @@ from csi_driver.host.files import (
     unshare,
 )
 from csi_driver.host.loops import (
+    count_loops_under,
     loop_attach,
     loop_backing_file,
     loop_backing_ids,
@@ -124,6 +125,7 @@ __all__ = [
     "loop_backing_ids",
     "loop_detach",
     "loop_devices",
+    "count_loops_under",
     "loop_refresh",
     "loopdev",
     "loops_under",

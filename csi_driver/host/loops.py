@@ -3,6 +3,7 @@ attach, detach, refresh."""
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from pathlib import Path
@@ -41,6 +42,21 @@ def loops_under(root: str | Path) -> list[str]:
     """Loop devices whose backing file lies below ``root``."""
     base = str(root).rstrip("/") + "/"
     return [device for device, backing in loop_devices().items() if backing.startswith(base)]
+
+
+def count_loops_under(root: str | Path) -> int:
+    """How many loop devices have a backing file below ``root`` (reads sysfs, no losetup:
+    cheap enough for every metrics scrape)."""
+    base = os.path.realpath(root) + "/"
+    n = 0
+    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                if f.read().strip().startswith(base):
+                    n += 1
+        except OSError:  # detached while we looked
+            continue
+    return n
 
 
 def loop_backing_ids() -> dict[str, tuple[int, int, int]]:

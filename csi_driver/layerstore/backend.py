@@ -84,14 +84,31 @@ class Unsupported(Exception):
     """The backend cannot do this (a raw block volume on a directory backend, say)."""
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers; the engine and services ask, never assume."""
+
+    fs_types: frozenset[str]  # file system types for mount volumes, e.g. {"ext4", "xfs"}
+    default_fs_type: str  # used when a request names none
+    block: bool  # raw block volumes
+    artifact_fs_types: frozenset[str]  # layer fs types it can import from a registry manifest
+    modifiable: frozenset[str]  # ModifyVolume parameter names it accepts (validated by backend.tune)
+    enforces_capacity: bool  # False: a volume may write past its size (plain directories)
+    stacks: bool  # True: a layer's used bytes are the change over its parent
+
+
 @runtime_checkable
 class LayerBackend(Protocol):
     """How layers are kept. Every method is safe to repeat after a crash."""
 
     #: a short name for logs, metrics and ``doctor``
     name: str
-    #: the file system types an active layer may have ("ext4", "xfs", "block", ...)
-    fs_types: frozenset[str]
+    #: what it offers: fs types, raw block, importable artifacts, mutable parameters
+    capabilities: Capabilities
+
+    def new_link(self) -> str:
+        """A unique short name for a new layer's record (``Layer.link``): the backend's
+        own handle for it (overlay's ``l/<link>`` keeps deep lowerdir options short)."""
 
     def size_for(self, capacity: int, fs_type: str) -> int:
         """The size an active layer needs to offer ``capacity`` bytes to files."""
@@ -173,8 +190,13 @@ class LayerBackend(Protocol):
         """Grow an active layer's file system to fill its image, online when it is
         active; return the bytes of metadata the growth added to its baseline."""
 
+    def check_tune(self, params: Mapping[str, str], fs_type: str) -> None:
+        """Raise ``errors.InvalidArgument`` naming the first value of ``params`` (names
+        from ``capabilities.modifiable``) a layer of ``fs_type`` cannot take; ``fs_type``
+        '' when the volume is not known here (the central controller)."""
+
     def tune(self, layer: Layer, params: Mapping[str, str]) -> None:
-        """Apply mutable parameters (see engine.modify) to an active layer."""
+        """Apply mutable parameters (checked by ``check_tune``) to an active layer."""
 
     # ---- use ----------------------------------------------------------------
     def activate(self, layer: Layer) -> None:
@@ -244,6 +266,9 @@ class LayerBackend(Protocol):
         allocate beyond it fails in the writer's own volume with ENOSPC, and never
         as a write the host cannot back. A backend whose layers cannot outgrow
         their promise (or cannot be limited) says so with ``limited=False``."""
+
+    def devices(self) -> int:
+        """How many block devices (loop devices) its layers are attached to now (metrics)."""
 
     def free_bytes(self) -> int:
         """Bytes still free where layers are kept."""

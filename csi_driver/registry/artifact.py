@@ -34,8 +34,6 @@ LAYER_EXPANDED = "dev.overlay-csi.layer.expanded-size"
 LAYER_ENTRIES = "dev.overlay-csi.layer.entries"
 CREATED = "org.opencontainers.image.created"
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-#: the file systems a mount volume's snapshot may name (a block one's is "block")
-MOUNT_FS_TYPES = ("ext4", "xfs", "dir")
 
 
 def snapshot_manifest(snap: Snapshot, layers: Sequence[Descriptor]) -> dict[str, Any]:
@@ -62,10 +60,10 @@ def is_snapshot(manifest: Manifest) -> bool:
     return manifest.media_type == OCI_MANIFEST and manifest.body.get("artifactType") == ARTIFACT_TYPE
 
 
-def snapshot_claims(raw: Any, what: str, fs_types: Collection[str] = MOUNT_FS_TYPES) -> dict[str, Any]:
+def snapshot_claims(raw: Any, what: str, fs_types: Collection[str]) -> dict[str, Any]:
     """What an exported snapshot's manifest annotations (``raw``, untrusted) say of it,
-    checked: source-volume, access-type, fs-type (one of ``fs_types`` for a mount
-    volume's), source-capacity and size; ``BadContent`` otherwise."""
+    checked: source-volume, access-type, fs-type (for a mount volume's, one of ``fs_types``:
+    what this node's backend can import), source-capacity and size; ``BadContent`` otherwise."""
     if not isinstance(raw, dict):
         raise BadContent(f"{what}: its manifest has no annotations")
     out: dict[str, Any] = {}

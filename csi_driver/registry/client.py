@@ -30,16 +30,18 @@ driver needs, on ``requests`` (``transport``), with docker's challenge handling
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
 import jsonschema
@@ -62,6 +64,7 @@ from csi_driver.registry.progress import Meter, MeteredReader, count_blob
 from csi_driver.registry.reference import DIGEST_RE, Repository
 from csi_driver.registry.schema import MANIFEST
 from csi_driver.registry.transport import CONNECT_TIMEOUT, READ_TIMEOUT, Session, read_capped, same_origin
+from csi_driver.registry.upload import StreamBody, UploadStopped
 
 __all__ = [
     "ATTEMPTS",
@@ -81,6 +84,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("csi_driver.registry")
+T = TypeVar("T")
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -316,26 +320,87 @@ class RegistryClient:
 
     def _upload(self, path: Path, digest: str, size: int) -> None:
         """A monolithic upload: POST for a session, then one PUT of the whole blob."""
-        start = self._url(f"/v2/{self.repository.path}/blobs/uploads/")
         what = f"upload blob {digest[:19]}"
-        r = self._send("POST", start, what, headers={"Content-Length": "0"}, ok=(202,))
-        given = r.headers.get("Location", "")
-        if not given:
-            raise BadContent(f"registry {self.repository.host}: an upload answer without a Location")
-        location = urljoin(start, given)  # distribution may answer with a path
-        if not same_origin(location, start):  # credentials and data go to the registry only
-            raise BadContent(
-                f"registry {self.repository.host}: the upload Location points elsewhere "
-                f"({urlsplit(location).scheme}://{urlsplit(location).netloc[:80]})"
-            )
-        sep = "&" if "?" in location else "?"
+        location = self._start_upload(what)
         meter = Meter("push", digest, size, self.where)
         with open(path, "rb") as f:
             body = MeteredReader(f, meter)
             headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-            url = f"{location}{sep}digest={quote(digest, safe=':')}"
-            self._send("PUT", url, what, headers=headers, data=body, ok=(201,), retry=False)
+            self._send(
+                "PUT",
+                _with_digest(location, digest),
+                what,
+                headers=headers,
+                data=body,
+                ok=(201,),
+                retry=False,
+            )
         meter.finish()
+
+    def _start_upload(self, what: str) -> str:
+        """POST for an upload session; its Location, checked to be this registry's."""
+        start = self._url(f"/v2/{self.repository.path}/blobs/uploads/")
+        r = self._send("POST", start, what, headers={"Content-Length": "0"}, ok=(202,))
+        return self._location(r, start)
+
+    def _location(self, r: requests.Response, base: str) -> str:
+        given = r.headers.get("Location", "")
+        if not given:
+            raise BadContent(f"registry {self.repository.host}: an upload answer without a Location")
+        location = urljoin(base, given)  # distribution may answer with a path
+        if not same_origin(location, base):  # credentials and data go to the registry only
+            raise BadContent(
+                f"registry {self.repository.host}: the upload Location points elsewhere "
+                f"({urlsplit(location).scheme}://{urlsplit(location).netloc[:80]})"
+            )
+        return location
+
+    def push_stream(self, produce: Callable[[StreamBody], T], expected: int = 0) -> tuple[str, int, T]:
+        """Upload a blob as ``produce`` writes it (into the ``StreamBody`` it is given):
+        POST for a session, one PATCH whose chunked body is the stream, sent by a
+        thread as it is written, then PUT with the digest hashed on the way. Nothing
+        is spooled; the registry checks the digest before it keeps the blob. Return
+        (digest, size, what ``produce`` returned). ``expected``: a size for progress
+        lines. Not retried: a failed push is pushed again whole."""
+        what = "upload a streamed blob"
+        location = self._start_upload(what)
+        meter = Meter("push", "sha256:(streaming)", expected, self.where)
+        body = StreamBody(meter.add)
+        answer: dict[str, Any] = {}
+
+        def send() -> None:
+            try:
+                headers = {"Content-Type": "application/octet-stream"}
+                answer["r"] = self._send(
+                    "PATCH", location, what, headers=headers, data=body.chunks(), ok=(202,), retry=False
+                )
+            except BaseException as e:  # noqa: BLE001 - handed to the writer's thread
+                answer["error"] = e
+            finally:
+                body.stop()
+
+        sender = threading.Thread(target=contextvars.copy_context().run, args=(send,), name="registry-push")
+        sender.start()
+        try:
+            made = produce(body)
+            body.close()
+        except BaseException as e:
+            body.abort(e)
+            sender.join()
+            if isinstance(e, UploadStopped) and "error" in answer:
+                raise answer["error"] from None
+            raise
+        sender.join()
+        if "error" in answer:
+            raise answer["error"]
+        digest = body.digest()
+        meter.digest = digest
+        url = _with_digest(self._location(answer["r"], location), digest)
+        self._send(
+            "PUT", url, f"upload blob {digest[:19]}", headers={"Content-Length": "0"}, ok=(201,), retry=False
+        )
+        meter.finish()
+        return digest, body.size, made
 
     @contextmanager
     def blob(self, digest: str, size: int) -> Iterator[BlobStream]:
@@ -441,6 +506,12 @@ class RegistryClient:
                 where = f"registry {self.repository.host}: manifest {version}"
                 raise BadContent(f"{where}: {message[:200]}") from e
         return Manifest(digest, media_type, body)
+
+
+def _with_digest(location: str, digest: str) -> str:
+    """An upload's Location with the ``digest`` query that completes it."""
+    sep = "&" if "?" in location else "?"
+    return f"{location}{sep}digest={quote(digest, safe=':')}"
 
 
 def _oci_error(r: requests.Response) -> str:

@@ -3,13 +3,21 @@ never past the size its descriptor declares, and resumed with a ``Range`` reques
 (``RESUMES`` times) when the connection breaks off, into the same hash. Nothing read
 from it is trusted until ``finish()`` has checked its size and digest: a consumer
 builds into scratch and installs only after that.
+
+The download runs ahead of its consumer on a thread of its own (``AHEAD`` chunks):
+receiving and hashing a chunk overlaps with the consumer unpacking the one before
+(hashlib and socket reads release the GIL), so a restore takes about the longer of
+the two, not their sum.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
+import queue
 import re
+import threading
 from collections.abc import Callable, Iterator
 
 import requests
@@ -22,6 +30,8 @@ from csi_driver.registry.progress import CHUNK, Meter
 log = logging.getLogger("csi_driver.registry")
 
 RESUMES = 3  # a blob download that breaks off is resumed this often
+AHEAD = 8  # chunks the download may run ahead of its consumer
+_POLL = 0.25  # seconds between looks at whether the consumer went away
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-\d+/(?:\d+|\*)$")
 
 
@@ -46,6 +56,10 @@ class BlobStream:
         self._skip = 0  # bytes of a 200 answer to a range request that were delivered already
         self._ended = False
         self._what = f"download blob {digest[:19]}"
+        self._ahead: queue.Queue[bytes | BaseException] | None = None
+        self._fetcher: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._delivered = False  # the consumer got the end (or an error)
 
     # ---- the file a consumer reads -----------------------------------------------
     def read(self, n: int = -1) -> bytes:
@@ -98,13 +112,62 @@ class BlobStream:
         self._meter.finish()
 
     def close(self) -> None:
+        """Stop the download (a consumer that gave up) and release its connection."""
+        self._stop.set()
+        if self._fetcher is not None:
+            self._drop()
+            # a fetcher waiting for room sees the stop at once; one in a read of a slow
+            # server ends at its read timeout or the transfer's cancel, and hands nothing
+            self._fetcher.join(timeout=2 * _POLL)
+            self._fetcher = None
         self._drop()
+
+    # ---- the download thread ---------------------------------------------------------
+    def _next_chunk(self) -> bytes:
+        """The next chunk the download thread fetched; b"" at the end; its error, raised."""
+        if self._delivered:
+            return b""
+        if self._ahead is None:
+            self._ahead = queue.Queue(AHEAD)
+            run = contextvars.copy_context().run  # the transfer's cancel token goes along
+            self._fetcher = threading.Thread(
+                target=run, args=(self._fetch_all,), name="registry-pull", daemon=True
+            )
+            self._fetcher.start()
+        item = self._ahead.get()
+        if isinstance(item, BaseException):
+            self._delivered = True
+            raise item
+        if not item:
+            self._delivered = True
+        return item
+
+    def _fetch_all(self) -> None:
+        assert self._ahead is not None
+        try:
+            while not self._stop.is_set():
+                chunk = self._fetch_chunk()
+                self._hand_over(chunk)
+                if not chunk:
+                    return
+        except BaseException as e:  # noqa: BLE001 - the consumer raises it
+            if not self._stop.is_set():
+                self._hand_over(e)
+
+    def _hand_over(self, item: bytes | BaseException) -> None:
+        assert self._ahead is not None
+        while not self._stop.is_set():
+            try:
+                self._ahead.put(item, timeout=_POLL)
+                return
+            except queue.Full:
+                continue
 
     def _drop(self) -> None:
         """Close the current answer (a resume opens another)."""
-        if self._response is not None:
-            self._response.close()
-            self._response, self._chunks = None, None
+        r, self._response, self._chunks = self._response, None, None  # close() may come from the consumer
+        if r is not None:
+            r.close()
 
     # ---- the connection --------------------------------------------------------------
     def _open(self) -> None:
@@ -123,7 +186,7 @@ class BlobStream:
         self._response = r
         self._chunks = r.iter_content(CHUNK)
 
-    def _next_chunk(self) -> bytes:
+    def _fetch_chunk(self) -> bytes:
         """The next bytes of the blob, counted and hashed; b"" at its end."""
         while not self._ended:
             if self._chunks is None:

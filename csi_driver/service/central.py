@@ -38,7 +38,7 @@ class CentralControllerServicer(ExpandOnlyControllerServicer):
     @rpc()
     def ControllerGetCapabilities(self, request, context):
         kinds = [RPC.EXPAND_VOLUME, RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS]
-        if self.relay is not None:
+        if self.relay is not None and self.ctx.engine.backend.capabilities.modifiable:
             kinds.append(RPC.MODIFY_VOLUME)
         return csi.ControllerGetCapabilitiesResponse(
             capabilities=[csi.ControllerServiceCapability(rpc=RPC(type=t)) for t in kinds]
@@ -51,7 +51,8 @@ class CentralControllerServicer(ExpandOnlyControllerServicer):
             raise FailedPrecondition("no Kubernetes API here to reach the volume's node")
         given = v.string_map(dict(request.mutable_parameters), "mutable_parameters")
         pv_name, params = split_parameters(given)
-        validate_mutable(params, "")  # keys and ranges; what fits the volume's kind its node checks
+        # keys and values; what fits the volume's kind its node checks
+        validate_mutable(params, self.ctx.engine.backend, "")
         remaining = context.time_remaining() if context is not None else None
         seconds = DEFAULT_WAIT_SECONDS if remaining is None else remaining - 1.0
         self.relay.modify(request.volume_id, pv_name, params, seconds)

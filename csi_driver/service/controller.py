@@ -154,12 +154,15 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def CreateVolume(self, request, context):
         self._check_source_node(request)
         name = v.name(request.name)
-        caps = v.capabilities(list(request.volume_capabilities))
-        params = v.volume_parameters(dict(request.parameters), caps)
+        offered = self.engine.backend.capabilities
+        caps = v.capabilities(list(request.volume_capabilities), offered)
+        params = v.volume_parameters(dict(request.parameters), offered, caps)
         block = caps[0].access_type == "block"
-        fs_type = "" if block else caps[0].fs_type or v.fs_type_parameter(params)
-        kind = "block" if block else fs_type
-        mutable = validate_mutable(v.string_map(dict(request.mutable_parameters), "mutable_parameters"), kind)
+        fs_type = "" if block else caps[0].fs_type or v.fs_type_parameter(params, offered)
+        kind = "block" if block else fs_type or self.engine.config.fs_type
+        mutable = validate_mutable(
+            v.string_map(dict(request.mutable_parameters), "mutable_parameters"), self.engine.backend, kind
+        )
         if request.HasField("accessibility_requirements"):
             self._check_topology(request.accessibility_requirements)
         source_kind = source_id = ""
@@ -229,9 +232,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if not request.volume_capabilities:
             raise InvalidArgument("volume_capabilities are required")
         vol = self._existing(request.volume_id)
+        offered = self.engine.backend.capabilities
         try:
-            caps = v.capabilities(list(request.volume_capabilities))
-            v.volume_parameters(dict(request.parameters), caps)
+            caps = v.capabilities(list(request.volume_capabilities), offered)
+            v.volume_parameters(dict(request.parameters), offered, caps)
         except InvalidArgument as e:
             return csi.ValidateVolumeCapabilitiesResponse(message=str(e))
         if any(c.access_type != vol.access_type for c in caps):
@@ -277,8 +281,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
     @rpc()
     def GetCapacity(self, request, context):
-        caps = [v.capability(cap) for cap in request.volume_capabilities]
-        params = v.volume_parameters(dict(request.parameters), caps)
+        offered = self.engine.backend.capabilities
+        caps = [v.capability(cap, offered) for cap in request.volume_capabilities]
+        params = v.volume_parameters(dict(request.parameters), offered, caps)
         if (
             request.HasField("accessible_topology")
             and request.accessible_topology.segments.get(TOPOLOGY_KEY, self.ctx.node_id) != self.ctx.node_id
@@ -287,7 +292,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         # what the node can still promise, as the capacity of one volume of the kind asked for
         # (external-provisioner's capacity controller sends no capabilities, only the
         # StorageClass's parameters: a legacy fsType there names the kind)
-        default = v.fs_type_parameter(params) or self.engine.config.fs_type
+        default = v.fs_type_parameter(params, offered) or self.engine.config.fs_type
         asked = {c.access_type if c.access_type == "block" else c.fs_type or default for c in caps}
         available = min(self.engine.capacity.largest_volume(t) for t in asked or {default})
         largest = available
@@ -305,6 +310,8 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 csi.ControllerServiceCapability(rpc=RPC(type=t))
                 for t in CONTROLLER_CAPABILITIES
                 if RPC.Type.Name(t) not in self.ctx.hidden_capabilities
+                # a backend with nothing to modify (plain directories) offers no ModifyVolume
+                and (t != RPC.MODIFY_VOLUME or self.engine.backend.capabilities.modifiable)
             ]
         )
 
@@ -314,7 +321,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if not request.HasField("capacity_range"):
             raise InvalidArgument("capacity_range is required")
         if request.HasField("volume_capability"):
-            v.capability(request.volume_capability)
+            v.capability(request.volume_capability, self.engine.backend.capabilities)
         vol = self._existing(request.volume_id)
         cap, node_needed = self.engine.expand(
             vol.id, request.capacity_range.required_bytes, request.capacity_range.limit_bytes
@@ -339,7 +346,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         v.required(request.node_id, "node_id")
         if not request.HasField("volume_capability"):
             raise InvalidArgument("volume_capability is required")
-        cap = v.capability(request.volume_capability)
+        cap = v.capability(request.volume_capability, self.engine.backend.capabilities)
         vol = self._existing(request.volume_id)
         if request.node_id != self.ctx.node_id:
             raise NotFound(

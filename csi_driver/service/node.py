@@ -43,14 +43,13 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def _shapes(cap: v.Capability, mount: str, block: str) -> tuple[str, ...]:
         return (block,) if cap.access_type == "block" else (mount,)
 
-    @staticmethod
-    def _capability(request) -> v.Capability:
+    def _capability(self, request) -> v.Capability:
         """The bounded contexts and the one capability of a stage or publish request."""
         v.string_map(dict(request.volume_context), "volume_context")
         v.string_map(dict(request.publish_context), "publish_context")
         if not request.HasField("volume_capability"):
             raise InvalidArgument("volume_capability is required")
-        return v.capability(request.volume_capability)
+        return v.capability(request.volume_capability, self.engine.backend.capabilities)
 
     def _volume(self, volume_id: str):
         if not v.known_id(volume_id, v.VOLUME_ID_RE, "volume_id"):
@@ -195,7 +194,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if not self._expand_path_ok(vol, request.volume_path, request.staging_target_path):
             raise NotFound(f"{request.volume_path[:200]} is not a path of volume {vol.id}")
         if request.HasField("volume_capability"):
-            v.capability(request.volume_capability)
+            v.capability(request.volume_capability, self.engine.backend.capabilities)
         cap = self.engine.expand_node(
             vol.id,
             request.capacity_range.required_bytes or vol.capacity_bytes,

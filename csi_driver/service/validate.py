@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass
 
 from csi_driver.errors import InvalidArgument
 from csi_driver.ids import NODE_PATTERN
+from csi_driver.layerstore.backend import Capabilities
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.registry import codec
 from csi_driver.registry.reference import (
@@ -43,7 +43,6 @@ SUPPORTED_MODES = {
     AccessMode.SINGLE_NODE_MULTI_WRITER,
 }
 READONLY_MODES = {AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY}
-SUPPORTED_FS = {"", "ext4"} | ({"xfs"} if shutil.which("mkfs.xfs") else set())
 # Generic VFS flags that make sense on an overlay or a bind mount.
 ALLOWED_MOUNT_FLAGS = {
     "ro",
@@ -245,23 +244,27 @@ def ephemeral_attributes(context: dict[str, str]) -> dict:
     return {"size": quantity(context["size"], "size") if "size" in context else 0, "baseLayer": base}
 
 
-def fs_type_parameter(params: dict[str, str]) -> str:
+def fs_type_parameter(params: dict[str, str], offered: Capabilities) -> str:
     """The legacy StorageClass key ``fsType`` (any case; '' when absent): external-provisioner
     (prepareProvision) keeps it in the parameters besides the capability's fs_type, and its
-    capacity controller (syncCapacity) sends it with no capability at all."""
+    capacity controller (syncCapacity) sends it with no capability at all. It must be one
+    the node's layer backend ``offered``."""
     values = {v for k, v in params.items() if k.lower() == LEGACY_FS_TYPE}
     if len(values) > 1:
         raise InvalidArgument(f"parameters name more than one fsType: {sorted(values)}")
     fs_type = values.pop() if values else ""
-    if fs_type not in SUPPORTED_FS:
+    if fs_type and fs_type not in offered.fs_types:
         raise InvalidArgument(
-            f"parameter fsType {fs_type[:40]!r} is not supported; use one of {sorted(SUPPORTED_FS - {''})}"
+            f"parameter fsType {fs_type[:40]!r} is not supported; use one of {sorted(offered.fs_types)}"
         )
     return fs_type
 
 
-def volume_parameters(params: dict[str, str], caps: list[Capability] | None = None) -> dict[str, str]:
-    """A StorageClass's parameters; a legacy fsType must agree with each mount capability."""
+def volume_parameters(
+    params: dict[str, str], offered: Capabilities, caps: list[Capability] | None = None
+) -> dict[str, str]:
+    """A StorageClass's parameters; a legacy fsType must be one the backend ``offered`` and
+    agree with each mount capability."""
     params = string_map(params, "parameters")
     unknown = sorted(
         k
@@ -272,7 +275,7 @@ def volume_parameters(params: dict[str, str], caps: list[Capability] | None = No
         raise InvalidArgument(
             f"unknown parameters {unknown}; supported: {sorted(VOLUME_PARAMETERS | {'fsType'})}"
         )
-    fs_type = fs_type_parameter(params)
+    fs_type = fs_type_parameter(params, offered)
     clash = next((c.fs_type for c in caps or [] if fs_type and c.fs_type and c.fs_type != fs_type), "")
     if clash:  # (a block capability has no fs_type: one StorageClass serves both kinds)
         raise InvalidArgument(
@@ -360,8 +363,9 @@ def mount_flags(flags: tuple[str, ...]) -> tuple[str, ...]:
     return flags
 
 
-def capability(cap: csi.VolumeCapability) -> Capability:
-    """Parse one capability, refusing what this driver cannot do."""
+def capability(cap: csi.VolumeCapability, offered: Capabilities) -> Capability:
+    """Parse one capability, refusing what this driver, and the node's layer backend
+    (what it ``offered``), cannot do."""
     kind = cap.WhichOneof("access_type")
     if kind is None:
         raise InvalidArgument("volume_capability needs an access_type (mount or block)")
@@ -369,21 +373,25 @@ def capability(cap: csi.VolumeCapability) -> Capability:
     if mode not in SUPPORTED_MODES:
         label = AccessMode.Mode.Name(mode) if mode in AccessMode.Mode.values() else str(mode)
         raise InvalidArgument(f"access mode {label} is not supported by a node-local driver")
+    if kind == "block" and not offered.block:
+        raise InvalidArgument(
+            "block volumes are not supported: this node's layer backend keeps no raw block volumes"
+        )
     if kind == "block":
         return Capability("block", "", (), mode, "")
     fs_type = cap.mount.fs_type
-    if fs_type not in SUPPORTED_FS:
+    if fs_type and fs_type not in offered.fs_types:
         raise InvalidArgument(
-            f"fs_type {fs_type!r} is not supported; use one of {sorted(SUPPORTED_FS - {''})}"
+            f"fs_type {fs_type[:40]!r} is not supported; use one of {sorted(offered.fs_types)}"
         )
     flags = mount_flags(tuple(cap.mount.mount_flags))
     return Capability(kind, fs_type, flags, mode, cap.mount.volume_mount_group)
 
 
-def capabilities(caps: list[csi.VolumeCapability]) -> list[Capability]:
+def capabilities(caps: list[csi.VolumeCapability], offered: Capabilities) -> list[Capability]:
     if not caps:
         raise InvalidArgument("volume_capabilities are required")
-    parsed = [capability(c) for c in caps]
+    parsed = [capability(c, offered) for c in caps]
     if len({c.access_type for c in parsed}) > 1:
         raise InvalidArgument("a volume is either mount or block, not both")
     return parsed

@@ -48,6 +48,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "imagePullSecrets": [{"name": "regcred"}],
         "image": {"repository": "registry.example.com/overlay-csi", "tag": "1.2.3", "pullPolicy": "Always"},
         "driver": {
+            "backend": "plaindir",
             "logLevel": "debug",
             "logFormat": "text",
             "maxVolumesPerNode": 500,

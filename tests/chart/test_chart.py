@@ -284,6 +284,11 @@ def test_driver_arguments(render, value_set):
     for dep in r.of_kind("Deployment"):  # the registry snapshotter's instance reaches registries too
         if dep["metadata"]["name"].endswith("-registry-snapshotter"):
             assert arg_value(container(dep, "overlay-csi"), "--registry-transfer-timeout") == timeout
+    # every instance keeps layers the same way: the central ones' ModifyVolume follows the backend
+    instances = [container(w, "overlay-csi") for w in [r.daemonset, *r.of_kind("Deployment")]
+                 if any(c["name"] == "overlay-csi" for c in w["spec"]["template"]["spec"]["containers"])]
+    assert len(instances) >= 2
+    assert {arg_value(c, "--backend") for c in instances} == {v["driver"]["backend"]}
     for extra in v["driver"]["extraArgs"]:
         assert extra in node["args"]
     devices = v["node"]["poolDevices"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fake_mounter import FakeMounter
 
-from csi_driver.engine.engine import Engine, EngineConfig, VolumeSpec
+from csi_driver.engine.engine import BadConfig, Engine, EngineConfig, VolumeSpec
 from csi_driver.engine.reconcile import reconcile
 from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound
 from csi_driver.ids import new_id
@@ -152,3 +152,23 @@ def test_restart_adopts_what_is_staged_and_removes_debris(tmp_path, mounter):
     assert not engine.backend.active_layers(), "the adopted hold is released at unstage"
     engine.delete_volume(v.id)
     engine.close()
+
+
+def test_layers_are_kept_as_configured_and_the_state_dir_remembers_how(tmp_path, mounter):
+    """EngineConfig.backend picks it from the table; a request naming no fs type gets the
+    backend's default; a state dir holding layers is never opened with another backend
+    (refused before that backend touches it), and one naming none gets the recorded one."""
+    state = tmp_path / "state"
+    engine = Engine(EngineConfig(state_dir=state, node_id="n", backend="plaindir"), mounter=mounter)
+    assert engine.backend.capabilities.fs_types == {"dir"} and engine.config.fs_type == "dir"
+    v = engine.create_volume(VolumeSpec(name="kept"))
+    assert v.fs_type == "dir"
+    engine.close()
+    with pytest.raises(BadConfig, match="--backend plaindir"):
+        Engine(EngineConfig(state_dir=state, node_id="n", backend="overlay"), mounter=mounter)
+    assert not (state / "layers").exists(), "the refused backend made nothing in the state dir"
+    engine = Engine(EngineConfig(state_dir=state, node_id="n"), mounter=mounter)  # as the CLI opens it
+    assert engine.get_volume(v.id).name == "kept" and not engine.backend.capabilities.block
+    engine.close()
+    with pytest.raises(BadConfig, match="'ext4'"):
+        Engine(EngineConfig(state_dir=tmp_path / "other", node_id="n", backend="plaindir", fs_type="ext4"))

@@ -81,7 +81,7 @@ class Rig:
         self.backend = backend
         self.root = root
         self.tmp = tmp
-        self.fs_type = "ext4" if "ext4" in backend.fs_types else "dir"
+        self.fs_type = "ext4" if "ext4" in backend.capabilities.fs_types else "dir"
         self.layers: dict[str, Layer] = {}
         self._views = 0
 
@@ -222,11 +222,11 @@ def without(view: dict[str, tuple], gone: str) -> dict[str, tuple]:
 def test_conforms_to_the_protocol(backend: LayerBackend) -> None:
     assert isinstance(backend, LayerBackend)
     assert backend.name in LAYER_DIRS
-    assert backend.fs_types & {"ext4", "dir"}
+    assert backend.capabilities.fs_types & {"ext4", "dir"}
 
 
 def test_sizes(rig: Rig) -> None:
-    for fs_type in rig.backend.fs_types:
+    for fs_type in rig.backend.capabilities.fs_types:
         assert rig.backend.size_for(SIZE, fs_type) >= SIZE
     layer = rig.prepare()
     assert rig.backend.size(layer) == layer.image_bytes
@@ -357,7 +357,7 @@ def test_squash_equals_the_merged_view(rig: Rig) -> None:
 
     build = rig.scratch()
     built = rig.backend.squash(build, rig.chain(three))
-    assert built.used_bytes > 0 and built.fs_type in rig.backend.fs_types
+    assert built.used_bytes > 0 and built.fs_type in rig.backend.capabilities.fs_types
     flat = rig.add(build, built, None, active=False)
     assert rig.view(flat) == merged
 
@@ -368,7 +368,7 @@ def test_import_tree_from_a_directory(rig: Rig, tmp_path: Path) -> None:
     expected = tree(source)
     build = rig.scratch()
     built = rig.backend.import_tree(build, source)
-    assert built.used_bytes >= written and built.fs_type in rig.backend.fs_types
+    assert built.used_bytes >= written and built.fs_type in rig.backend.capabilities.fs_types
     layer = rig.add(build, built, None, active=False)
     assert rig.view(layer) == expected
     assert tree(source) == expected  # the source is left as it was, and not mounted
@@ -523,7 +523,7 @@ def test_mounted_layer_recognises_a_mount_of_an_active_layer(rig: Rig) -> None:
 
 
 def test_prepare_block_is_unsupported_without_block_layers(rig: Rig) -> None:
-    if "block" in rig.backend.fs_types:
+    if rig.backend.capabilities.block:
         pytest.skip(f"{rig.backend.name} keeps raw block layers")
     with pytest.raises(Unsupported):
         rig.backend.prepare_block(rig.scratch(), SIZE, None)
@@ -531,7 +531,7 @@ def test_prepare_block_is_unsupported_without_block_layers(rig: Rig) -> None:
 
 def test_block_layer_round_trips_bytes(rig: Rig, tmp_path: Path) -> None:
     backend = rig.backend
-    if "block" not in backend.fs_types:
+    if not backend.capabilities.block:
         pytest.skip(f"{backend.name} keeps no raw block layers")
     build = rig.scratch()
     layer = rig.add(build, backend.prepare_block(build, 8 * MiB, None), None, active=True, fs_type="block")

@@ -7,11 +7,14 @@ import pytest
 
 from csi_driver.engine.transfers import exported_id, snapshot_reference
 from csi_driver.errors import InvalidArgument
+from csi_driver.layerstore.overlay.backend import capabilities
 from csi_driver.registry.artifact import snapshot_claims
 from csi_driver.registry.client import BadContent, descriptors
 from csi_driver.registry.reference import BadReference, Reference, Repository
 from csi_driver.service import validate as v
 
+OFFERED = capabilities()
+FS = OFFERED.artifact_fs_types
 LOCAL = "snap-" + "a" * 32
 DIGEST = "sha256:" + "b" * 64
 
@@ -73,11 +76,11 @@ def test_an_exported_snapshot_id_is_its_artifacts_reference() -> None:
 
 
 def test_base_layer_and_snapshot_parameters() -> None:
-    assert v.volume_parameters({"baseLayer": "golden"}) == {"baseLayer": "golden"}
-    assert v.volume_parameters({"baseLayer": "reg.io/base:1"})["baseLayer"] == "reg.io/base:1"
+    assert v.volume_parameters({"baseLayer": "golden"}, OFFERED) == {"baseLayer": "golden"}
+    assert v.volume_parameters({"baseLayer": "reg.io/base:1"}, OFFERED)["baseLayer"] == "reg.io/base:1"
     for bad in ("reg.io/Base:1", "golden/", "-x"):
         with pytest.raises(InvalidArgument):
-            v.volume_parameters({"baseLayer": bad})
+            v.volume_parameters({"baseLayer": bad}, OFFERED)
     assert v.snapshot_parameters({}).repository is None
     assert v.snapshot_parameters({"repository": "reg.io/a"}).repository == Repository("reg.io", "a")
     with pytest.raises(InvalidArgument, match="repository"):
@@ -112,9 +115,9 @@ def test_snapshot_claims_are_checked() -> None:
         p + "size": "0",
     }
     # a manifest written before block exports names no access type: it reads as a mount volume's
-    assert snapshot_claims(good, "x") == {"source-volume": "vol-1", "fs-type": "xfs",
-                                          "source-capacity": 1048576, "size": 0,
-                                          "access-type": "mount"}  # fmt: skip
+    assert snapshot_claims(good, "x", FS) == {"source-volume": "vol-1", "fs-type": "xfs",
+                                              "source-capacity": 1048576, "size": 0,
+                                              "access-type": "mount"}  # fmt: skip
     for change in (
         {p + "fs-type": "../../etc"},
         {p + "source-capacity": "-1"},
@@ -125,6 +128,6 @@ def test_snapshot_claims_are_checked() -> None:
         {p + "source-volume": "v" * 129},
     ):
         with pytest.raises(BadContent):
-            snapshot_claims({**good, **change}, "x")
+            snapshot_claims({**good, **change}, "x", FS)
     with pytest.raises(BadContent):
-        snapshot_claims(None, "x")
+        snapshot_claims(None, "x", FS)

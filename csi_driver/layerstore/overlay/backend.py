@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
@@ -21,11 +22,11 @@ from typing import BinaryIO
 
 from csi_driver import host
 from csi_driver.errors import CommandFailed, FailedPrecondition
-from csi_driver.ids import ID_RE
+from csi_driver.ids import ID_RE, new_link
 from csi_driver.layerstore import treediff
-from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount, Ration
+from csi_driver.layerstore.backend import Built, Capabilities, CleanupReport, FsUsage, Mount, Ration
 from csi_driver.layerstore.layertar import DiffStats
-from csi_driver.layerstore.overlay import shared, upperdiff
+from csi_driver.layerstore.overlay import shared, tuning, upperdiff
 from csi_driver.layerstore.overlay.compose import overlay_options, view_options
 from csi_driver.layerstore.overlay.images import (
     build_image,
@@ -55,13 +56,27 @@ def _nothing() -> None:
     pass
 
 
+def capabilities() -> Capabilities:
+    """ext4 uppers, xfs ones where mkfs.xfs is installed, and raw block images."""
+    return Capabilities(
+        fs_types=frozenset({"ext4"} | ({"xfs"} if shutil.which("mkfs.xfs") else set())),
+        default_fs_type="ext4",
+        block=True,
+        # an exported layer is a tar, whatever the source volume's file system was
+        artifact_fs_types=frozenset({"ext4", "xfs", "dir"}),
+        modifiable=tuning.MODIFIABLE,
+        enforces_capacity=True,
+        stacks=True,
+    )
+
+
 class OverlayLoopBackend:
     name = "overlay-loop"
-    fs_types = frozenset({"ext4", "xfs", BLOCK})
 
     def __init__(self, root: Path, *, hold_metadata: bool = False) -> None:
         """``hold_metadata``: the node is overprovisioned, so its disk may fill;
         every ext4 upper allocates its fixed metadata (``images.hold_metadata``)."""
+        self.capabilities = capabilities()
         self.layout = Layout(root)
         self.layout.ensure()
         self.held = LayerMounts(self.layout)
@@ -70,6 +85,11 @@ class OverlayLoopBackend:
         self._freezing = threading.Lock()  # a capture's freeze window, or a checkpoint
         self._clones: bool | None = None  # can_clone, once known
         self.spares = SpareImages(self.layout.spares, functools.partial(build_image, hold=hold_metadata))
+
+    @staticmethod
+    def new_link() -> str:
+        """A short name for ``l/<link>``: deep lowerdir= options stay under one page."""
+        return new_link()
 
     @staticmethod
     def size_for(capacity: int, fs_type: str) -> int:
@@ -367,7 +387,16 @@ class OverlayLoopBackend:
         st = os.statvfs(mnt)
         return (st.f_blocks - blocks) * st.f_frsize // 64 if layer.fs_type == "ext4" else 0
 
+    @staticmethod
+    def check_tune(params: Mapping[str, str], fs_type: str) -> None:
+        """The parameters and their values: the table in tuning.py."""
+        tuning.check(params, fs_type)
+
     def tune(self, layer: Layer, params: Mapping[str, str]) -> None:
+        """Apply the parameters of tuning.py's table (checked first): read-ahead to the
+        loop devices, discard and commit interval by a remount of the mounted image,
+        reserved blocks by ``tune2fs -m`` on its device or, detached, its image."""
+        tuning.check(params, layer.fs_type)
         if "readAheadKiB" in params:
             for device in self._devices(layer):
                 host.set_read_ahead(device, int(params["readAheadKiB"]))
@@ -568,6 +597,11 @@ class OverlayLoopBackend:
 
     def close(self) -> None:
         self.spares.stop()
+
+    def devices(self) -> int:
+        """Loop devices backed by files under the state dir: layer images and raw
+        block volumes (from sysfs)."""
+        return host.count_loops_under(self.layout.root)
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.layout.root)

@@ -44,6 +44,7 @@ from csi_driver.layerstore.layertar import (
 OPAQUE_XATTR = "trusted.overlay.opaque"
 _INCOMPLETE_XATTRS = ("trusted.overlay.redirect", "trusted.overlay.metacopy")
 
+_KICK = 8 << 20  # bytes of a file written between two starts of its writeback
 _BLOCK = 4096
 _ZEROS = bytes(CHUNK)
 _ZERO_BLOCK = bytes(_BLOCK)
@@ -154,9 +155,15 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def _write_sparse(fd: int, src: BinaryIO, size: int, rel: str) -> None:
-    """Write ``size`` bytes of ``src`` to the empty file ``fd``; all-zero 4 KiB blocks become holes."""
-    pos = 0
+    """Write ``size`` bytes of ``src`` to the empty file ``fd``; all-zero 4 KiB blocks become holes.
+    Every ``_KICK`` bytes, what was written is handed to writeback and leaves the page
+    cache: the disk writes while the tar still arrives, not all at the end (a layer
+    smaller than the dirty limit would otherwise wait in memory for the final sync)."""
+    pos = kicked = 0
     while pos < size:
+        if pos - kicked >= _KICK:
+            os.posix_fadvise(fd, kicked, pos - kicked, os.POSIX_FADV_DONTNEED)  # starts writeback
+            kicked = pos
         chunk = src.read(min(CHUNK, size - pos))
         if not chunk:
             raise DiffError(f"{rel}: the tar ends inside the file")

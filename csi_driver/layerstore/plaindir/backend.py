@@ -1,6 +1,7 @@
 """The plain-directory backend: each layer a full directory tree, shown by a bind mount.
 
-A reference and test backend, in the spirit of containerd's native snapshotter:
+A reference backend for tests and development clusters (``serve --backend plaindir``),
+in the spirit of containerd's native snapshotter:
 a directory cannot stack, so a layer prepared over a parent starts as a copy of
 the parent's tree (which is already complete) and every layer holds its whole
 view. Nothing here needs root: the backend only copies, renames and removes
@@ -8,12 +9,13 @@ directories; whoever mounts what ``mounts()`` returns needs the privilege.
 
 What it cannot do, it says so rather than pretends:
 
-* no quota: ``size`` is recorded by the store only, ``resize`` and ``grow_fs``
-  change nothing and a layer may grow until its file system is full;
+* no quota (``capabilities.enforces_capacity`` is False): ``size`` is recorded by
+  the store only, ``resize`` and ``grow_fs`` change nothing and a layer may grow
+  until its file system is full;
 * no freeze: ``capture`` copies a tree file by file, so the copy is a
   point-in-time one only when nobody writes to the layer during it, and a
   group's members are copied one after another, not at one instant;
-* no raw block layers (``Unsupported``);
+* no raw block layers (``Unsupported``) and no mutable parameters;
 * activation is a reference count in this process's memory: after a restart
   nothing is active until the engine activates it again.
 
@@ -33,14 +35,33 @@ from pathlib import Path
 from typing import BinaryIO
 
 from csi_driver import host
-from csi_driver.ids import ID_RE
+from csi_driver.errors import InvalidArgument
+from csi_driver.ids import ID_RE, new_id
 from csi_driver.layerstore import treediff
-from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount, Ration, Unsupported
+from csi_driver.layerstore.backend import (
+    Built,
+    Capabilities,
+    CleanupReport,
+    FsUsage,
+    Mount,
+    Ration,
+    Unsupported,
+)
 from csi_driver.layerstore.layertar import DiffStats
 from csi_driver.locks import KeyedLocks
 from csi_driver.store import Layer
 
 DIR = "dir"
+CAPABILITIES = Capabilities(
+    fs_types=frozenset({DIR}),
+    default_fs_type=DIR,
+    block=False,
+    # an exported layer is a tar whatever the source volume's file system was
+    artifact_fs_types=frozenset({"ext4", "xfs", DIR}),
+    modifiable=frozenset(),
+    enforces_capacity=False,
+    stacks=False,
+)
 
 
 def _nothing() -> None:
@@ -49,7 +70,7 @@ def _nothing() -> None:
 
 class PlainDirBackend:
     name = "plain-dir"
-    fs_types = frozenset({DIR})
+    capabilities = CAPABILITIES
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -66,6 +87,11 @@ class PlainDirBackend:
 
     def tree(self, layer_id: str) -> Path:
         return self.layer_dir(layer_id) / "tree"
+
+    @staticmethod
+    def new_link() -> str:
+        """A layer's record needs a unique link; a tree is found by its id alone."""
+        return new_id()
 
     @staticmethod
     def size_for(capacity: int, fs_type: str) -> int:
@@ -179,9 +205,14 @@ class PlainDirBackend:
     def grow_fs(self, layer: Layer) -> int:
         return 0
 
+    @staticmethod
+    def check_tune(params: Mapping[str, str], fs_type: str) -> None:
+        """A directory has nothing to tune (``capabilities.modifiable`` is empty)."""
+        if params:
+            raise InvalidArgument(f"mutable parameters {sorted(params)}: a plain directory has none")
+
     def tune(self, layer: Layer, params: Mapping[str, str]) -> None:
-        """None of the mutable parameters (read-ahead, discard, commit interval,
-        reserved blocks) applies to a directory: all are ignored."""
+        self.check_tune(params, layer.fs_type)
 
     # ---- use ----------------------------------------------------------------
     def activate(self, layer: Layer) -> None:
@@ -275,6 +306,11 @@ class PlainDirBackend:
     def ration(self, room: int) -> Ration:
         """A directory's writes take the host's space directly: nothing to limit."""
         return Ration(False, room, 0)
+
+    @staticmethod
+    def devices() -> int:
+        """Trees need no block devices."""
+        return 0
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.root)
