@@ -14,9 +14,10 @@ Applied at once when the volume is in use, and at every later stage.
 
 from __future__ import annotations
 
-from csi_driver.engine.context import EngineContext
+from csi_driver.engine.records import Records
 from csi_driver.errors import InvalidArgument
-from csi_driver.store import Volume
+from csi_driver.layerstore.backend import LayerBackend
+from csi_driver.store import Store, Volume
 
 MUTABLE_KEYS = ("reservedPercent", "discard", "commitSeconds", "readAheadKiB")
 FS_ONLY = {"reservedPercent", "discard", "commitSeconds"}
@@ -43,16 +44,17 @@ def validate_mutable(params: dict[str, str], fs_type: str = "ext4") -> dict[str,
 
 
 class Modifier:
-    def __init__(self, ctx: EngineContext) -> None:
-        self.ctx = ctx
+    def __init__(self, store: Store, backend: LayerBackend, records: Records) -> None:
+        self.store = store
+        self.backend = backend
+        self.records = records
 
     def modify_volume(self, volume_id: str, params: dict[str, str]) -> Volume:
-        ctx = self.ctx
-        v = ctx.get_volume(volume_id)
+        v = self.records.volume(volume_id)
         validate_mutable(params, v.fs_type)
-        with ctx.store.tx() as tx:
+        with self.store.tx() as tx:
             tx.update_volume(volume_id, mutable={**v.mutable, **params})
-        v = ctx.get_volume(volume_id)
+        v = self.records.volume(volume_id)
         self.apply(v)
         return v
 
@@ -60,4 +62,4 @@ class Modifier:
         """Apply the volume's mutable parameters: at once to what is mounted or
         attached, and what the file system keeps to its image."""
         if v.mutable:
-            self.ctx.backend.tune(self.ctx.upper_of(v), v.mutable)
+            self.backend.tune(self.records.upper_of(v), v.mutable)
