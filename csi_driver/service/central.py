@@ -70,7 +70,7 @@ class CentralControllerServicer(ExpandOnlyControllerServicer):
         if snapshot_reference(request.snapshot_id) is not None:  # a local id: its node deletes it
             credentials = Credentials.from_secrets(dict(request.secrets))
             engine = self.ctx.engine
-            if engine.pending_deletes.get(request.snapshot_id) is not None:  # retried in the background
+            if engine.pending_delete(request.snapshot_id) is not None:  # retried in the background
                 engine.delete_snapshot(request.snapshot_id, credentials)
                 return csi.DeleteSnapshotResponse()
             self.ctx.registry.run(
@@ -87,12 +87,12 @@ class CentralControllerServicer(ExpandOnlyControllerServicer):
         manifest; anything else is held by no one here, so the list is empty."""
         if not request.snapshot_id or snapshot_reference(request.snapshot_id) is None:
             return csi.ListSnapshotsResponse()
-        if self.ctx.engine.pending_deletes.get(request.snapshot_id) is not None:
+        if self.ctx.engine.pending_delete(request.snapshot_id) is not None:
             return csi.ListSnapshotsResponse()  # deleted: its manifest goes once its registry is back
         credentials = Credentials.from_secrets(dict(request.secrets))
         try:
             snap = self.ctx.registry.run(
-                lambda: self.ctx.engine.transfers.describe_exported(request.snapshot_id, credentials),
+                lambda: self.ctx.engine.describe_exported(request.snapshot_id, credentials),
                 context,
                 f"the lookup of snapshot {request.snapshot_id!r}",
             )

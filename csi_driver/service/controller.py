@@ -114,7 +114,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return status
 
     def _attached(self, volume_id: str) -> bool:
-        return self.engine.attachments.attached(volume_id)
+        return self.engine.attached(volume_id)
 
     # ---------------------------------------------------------------- volumes
     def _check_source_node(self, request: csi.CreateVolumeRequest) -> None:
@@ -254,7 +254,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         vols = self.engine.list_volumes(after, limit + 1)
         page = vols[:limit]
         problems = self.engine.conditions(page)  # one mount table and one store read for the page
-        attached = self.engine.attachments.attached_volumes()
+        attached = self.engine.attached_volumes()
         entries = [
             csi.ListVolumesResponse.Entry(
                 volume=self._volume_msg(x),
@@ -287,15 +287,15 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         # what the node can still promise, as the capacity of one volume of the kind asked for
         # (external-provisioner's capacity controller sends no capabilities, only the
         # StorageClass's parameters: a legacy fsType there names the kind)
-        default = v.fs_type_parameter(params) or self.engine.config.fs_type
+        default = v.fs_type_parameter(params) or self.engine.default_fs_type
         asked = {c.access_type if c.access_type == "block" else c.fs_type or default for c in caps}
-        available = min(self.engine.capacity.largest_volume(t) for t in asked or {default})
+        available = min(self.engine.largest_volume(t) for t in asked or {default})
         largest = available
-        if self.engine.config.max_volume_size:
-            largest = min(largest, self.engine.config.max_volume_size)
+        if self.engine.volume_sizes.maximum:
+            largest = min(largest, self.engine.volume_sizes.maximum)
         resp = csi.GetCapacityResponse(available_capacity=available)
         resp.maximum_volume_size.value = largest
-        resp.minimum_volume_size.value = self.engine.config.min_capacity
+        resp.minimum_volume_size.value = self.engine.volume_sizes.minimum
         return resp
 
     @rpc()
@@ -348,13 +348,13 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if cap.access_type != vol.access_type:
             raise InvalidArgument(f"volume {vol.id} is a {vol.access_type} volume")
         readonly = request.readonly or cap.mode in v.READONLY_MODES
-        self.engine.attachments.attach(vol.id, request.node_id, readonly, self.ctx.max_volumes_per_node)
+        self.engine.attach(vol.id, request.node_id, readonly, self.ctx.max_volumes_per_node)
         return csi.ControllerPublishVolumeResponse(publish_context={})
 
     @rpc(guard=lambda r: [r.volume_id])
     def ControllerUnpublishVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
-        self.engine.attachments.detach(request.volume_id, request.node_id)
+        self.engine.detach(request.volume_id, request.node_id)
         return csi.ControllerUnpublishVolumeResponse()
 
     # ---------------------------------------------------------------- snapshots
@@ -372,7 +372,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             if not v.VOLUME_ID_RE.match(source):
                 raise NotFound(f"volume {source[:80]!r} does not exist")
             credentials = Credentials.from_secrets(dict(request.secrets)) if repository else None
-            snap = self.engine.snapshots.create_snapshot(
+            snap = self.engine.take_snapshot(
                 name, source, repository=repository, copy_limit=params.live_copy_limit
             )
         if snapshot_reference(snap.id) is not None and not snap.exported:
@@ -393,7 +393,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             credentials = Credentials.from_secrets(dict(request.secrets)) if remote else None
             # an exported snapshot whose registry cannot be reached is deleted here all the
             # same, its manifest's deletion recorded and retried (engine/pending_deletes.py)
-            if remote and self.engine.pending_deletes.get(request.snapshot_id) is None:
+            if remote and self.engine.pending_delete(request.snapshot_id) is None:
                 self.ctx.registry.run(
                     lambda: self.engine.delete_snapshot(request.snapshot_id, credentials),
                     context,

@@ -33,7 +33,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def _path(self, value: str, what: str, shapes: tuple[str, ...]) -> tuple[str, str]:
         """The checked path and, with --kubelet-dir, which of kubelet's ``shapes`` it has."""
         try:
-            checked = v.outside_state(v.path(value, what), self.engine.state.root, what)
+            checked = v.outside_state(v.path(value, what), self.engine.state_root, what)
             checked = v.inside(checked, self.ctx.kubelet_dir, what)
             return checked, v.kubelet_shape(checked, self.ctx.kubelet_dir, self.ctx.driver_name, shapes, what)
         except OSError as e:  # a component changed while it was resolved (realpath's readlink)
