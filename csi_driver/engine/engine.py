@@ -195,9 +195,13 @@ class Engine:
         return self.config.fs_type
 
     @property
-    def volume_sizes(self) -> VolumeSizes:
-        """The smallest and largest volume this node makes."""
-        return self.sizes
+    def min_volume_size(self) -> int:
+        return self.sizes.minimum
+
+    @property
+    def max_volume_size(self) -> int:
+        """--max-volume-size; 0: no limit."""
+        return self.sizes.maximum
 
     def largest_volume(self, fs_type: str) -> int:
         """The capacity of the largest volume of ``fs_type`` the node can still promise."""

@@ -291,11 +291,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         asked = {c.access_type if c.access_type == "block" else c.fs_type or default for c in caps}
         available = min(self.engine.largest_volume(t) for t in asked or {default})
         largest = available
-        if self.engine.volume_sizes.maximum:
-            largest = min(largest, self.engine.volume_sizes.maximum)
+        if self.engine.max_volume_size:
+            largest = min(largest, self.engine.max_volume_size)
         resp = csi.GetCapacityResponse(available_capacity=available)
         resp.maximum_volume_size.value = largest
-        resp.minimum_volume_size.value = self.engine.volume_sizes.minimum
+        resp.minimum_volume_size.value = self.engine.min_volume_size
         return resp
 
     @rpc()

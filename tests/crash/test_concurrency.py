@@ -85,7 +85,8 @@ ENGINE_ID_PARAMS = {"volume_id", "source_volume_id", "snapshot_id", "group_id", 
                     "v", "spec", "name"}
 # Engine methods that only read, though they take an id.
 READ_ONLY_ENGINE = {"condition", "get_volume", "get_snapshot", "get_group_snapshot", "stats",
-                    "ephemeral_volume", "volume_paths", "list_snapshots"}
+                    "ephemeral_volume", "volume_paths", "list_snapshots", "attached", "pending_delete",
+                    "describe_exported", "block_expand_path_ok"}
 
 
 def _engine_keys(method: str, fn):
