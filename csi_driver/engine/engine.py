@@ -36,7 +36,7 @@ from csi_driver.engine.context import (
 )
 from csi_driver.engine.ephemeral import Ephemeral
 from csi_driver.engine.expand import Expander
-from csi_driver.engine.modify import Modifier
+from csi_driver.engine.modify import Modifier, validate_mutable
 from csi_driver.engine.mounter import HostMounter, Mounter
 from csi_driver.engine.node import NodePublisher
 from csi_driver.engine.node_checks import NodeChecks
@@ -64,6 +64,8 @@ __all__ = [
     "VolumeSpec",
     "VolumeStats",
     "crash_hook_from_env",
+    "snapshot_reference",
+    "validate_mutable",
 ]
 
 

@@ -15,8 +15,7 @@ driver whose volumes are node-local.
 
 from __future__ import annotations
 
-from csi_driver.engine.modify import validate_mutable
-from csi_driver.engine.transfers import snapshot_reference
+from csi_driver.engine.engine import snapshot_reference, validate_mutable
 from csi_driver.errors import FailedPrecondition, NotFound
 from csi_driver.kube.modify_relay import ModifyRelay, split_parameters
 from csi_driver.proto import csi_pb2 as csi

@@ -6,9 +6,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from csi_driver.engine.engine import VolumeSpec
-from csi_driver.engine.modify import validate_mutable
-from csi_driver.engine.transfers import snapshot_reference
+from csi_driver.engine.engine import VolumeSpec, snapshot_reference, validate_mutable
 from csi_driver.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
 from csi_driver.ids import node_of
 from csi_driver.proto import csi_pb2 as csi

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from csi_driver.engine.context import VolumeSpec
+from csi_driver.engine.engine import VolumeSpec
 from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.proto import csi_pb2_grpc

@@ -46,6 +46,18 @@ def test_the_servicers_call_only_engines_own_methods():
     assert not past, past
 
 
+def test_the_servicers_import_of_the_engine_only_its_front():
+    """engine/engine.py is the engine's one module the servicers know (its Engine, and
+    the few plain helpers it exports), never a component's module."""
+    imported = []
+    for path in sorted(SERVICE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("csi_driver.engine"):
+                if node.module != "csi_driver.engine.engine":
+                    imported.append(f"{path.name}:{node.lineno} {node.module}")
+    assert not imported, imported
+
+
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
     cfg = EngineConfig(state_dir=tmp_path / "state", node_id="node-1", fs_type="dir")
