@@ -17,10 +17,13 @@ import stat
 from pathlib import Path
 
 from csi_driver import host
-from csi_driver.engine.context import EngineContext, VolumeStats
+from csi_driver.engine.context import CrashHook, VolumeStats
 from csi_driver.engine.modify import Modifier
+from csi_driver.engine.node_checks import NodeChecks
+from csi_driver.engine.records import Records
 from csi_driver.errors import Aborted, AlreadyExists, FailedPrecondition, OutOfRange
-from csi_driver.store import Publication, Volume
+from csi_driver.layerstore.backend import LayerBackend
+from csi_driver.store import Publication, Store, Volume
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +40,24 @@ def block_aligned(capacity: int, limit: int) -> int:
 
 
 class BlockVolumes:
-    def __init__(self, ctx: EngineContext, modifier: Modifier) -> None:
-        self.ctx = ctx
+    def __init__(
+        self,
+        store: Store,
+        backend: LayerBackend,
+        records: Records,
+        checks: NodeChecks,
+        modifier: Modifier,
+        step: CrashHook,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.records = records
+        self.checks = checks
         self.modifier = modifier
+        self.step = step
 
     def file(self, v: Volume) -> Path:
-        return self.ctx.backend.block_file(self.ctx.upper_of(v))
+        return self.backend.block_file(self.records.upper_of(v))
 
     def device_ok(self, v: Volume, device: str | None, image: Path | None = None) -> bool:
         """Whether ``device`` still holds the volume's file (``image``, when known)."""
@@ -52,41 +67,39 @@ class BlockVolumes:
         return self.device_ok(v, v.stage_options.get("device"))
 
     def stage(self, v: Volume, staging_path: str) -> None:
-        ctx = self.ctx
         staged = self.device_ok(v, v.stage_options.get("device"))
         if v.staging_path and v.staging_path != staging_path and staged:
             raise FailedPrecondition(f"volume {v.id} is already staged at {v.staging_path}")
         if v.staging_path == staging_path and staged:
             return
-        ctx.check_hides_nothing(staging_path)
-        ctx.check_stage_limit(v)
-        with ctx.store.tx() as tx:
+        self.checks.hides_nothing(staging_path)
+        self.checks.stage_limit(v)
+        with self.store.tx() as tx:
             tx.update_volume(v.id, staging_path=staging_path, stage_options={})
-        ctx.step("stage.recorded")
+        self.step("stage.recorded")
         try:
             host.beneath.mkdir_beneath(staging_path)
             device = host.loop_attach(self.file(v))
         except Exception:  # a failed stage leaves no record behind
-            with ctx.store.tx() as tx:
+            with self.store.tx() as tx:
                 tx.update_volume(v.id, staging_path=None, stage_options={})
             raise
-        with ctx.store.tx() as tx:
+        with self.store.tx() as tx:
             tx.update_volume(v.id, stage_options={"device": device})
         self.modifier.apply(v)
-        ctx.step("stage.mounted")
+        self.step("stage.mounted")
 
     def unstage(self, v: Volume, staging_path: str) -> None:
-        ctx = self.ctx
         if v.staging_path and v.staging_path != staging_path:
             return  # not staged there: nothing to undo, and the real staging stays
         device = v.stage_options.get("device")
         if self.device_ok(v, device):
             host.loop_detach(device)
-        ctx.step("unstage.unmounted")
+        self.step("unstage.unmounted")
         if v.staging_path in (staging_path, None):
-            with ctx.store.tx() as tx:
+            with self.store.tx() as tx:
                 tx.update_volume(v.id, staging_path=None, stage_options={})
-        ctx.step("unstage.done")
+        self.step("unstage.done")
 
     def _target_ok(self, v: Volume, pub: Publication | None, target: str, table: host.Mounts) -> bool:
         if pub is None or pub.volume_id != v.id or not table.is_mounted(target):
@@ -102,11 +115,10 @@ class BlockVolumes:
         single_writer: bool,
         table: host.Mounts,
     ) -> None:
-        ctx = self.ctx
         device = v.stage_options.get("device")
         if v.staging_path != staging_path or not self.device_ok(v, device):
             raise FailedPrecondition(f"volume {v.id} is not staged at {staging_path}")
-        with ctx.store.read() as tx:
+        with self.store.read() as tx:
             pub = tx.publication_at(target_path)
         if table.is_mounted(target_path):
             if pub is not None and self._target_ok(v, pub, target_path, table) and pub.readonly == readonly:
@@ -116,8 +128,8 @@ class BlockVolumes:
         def live(p: Publication) -> bool:
             return self._target_ok(v, p, p.target_path, table)
 
-        ctx.check_single_writer(v, target_path, readonly, single_writer, live=live)
-        ctx.check_hides_nothing(target_path)
+        self.checks.single_writer(v, target_path, readonly, single_writer, live=live)
+        self.checks.hides_nothing(target_path)
         target = Path(target_path)
         made = not os.path.lexists(target_path)
         if not made and not (target.is_file() and not target.is_symlink() and target.stat().st_size == 0):
@@ -133,11 +145,11 @@ class BlockVolumes:
                 device = earlier
             else:
                 device = attached = host.loop_attach(self.file(v), readonly=True)
-        with ctx.store.tx() as tx:
+        with self.store.tx() as tx:
             tx.add_publication(
                 Publication(v.id, target_path, readonly, {"device": device, "single_writer": single_writer})
             )
-        ctx.step("publish.recorded")
+        self.step("publish.recorded")
         try:
             # made, opened and bound by fd beneath the kubelet dir: never over what a
             # symlink swapped in names
@@ -151,20 +163,19 @@ class BlockVolumes:
                     host.beneath.unlink_empty_file_beneath(target_path)
             if attached:
                 host.loop_detach(attached)
-            with ctx.store.tx() as tx:
+            with self.store.tx() as tx:
                 tx.delete_publication(v.id, target_path)
             raise
-        ctx.step("publish.mounted")
+        self.step("publish.mounted")
 
     def unpublish(self, v: Volume, target_path: str, table: host.Mounts) -> None:
-        ctx = self.ctx
-        with ctx.store.read() as tx:
+        with self.store.read() as tx:
             pub = tx.publication_at(target_path)
         if table.is_mounted(target_path):
             if not self._target_ok(v, pub, target_path, table):
                 raise FailedPrecondition(f"{target_path} holds a mount that is not volume {v.id}")
             host.umount_beneath(target_path)
-        ctx.step("unpublish.unmounted")
+        self.step("unpublish.unmounted")
         if pub and pub.readonly and self.device_ok(v, pub.options.get("device")):
             host.loop_detach(pub.options["device"])
         # only the empty file this driver created as the mount point, never a caller's
@@ -178,14 +189,14 @@ class BlockVolumes:
                 if e.errno == errno.EBUSY:  # still mounted: the path changed under the check
                     raise Aborted(f"{target_path} changed while it was unpublished; try again") from e
                 raise
-        with ctx.store.tx() as tx:
+        with self.store.tx() as tx:
             tx.delete_publication(v.id, target_path)
 
     def condition(self, v: Volume, path: str | None, table: host.Mounts) -> str:
-        upper = self.ctx.layer(v.upper)
+        upper = self.records.layer(v.upper)
         if upper is None:  # deleted while we looked
             return f"volume {v.id} is being deleted"
-        image = self.ctx.backend.block_file(upper)
+        image = self.backend.block_file(upper)
         if not image.exists():
             return f"the image of block volume {v.id} is missing"
         if v.staging_path and not self.device_ok(v, v.stage_options.get("device"), image):
@@ -197,7 +208,7 @@ class BlockVolumes:
     def devices(self, v: Volume) -> list[str]:
         """The loop devices attached for the volume now: its staging one (read-write)
         and those of its read-only publications."""
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             pubs = tx.publications(v.id)
         found = [v.stage_options.get("device"), *(p.options.get("device") for p in pubs if p.readonly)]
         image = self.file(v)
@@ -229,6 +240,6 @@ class BlockVolumes:
 
     def grow(self, v: Volume, size: int) -> None:
         """Make the file at least ``size`` bytes; either way its devices learn its size."""
-        upper = self.ctx.upper_of(v)
-        current = os.path.getsize(self.ctx.backend.block_file(upper))
-        self.ctx.backend.resize(upper, max(size, current))
+        upper = self.records.upper_of(v)
+        current = os.path.getsize(self.backend.block_file(upper))
+        self.backend.resize(upper, max(size, current))

@@ -30,9 +30,9 @@ class Report(CleanupReport):
 
 def reconcile(engine: Engine) -> Report:
     rep = Report()
-    ctx, backend = engine.ctx, engine.backend
+    state, backend = engine.state, engine.backend
 
-    for entry in sorted(ctx.state.tmp.iterdir()):
+    for entry in sorted(state.tmp.iterdir()):
         _settle(host.remove_tree, entry, rep)
         rep.removed.append(str(entry))
 
@@ -41,7 +41,7 @@ def reconcile(engine: Engine) -> Report:
         layers = {x.id: x for x in tx.layers()}
         volumes = tx.volumes()
         pubs = tx.publications()
-    ctx.discard(gone)
+    engine.builds.discard(gone)
     rep.collected = [x.id for x in gone]
     for layer in layers.values():
         problem = backend.health(layer)
@@ -66,7 +66,7 @@ def reconcile(engine: Engine) -> Report:
             rep.unmounted.append(m.target)
 
     # ephemeral volumes' private staging dirs whose volume is gone
-    for entry in sorted(ctx.state.ephemeral.iterdir()):
+    for entry in sorted(state.ephemeral.iterdir()):
         if entry.name not in {v.id for v in volumes}:
             _settle(host.remove_tree, entry, rep)
             rep.removed.append(str(entry))
