@@ -41,6 +41,19 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers; the engine and services ask, never assume."""
+
+    fs_types: frozenset[str]  # file system types for mount volumes, e.g. {"ext4", "xfs"}
+    default_fs_type: str  # used when a request names none
+    block: bool  # raw block volumes
+    artifact_fs_types: frozenset[str]  # layer fs types it can import from a registry manifest
+    modifiable: frozenset[str]  # ModifyVolume parameter names it accepts (validated by backend.tune)
+    enforces_capacity: bool  # False: a volume may write past its size (plain directories)
+    stacks: bool  # True: a layer's used bytes are the change over its parent
+
+
+@dataclass(frozen=True)
 class Built:
     """What a build made: the layer's size and the data it holds beyond its empty baseline."""
 
@@ -92,6 +105,8 @@ class LayerBackend(Protocol):
     name: str
     #: the file system types an active layer may have ("ext4", "xfs", "block", ...)
     fs_types: frozenset[str]
+    #: what it offers (``fs_types`` there: mount volumes only)
+    capabilities: Capabilities
 
     def size_for(self, capacity: int, fs_type: str) -> int:
         """The size an active layer needs to offer ``capacity`` bytes to files."""

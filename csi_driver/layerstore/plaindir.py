@@ -35,7 +35,15 @@ from typing import BinaryIO
 from csi_driver import host
 from csi_driver.ids import ID_RE
 from csi_driver.layerstore import ocidiff
-from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount, Ration, Unsupported
+from csi_driver.layerstore.backend import (
+    Built,
+    Capabilities,
+    CleanupReport,
+    FsUsage,
+    Mount,
+    Ration,
+    Unsupported,
+)
 from csi_driver.locks import KeyedLocks
 from csi_driver.store import Layer
 
@@ -49,6 +57,15 @@ def _nothing() -> None:
 class PlainDirBackend:
     name = "plain-dir"
     fs_types = frozenset({DIR})
+    capabilities = Capabilities(
+        fs_types=frozenset({DIR}),
+        default_fs_type=DIR,
+        block=False,
+        artifact_fs_types=frozenset({DIR}),
+        modifiable=frozenset(),  # none of the mutable parameters applies to a directory
+        enforces_capacity=False,
+        stacks=False,  # a copy's figures hold its parent's data again
+    )
 
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -23,7 +23,7 @@ from csi_driver import host
 from csi_driver.errors import CommandFailed, FailedPrecondition
 from csi_driver.ids import ID_RE
 from csi_driver.layerstore import ocidiff
-from csi_driver.layerstore.backend import Built, CleanupReport, FsUsage, Mount, Ration
+from csi_driver.layerstore.backend import Built, Capabilities, CleanupReport, FsUsage, Mount, Ration
 from csi_driver.layerstore.overlay import shared
 from csi_driver.layerstore.overlay.compose import overlay_options, view_options
 from csi_driver.layerstore.overlay.images import (
@@ -57,6 +57,15 @@ def _nothing() -> None:
 class OverlayLoopBackend:
     name = "overlay-loop"
     fs_types = frozenset({"ext4", "xfs", BLOCK})
+    capabilities = Capabilities(
+        fs_types=frozenset({"ext4", "xfs"}),
+        default_fs_type="ext4",
+        block=True,
+        artifact_fs_types=frozenset({"ext4", "xfs", BLOCK}),
+        modifiable=frozenset({"reservedPercent", "discard", "commitSeconds", "readAheadKiB"}),
+        enforces_capacity=True,
+        stacks=True,  # an upper holds only what changed over its lowers
+    )
 
     def __init__(self, root: Path, *, hold_metadata: bool = False) -> None:
         """``hold_metadata``: the node is overprovisioned, so its disk may fill;
