@@ -1022,6 +1022,25 @@ def test_resize_grows_a_volume_in_use(rig: Rig) -> None:
 # ---- safe to repeat after a crash -------------------------------------------
 
 
+def test_prepare_repeated_after_a_crash_before_install(rig: Rig) -> None:
+    """A crash between ``prepare`` and the transaction that installs it leaves a
+    build the engine discards at the next start; the same prepare again, over
+    the same parent, makes a layer that shows the parent and is alone on disk."""
+    parent = rig.prepare()
+    with rig.open(parent) as view:
+        sample(view)
+        written = tree(view)
+    parent, _ = rig.commit(parent)
+    lost = rig.scratch()
+    rig.backend.prepare(lost, rig.chain(parent), SIZE, rig.fs_type)
+    host.remove_tree(lost)  # as the engine discards an unfinished build
+    known = set(rig.backend.walk())
+    layer = rig.prepare(parent)
+    assert set(rig.backend.walk()) == known | {layer.id}
+    assert rig.view(layer) == written
+    assert rig.view(parent) == written
+
+
 def test_commit_repeated_after_a_crash_before_the_row_flips(rig: Rig) -> None:
     """The engine commits a layer, then flips its row: a crash between leaves the
     row active, the volume keeps writing to it, and commit runs again later.
