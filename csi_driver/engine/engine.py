@@ -224,6 +224,11 @@ class Engine:
         """What the node's layer backend offers: fs types, block, artifacts, parameters."""
         return self.backend.capabilities
 
+    @property
+    def modifiable(self) -> frozenset[str]:
+        """The mutable parameters the backend takes (none: ModifyVolume is not offered)."""
+        return self.backend.capabilities.modifiable
+
     def validate_mutable(self, params: Mapping[str, str], fs_type: str) -> dict[str, str]:
         """``params`` checked as mutable parameters of a volume of ``fs_type`` ('' when
         the volume is not known here): InvalidArgument naming the first bad one."""

@@ -37,7 +37,7 @@ class CentralControllerServicer(ExpandOnlyControllerServicer):
     @rpc()
     def ControllerGetCapabilities(self, request, context):
         kinds = [RPC.EXPAND_VOLUME, RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS]
-        if self.relay is not None and self.ctx.engine.capabilities.modifiable:
+        if self.relay is not None and self.ctx.engine.modifiable:
             kinds.append(RPC.MODIFY_VOLUME)
         return csi.ControllerGetCapabilitiesResponse(
             capabilities=[csi.ControllerServiceCapability(rpc=RPC(type=t)) for t in kinds]

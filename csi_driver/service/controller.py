@@ -309,7 +309,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 for t in CONTROLLER_CAPABILITIES
                 if RPC.Type.Name(t) not in self.ctx.hidden_capabilities
                 # a backend with nothing to modify (plain directories) offers no ModifyVolume
-                and (t != RPC.MODIFY_VOLUME or self.engine.capabilities.modifiable)
+                and (t != RPC.MODIFY_VOLUME or self.engine.modifiable)
             ]
         )
 
