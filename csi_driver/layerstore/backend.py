@@ -25,19 +25,9 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from csi_driver.host import MountEntry, Mounts
+from csi_driver.host.mount_manager import Mount  # the data backends answer with (host performs it)
 from csi_driver.layerstore.ocidiff import DiffStats
 from csi_driver.store import Layer
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One mount, as data: ``mount -t type -o options source target``, run in ``cwd``
-    (relative paths in ``options`` are relative to it)."""
-
-    type: str
-    source: str
-    options: tuple[str, ...] = ()
-    cwd: str | None = None
 
 
 @dataclass(frozen=True)
