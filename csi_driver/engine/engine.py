@@ -86,8 +86,9 @@ class Engine:
         self.state = self.ctx.state
         self.capacity = self.ctx.capacity
         modifier = Modifier(self.ctx)
-        self.block = BlockVolumes(self.ctx, modifier)
-        self.node = NodePublisher(self.ctx, mounter or HostMounter(), self.block, modifier)
+        mounter = mounter or HostMounter()  # the one that performs the backend's Mount data
+        self.block = BlockVolumes(self.ctx, modifier, mounter)
+        self.node = NodePublisher(self.ctx, mounter, self.block, modifier)
         capture = Capture(self.ctx)
         self.volumes = Volumes(self.ctx, capture, self.node)
         self.snapshots = Snapshots(self.ctx, capture)
