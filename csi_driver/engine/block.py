@@ -155,9 +155,9 @@ class BlockVolumes:
             # symlink swapped in names
             host.beneath.mkdir_beneath(os.path.dirname(target_path))
             host.beneath.create_empty_file_beneath(target_path)
-            host.bind_beneath(device, target_path, target_dir=False, trusted_source=True)
+            self.mounter.bind_device(device, target_path)
         except Exception:  # a failed publish leaves nothing behind: no record, no file it made
-            host.umount_beneath(target_path)
+            self.mounter.umount(target_path)
             if made:
                 with contextlib.suppress(OSError, host.beneath.PathRaced):
                     host.beneath.unlink_empty_file_beneath(target_path)
@@ -175,7 +175,7 @@ class BlockVolumes:
         if table.is_mounted(target_path):
             if not self._target_ok(v, pub, target_path, table):
                 raise FailedPrecondition(f"{target_path} holds a mount that is not volume {v.id}")
-            host.umount_beneath(target_path)
+            self.mounter.umount(target_path)
         ctx.step("unpublish.unmounted")
         if pub and pub.readonly and self.device_ok(v, pub.options.get("device"), readonly=True):
             self.mounter.detach(pub.options["device"])

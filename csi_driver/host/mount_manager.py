@@ -98,6 +98,11 @@ class MountManager:
     def remount_bind(self, target: str | Path, options: list[str]) -> None:
         remount_bind_beneath(target, options)
 
+    def bind_device(self, device: str, target: str | Path) -> None:
+        """Bind an attached device's node over ``target``, an empty file (a published
+        block volume; never over a caller's file or dir)."""
+        bind_beneath(device, target, target_dir=False, trusted_source=True)
+
     def umount(self, target: str | Path) -> None:
         umount_beneath(target)
 
