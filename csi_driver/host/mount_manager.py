@@ -16,7 +16,7 @@ Every call is safe to repeat.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,10 +126,6 @@ class MountManager:
         if not device or loop_backing_file(device) != m.source:
             return False
         return _read_only(device) == LoopParams.of(m).readonly
-
-    def held(self, devices: Iterable[str | None], m: Mount) -> list[str]:
-        """Those of ``devices`` that hold ``m`` (each once, in order)."""
-        return [d for d in dict.fromkeys(devices) if d and self.holds(d, m)]
 
 
 def _read_only(device: str) -> bool | None:
