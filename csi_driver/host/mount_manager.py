@@ -125,12 +125,16 @@ class MountManager:
         reboot be another file's, or the read-write one where a read-only one was asked."""
         if not device or loop_backing_file(device) != m.source:
             return False
-        return _read_only(device) == LoopParams.of(m).readonly
+        return _read_only(device) == ("ro" in m.options)
 
 
 def _read_only(device: str) -> bool | None:
+    """The device's read-only flag (sysfs; raw reads: this runs at every block call)."""
     try:
-        with open(f"/sys/block/{os.path.basename(device)}/ro", encoding="ascii") as f:
-            return f.read().strip() == "1"
+        fd = os.open(f"/sys/block/{os.path.basename(device)}/ro", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        return os.read(fd, 8).strip() == b"1"
+    finally:
+        os.close(fd)
