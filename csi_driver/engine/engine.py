@@ -126,14 +126,15 @@ class Engine:
         self.builds = builds = LayerBuilds(store, backend, self.state.tmp, config.max_depth, steps)
         checks = NodeChecks(store, config.node_id, config.max_volumes)
         self.modifier = Modifier(store, backend, records)
-        self.block = BlockVolumes(store, backend, records, checks, self.modifier, steps)
+        mounter = mounter or HostMounter()  # the one that performs the backend's Mount data
+        self.block = BlockVolumes(store, backend, records, checks, self.modifier, mounter, steps)
         self.node = NodePublisher(
             store,
             backend,
             records,
             checks,
             self.capacity,
-            mounter or HostMounter(),
+            mounter,
             self.block,
             self.modifier,
             steps,

@@ -36,19 +36,9 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from csi_driver.host import MountEntry, Mounts
+from csi_driver.host.mount_manager import Mount  # the data backends answer with (host performs it)
 from csi_driver.layerstore.ocidiff import DiffStats
 from csi_driver.store import Layer
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One mount, as data: ``mount -t type -o options source target``, run in ``cwd``
-    (relative paths in ``options`` are relative to it)."""
-
-    type: str
-    source: str
-    options: tuple[str, ...] = ()
-    cwd: str | None = None
 
 
 @dataclass(frozen=True)
@@ -251,7 +241,12 @@ class LayerBackend(Protocol):
         """Where and how a layer is kept, for operators (paths, mount point)."""
 
     def block_file(self, layer: Layer) -> Path:
-        """The file behind a raw block layer (attached to a loop device by the engine)."""
+        """The file behind a raw block layer (its bytes, for copies and exports)."""
+
+    def block_mount(self, layer: Layer, readonly: bool = False) -> Mount:
+        """What a raw block layer's device is made of: a ``loop`` Mount over its file
+        (sector size, direct I/O; ``ro`` when ``readonly``), which the mount manager
+        attaches and detaches. The engine never attaches a device itself."""
 
     def import_block(self, build: Path, size: int, fill: Callable[[int], int]) -> Built:
         """A raw block layer of ``size`` bytes built from elsewhere (a registry blob):
@@ -269,7 +264,8 @@ class LayerBackend(Protocol):
         """At start-up, after the engine re-activated what staged volumes use: remove
         what the store does not know (layer dirs, links), release what an earlier
         process left activated and nobody holds now, and detach loop devices of
-        its layers except ``keep_devices`` (raw block volumes in use)."""
+        its layers except ``keep_devices`` (raw block volumes in use: devices that
+        hold a ``block_mount``)."""
 
     def settle(self) -> None:
         """Write what active layers hold in journals to its place now (the host

@@ -286,6 +286,9 @@ class PlainDirBackend:
     def block_file(self, layer: Layer) -> Path:
         raise Unsupported("the plain-dir backend keeps no raw block layers")
 
+    def block_mount(self, layer: Layer, readonly: bool = False) -> Mount:
+        raise Unsupported("the plain-dir backend keeps no raw block layers")
+
     def import_block(self, build: Path, size: int, fill: Callable[[int], int]) -> Built:
         raise Unsupported("the plain-dir backend keeps no raw block layers")
 
