@@ -13,6 +13,7 @@ import pytest
 from csi_driver import host
 from csi_driver.client import mount_capability
 from csi_driver.proto import csi_pb2 as csi
+from csi_driver.store import Publication
 from driver_harness import MOUNT_SKIP, Driver, cleanup, make_driver
 
 MiB = 1 << 20
@@ -158,6 +159,28 @@ def test_block_readonly_publish(driver: Driver):
     assert pread(ro, 0, 5) == b"hello"
     c.unpublish(vid, ro)
     c.unpublish(vid, rw)
+    c.unstage(vid, staging)
+
+
+def test_a_read_only_publish_never_takes_the_read_write_device(driver: Driver):
+    """A read-only publication whose record names the volume's read-write device (a
+    publish cut short, then a reboot whose restage got that device number) gets a
+    read-only device of its own; its unpublish leaves the staging's device attached."""
+    c = driver.client
+    vid = c.create_volume("ro-rec", 16 * MiB, cap=block_cap()).volume_id
+    staging, _ = driver.paths("ro-rec")
+    c.stage(vid, staging, cap=block_cap())
+    rw_device = driver.engine.get_volume(vid).stage_options["device"]
+    ro = driver.kubelet / "ro-target"
+    with driver.engine.store.tx() as tx:
+        tx.add_publication(Publication(vid, str(ro), True, {"device": rw_device, "single_writer": False}))
+    c.publish(vid, staging, ro, readonly=True, cap=block_cap())
+    assert os.stat(ro).st_rdev != os.stat(rw_device).st_rdev, "a device of its own"
+    with pytest.raises(OSError):
+        pwrite(ro, 0, b"nope!")
+    c.unpublish(vid, ro)
+    assert host.loop_backing_file(rw_device) is not None, "the staging's device stays attached"
+    assert driver.engine.block.is_staged(driver.engine.get_volume(vid))
     c.unstage(vid, staging)
 
 

@@ -55,7 +55,7 @@ def image(d: Driver, volume_id: str) -> Path:
         assert vol is not None
         layer = tx.layer(vol.upper)
     assert layer is not None
-    return d.engine.ctx.backend.block_file(layer)
+    return d.engine.backend.block_file(layer)
 
 
 def written_volume(d: Driver, name: str, writes: list[tuple[int, bytes]]) -> tuple[str, str]:

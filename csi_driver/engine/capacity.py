@@ -33,9 +33,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from csi_driver.errors import DriverError, ResourceExhausted
+from csi_driver.errors import DriverError, InvalidArgument, OutOfRange, ResourceExhausted
 from csi_driver.layerstore.backend import LayerBackend, Ration
-from csi_driver.store import Store
+from csi_driver.store import Store, Volume
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,36 @@ def _mib(n: int) -> str:
     return f"{n / MiB:.0f} MiB"
 
 
+@dataclass(frozen=True)
+class VolumeSizes:
+    """The sizes a volume may have on this node, and the one it gets when asked none."""
+
+    default: int = 1 << 30
+    minimum: int = MiB
+    maximum: int = 0  # --max-volume-size; 0: no limit
+
+    def resolve(self, required: int, limit: int, default: int | None = None) -> int:
+        """The capacity for a CSI capacity range (``default`` when it names none:
+        the node's, or a source's)."""
+        default = self.default if default is None else default
+        if required < 0 or limit < 0:
+            raise InvalidArgument("capacity_range bytes must not be negative")
+        if limit and required > limit:
+            raise OutOfRange(f"required_bytes {required} exceeds limit_bytes {limit}")
+        if required == 0:
+            cap = default if not limit else min(default, limit)
+        else:
+            cap = (required + MiB - 1) // MiB * MiB
+            if limit and cap > limit:
+                cap = required
+        cap = max(cap, self.minimum)
+        if limit and cap > limit:
+            raise OutOfRange(f"limit_bytes {limit} is below the minimum volume size {self.minimum}")
+        if self.maximum and cap > self.maximum:
+            raise OutOfRange(f"{cap} bytes exceeds the node's --max-volume-size {self.maximum}")
+        return cap
+
+
 class Capacity:
     """Admission of new promises, and the low-space state (logged when it changes)."""
 
@@ -174,6 +204,21 @@ class Capacity:
         self._settling = threading.Lock()
         self.settled = 0  # checkpoints of every volume done, for tests and logs
         self.last_ration: Ration | None = None  # what the last look of ``ration`` decided
+
+    # ---- what a volume takes ------------------------------------------------
+    def upper_size(self, capacity: int, fs_type: str) -> int:
+        """The size of a volume's upper: the volume's full capacity.
+
+        Not less: overlayfs copies a whole file up before the first write to it,
+        so a volume must be able to hold any file of its layers again in its
+        upper. What the layers already hold is reported in the volume's stats.
+        """
+        return self.backend.size_for(capacity, fs_type)
+
+    def allocation(self, v: Volume) -> int:
+        """What a volume's upper occupies now: a snapshot or a clone of the volume
+        turns it into a committed layer (or copies it), so the node promises it again."""
+        return self.backend.usages([v.upper])[v.upper]
 
     # ---- readings -----------------------------------------------------------
     def figures(self) -> Figures:

@@ -11,11 +11,12 @@ import logging
 import threading
 from pathlib import Path
 
-from csi_driver.engine.context import EngineContext, VolumeSpec
+from csi_driver.engine.capacity import VolumeSizes
+from csi_driver.engine.context import VolumeSpec
 from csi_driver.engine.node import NodePublisher
 from csi_driver.engine.volumes import Volumes
 from csi_driver.errors import InvalidArgument, ResourceExhausted
-from csi_driver.store import Volume
+from csi_driver.store import Store, Volume
 
 log = logging.getLogger(__name__)
 
@@ -23,19 +24,31 @@ EPHEMERAL_PREFIX = "ephemeral/"
 
 
 class Ephemeral:
-    def __init__(self, ctx: EngineContext, volumes: Volumes, node: NodePublisher) -> None:
-        self.ctx = ctx
+    def __init__(
+        self,
+        store: Store,
+        sizes: VolumeSizes,
+        volumes: Volumes,
+        node: NodePublisher,
+        *,
+        staging_root: Path,
+        max_size: int,
+    ) -> None:
+        self.store = store
+        self.sizes = sizes
         self.volumes = volumes
+        self.staging_root = staging_root  # the private staging dirs, one per volume
+        self.max_size = max_size  # --max-ephemeral-size: all inline volumes together
         self.node = node
         self._cap_guard = threading.Lock()  # the cap's check and the creation, one at a time
 
     def _inline_bytes(self, but: str = "") -> int:
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             return sum(v.capacity_bytes for v in tx.volumes() if v.ephemeral and v.id != but)
 
     def _check_cap(self, handle: str, size: int, but: str = "") -> None:
         """--max-ephemeral-size: what all inline volumes of the node hold together."""
-        cap = self.ctx.config.max_ephemeral_size
+        cap = self.max_size
         if cap <= 0:
             raise InvalidArgument(
                 "inline ephemeral volumes are disabled on this node (--max-ephemeral-size 0; "
@@ -50,11 +63,11 @@ class Ephemeral:
             )
 
     def ephemeral_volume(self, handle: str) -> Volume | None:
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             return tx.volume_by_name(EPHEMERAL_PREFIX + handle)
 
     def _ephemeral_staging(self, v: Volume) -> str:
-        return str(self.ctx.state.ephemeral / v.id)
+        return str(self.staging_root / v.id)
 
     def publish_ephemeral(
         self,
@@ -71,7 +84,7 @@ class Ephemeral:
         with self._cap_guard:
             created = self.ephemeral_volume(handle) is None
             if created:  # the size it will have (a base layer may make it larger: checked again)
-                size = self.ctx.resolve_capacity(spec.required_bytes, 0, self.ctx.config.default_capacity)
+                size = self.sizes.resolve(spec.required_bytes, 0)
                 self._check_cap(handle, size)
             v = self.volumes.create_volume(
                 VolumeSpec(**{**spec.__dict__, "name": EPHEMERAL_PREFIX + handle, "ephemeral": True})
@@ -94,7 +107,7 @@ class Ephemeral:
         return v
 
     def _forget_ephemeral(self, v: Volume, staging: str) -> None:
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             if tx.publications(v.id):
                 return  # published after all (a retry raced in): kept
         self.node.unstage(v.id, staging)
@@ -104,7 +117,7 @@ class Ephemeral:
 
     def unpublish_ephemeral(self, v: Volume, target_path: str) -> None:
         self.node.unpublish(v.id, target_path)
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             others = [p for p in tx.publications(v.id) if p.target_path != target_path]
         if others:
             return
@@ -112,4 +125,4 @@ class Ephemeral:
         self.node.unstage(v.id, staging)
         self.volumes.delete_volume(v.id)
         with contextlib.suppress(OSError):
-            (self.ctx.state.ephemeral / v.id).rmdir()
+            (self.staging_root / v.id).rmdir()

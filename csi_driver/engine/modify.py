@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from csi_driver.engine.context import EngineContext
+from csi_driver.engine.records import Records
 from csi_driver.errors import InvalidArgument
 from csi_driver.layerstore.backend import LayerBackend
-from csi_driver.store import Volume
+from csi_driver.store import Store, Volume
 
 
 def validate_mutable(params: Mapping[str, str], backend: LayerBackend, fs_type: str) -> dict[str, str]:
@@ -32,16 +32,17 @@ def validate_mutable(params: Mapping[str, str], backend: LayerBackend, fs_type: 
 
 
 class Modifier:
-    def __init__(self, ctx: EngineContext) -> None:
-        self.ctx = ctx
+    def __init__(self, store: Store, backend: LayerBackend, records: Records) -> None:
+        self.store = store
+        self.backend = backend
+        self.records = records
 
     def modify_volume(self, volume_id: str, params: dict[str, str]) -> Volume:
-        ctx = self.ctx
-        v = ctx.get_volume(volume_id)
-        validate_mutable(params, ctx.backend, v.fs_type)
-        with ctx.store.tx() as tx:
+        v = self.records.volume(volume_id)
+        validate_mutable(params, self.backend, v.fs_type)
+        with self.store.tx() as tx:
             tx.update_volume(volume_id, mutable={**v.mutable, **params})
-        v = ctx.get_volume(volume_id)
+        v = self.records.volume(volume_id)
         self.apply(v)
         return v
 
@@ -49,4 +50,4 @@ class Modifier:
         """Apply the volume's mutable parameters: at once to what is mounted or
         attached, and what the file system keeps to its image."""
         if v.mutable:
-            self.ctx.backend.tune(self.ctx.upper_of(v), v.mutable)
+            self.backend.tune(self.records.upper_of(v), v.mutable)

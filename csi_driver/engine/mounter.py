@@ -1,17 +1,21 @@
-"""Mounting what a backend describes: the only place the engine's node side
-changes the mount table. A test without root passes its own Mounter."""
+"""What the engine's node side asks of the mount manager: the mounts and loop
+devices the backend describes as data (``Mount``), performed by
+``host.mount_manager.MountManager`` and never by the engine itself. A test
+without root passes its own Mounter."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from csi_driver import host
+from csi_driver.host.mount_manager import MountManager, SourceCheck
 from csi_driver.layerstore.backend import Mount
 
-#: judges the mount an opened bind source lies on (None: the kernel cannot say)
-SourceCheck = Callable[[host.MountEntry | None], bool]
+__all__ = ["HostMounter", "Mounter", "SourceCheck"]
+
+#: the host's mount manager: the kernel's mounts and loop devices
+HostMounter = MountManager
 
 
 class Mounter(Protocol):
@@ -25,30 +29,14 @@ class Mounter(Protocol):
 
     def remount_bind(self, target: str | Path, options: list[str]) -> None: ...
 
+    def bind_device(self, device: str, target: str | Path) -> None: ...
+
     def umount(self, target: str | Path) -> None: ...
 
+    def attach(self, m: Mount) -> str:
+        """A new device that is the ``loop`` Mount ``m``; it stays until ``detach``."""
 
-class HostMounter:
-    """The kernel's mounts, through system calls on node paths opened beneath their
-    root (host.beneath): each acts on the fd that was opened, never on the path again."""
+    def detach(self, device: str) -> None: ...
 
-    def table(self) -> host.Mounts:
-        return host.mount_view()
-
-    def mount(self, m: Mount, target: str | Path) -> None:
-        if m.type == "bind":
-            host.bind_beneath(m.source, target, trusted_source=True)  # a layer of the driver's
-            flags = [o for o in m.options if o not in ("bind", "ro", "rw")]
-            if "ro" in m.options or flags:
-                host.remount_bind_beneath(target, ["ro" if "ro" in m.options else "rw", *flags])
-        else:
-            host.mount_beneath(m.source, target, m.type, list(m.options), cwd=m.cwd)
-
-    def bind(self, source: str | Path, target: str | Path, source_ok: SourceCheck | None = None) -> None:
-        host.bind_beneath(source, target, source_ok)
-
-    def remount_bind(self, target: str | Path, options: list[str]) -> None:
-        host.remount_bind_beneath(target, options)
-
-    def umount(self, target: str | Path) -> None:
-        host.umount_beneath(target)
+    def holds(self, device: str | None, m: Mount) -> bool:
+        """Whether ``device`` is (still) the ``loop`` Mount ``m``."""

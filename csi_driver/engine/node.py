@@ -15,12 +15,15 @@ from pathlib import Path
 
 from csi_driver import host
 from csi_driver.engine.block import BlockVolumes
-from csi_driver.engine.context import BLOCK, EngineContext, VolumeStats
+from csi_driver.engine.capacity import Capacity
+from csi_driver.engine.context import BLOCK, CrashHook, VolumeStats
 from csi_driver.engine.modify import Modifier
 from csi_driver.engine.mounter import Mounter
+from csi_driver.engine.node_checks import NodeChecks
+from csi_driver.engine.records import Records
 from csi_driver.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from csi_driver.layerstore.backend import Mount
-from csi_driver.store import Layer, Publication, Volume
+from csi_driver.layerstore.backend import LayerBackend, Mount
+from csi_driver.store import Layer, Publication, Store, Volume
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +56,39 @@ def stage_mount_flags(flags: list[str] | None) -> list[str]:
 
 
 class NodePublisher:
-    def __init__(self, ctx: EngineContext, mounter: Mounter, block: BlockVolumes, modifier: Modifier) -> None:
-        self.ctx = ctx
+    def __init__(
+        self,
+        store: Store,
+        backend: LayerBackend,
+        records: Records,
+        checks: NodeChecks,
+        capacity: Capacity,
+        mounter: Mounter,
+        block: BlockVolumes,
+        modifier: Modifier,
+        step: CrashHook,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.records = records
+        self.checks = checks
+        self.capacity = capacity
         self.mounter = mounter
         self.block = block
         self.modifier = modifier
+        self.step = step
+        self._held: set[str] = set()  # volumes whose layers this process holds activated
 
     # ---- what the kernel shows ----------------------------------------------
     def shows(self, table: host.Mounts, path: str, v: Volume) -> bool:
         """Whether ``path`` holds a mount of the volume's layers (its overlay, or a bind of it)."""
         entry = table.at(path)
-        return entry is not None and self.ctx.backend.mounted_layer(entry) == v.upper
+        return entry is not None and self.backend.mounted_layer(entry) == v.upper
 
     def holds(self, entry: host.MountEntry | None, v: Volume, root_fd: int | None = None) -> bool:
         """Whether ``entry`` (the mount an opened path lies on) is the volume's layers,
         and ``root_fd`` (if given) is that mount's root."""
-        if entry is None or self.ctx.backend.mounted_layer(entry) != v.upper:
+        if entry is None or self.backend.mounted_layer(entry) != v.upper:
             return False
         return root_fd is None or host.beneath.is_mount_root(root_fd)
 
@@ -81,7 +101,7 @@ class NodePublisher:
         return self.shows(table or self.mounter.table(), v.staging_path, v)
 
     def live_publications(self, volume_id: str, table: host.Mounts) -> list[str]:
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             pubs = tx.publications(volume_id)
         return [p.target_path for p in pubs if table.is_mounted(p.target_path)]
 
@@ -91,52 +111,55 @@ class NodePublisher:
         done: list[Layer] = []
         try:
             for layer in chain:
-                self.ctx.backend.activate(layer)
+                self.backend.activate(layer)
                 done.append(layer)
         except Exception:
             for layer in done:
-                self.ctx.backend.deactivate(layer)
+                self.backend.deactivate(layer)
             raise
-        self.ctx.staged.add(v.id)
+        self._held.add(v.id)
 
     def drop(self, v: Volume, chain: list[Layer] | None = None) -> None:
-        if v.id not in self.ctx.staged:
+        if v.id not in self._held:
             return
-        self.ctx.staged.discard(v.id)
-        for layer in chain or self.ctx.chain(v.upper):
-            self.ctx.backend.deactivate(layer)
+        self._held.discard(v.id)
+        for layer in chain or self.records.chain(v.upper):
+            self.backend.deactivate(layer)
+
+    def forget(self, volume_id: str) -> None:
+        """A deleted volume is held no more (its layers' storage goes with it)."""
+        self._held.discard(volume_id)
 
     # ---- stage / unstage ----------------------------------------------------
     def stage(self, volume_id: str, staging_path: str, mount_flags: list[str] | None = None) -> None:
-        ctx = self.ctx
-        v = ctx.get_volume(volume_id)
+        v = self.records.volume(volume_id)
         if v.access_type == BLOCK:
             return self.block.stage(v, staging_path)
         table = self.mounter.table()
-        chain = ctx.chain(v.upper)
+        chain = self.records.chain(v.upper)
         if v.staging_path and v.staging_path != staging_path and self.shows(table, v.staging_path, v):
             raise FailedPrecondition(f"volume {volume_id} is already staged at {v.staging_path}")
         if self.shows(table, staging_path, v):
-            if v.id not in ctx.staged:
+            if v.id not in self._held:
                 self.hold(v, chain)
             return
         if table.is_mounted(staging_path):
             raise FailedPrecondition(f"{staging_path} already has another mount")
-        ctx.check_hides_nothing(staging_path)
-        ctx.check_stage_limit(v)
-        with ctx.store.tx() as tx:
+        self.checks.hides_nothing(staging_path)
+        self.checks.stage_limit(v)
+        with self.store.tx() as tx:
             tx.update_volume(
                 volume_id, staging_path=staging_path, stage_options={"mount_flags": mount_flags or []}
             )
-        ctx.step("stage.recorded")
+        self.step("stage.recorded")
         try:
             host.beneath.mkdir_beneath(staging_path)
-            if v.id in ctx.staged and not all(ctx.backend.is_active(x) for x in chain):
+            if v.id in self._held and not all(self.backend.is_active(x) for x in chain):
                 self.drop(v, chain)  # a stale hold: its mounts vanished (node reboot, manual umount)
-            if v.id not in ctx.staged:
+            if v.id not in self._held:
                 self.hold(v, chain)
             flags = stage_mount_flags(mount_flags)
-            for m in ctx.backend.mounts(chain):
+            for m in self.backend.mounts(chain):
                 self.mounter.mount(Mount(m.type, m.source, (*m.options, *flags), m.cwd), staging_path)
             self.modifier.apply(v)
         except Exception:
@@ -144,19 +167,18 @@ class NodePublisher:
             self.drop(v, chain)
             self.forget_staging(volume_id, staging_path)
             raise
-        ctx.step("stage.mounted")
+        self.step("stage.mounted")
 
     def forget_staging(self, volume_id: str, staging_path: str) -> None:
         """A stage that failed (nothing is mounted, nothing is held) leaves no record:
         a stale staging path would make later calls at or above it refuse."""
-        with self.ctx.store.tx() as tx:
+        with self.store.tx() as tx:
             current = tx.volume(volume_id)
             if current is not None and current.staging_path == staging_path:
                 tx.update_volume(volume_id, staging_path=None, stage_options={})
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
-        ctx = self.ctx
-        v = ctx.get_volume(volume_id)
+        v = self.records.volume(volume_id)
         table = self.mounter.table()
         live = self.live_publications(volume_id, table)
         if live:
@@ -167,12 +189,12 @@ class NodePublisher:
             return  # staged at another path: nothing is staged at this one, and its layers stay held
         if self.shows(table, staging_path, v):
             self.mounter.umount(staging_path)
-        ctx.step("unstage.unmounted")
+        self.step("unstage.unmounted")
         self.drop(v)
         if v.staging_path == staging_path or v.staging_path is None:
-            with ctx.store.tx() as tx:
+            with self.store.tx() as tx:
                 tx.update_volume(volume_id, staging_path=None, stage_options={})
-        ctx.step("unstage.done")
+        self.step("unstage.done")
 
     def release_orphan_staging(self, staging_path: str) -> bool:
         """Unstage of a volume that no longer exists (deleted while the node was down,
@@ -190,8 +212,7 @@ class NodePublisher:
         mount_flags: list[str] | None = None,
         single_writer: bool = False,
     ) -> None:
-        ctx = self.ctx
-        v = ctx.get_volume(volume_id)
+        v = self.records.volume(volume_id)
         table = self.mounter.table()
         if v.access_type == BLOCK:
             return self.block.publish(v, staging_path, target_path, readonly, single_writer, table)
@@ -202,7 +223,7 @@ class NodePublisher:
         want = (["ro"] if readonly else []) + list(mount_flags or [])
         entry = table.at(target_path)
         if entry is not None:
-            with ctx.store.read() as tx:
+            with self.store.read() as tx:
                 pub = tx.publication_at(target_path)
             if (
                 pub
@@ -215,11 +236,11 @@ class NodePublisher:
                     self.mounter.remount_bind(target_path, ["ro" if readonly else "rw", *(mount_flags or [])])
                 return
             raise AlreadyExists(f"{target_path} is already published with other arguments")
-        ctx.check_single_writer(
+        self.checks.single_writer(
             v, target_path, readonly, single_writer, live=lambda p: self.shows(table, p.target_path, v)
         )
-        ctx.check_hides_nothing(target_path)
-        with ctx.store.tx() as tx:
+        self.checks.hides_nothing(target_path)
+        with self.store.tx() as tx:
             tx.add_publication(
                 Publication(
                     volume_id,
@@ -228,13 +249,13 @@ class NodePublisher:
                     {"mount_flags": mount_flags or [], "single_writer": single_writer},
                 )
             )
-        ctx.step("publish.recorded")
+        self.step("publish.recorded")
         made = not os.path.lexists(target_path)
         try:
             host.beneath.mkdir_beneath(target_path)
             # the staging path as opened must still hold the volume's overlay
             self.mounter.bind(staging_path, target_path, source_ok=lambda e: self.holds(e, v))
-            ctx.step("publish.mounted")
+            self.step("publish.mounted")
             if want:  # a bind takes the staging mount's flags; ro and the pod's flags are its own
                 self.mounter.remount_bind(target_path, ["ro" if readonly else "rw", *(mount_flags or [])])
         except Exception:
@@ -243,13 +264,12 @@ class NodePublisher:
             if made:
                 with contextlib.suppress(OSError, host.beneath.PathRaced):
                     host.beneath.rmdir_beneath(target_path)
-            with ctx.store.tx() as tx:
+            with self.store.tx() as tx:
                 tx.delete_publication(volume_id, target_path)
             raise
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
-        ctx = self.ctx
-        v = ctx.get_volume(volume_id)
+        v = self.records.volume(volume_id)
         table = self.mounter.table()
         if v.access_type == BLOCK:
             return self.block.unpublish(v, target_path, table)
@@ -262,8 +282,8 @@ class NodePublisher:
             if not self.shows(table, target_path, v):
                 raise FailedPrecondition(f"{target_path} holds a mount that is not volume {volume_id}")
             self.mounter.umount(target_path)
-        ctx.step("unpublish.unmounted")
-        with ctx.store.read() as tx:
+        self.step("unpublish.unmounted")
+        with self.store.read() as tx:
             pub = tx.publication_at(target_path)
         # only the mount dir of a publication of this volume, never a caller's dir (nor
         # what a symlink swapped in for it names: removed by name in its parent's fd)
@@ -276,7 +296,7 @@ class NodePublisher:
                 if e.errno == errno.EBUSY:  # still mounted: the path changed under the check
                     raise Aborted(f"{target_path} changed while it was unpublished; try again") from e
                 log.warning("could not remove target %s: %s", target_path, e)
-        with ctx.store.tx() as tx:
+        with self.store.tx() as tx:
             tx.delete_publication(volume_id, target_path)
 
     def set_mount_group(self, volume_id: str, group: str, readonly: bool = False) -> None:
@@ -284,7 +304,7 @@ class NodePublisher:
         group-owned and setgid, so everything the pod creates inherits the group."""
         if not (group.isascii() and group.isdigit()) or int(group) > 0xFFFFFFFE:
             raise InvalidArgument(f"volume_mount_group {group[:40]!r} is not a numeric group id")
-        v = self.ctx.get_volume(volume_id)
+        v = self.records.volume(volume_id)
         if readonly or v.access_type == BLOCK or not v.staging_path:
             return  # like kubelet's own fsGroup handling, never change a volume for a read-only pod
         if not self.shows(self.mounter.table(), v.staging_path, v):
@@ -318,7 +338,7 @@ class NodePublisher:
 
     # ---- stats and health ---------------------------------------------------
     def volume_paths(self, v: Volume) -> set[str]:
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             paths = {p.target_path for p in tx.publications(v.id)}
         if v.staging_path:
             paths.add(v.staging_path)
@@ -346,8 +366,7 @@ class NodePublisher:
         return False
 
     def stats(self, volume_id: str, path: str) -> VolumeStats:
-        ctx = self.ctx
-        v = ctx.get_volume(volume_id)
+        v = self.records.volume(volume_id)
         known = os.path.normpath(path) in self.volume_paths(v)
         if not known and not (v.access_type == BLOCK and self.block.shows_device(v, path)):
             raise NotFound(f"{path} is not a path of volume {volume_id}")
@@ -355,14 +374,14 @@ class NodePublisher:
         if v.access_type == BLOCK:
             return self.block.stats(v, self.condition(v, path, table))
         try:
-            chain = ctx.chain(v.upper)
+            chain = self.records.chain(v.upper)
         except LookupError:  # deleted while we looked
             return VolumeStats(0, 0, 0, 0, 0, 0, True, f"volume {v.id} is being deleted")
         condition = self.condition(v, path, table, chain[0])
         # An overlay reports its upper's file system, so the upper's own figures are
         # the volume's even when the path is gone (kubelet drops a stats answer
         # without usage before it reads the condition).
-        fs = ctx.backend.fs_usage(chain[0])
+        fs = self.backend.fs_usage(chain[0])
         if fs is None:
             return VolumeStats(0, 0, 0, 0, 0, 0, True, condition or f"volume {v.id} is not staged")
         # used: the data in the volume's own layers plus its upper, against its capacity;
@@ -384,9 +403,9 @@ class NodePublisher:
         """The condition of many volumes (ListVolumes) from one reading of the mount
         table and one of the layers."""
         table = self.mounter.table()
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             layers = {x.id: x for x in tx.layers()}
-        low = self.ctx.capacity.low()
+        low = self.capacity.low()
         return {v.id: self.condition(v, None, table, layers.get(v.upper), low) for v in vols}
 
     def condition(
@@ -401,16 +420,16 @@ class NodePublisher:
         problem = self._problem(v, path, table or self.mounter.table(), upper)
         if problem:
             return problem
-        low = self.ctx.capacity.low() if low is None else low
+        low = self.capacity.low() if low is None else low
         return f"{low}; writes to this volume may fail before it is full" if low else ""
 
     def _problem(self, v: Volume, path: str | None, table: host.Mounts, upper: Layer | None) -> str:
         if v.access_type == BLOCK:
             return self.block.condition(v, path, table)
-        upper = upper or self.ctx.layer(v.upper)
+        upper = upper or self.records.layer(v.upper)
         if upper is None:  # deleted while we looked (ListVolumes is not serialised per volume)
             return f"volume {v.id} is being deleted"
-        problem = self.ctx.backend.health(upper, table if v.staging_path else None)
+        problem = self.backend.health(upper, table if v.staging_path else None)
         if problem:
             return f"the upper of volume {v.id}: {problem}"
         for p in [path] if path else ([v.staging_path] if v.staging_path else []):

@@ -26,12 +26,11 @@ import threading
 import time
 from collections import Counter
 
-from csi_driver.engine.context import EngineContext
 from csi_driver.engine.transfers import Transfers
 from csi_driver.errors import DriverError
 from csi_driver.registry.client import PermissionDenied, Unauthenticated
 from csi_driver.registry.credentials import Credentials
-from csi_driver.store import PendingDelete
+from csi_driver.store import PendingDelete, Store
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,8 @@ MAX_RETRY_SECONDS = 600.0  # up to this
 
 
 class PendingDeletes:
-    def __init__(self, ctx: EngineContext, transfers: Transfers) -> None:
-        self.ctx = ctx
+    def __init__(self, store: Store, transfers: Transfers) -> None:
+        self.store = store
         self.transfers = transfers
         self.first = FIRST_RETRY_SECONDS
         self.longest = MAX_RETRY_SECONDS
@@ -52,11 +51,11 @@ class PendingDeletes:
         self.retries: Counter[str] = Counter()  # "completed" / "failed", since the process started
 
     def get(self, snapshot_id: str) -> PendingDelete | None:
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             return tx.pending_delete(snapshot_id)
 
     def all(self) -> list[PendingDelete]:
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             return tx.pending_deletes()
 
     def recorded(self, pending: PendingDelete, credentials: Credentials | None) -> None:
@@ -103,7 +102,7 @@ class PendingDeletes:
         except Exception as e:  # whatever it was, the deletion stays pending and backs off
             self._failed(pending, e, known)
             return False
-        with self.ctx.store.tx() as tx:
+        with self.store.tx() as tx:
             tx.delete_pending_delete(snapshot_id)
         with self._lock:
             self._credentials.pop(snapshot_id, None)
@@ -127,7 +126,7 @@ class PendingDeletes:
                 f"credentials are kept in memory only; a DeleteSnapshot of {sid} with them "
                 f"retries it ({message})"
             )
-        with self.ctx.store.tx() as tx:
+        with self.store.tx() as tx:
             tx.retried_delete(sid, message)
         wait = min(self.longest, self.first * 2 ** min(pending.attempts + 1, 30))
         with self._lock:

@@ -12,9 +12,11 @@ import logging
 from dataclasses import dataclass, field
 
 from csi_driver import host
+from csi_driver.engine.context import BLOCK
 from csi_driver.engine.engine import Engine
 from csi_driver.errors import CommandFailed
 from csi_driver.layerstore.backend import CleanupReport
+from csi_driver.store import Publication
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +32,9 @@ class Report(CleanupReport):
 
 def reconcile(engine: Engine) -> Report:
     rep = Report()
-    ctx, backend = engine.ctx, engine.backend
+    state, backend = engine.state, engine.backend
 
-    for entry in sorted(ctx.state.tmp.iterdir()):
+    for entry in sorted(state.tmp.iterdir()):
         _settle(host.remove_tree, entry, rep)
         rep.removed.append(str(entry))
 
@@ -41,7 +43,7 @@ def reconcile(engine: Engine) -> Report:
         layers = {x.id: x for x in tx.layers()}
         volumes = tx.volumes()
         pubs = tx.publications()
-    ctx.discard(gone)
+    engine.builds.discard(gone)
     rep.collected = [x.id for x in gone]
     for layer in layers.values():
         problem = backend.health(layer)
@@ -66,19 +68,27 @@ def reconcile(engine: Engine) -> Report:
             rep.unmounted.append(m.target)
 
     # ephemeral volumes' private staging dirs whose volume is gone
-    for entry in sorted(ctx.state.ephemeral.iterdir()):
+    for entry in sorted(state.ephemeral.iterdir()):
         if entry.name not in {v.id for v in volumes}:
             _settle(host.remove_tree, entry, rep)
             rep.removed.append(str(entry))
 
-    keep = {v.stage_options.get("device") for v in volumes if v.staging_path}
-    keep |= {p.options.get("device") for p in pubs}
-    cleaned = backend.cleanup(layers, {d for d in keep if d})
+    # Block volumes' devices: those the record names that the mount manager finds
+    # still to be the volume's (sysfs, no losetup) are kept; the backend detaches
+    # every other device of its layers.
+    pubs_of: dict[str, list[Publication]] = {}
+    for p in pubs:
+        pubs_of.setdefault(p.volume_id, []).append(p)
+    keep: set[str] = set()
+    for v in volumes:
+        if v.access_type == BLOCK and v.upper in layers and (v.staging_path or v.id in pubs_of):
+            keep.update(engine.block.devices(v, pubs_of.get(v.id, [])))
+    cleaned = backend.cleanup(layers, keep)
     rep.removed += cleaned.removed
     rep.unmounted += cleaned.unmounted
     rep.detached += cleaned.detached
     rep.failed += cleaned.failed
-    rep.adopted += sorted(d for d in keep if d and host.loop_backing_file(d))  # sysfs, no losetup
+    rep.adopted += sorted(keep)
     return rep
 
 

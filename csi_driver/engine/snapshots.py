@@ -6,26 +6,43 @@ import logging
 import time
 from collections.abc import Sequence
 
+from csi_driver.engine.builds import LayerBuilds
+from csi_driver.engine.capacity import Capacity
 from csi_driver.engine.capture import Capture
-from csi_driver.engine.context import BLOCK, GROUP_PREFIX, SNAPSHOT_PREFIX, EngineContext
+from csi_driver.engine.context import BLOCK, GROUP_PREFIX, SNAPSHOT_PREFIX, CrashHook
 from csi_driver.engine.transfers import exported_id, snapshot_reference
 from csi_driver.errors import AlreadyExists, FailedPrecondition, NotFound
 from csi_driver.ids import issued_id, new_id
 from csi_driver.locks import KeyedLocks
 from csi_driver.registry.reference import Repository
-from csi_driver.store import Layer, PendingDelete, ReadTx, Snapshot, Tx, Volume
+from csi_driver.store import Layer, PendingDelete, ReadTx, Snapshot, Store, Tx, Volume
 
 log = logging.getLogger(__name__)
 
 
 class Snapshots:
-    def __init__(self, ctx: EngineContext, capture: Capture) -> None:
-        self.ctx = ctx
+    def __init__(
+        self,
+        store: Store,
+        builds: LayerBuilds,
+        capacity: Capacity,
+        capture: Capture,
+        step: CrashHook,
+        *,
+        node_id: str,
+        max_per_volume: int = 0,
+    ) -> None:
+        self.store = store
+        self.builds = builds
+        self.capacity = capacity
         self.capture = capture
+        self.step = step
+        self.node_id = node_id
+        self.max_per_volume = max_per_volume  # 0: no limit
         self._per_volume = KeyedLocks()  # --max-snapshots-per-volume: count and take, one at a time
 
     def _check_limit(self, tx: ReadTx, v: Volume) -> None:
-        limit = self.ctx.config.max_snapshots_per_volume
+        limit = self.max_per_volume
         if limit and len(tx.snapshots(source_volume_id=v.id)) >= limit:
             # FAILED_PRECONDITION, not RESOURCE_EXHAUSTED: external-snapshotter takes the latter
             # as not final and keeps the content "being created", which blocks its deletion
@@ -41,7 +58,7 @@ class Snapshots:
         ``repository``: the members are for export there, each id its artifact's
         reference (``Engine.export_group`` pushes them)."""
         members = sorted(set(volume_ids))
-        with self.ctx.store.tx() as tx:
+        with self.store.tx() as tx:
             existing = tx.group_by_name(name)
             if existing is not None:
                 snaps = self._group_snapshots(tx, existing["id"])
@@ -59,16 +76,16 @@ class Snapshots:
                 self._check_limit(tx, v)
                 vols.append(v)
         group_id = GROUP_PREFIX + new_id()
-        need = sum(self.ctx.allocation(v) for v in vols)
-        with self.ctx.capacity.admit(need, f"group snapshot {name!r}"), self.ctx.scratch() as scratch:
+        need = sum(self.capacity.allocation(v) for v in vols)
+        with self.capacity.admit(need, f"group snapshot {name!r}"), self.builds.scratch() as scratch:
             layers = self.capture.volumes(vols, scratch)
-            with self.ctx.store.tx() as tx:
+            with self.store.tx() as tx:
                 tx.add_group(group_id, name, members)
                 for v, layer in zip(vols, layers, strict=True):
                     member_id = (
                         exported_id(repository, SNAPSHOT_PREFIX + new_id())
                         if repository is not None
-                        else issued_id(SNAPSHOT_PREFIX, self.ctx.config.node_id)
+                        else issued_id(SNAPSHOT_PREFIX, self.node_id)
                     )
                     self._record_snapshot(tx, f"{group_id}/{v.id}", v, layer, group_id, member_id)
                 group = tx.group(group_id)
@@ -81,14 +98,14 @@ class Snapshots:
         return [s for s in tx.snapshots() if s.group_id == group_id]
 
     def get_group_snapshot(self, group_id: str) -> tuple[dict, list[Snapshot]] | None:
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             group = tx.group(group_id)
             return (group, self._group_snapshots(tx, group_id)) if group else None
 
     def delete_group_snapshot(self, group_id: str, pending: Sequence[PendingDelete] = ()) -> None:
         """Delete a group and its members; ``pending`` (members' manifest deletions that
         wait for their registry) is recorded in the same transaction."""
-        with self.ctx.store.tx() as tx:
+        with self.store.tx() as tx:
             for p in pending:
                 tx.add_pending_delete(p)
             if tx.group(group_id) is None:
@@ -97,7 +114,7 @@ class Snapshots:
                 tx.delete_snapshot(s.id)
             tx.delete_group(group_id)
             gone = tx.collect_garbage()
-        self.ctx.discard(gone)
+        self.builds.discard(gone)
 
     def _record_snapshot(
         self, tx: Tx, name: str, v: Volume, layer: Layer, group_id: str = "", snapshot_id: str = ""
@@ -111,7 +128,7 @@ class Snapshots:
         return tx.add_snapshot(
             Snapshot(
                 seq=0,
-                id=snapshot_id or issued_id(SNAPSHOT_PREFIX, self.ctx.config.node_id),
+                id=snapshot_id or issued_id(SNAPSHOT_PREFIX, self.node_id),
                 name=name,
                 source_volume_id=v.id,
                 layer=layer.id,
@@ -136,7 +153,7 @@ class Snapshots:
         artifact's reference (``Transfers.push_snapshot`` pushes it). ``copy_limit``:
         the most a capture of the volume in use may copy (lowers the node's limit)."""
         if repository is None:
-            snapshot_id = issued_id(SNAPSHOT_PREFIX, self.ctx.config.node_id)
+            snapshot_id = issued_id(SNAPSHOT_PREFIX, self.node_id)
         else:  # any node can restore it: its id (and its artifact's tag) names no node
             snapshot_id = exported_id(repository, SNAPSHOT_PREFIX + new_id())
         with self._per_volume.hold(source_volume_id):
@@ -153,7 +170,7 @@ class Snapshots:
         snapshot_id: str,
         copy_limit: int | None,
     ) -> Snapshot:
-        with self.ctx.store.tx() as tx:
+        with self.store.tx() as tx:
             existing = tx.snapshot_by_name(name)
             if existing is not None:
                 if existing.source_volume_id != source_volume_id:
@@ -166,33 +183,33 @@ class Snapshots:
             if v is None:
                 raise NotFound(f"volume {source_volume_id} does not exist")
             self._check_limit(tx, v)
-        admitted = self.ctx.capacity.admit(self.ctx.allocation(v), f"snapshot {name!r}")
-        with admitted, self.ctx.scratch() as scratch:
+        admitted = self.capacity.admit(self.capacity.allocation(v), f"snapshot {name!r}")
+        with admitted, self.builds.scratch() as scratch:
             layer = self.capture.volume(source_volume_id, scratch, copy_limit)
-            with self.ctx.store.tx() as tx:
+            with self.store.tx() as tx:
                 snap = self._record_snapshot(tx, name, v, layer, group_id, snapshot_id)
-                self.ctx.step("snapshot.recorded")
+                self.step("snapshot.recorded")
         return snap
 
     def delete_snapshot(self, snapshot_id: str, pending: PendingDelete | None = None) -> None:
         """Delete a snapshot held here; ``pending`` (its manifest's deletion, which waits
         for its registry) is recorded in the same transaction."""
-        with self.ctx.store.tx() as tx:
+        with self.store.tx() as tx:
             if pending is not None:
                 tx.add_pending_delete(pending)
             if tx.snapshot(snapshot_id) is None:
                 return
             tx.delete_snapshot(snapshot_id)
             gone = tx.collect_garbage()
-        self.ctx.step("delete_snapshot.committed")
-        self.ctx.discard(gone)
+        self.step("delete_snapshot.committed")
+        self.builds.discard(gone)
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             return tx.snapshot(snapshot_id)
 
     def list_snapshots(
         self, after_seq: int, limit: int, source_volume_id: str | None = None
     ) -> list[Snapshot]:
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             return tx.snapshots(after_seq, limit, source_volume_id)

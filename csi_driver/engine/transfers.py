@@ -44,10 +44,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from csi_driver.engine.context import BLOCK, SNAPSHOT_PREFIX, EngineContext
+from csi_driver.engine.builds import LayerBuilds
+from csi_driver.engine.capacity import Capacity
+from csi_driver.engine.context import BLOCK, SNAPSHOT_PREFIX
+from csi_driver.engine.records import Records
 from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from csi_driver.ids import untagged
 from csi_driver.layerstore import blockimage
+from csi_driver.layerstore.backend import LayerBackend
 from csi_driver.layerstore.blockimage import MEDIA_TYPE as BLOCK_MEDIA_TYPE
 from csi_driver.layerstore.layertar import DiffError, TooManyEntries, count_tar
 from csi_driver.locks import KeyedLocks
@@ -64,7 +68,7 @@ from csi_driver.registry.client import (
 from csi_driver.registry.credentials import Credentials
 from csi_driver.registry.progress import count_blob
 from csi_driver.registry.reference import DIGEST_RE, BadReference, Reference, Repository
-from csi_driver.store import Blob, Layer, PendingDelete, Snapshot
+from csi_driver.store import Blob, Layer, PendingDelete, ReadTx, Snapshot, Store
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +174,20 @@ class _Base:
 
 
 class Transfers:
-    def __init__(self, ctx: EngineContext, insecure: frozenset[str] = frozenset()) -> None:
-        self.ctx = ctx
+    def __init__(
+        self,
+        store: Store,
+        backend: LayerBackend,
+        records: Records,
+        builds: LayerBuilds,
+        capacity: Capacity,
+        insecure: frozenset[str] = frozenset(),
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.records = records
+        self.builds = builds
+        self.capacity = capacity
         self.insecure = insecure
         self._pulls = KeyedLocks()  # one pull per reference at a time
 
@@ -189,12 +205,12 @@ class Transfers:
     def _pinned(self, layer_ids: list[str]) -> Iterator[None]:
         """Keep layers from garbage collection while a transfer reads or builds on them."""
         for layer_id in layer_ids:
-            self.ctx.store.pin(layer_id)
+            self.store.pin(layer_id)
         try:
             yield
         finally:
             for layer_id in layer_ids:
-                self.ctx.store.unpin(layer_id)
+                self.store.unpin(layer_id)
 
     # ---- push -----------------------------------------------------------------
     def push_snapshot(
@@ -215,7 +231,7 @@ class Transfers:
         ref = Reference.parse(exported_id(repository, local_id)) if repository else own
         assert ref is not None
         client = self.client(ref.repository, credentials)
-        chain = self.ctx.chain(snap.layer)
+        chain = self.records.chain(snap.layer)
         with self._pinned([x.id for x in chain]), ExitStack() as held:
             base = (
                 None if snap.access_type == BLOCK else self._export_base(snap, ref.repository, client, held)
@@ -230,7 +246,7 @@ class Transfers:
                 for _blob in base.blobs:
                     count_blob("push", "skipped")
                 layers = base.blobs + self._push_over(client, base, chain, compression)
-            with self.ctx.scratch() as scratch:
+            with self.builds.scratch() as scratch:
                 config = scratch / "config"
                 config.write_bytes(artifact.EMPTY_CONFIG_BYTES)
                 client.push_blob(config, artifact.EMPTY_CONFIG.digest, artifact.EMPTY_CONFIG.size)
@@ -238,7 +254,7 @@ class Transfers:
         cancel.check()  # the snapshot is ready once the manifest is stored: not after the deadline
         digest = client.push_manifest(manifest, ref.tag or "")
         if str(ref) == snap.id:
-            with self.ctx.store.tx() as tx:
+            with self.store.tx() as tx:
                 tx.set_exported(snap.id, digest)
         log.info("snapshot %s pushed as %s: %d layers, manifest %s", snap.id, ref, len(layers), digest[:19])
         return ref
@@ -250,7 +266,7 @@ class Transfers:
         volume that is held here (its chain pinned in ``held``) and exported to the same
         repository, whose manifest that registry still serves, with room for more layers
         (``MAX_INCREMENTAL_LAYERS``); None for a whole export."""
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             earlier = [
                 s
                 for s in tx.snapshots(source_volume_id=snap.source_volume_id)
@@ -263,8 +279,8 @@ class Transfers:
             if not earlier:
                 return None
             base = earlier[-1]
-            self.ctx.store.pin(base.layer)  # before the read ends: no collection in between
-            held.callback(self.ctx.store.unpin, base.layer)
+            self.store.pin(base.layer)  # before the read ends: no collection in between
+            held.callback(self.store.unpin, base.layer)
             chain = tx.chain(base.layer)
         try:
             manifest = client.pull_manifest(base.exported)
@@ -290,12 +306,12 @@ class Transfers:
             return [self._push_layer(client, chain[i:], compression) for i in reversed(range(above))]
         cancel.check()
         top = chain[0]
-        with self.ctx.scratch() as scratch:
+        with self.builds.scratch() as scratch:
             digest, size, tar_size, stats = _streamed(
                 client,
                 scratch,
                 compression,
-                lambda views, tar: self.ctx.backend.export_diff_over(base.chain, chain, views, tar),
+                lambda views, tar: self.backend.export_diff_over(base.chain, chain, views, tar),
                 top.used_bytes,
             )
         log.info(
@@ -324,12 +340,12 @@ class Transfers:
         )
         if known is not None:
             return artifact.layer_descriptor(known)
-        with self.ctx.scratch() as scratch:
+        with self.builds.scratch() as scratch:
             digest, size, tar_size, stats = _streamed(
                 client,
                 scratch,
                 compression,
-                lambda views, tar: self.ctx.backend.export_diff(chain, views, tar),
+                lambda views, tar: self.backend.export_diff(chain, views, tar),
                 layer.used_bytes,
             )
         expanded = 0 if media_type == LAYER_TAR else tar_size
@@ -344,7 +360,7 @@ class Transfers:
         known = self._already_pushed(client, layer, lambda b: b.media_type == BLOCK_MEDIA_TYPE)
         if known is not None:
             return Descriptor(BLOCK_MEDIA_TYPE, known.digest, known.size)
-        image = self.ctx.backend.block_file(layer)
+        image = self.backend.block_file(layer)
         digest, blob_size, (size, data) = client.push_stream(
             lambda body: blockimage.write_image(image, body),  # type: ignore[arg-type]
             layer.used_bytes,
@@ -361,7 +377,7 @@ class Transfers:
         """A blob recorded for ``layer`` that ``usable`` accepts and the registry has (then
         counted as skipped), or None: it must be exported."""
         cancel.check()
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             known = [b for b in tx.layer_blobs(layer.id) if usable(b)]
         for blob in known:
             if client.has_blob(blob.digest):
@@ -373,7 +389,7 @@ class Transfers:
     def _record_blob(self, exported: Blob) -> None:
         """Record ``exported`` as its layer's blob, if the layer is still here (a later
         push of the layer skips it while the registry has it)."""
-        with self.ctx.store.tx() as tx:
+        with self.store.tx() as tx:
             if tx.layer(exported.layer) is not None:
                 tx.add_layer_blob(exported)
 
@@ -386,7 +402,7 @@ class Transfers:
         name = f"layer {blob.digest[:19]}"
         with client.blob(blob.digest, blob.size) as stream:
             try:
-                built = self.ctx.backend.import_block(
+                built = self.backend.import_block(
                     build, size, lambda fd: blockimage.restore_image(stream.read, fd, blob.size, size)
                 )
             except blockimage.BadImage as e:
@@ -401,7 +417,7 @@ class Transfers:
 
     def _pushed(self, blob: Blob, client: RegistryClient) -> None:
         """The repository holds the layer's blob now: pulls from it may use the layer."""
-        with self.ctx.store.tx() as tx:
+        with self.store.tx() as tx:
             if tx.layer(blob.layer) is not None:
                 tx.add_layer_blob(blob, repository=client.where)
 
@@ -419,23 +435,23 @@ class Transfers:
         runs; afterwards only the new volume keeps them. A failed restore leaves
         nothing: what it pulled is collected with the record."""
         with self._one_pull(snapshot_id):
-            with self.ctx.store.read() as tx:
+            with self.store.read() as tx:
                 kept = tx.snapshot(snapshot_id)  # a copy kept here: used, and left as it is
             snap = kept or self._pull_snapshot(snapshot_id, credentials)
             try:
                 yield snap
             finally:
                 if kept is None:
-                    with self.ctx.store.tx() as tx:
+                    with self.store.tx() as tx:
                         tx.delete_snapshot(snapshot_id)
                         gone = tx.collect_garbage()
-                    self.ctx.discard(gone)
+                    self.builds.discard(gone)
 
     def _pull_snapshot(self, snapshot_id: str, credentials: Credentials | None) -> Snapshot:
         ref = snapshot_reference(snapshot_id)
         if ref is None:
             raise NotFound(f"snapshot {snapshot_id[:80]!r} does not exist")
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             existing = tx.snapshot(snapshot_id)
         if existing is not None:
             return existing
@@ -449,12 +465,12 @@ class Transfers:
         if not blobs:
             raise BadContent(f"{what}: its manifest has no layers")
         notes = artifact.snapshot_claims(
-            manifest.body.get("annotations"), what, self.ctx.backend.capabilities.artifact_fs_types
+            manifest.body.get("annotations"), what, self.backend.capabilities.artifact_fs_types
         )
         block = notes["access-type"] == BLOCK
-        if block and not self.ctx.backend.capabilities.block:
+        if block and not self.backend.capabilities.block:
             raise FailedPrecondition(
-                f"{what} is of a raw block volume: this node's {self.ctx.backend.name} backend keeps none"
+                f"{what} is of a raw block volume: this node's {self.backend.name} backend keeps none"
             )
         if block and (len(blobs) != 1 or blobs[0].media_type != BLOCK_MEDIA_TYPE):
             raise BadContent(f"{what}: a block snapshot's manifest must hold one {BLOCK_MEDIA_TYPE} layer")
@@ -486,7 +502,7 @@ class Transfers:
         credentials and everything else the registry answers still fail it."""
         if snapshot_reference(snapshot_id) is None:
             return None
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             snap = tx.snapshot(snapshot_id)
         digest = snap.exported if snap is not None and snap.exported else ""
         try:
@@ -510,7 +526,7 @@ class Transfers:
 
     def _check_not_deleted(self, snapshot_id: str) -> None:
         """NOT_FOUND for a snapshot deleted here whose manifest waits for its registry to go."""
-        with self.ctx.store.read() as tx:
+        with self.store.read() as tx:
             if tx.pending_delete(snapshot_id) is not None:
                 raise NotFound(
                     f"snapshot {snapshot_id[:80]!r} was deleted (its manifest goes once its registry is back)"
@@ -529,7 +545,7 @@ class Transfers:
         if not artifact.is_snapshot(manifest):
             raise FailedPrecondition(f"{ref} is not an overlay-csi snapshot")
         notes = artifact.snapshot_claims(
-            manifest.body.get("annotations"), what, self.ctx.backend.capabilities.artifact_fs_types
+            manifest.body.get("annotations"), what, self.backend.capabilities.artifact_fs_types
         )
         return Snapshot(
             seq=0,
@@ -551,7 +567,7 @@ class Transfers:
         kept until deleted, and used without asking the registry again unless ``refresh``."""
         name = str(ref)
         with self._one_pull(name):
-            with self.ctx.store.read() as tx:
+            with self.store.read() as tx:
                 existing = tx.layer_by_name(name)
             if existing is not None and not refresh:
                 return existing
@@ -573,9 +589,9 @@ class Transfers:
                     tx.update_layer(old.id, name=f"retired:{old.id}")
                 tx.update_layer(top.id, name=name)
                 gone = tx.collect_garbage()
-            self.ctx.discard(gone)
+            self.builds.discard(gone)
             log.info("image %s pulled: %d layers, manifest %s", name, len(blobs), manifest.digest[:19])
-            with self.ctx.store.read() as tx:
+            with self.store.read() as tx:
                 top_now = tx.layer(top.id)
             assert top_now is not None
             return top_now
@@ -610,7 +626,6 @@ class Transfers:
         """Build what is missing of the chain ``blobs`` (bottom first) in scratch,
         then yield (tx, top layer) inside the one transaction that installs it all.
         ``block_size``: the chain is one raw block layer's blob of that image size."""
-        ctx = self.ctx
         if len(blobs) > MAX_LAYERS:
             raise BadContent(f"{what}: {len(blobs)} layers (at most {MAX_LAYERS})")
         for blob in blobs:
@@ -624,7 +639,7 @@ class Transfers:
         reused: list[str] = []
         source = client.where  # host/path: the repository the caller's credentials just reached
         try:
-            with ctx.scratch() as scratch:
+            with self.builds.scratch() as scratch:
                 plan: list[tuple[Descriptor, Layer, Path | None]] = []  # (blob, layer, build or None)
                 entries: dict[str, int] = {}  # layer id -> its tar's entries, at most
                 unproven: list[Descriptor] = []  # held here, but not from this repository
@@ -632,12 +647,12 @@ class Transfers:
                 need = 0
                 for blob in blobs:  # what this node already has, from the bottom up
                     below = parent.id if parent else None
-                    with ctx.store.read() as tx:
+                    with self.store.read() as tx:
                         have = tx.layer_from_blob(blob.digest, below, source)
                         if have is None and (have := tx.layer_from_blob(blob.digest, below)) is not None:
                             unproven.append(blob)
                         if have is not None:  # pinned before the read ends: no collection in between
-                            ctx.store.pin(have.id)
+                            self.store.pin(have.id)
                             reused.append(have.id)
                     if have is None:
                         break
@@ -649,7 +664,7 @@ class Transfers:
                 need += max((blob.size for blob in missing if artifact.announced(blob) is None), default=0)
                 need += 16 * MiB * bool(missing)
                 need += sum(blob.size for blob in unproven)
-                with ctx.capacity.admit(need, what), ExitStack() as admitted:
+                with self.capacity.admit(need, what), ExitStack() as admitted:
                     for blob in unproven:  # a digest is no access: the registry serves it, or no layer
                         self._prove(client, blob, scratch)
                     for i, blob in enumerate(missing):
@@ -662,36 +677,28 @@ class Transfers:
                             built, count = self._import_blob(
                                 client, blob, build, scratch, plan, what, admitted
                             )
-                        layer = ctx.new_layer(parent, built, active=False, fs_type=built.fs_type)
+                        layer = self.builds.new_layer(parent, built, active=False, fs_type=built.fs_type)
                         entries[layer.id] = count
                         plan.append((blob, layer, build))
                         parent = layer
                     assert parent is not None
                     cancel.check()  # the last moment a cancelled pull may still stop
-                    installed: list[Layer] = []
-                    try:
-                        with ctx.store.tx() as tx:
-                            gone = [x.id for _b, x, build in plan if build is None and tx.layer(x.id) is None]
-                            if gone:
-                                raise FailedPrecondition(f"{what}: layer {gone[0]} went meanwhile; retry")
-                            for blob, layer, build in plan:
-                                if build is not None:
-                                    tx.add_layer(layer)
-                                    ctx.install(build, layer)
-                                    installed.append(layer)
-                                count = entries.get(layer.id, 0)
-                                found = Blob(layer.id, blob.digest, blob.size, blob.media_type, count)
-                                tx.add_layer_blob(found, repository=source)
-                            yield tx, parent
-                    except BaseException:
-                        ctx.discard(installed)  # moved into place, but their rows were rolled back
-                        raise
-                    for _blob, layer, build in plan:
-                        if build is not None:
-                            ctx.backend.expose(layer)
+                    made = [(build, layer) for _blob, layer, build in plan if build is not None]
+
+                    def none_gone(tx: ReadTx) -> None:
+                        gone = [x.id for _b, x, build in plan if build is None and tx.layer(x.id) is None]
+                        if gone:
+                            raise FailedPrecondition(f"{what}: layer {gone[0]} went meanwhile; retry")
+
+                    with self.builds.adding(made, check=none_gone) as tx:
+                        for blob, layer, _build in plan:
+                            count = entries.get(layer.id, 0)
+                            found = Blob(layer.id, blob.digest, blob.size, blob.media_type, count)
+                            tx.add_layer_blob(found, repository=source)
+                        yield tx, parent
         finally:
             for layer_id in reused:
-                ctx.store.unpin(layer_id)
+                self.store.unpin(layer_id)
 
     def _prove(self, client: RegistryClient, blob: Descriptor, scratch: Path) -> None:
         """Download ``blob`` from the caller's registry, checked, and drop it: a layer this
@@ -731,14 +738,14 @@ class Transfers:
                 raise BadContent(f"{what}: {name} announces {expanded} bytes expanded, for {blob.size}")
             if entries > MAX_LAYER_ENTRIES:
                 raise TooManyEntries(f"holds more than {MAX_LAYER_ENTRIES} entries (the per-layer limit)")
-            admitted.enter_context(self.ctx.capacity.admit(_layer_need(expanded, entries), f"{what}: {name}"))
+            admitted.enter_context(self.capacity.admit(_layer_need(expanded, entries), f"{what}: {name}"))
             with client.blob(blob.digest, blob.size) as stream:
                 try:
                     raw = codec.decompressing(stream, kind)  # type: ignore[arg-type]
                     why = f"{name} expands beyond the {expanded} bytes its manifest announces"
                     reading = _Bounded(raw, expanded, why)
                     try:
-                        built = self.ctx.backend.import_diff(
+                        built = self.backend.import_diff(
                             build,
                             reading,  # type: ignore[arg-type]
                             parents,
@@ -798,12 +805,12 @@ class Transfers:
                 stats = count_tar(counting, MAX_LAYER_ENTRIES)  # type: ignore[arg-type]
                 expanded = counting.count + 4 * MiB  # what the import may read: buffering differs
                 admitted.enter_context(
-                    self.ctx.capacity.admit(_layer_need(expanded, stats.entries), f"{what}: {name}")
+                    self.capacity.admit(_layer_need(expanded, stats.entries), f"{what}: {name}")
                 )
                 raw.seek(0)
                 reading = opened(raw, expanded, f"{name} changed while it was imported")
                 try:
-                    built = self.ctx.backend.import_diff(
+                    built = self.backend.import_diff(
                         build,
                         reading,  # type: ignore[arg-type]
                         parents,

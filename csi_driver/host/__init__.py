@@ -7,6 +7,8 @@ function is safe to repeat.
 - ``beneath``: node paths opened beneath a root (openat2), acted on by that fd
 - ``fsmount``: a new mount made detached (fsopen, fsconfig, fsmount)
 - ``mountopts``: a mount option list read once for mount(2), fsmount and fsconfig
+- ``mount_manager``: mounts and loop devices as data (``Mount``), and the one
+  ``MountManager`` that performs and undoes them
 - ``loopdev``: direct-I/O loop devices set up with one ioctl
 - ``loops``: loop devices as sysfs and losetup list them
 - ``files``: sparse images, copies, reflinks, ext4 superblocks
@@ -14,7 +16,7 @@ function is safe to repeat.
 - ``tools``: the host programs (mkfs, resize2fs, tune2fs, blockdev, blkid)
 """
 
-from csi_driver.host import beneath, fsreserve, loopdev
+from csi_driver.host import beneath, fsreserve, loopdev, mount_manager
 from csi_driver.host.files import (
     FICLONE,
     allocate,
@@ -138,6 +140,7 @@ __all__ = [
     "mount_device",
     "mount_image",
     "mount_view",
+    "mount_manager",
     "mounts",
     "mounts_under",
     "probe_signature",

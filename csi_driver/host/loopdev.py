@@ -80,7 +80,12 @@ def _configure(device_fd: int, image_fd: int, name: bytes, sector_size: int, fla
 
 @contextlib.contextmanager
 def attached(
-    image: Path, *, readonly: bool = False, sector_size: int = FS_SECTOR, autoclear: bool = False
+    image: Path,
+    *,
+    readonly: bool = False,
+    sector_size: int = FS_SECTOR,
+    autoclear: bool = False,
+    direct_io: bool = True,
 ) -> Iterator[str]:
     """Attach ``image`` to a free loop device and yield the device's path.
 
@@ -88,7 +93,7 @@ def attached(
     detaches it as soon as nobody holds it: after the block if nothing mounted it,
     else when that mount goes. Without, it stays until ``detach``.
     """
-    flags = LO_FLAGS_DIRECT_IO | (LO_FLAGS_READ_ONLY if readonly else 0)
+    flags = (LO_FLAGS_DIRECT_IO if direct_io else 0) | (LO_FLAGS_READ_ONLY if readonly else 0)
     flags |= LO_FLAGS_AUTOCLEAR if autoclear else 0
     if readonly:
         image_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
@@ -139,9 +144,11 @@ def _claim(image_fd: int, name: bytes, sector_size: int, flags: int) -> tuple[st
     raise ResourceExhausted("no free loop device could be claimed (64 tries)")
 
 
-def attach(image: Path, *, readonly: bool = False, sector_size: int = BLOCK_SECTOR) -> str:
+def attach(
+    image: Path, *, readonly: bool = False, sector_size: int = BLOCK_SECTOR, direct_io: bool = True
+) -> str:
     """A loop device that stays until ``detach`` (a published block volume)."""
-    with attached(image, readonly=readonly, sector_size=sector_size) as device:
+    with attached(image, readonly=readonly, sector_size=sector_size, direct_io=direct_io) as device:
         return device
 
 

@@ -15,6 +15,17 @@ scratch dir or an unknown layer dir; ``cleanup`` removes both at the next start.
 Layers are ``store.Layer`` records: the backend reads the fields it owns (its
 ``fs_type``, ``image_bytes``, ``base_bytes`` and ``link``) and the parent chain,
 nearest first, which the engine passes in.
+
+The accounting contract. A layer's data (``Built.used_bytes``, what ``commit``
+returns, and ``FsUsage.used_bytes`` with its file system's own overhead where
+it has one) is the change over its parent: what it holds that its parent chain
+does not, never the parents' data again. The engine adds these figures up along
+a chain (a volume's used bytes, a snapshot's size), so it relies on that;
+``Capabilities.stacks`` says a backend keeps it, and both backends here do (the
+plain-directory one, whose layers are copies, by comparing a copy with its
+parent). ``usage`` is another figure: the bytes the host spends on the layer's
+own storage, summed over all layers as the node's allocation and never along a
+chain, so a copy that really spends its parent's bytes again counts them.
 """
 
 from __future__ import annotations
@@ -25,19 +36,22 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from csi_driver.host import MountEntry, Mounts
+from csi_driver.host.mount_manager import Mount  # the data backends answer with (host performs it)
 from csi_driver.layerstore.layertar import DiffStats
 from csi_driver.store import Layer
 
 
 @dataclass(frozen=True)
-class Mount:
-    """One mount, as data: ``mount -t type -o options source target``, run in ``cwd``
-    (relative paths in ``options`` are relative to it)."""
+class Capabilities:
+    """What a backend offers; the engine and services ask, never assume."""
 
-    type: str
-    source: str
-    options: tuple[str, ...] = ()
-    cwd: str | None = None
+    fs_types: frozenset[str]  # file system types for mount volumes, e.g. {"ext4", "xfs"}
+    default_fs_type: str  # used when a request names none
+    block: bool  # raw block volumes
+    artifact_fs_types: frozenset[str]  # layer fs types it can import from a registry manifest
+    modifiable: frozenset[str]  # ModifyVolume parameter names it accepts (validated by backend.tune)
+    enforces_capacity: bool  # False: a volume may write past its size (plain directories)
+    stacks: bool  # True: a layer's used bytes are the change over its parent
 
 
 @dataclass(frozen=True)
@@ -82,19 +96,6 @@ class CleanupReport:
 
 class Unsupported(Exception):
     """The backend cannot do this (a raw block volume on a directory backend, say)."""
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a backend offers; the engine and services ask, never assume."""
-
-    fs_types: frozenset[str]  # file system types for mount volumes, e.g. {"ext4", "xfs"}
-    default_fs_type: str  # used when a request names none
-    block: bool  # raw block volumes
-    artifact_fs_types: frozenset[str]  # layer fs types it can import from a registry manifest
-    modifiable: frozenset[str]  # ModifyVolume parameter names it accepts (validated by backend.tune)
-    enforces_capacity: bool  # False: a volume may write past its size (plain directories)
-    stacks: bool  # True: a layer's used bytes are the change over its parent
 
 
 @runtime_checkable
@@ -178,7 +179,9 @@ class LayerBackend(Protocol):
     # ---- changes in place ---------------------------------------------------
     def commit(self, layer: Layer) -> int:
         """Make a detached active layer immutable in place; return the data it holds
-        beyond its empty baseline. The store flips its row."""
+        beyond its empty baseline that its parent does not (the accounting
+        contract above). The store flips its row; a crash before it does leaves
+        the layer active, and commit is then called again."""
 
     def size(self, layer: Layer) -> int:
         """The bytes an active layer's storage has now (its image's size)."""
@@ -220,13 +223,15 @@ class LayerBackend(Protocol):
         ``mounts([layer, ...])``), or None when the entry is not one of ours."""
 
     def usage(self, layer: Layer) -> int:
-        """Bytes the host really spends on the layer."""
+        """Bytes the host really spends on the layer's own storage (see the
+        accounting contract above: a node's allocation, not a volume's data)."""
 
     def usages(self, layer_ids: Sequence[str]) -> dict[str, int]:
         """``usage`` of many layers by id, for sums over thousands of them."""
 
     def fs_usage(self, layer: Layer) -> FsUsage | None:
-        """An active layer's file system figures, None when it is not activated."""
+        """An active layer's file system figures, None when it is not activated;
+        ``used_bytes`` holds none of its parents' data (the accounting contract)."""
 
     def health(self, layer: Layer, table: Mounts | None = None) -> str:
         """An empty string when the layer is usable, else what is wrong ("its image
@@ -236,7 +241,12 @@ class LayerBackend(Protocol):
         """Where and how a layer is kept, for operators (paths, mount point)."""
 
     def block_file(self, layer: Layer) -> Path:
-        """The file behind a raw block layer (attached to a loop device by the engine)."""
+        """The file behind a raw block layer (its bytes, for copies and exports)."""
+
+    def block_mount(self, layer: Layer, readonly: bool = False) -> Mount:
+        """What a raw block layer's device is made of: a ``loop`` Mount over its file
+        (sector size, direct I/O; ``ro`` when ``readonly``), which the mount manager
+        attaches and detaches. The engine never attaches a device itself."""
 
     def import_block(self, build: Path, size: int, fill: Callable[[int], int]) -> Built:
         """A raw block layer of ``size`` bytes built from elsewhere (a registry blob):
@@ -254,7 +264,8 @@ class LayerBackend(Protocol):
         """At start-up, after the engine re-activated what staged volumes use: remove
         what the store does not know (layer dirs, links), release what an earlier
         process left activated and nobody holds now, and detach loop devices of
-        its layers except ``keep_devices`` (raw block volumes in use)."""
+        its layers except ``keep_devices`` (raw block volumes in use: devices that
+        hold a ``block_mount``)."""
 
     def settle(self) -> None:
         """Write what active layers hold in journals to its place now (the host

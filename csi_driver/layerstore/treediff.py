@@ -29,8 +29,10 @@ from csi_driver.layerstore.layertar import (
     check_name,
     join,
     member_path,
+    mtime_ns,
     read_node,
     read_stream,
+    tar_xattrs,
 )
 
 #: whether two regular files of equal metadata hold the same bytes: (rel, old path, new path)
@@ -189,12 +191,15 @@ def apply_to_tree(tar: BinaryIO, tree: Path, max_entries: int = 0) -> DiffStats:
     """Apply the OCI layer tar ``tar`` onto the complete tree ``tree``, for a
     backend that cannot stack: a whiteout removes its path, an opaque marker
     empties its directory of what this tar did not write, other entries are
-    extracted as they are (owners, modes, symlinks to anywhere), each below a
-    checked name whose parents are no symlinks. Device nodes and sparse members
+    extracted as they are (owners, modes, xattrs, exact mtimes, symlinks to
+    anywhere), each below a checked name whose parents are no symlinks; the
+    directories' mtimes are set last, as entries written into them change them.
+    Device nodes and sparse members
     are refused; more than ``max_entries`` entries (0: no limit) raise ``TooManyEntries``.
     Not atomic: apply to a copy, and discard it on error."""
     stats = DiffStats()
     written: set[str] = set()
+    dir_mtimes: dict[Path, int] = {}
     try:
         with read_stream(tar) as tf:
             while (ti := tf.next()) is not None:
@@ -234,8 +239,20 @@ def apply_to_tree(tar: BinaryIO, tree: Path, max_entries: int = 0) -> DiffStats:
                         raise DiffError(f"{rel}: a hard link to {ti.linkname!r}, which is no file here")
                 # names, parents and link targets are checked above: ownership, modes and
                 # symlinks to anywhere are kept as a layer holds them
+                xattrs = tar_xattrs(rel, ti)
                 tf.extract(ti, tree, numeric_owner=True, filter="fully_trusted")
                 written.add(rel)
+                dest = folder / base if rel else tree
+                # xattrs after the owner (a chown drops a capability); a hard link's inode has them
+                for name, value in xattrs.items() if not ti.islnk() else ():
+                    os.setxattr(dest, name, value, follow_symlinks=False)
+                if ti.isdir():
+                    dir_mtimes[dest] = mtime_ns(ti)
+                else:  # tarfile sets a float's mtime (a hard link's too), and none on a symlink
+                    os.utime(dest, ns=(mtime_ns(ti), mtime_ns(ti)), follow_symlinks=False)
     except tarfile.TarError as e:
         raise DiffError(f"not a valid layer tar: {e}") from e
+    for path, mtime in sorted(dir_mtimes.items(), key=lambda x: -len(x[0].parts)):
+        if path.is_dir() and not path.is_symlink():  # not removed by a later entry
+            os.utime(path, ns=(mtime, mtime))
     return stats

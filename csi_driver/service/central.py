@@ -15,8 +15,7 @@ driver whose volumes are node-local.
 
 from __future__ import annotations
 
-from csi_driver.engine.modify import validate_mutable
-from csi_driver.engine.transfers import snapshot_reference
+from csi_driver.engine.engine import snapshot_reference
 from csi_driver.errors import FailedPrecondition, NotFound
 from csi_driver.kube.modify_relay import ModifyRelay, split_parameters
 from csi_driver.proto import csi_pb2 as csi
@@ -38,7 +37,7 @@ class CentralControllerServicer(ExpandOnlyControllerServicer):
     @rpc()
     def ControllerGetCapabilities(self, request, context):
         kinds = [RPC.EXPAND_VOLUME, RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS]
-        if self.relay is not None and self.ctx.engine.backend.capabilities.modifiable:
+        if self.relay is not None and self.ctx.engine.modifiable:
             kinds.append(RPC.MODIFY_VOLUME)
         return csi.ControllerGetCapabilitiesResponse(
             capabilities=[csi.ControllerServiceCapability(rpc=RPC(type=t)) for t in kinds]
@@ -52,7 +51,7 @@ class CentralControllerServicer(ExpandOnlyControllerServicer):
         given = v.string_map(dict(request.mutable_parameters), "mutable_parameters")
         pv_name, params = split_parameters(given)
         # keys and values; what fits the volume's kind its node checks
-        validate_mutable(params, self.ctx.engine.backend, "")
+        self.ctx.engine.validate_mutable(params, "")
         remaining = context.time_remaining() if context is not None else None
         seconds = DEFAULT_WAIT_SECONDS if remaining is None else remaining - 1.0
         self.relay.modify(request.volume_id, pv_name, params, seconds)
@@ -71,7 +70,7 @@ class CentralControllerServicer(ExpandOnlyControllerServicer):
         if snapshot_reference(request.snapshot_id) is not None:  # a local id: its node deletes it
             credentials = Credentials.from_secrets(dict(request.secrets))
             engine = self.ctx.engine
-            if engine.pending_deletes.get(request.snapshot_id) is not None:  # retried in the background
+            if engine.pending_delete(request.snapshot_id) is not None:  # retried in the background
                 engine.delete_snapshot(request.snapshot_id, credentials)
                 return csi.DeleteSnapshotResponse()
             self.ctx.registry.run(
@@ -88,12 +87,12 @@ class CentralControllerServicer(ExpandOnlyControllerServicer):
         manifest; anything else is held by no one here, so the list is empty."""
         if not request.snapshot_id or snapshot_reference(request.snapshot_id) is None:
             return csi.ListSnapshotsResponse()
-        if self.ctx.engine.pending_deletes.get(request.snapshot_id) is not None:
+        if self.ctx.engine.pending_delete(request.snapshot_id) is not None:
             return csi.ListSnapshotsResponse()  # deleted: its manifest goes once its registry is back
         credentials = Credentials.from_secrets(dict(request.secrets))
         try:
             snap = self.ctx.registry.run(
-                lambda: self.ctx.engine.transfers.describe_exported(request.snapshot_id, credentials),
+                lambda: self.ctx.engine.describe_exported(request.snapshot_id, credentials),
                 context,
                 f"the lookup of snapshot {request.snapshot_id!r}",
             )

@@ -6,9 +6,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from csi_driver.engine.engine import VolumeSpec
-from csi_driver.engine.modify import validate_mutable
-from csi_driver.engine.transfers import snapshot_reference
+from csi_driver.engine.engine import VolumeSpec, snapshot_reference
 from csi_driver.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
 from csi_driver.ids import node_of
 from csi_driver.proto import csi_pb2 as csi
@@ -114,7 +112,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return status
 
     def _attached(self, volume_id: str) -> bool:
-        return self.engine.attachments.attached(volume_id)
+        return self.engine.attached(volume_id)
 
     # ---------------------------------------------------------------- volumes
     def _check_source_node(self, request: csi.CreateVolumeRequest) -> None:
@@ -154,14 +152,14 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def CreateVolume(self, request, context):
         self._check_source_node(request)
         name = v.name(request.name)
-        offered = self.engine.backend.capabilities
+        offered = self.engine.capabilities
         caps = v.capabilities(list(request.volume_capabilities), offered)
         params = v.volume_parameters(dict(request.parameters), offered, caps)
         block = caps[0].access_type == "block"
         fs_type = "" if block else caps[0].fs_type or v.fs_type_parameter(params, offered)
-        kind = "block" if block else fs_type or self.engine.config.fs_type
-        mutable = validate_mutable(
-            v.string_map(dict(request.mutable_parameters), "mutable_parameters"), self.engine.backend, kind
+        kind = "block" if block else fs_type or self.engine.default_fs_type
+        mutable = self.engine.validate_mutable(
+            v.string_map(dict(request.mutable_parameters), "mutable_parameters"), kind
         )
         if request.HasField("accessibility_requirements"):
             self._check_topology(request.accessibility_requirements)
@@ -232,7 +230,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if not request.volume_capabilities:
             raise InvalidArgument("volume_capabilities are required")
         vol = self._existing(request.volume_id)
-        offered = self.engine.backend.capabilities
+        offered = self.engine.capabilities
         try:
             caps = v.capabilities(list(request.volume_capabilities), offered)
             v.volume_parameters(dict(request.parameters), offered, caps)
@@ -258,7 +256,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         vols = self.engine.list_volumes(after, limit + 1)
         page = vols[:limit]
         problems = self.engine.conditions(page)  # one mount table and one store read for the page
-        attached = self.engine.attachments.attached_volumes()
+        attached = self.engine.attached_volumes()
         entries = [
             csi.ListVolumesResponse.Entry(
                 volume=self._volume_msg(x),
@@ -281,7 +279,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
     @rpc()
     def GetCapacity(self, request, context):
-        offered = self.engine.backend.capabilities
+        offered = self.engine.capabilities
         caps = [v.capability(cap, offered) for cap in request.volume_capabilities]
         params = v.volume_parameters(dict(request.parameters), offered, caps)
         if (
@@ -292,15 +290,15 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         # what the node can still promise, as the capacity of one volume of the kind asked for
         # (external-provisioner's capacity controller sends no capabilities, only the
         # StorageClass's parameters: a legacy fsType there names the kind)
-        default = v.fs_type_parameter(params, offered) or self.engine.config.fs_type
+        default = v.fs_type_parameter(params, offered) or self.engine.default_fs_type
         asked = {c.access_type if c.access_type == "block" else c.fs_type or default for c in caps}
-        available = min(self.engine.capacity.largest_volume(t) for t in asked or {default})
+        available = min(self.engine.largest_volume(t) for t in asked or {default})
         largest = available
-        if self.engine.config.max_volume_size:
-            largest = min(largest, self.engine.config.max_volume_size)
+        if self.engine.max_volume_size:
+            largest = min(largest, self.engine.max_volume_size)
         resp = csi.GetCapacityResponse(available_capacity=available)
         resp.maximum_volume_size.value = largest
-        resp.minimum_volume_size.value = self.engine.config.min_capacity
+        resp.minimum_volume_size.value = self.engine.min_volume_size
         return resp
 
     @rpc()
@@ -311,7 +309,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 for t in CONTROLLER_CAPABILITIES
                 if RPC.Type.Name(t) not in self.ctx.hidden_capabilities
                 # a backend with nothing to modify (plain directories) offers no ModifyVolume
-                and (t != RPC.MODIFY_VOLUME or self.engine.backend.capabilities.modifiable)
+                and (t != RPC.MODIFY_VOLUME or self.engine.modifiable)
             ]
         )
 
@@ -321,7 +319,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if not request.HasField("capacity_range"):
             raise InvalidArgument("capacity_range is required")
         if request.HasField("volume_capability"):
-            v.capability(request.volume_capability, self.engine.backend.capabilities)
+            v.capability(request.volume_capability, self.engine.capabilities)
         vol = self._existing(request.volume_id)
         cap, node_needed = self.engine.expand(
             vol.id, request.capacity_range.required_bytes, request.capacity_range.limit_bytes
@@ -346,7 +344,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         v.required(request.node_id, "node_id")
         if not request.HasField("volume_capability"):
             raise InvalidArgument("volume_capability is required")
-        cap = v.capability(request.volume_capability, self.engine.backend.capabilities)
+        cap = v.capability(request.volume_capability, self.engine.capabilities)
         vol = self._existing(request.volume_id)
         if request.node_id != self.ctx.node_id:
             raise NotFound(
@@ -355,13 +353,13 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if cap.access_type != vol.access_type:
             raise InvalidArgument(f"volume {vol.id} is a {vol.access_type} volume")
         readonly = request.readonly or cap.mode in v.READONLY_MODES
-        self.engine.attachments.attach(vol.id, request.node_id, readonly, self.ctx.max_volumes_per_node)
+        self.engine.attach(vol.id, request.node_id, readonly, self.ctx.max_volumes_per_node)
         return csi.ControllerPublishVolumeResponse(publish_context={})
 
     @rpc(guard=lambda r: [r.volume_id])
     def ControllerUnpublishVolume(self, request, context):
         v.required(request.volume_id, "volume_id")
-        self.engine.attachments.detach(request.volume_id, request.node_id)
+        self.engine.detach(request.volume_id, request.node_id)
         return csi.ControllerUnpublishVolumeResponse()
 
     # ---------------------------------------------------------------- snapshots
@@ -379,7 +377,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             if not v.VOLUME_ID_RE.match(source):
                 raise NotFound(f"volume {source[:80]!r} does not exist")
             credentials = Credentials.from_secrets(dict(request.secrets)) if repository else None
-            snap = self.engine.snapshots.create_snapshot(
+            snap = self.engine.take_snapshot(
                 name, source, repository=repository, copy_limit=params.live_copy_limit
             )
         if snapshot_reference(snap.id) is not None and not snap.exported:
@@ -400,7 +398,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             credentials = Credentials.from_secrets(dict(request.secrets)) if remote else None
             # an exported snapshot whose registry cannot be reached is deleted here all the
             # same, its manifest's deletion recorded and retried (engine/pending_deletes.py)
-            if remote and self.engine.pending_deletes.get(request.snapshot_id) is None:
+            if remote and self.engine.pending_delete(request.snapshot_id) is None:
                 self.ctx.registry.run(
                     lambda: self.engine.delete_snapshot(request.snapshot_id, credentials),
                     context,

@@ -37,7 +37,7 @@ class ExpandOnlyControllerServicer(csi_pb2_grpc.ControllerServicer):
         required, limit = request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         if limit and required > limit:
             raise OutOfRange(f"required_bytes {required} exceeds limit_bytes {limit}")
-        size, largest = required or limit, self.ctx.engine.config.max_volume_size
+        size, largest = required or limit, self.ctx.engine.max_volume_size
         if largest and size > largest:
             # refused here, where the resizer marks the claim ControllerResizeInfeasible
             # (IsInfeasibleError), not on the node after the PV already says the new size

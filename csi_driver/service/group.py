@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from csi_driver.engine.transfers import snapshot_reference
+from csi_driver.engine.engine import snapshot_reference
 from csi_driver.errors import InvalidArgument, NotFound
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.proto import csi_pb2_grpc

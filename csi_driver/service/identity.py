@@ -35,7 +35,7 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
 
     @rpc()
     def Probe(self, request, context):
-        root = self.ctx.engine.state.root
+        root = self.ctx.engine.state_root
         usable = os.access(root, os.W_OK | os.X_OK) and (root / "layers").is_dir()
         ready = self.ctx.ready and usable and self.ctx.engine.healthy()
         return csi.ProbeResponse(ready={"value": ready})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from csi_driver.engine.context import VolumeSpec
+from csi_driver.engine.engine import VolumeSpec
 from csi_driver.errors import FailedPrecondition, InvalidArgument, NotFound
 from csi_driver.proto import csi_pb2 as csi
 from csi_driver.proto import csi_pb2_grpc
@@ -33,7 +33,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def _path(self, value: str, what: str, shapes: tuple[str, ...]) -> tuple[str, str]:
         """The checked path and, with --kubelet-dir, which of kubelet's ``shapes`` it has."""
         try:
-            checked = v.outside_state(v.path(value, what), self.engine.state.root, what)
+            checked = v.outside_state(v.path(value, what), self.engine.state_root, what)
             checked = v.inside(checked, self.ctx.kubelet_dir, what)
             return checked, v.kubelet_shape(checked, self.ctx.kubelet_dir, self.ctx.driver_name, shapes, what)
         except OSError as e:  # a component changed while it was resolved (realpath's readlink)
@@ -49,7 +49,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         v.string_map(dict(request.publish_context), "publish_context")
         if not request.HasField("volume_capability"):
             raise InvalidArgument("volume_capability is required")
-        return v.capability(request.volume_capability, self.engine.backend.capabilities)
+        return v.capability(request.volume_capability, self.engine.capabilities)
 
     def _volume(self, volume_id: str):
         if not v.known_id(volume_id, v.VOLUME_ID_RE, "volume_id"):
@@ -194,7 +194,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if not self._expand_path_ok(vol, request.volume_path, request.staging_target_path):
             raise NotFound(f"{request.volume_path[:200]} is not a path of volume {vol.id}")
         if request.HasField("volume_capability"):
-            v.capability(request.volume_capability, self.engine.backend.capabilities)
+            v.capability(request.volume_capability, self.engine.capabilities)
         cap = self.engine.expand_node(
             vol.id,
             request.capacity_range.required_bytes or vol.capacity_bytes,

@@ -34,14 +34,13 @@ class DeleteRetrier(Periodic):
 
     def once(self) -> int:
         """Retry every due deletion; return how many are done."""
-        pending = self.engine.pending_deletes
         done = 0
-        for snapshot_id in pending.due():
+        for snapshot_id in self.engine.deletions_due():
             if self._stop.is_set() or self.registry.closed:
                 break
             try:
                 done += self.registry.run(
-                    lambda sid=snapshot_id: pending.retry(sid),  # type: ignore[misc]
+                    lambda sid=snapshot_id: self.engine.retry_deletion(sid),  # type: ignore[misc]
                     None,
                     f"the retried deletion of snapshot {snapshot_id!r}",
                     keys=[snapshot_id],

@@ -85,7 +85,8 @@ ENGINE_ID_PARAMS = {"volume_id", "source_volume_id", "snapshot_id", "group_id", 
                     "v", "spec", "name"}
 # Engine methods that only read, though they take an id.
 READ_ONLY_ENGINE = {"condition", "get_volume", "get_snapshot", "get_group_snapshot", "stats",
-                    "ephemeral_volume", "volume_paths", "list_snapshots"}
+                    "ephemeral_volume", "volume_paths", "list_snapshots", "attached", "pending_delete",
+                    "describe_exported", "block_expand_path_ok"}
 
 
 def _engine_keys(method: str, fn):
@@ -443,7 +444,7 @@ def test_second_operation_on_a_busy_volume_is_aborted(driver: Driver):
     c.publish(vol, staging, target)
     (target / "f").write_bytes(b"x" * MiB)
     gate = Gate("snapshot.frozen")
-    driver.engine.ctx.crash = gate
+    driver.engine.steps.hook = gate
     t, out = _in_thread(c.create_snapshot, "snap-1", vol)
     assert gate.reached.wait(30)
     other_staging, other_target = driver.paths("other")
@@ -481,7 +482,7 @@ def test_second_operation_on_a_busy_volume_is_aborted(driver: Driver):
     t.join(60)
     assert {k: v for k, v in codes.items() if v != "ABORTED"} == {}, "calls that went ahead on a busy volume"
     assert "error" not in out, out
-    driver.engine.ctx.crash = lambda step: None
+    driver.engine.steps.hook = lambda step: None
     assert _code(c.create_snapshot, "snap-1", vol) == "OK", "the same call is fine once the first is done"
     assert _code(_stub(c, *NODE_EXPAND[:2]), _request(*NODE_EXPAND[1:], vol, where)) == "OK", (
         "the NodeExpandVolume request is complete and valid: only the busy guard may refuse it")
@@ -519,7 +520,7 @@ def test_long_operation_does_not_block_unrelated_volumes(tmp_path: Path, long_op
             long_call = (c.create_snapshot, "s", vol)
             kwargs = {}
             gate = Gate("snapshot.frozen", hold=HOLD)  # frozen, before the real copy
-        d.engine.ctx.crash = gate
+        d.engine.steps.hook = gate
         t, out = _in_thread(lambda: long_call[0](*long_call[1:], **kwargs))
         calls = []  # (start, end) of each unrelated create + stage + publish
         i = 0
@@ -539,7 +540,7 @@ def test_long_operation_does_not_block_unrelated_volumes(tmp_path: Path, long_op
               f"meanwhile ({len(inside)} while it was parked), slowest {slowest * 1000:.0f} ms")
         assert len(inside) >= 3, "unrelated calls waited for the long operation"
         assert slowest < HOLD, "an unrelated call waited for the long operation"
-        d.engine.ctx.crash = lambda step: None
+        d.engine.steps.hook = lambda step: None
         assert_invariants(d.state, c, root=tmp_path)
         teardown_all(c, d.state)
     finally:

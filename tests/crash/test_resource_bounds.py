@@ -43,7 +43,7 @@ def test_calls_over_the_concurrency_cap_are_refused_not_queued(driver: Driver):
             parked.release()
             assert release.wait(120)
 
-    driver.engine.ctx.crash = gate
+    driver.engine.steps.hook = gate
     n = server.MAX_CONCURRENT_RPCS + 24
     futures = [
         c.controller.CreateVolume.future(
@@ -66,7 +66,7 @@ def test_calls_over_the_concurrency_cap_are_refused_not_queued(driver: Driver):
     )
     assert not any(f.done() for f in futures if f not in refused)
     release.set()
-    driver.engine.ctx.crash = lambda step: None
+    driver.engine.steps.hook = lambda step: None
     done = [f.code().name for f in futures]
     assert done.count("OK") == n - len(refused), done
     assert_invariants(driver.state, c, root=driver.root)

@@ -39,7 +39,7 @@ def test_engine_and_plain_backend_need_no_privilege(tmp_path):
             "tests/engine/test_runs_unprivileged.py",
             "tests/layerstore",
             "-k",
-            "plain-dir or not backend",
+            "plaindir or not backend",
         ],
         cwd=REPO,
         capture_output=True,

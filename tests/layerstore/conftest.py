@@ -1,9 +1,13 @@
-"""The ``backend`` fixture: every LayerBackend the suite runs against, each in
-its own state dir under ``tmp_path``, with nothing left mounted or attached."""
+"""The backend suite's factory (after containerd's ``SnapshotterSuite(t, name, fn)``):
+``BACKENDS`` lists how to make every LayerBackend, and the ``backend`` fixture runs
+each case against each of them, in its own state dir under ``tmp_path``, with
+nothing left mounted or attached. A new backend is one line of ``BACKENDS``; a
+case adapts to a backend only through what ``backend.capabilities`` declares."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,21 @@ from csi_driver.layerstore.plaindir import PlainDirBackend
 from driver_harness import MOUNT_SKIP
 
 ROOT = not MOUNT_SKIP  # root with the capability to mount
+
+
+@dataclass(frozen=True)
+class Factory:
+    """How the suite makes one backend."""
+
+    id: str  # the test id (the name ``serve --backend`` knows it by)
+    make: Callable[[Path], LayerBackend]  # given its state dir
+    needs_root: bool = False  # it mounts or attaches loop devices itself
+
+
+BACKENDS = [
+    Factory("overlay", OverlayLoopBackend, needs_root=True),
+    Factory("plaindir", PlainDirBackend),
+]
 
 
 def held_under(base: Path) -> list[str]:
@@ -48,15 +67,15 @@ def release_all(base: Path, state: Path) -> None:
         host.loop_detach(device)
 
 
-@pytest.fixture(params=[pytest.param("overlay-loop", marks=pytest.mark.mounts), "plain-dir"])
+@pytest.fixture(
+    params=[pytest.param(f, id=f.id, marks=[pytest.mark.mounts] if f.needs_root else []) for f in BACKENDS]
+)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LayerBackend]:
+    factory: Factory = request.param
+    if factory.needs_root and not ROOT:
+        pytest.skip(f"the {factory.id} backend mounts and attaches loop devices: it needs root (euid 0)")
     state = (tmp_path / "state").resolve()
-    if request.param == "overlay-loop":
-        if not ROOT:
-            pytest.skip("overlay-loop loop-mounts images and mounts overlays: it needs root (euid 0)")
-        made: LayerBackend = OverlayLoopBackend(state)
-    else:
-        made = PlainDirBackend(state)
+    made = factory.make(state)
     base = tmp_path.resolve()
     try:
         yield made
@@ -64,5 +83,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LayerBac
         leaked = held_under(base)
         release_all(base, state)
         stuck = held_under(base)
+        made.close()
     assert not stuck, f"could not release: {stuck}"
     assert not leaked, f"left mounted or attached after the test (now released): {leaked}"

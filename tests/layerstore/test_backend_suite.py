@@ -5,25 +5,32 @@ a scratch dir on the state dir's file system (``<root>/tmp/<id>``, so ``install`
 is a rename), installs and exposes it, and reads and writes a layer's files
 through what ``mounts()`` returns (really mounted when root; a symlink to a bind
 mount's source otherwise, which only a directory backend can offer).
+
+Every case runs against every backend of ``conftest.BACKENDS`` and adapts only to
+what a backend declares in ``backend.capabilities``, never to its name.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import shutil
 import stat
+import struct
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from csi_driver import host
+from csi_driver.engine.engine import EngineConfig
 from csi_driver.errors import FailedPrecondition
 from csi_driver.ids import new_id, new_link
 from csi_driver.layerstore.backend import Built, LayerBackend, Unsupported
@@ -31,12 +38,13 @@ from csi_driver.layerstore.layertar import DiffError
 from csi_driver.store import Layer
 from driver_harness import MOUNT_SKIP
 
-ROOT = not MOUNT_SKIP  # root with the capability to mount
+ROOT = not MOUNT_SKIP  # root with the capability to mount (and to chown, set file capabilities)
 MiB = 1 << 20
 SIZE = 64 * MiB
-#: where each backend keeps its layer dirs, and which ``describe`` entry is a layer's storage
-LAYER_DIRS = {"overlay-loop": "layers", "plain-dir": "dirs"}
-STORAGE = {"overlay-loop": "image", "plain-dir": "tree"}
+DEPTH = EngineConfig.max_depth  # the engine flattens a chain deeper than this
+T0 = 1_500_000_000  # a time in whole seconds, long before any test ran
+#: a file capability (security.capability, VFS_CAP_REVISION_2): cap_net_bind_service, effective
+CAPABILITY = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)
 
 
 # ---- the engine's part ------------------------------------------------------
@@ -81,7 +89,7 @@ class Rig:
         self.backend = backend
         self.root = root
         self.tmp = tmp
-        self.fs_type = "ext4" if "ext4" in backend.capabilities.fs_types else "dir"
+        self.fs_type = backend.capabilities.default_fs_type
         self.layers: dict[str, Layer] = {}
         self._views = 0
 
@@ -109,8 +117,10 @@ class Rig:
         active: bool,
         fs_type: str | None = None,
         known: bool = True,
+        expose: bool = True,
     ) -> Layer:
-        """Install ``build`` as a new layer over ``parent`` and expose it."""
+        """Install ``build`` as a new layer over ``parent`` and expose it (unless
+        ``expose`` is False: a crash came between the two)."""
         layer = Layer(
             id=new_id(),
             parent=parent.id if parent else None,
@@ -126,18 +136,26 @@ class Rig:
         )
         self.backend.install(build, layer)
         assert not build.exists(), "install must move the build into place"
-        self.backend.expose(layer)
+        if expose:
+            self.backend.expose(layer)
         if known:
             self.layers[layer.id] = layer
         return layer
 
-    def prepare(self, parent: Layer | None = None) -> Layer:
-        """A new active layer over ``parent``'s chain."""
+    def prepare(self, parent: Layer | None = None, size: int = SIZE) -> Layer:
+        """A new active layer over ``parent``'s chain, of ``size`` bytes."""
         build = self.scratch()
         parents = self.chain(parent) if parent else []
-        built = self.backend.prepare(build, parents, SIZE, self.fs_type)
-        assert built.image_bytes >= SIZE
+        built = self.backend.prepare(build, parents, size, self.fs_type)
+        assert built.image_bytes >= size
         return self.add(build, built, parent, active=True)
+
+    def resize(self, layer: Layer, size: int) -> Layer:
+        """Give an active layer ``size`` bytes, and grow its file system into them."""
+        self.backend.resize(layer, size)
+        layer = self.layers[layer.id] = replace(layer, image_bytes=size)
+        self.backend.grow_fs(layer)
+        return layer
 
     def commit(self, layer: Layer) -> tuple[Layer, int]:
         used = self.backend.commit(layer)
@@ -149,7 +167,7 @@ class Rig:
         """``layer``'s chain shown at a new target (see ``opened``)."""
         return opened(self.backend, self.chain(layer), self.target())
 
-    def view(self, layer: Layer) -> dict[str, tuple]:
+    def view(self, layer: Layer) -> dict[str, Entry]:
         with self.open(layer) as view:
             return tree(view)
 
@@ -171,34 +189,89 @@ def put(root: Path, rel: str, data: bytes | str, mode: int = 0o644) -> int:
     return len(raw)
 
 
-def tree(root: Path) -> dict[str, tuple]:
-    """Every entry under ``root``: its kind, mode and contents (or link target)."""
-    out: dict[str, tuple] = {}
+class Entry(NamedTuple):
+    """One path of a tree, as a layer must keep it."""
+
+    kind: str  # "file", "dir", "link" or "special"
+    mode: str  # permission bits in octal ("" for a symlink)
+    data: str  # a file's digest, a symlink's target, a device's number
+    owner: tuple[int, int]
+    mtime_ns: int
+    xattrs: tuple[tuple[str, bytes], ...]
+    links: str  # a hard link: the first (sorted) of the paths sharing its inode; else ""
+
+
+def tree(root: Path) -> dict[str, Entry]:
+    """Every entry under ``root``: its kind, mode, contents (or target), owner,
+    mtime, xattrs and which paths are one file (hard links)."""
+    out: dict[str, Entry] = {}
+    inodes: dict[tuple[int, int], list[str]] = {}
     for dirpath, dirs, files in os.walk(root):
         for name in dirs + files:
             path = Path(dirpath, name)
             rel = str(path.relative_to(root))
             st = path.lstat()
+            mode = oct(stat.S_IMODE(st.st_mode))
             if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(path))
+                kind, mode, data = "link", "", os.readlink(path)
             elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", oct(stat.S_IMODE(st.st_mode)))
+                kind, data = "dir", ""
+            elif stat.S_ISREG(st.st_mode):
+                kind, data = "file", hashlib.sha256(path.read_bytes()).hexdigest()[:16]
             else:
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-                out[rel] = ("file", oct(stat.S_IMODE(st.st_mode)), digest)
+                kind, data = "special", f"{stat.S_IFMT(st.st_mode):o}:{st.st_rdev}"
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+            out[rel] = Entry(kind, mode, data, (st.st_uid, st.st_gid), st.st_mtime_ns, xattrs(path), "")
+    for names in inodes.values():
+        if len(names) > 1:
+            for rel in names:
+                out[rel] = out[rel]._replace(links=min(names))
     return out
 
 
+def xattrs(path: Path) -> tuple[tuple[str, bytes], ...]:
+    """A path's xattrs but its SELinux label (the host's, not the layer's) and
+    overlayfs's own (an overlay hides them; a bind of an upper shows them to root)."""
+    names = sorted(
+        x
+        for x in os.listxattr(path, follow_symlinks=False)
+        if x != "security.selinux" and not x.startswith("trusted.overlay.")
+    )
+    return tuple((x, os.getxattr(path, x, follow_symlinks=False)) for x in names)
+
+
+def shape(view: dict[str, Entry]) -> dict[str, tuple[str, str, str]]:
+    """Kind, mode and contents of each entry: what a hand-made expectation names."""
+    return {rel: (e.kind, e.mode, e.data) for rel, e in view.items()}
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def sample(root: Path) -> int:
-    """A small tree with nested dirs, modes, an empty dir and a symlink."""
+    """A small tree with nested dirs, modes, an empty dir, a symlink, a hard link,
+    xattrs and old mtimes; as root, other owners and a file capability too."""
     n = put(root, "top.txt", "top\n")
     n += put(root, "secret", "s" * 5000, 0o600)
     n += put(root, "bin/run.sh", "#!/bin/sh\necho hi\n", 0o755)
     n += put(root, "data/deep/er/blob", os.urandom(300_000), 0o640)
     (root / "data" / "empty").mkdir()
     (root / "link").symlink_to("top.txt")
+    os.link(root / "top.txt", root / "hard")
+    os.setxattr(root / "secret", "user.note", b"kept")
+    os.setxattr(root / "data", "user.dir", b"a directory's")
+    if ROOT:
+        os.lchown(root / "secret", 1234, 5678)
+        os.lchown(root / "data" / "deep", 4321, 8765)
+        os.lchown(root / "link", 1234, 5678)
+        os.setxattr(root / "bin" / "run.sh", "security.capability", CAPABILITY)
     for d in ("bin", "data", "data/deep", "data/deep/er", "data/empty"):
         (root / d).chmod(0o755)
+    paths = sorted((p for p in root.rglob("*")), key=lambda p: -len(p.parts))  # deepest first
+    for k, path in enumerate(paths):
+        os.utime(path, ns=(T0 * 10**9, (T0 + k) * 10**9), follow_symlinks=False)
     return n
 
 
@@ -221,8 +294,10 @@ def without(view: dict[str, tuple], gone: str) -> dict[str, tuple]:
 
 def test_conforms_to_the_protocol(backend: LayerBackend) -> None:
     assert isinstance(backend, LayerBackend)
-    assert backend.name in LAYER_DIRS
-    assert backend.capabilities.fs_types & {"ext4", "dir"}
+    assert backend.name
+    caps = backend.capabilities
+    assert caps.default_fs_type in caps.fs_types and "block" not in caps.fs_types
+    assert caps.artifact_fs_types
 
 
 def test_sizes(rig: Rig) -> None:
@@ -241,6 +316,43 @@ def test_child_sees_committed_parent(rig: Rig) -> None:
     child = rig.prepare(parent)
     assert rig.view(child) == written
     assert rig.view(parent) == written
+
+
+def test_owners_xattrs_times_and_hard_links_are_kept(rig: Rig) -> None:
+    """What ``tree`` compares, made explicit: a copy-up or a copy that lost any of
+    it would change what a pod's files mean (a setuid helper, a capability, a
+    hard-linked file written through one name)."""
+    parent = rig.prepare()
+    with rig.open(parent) as view:
+        sample(view)
+    parent, _ = rig.commit(parent)
+    child = rig.prepare(parent)
+    with rig.open(child) as view:
+        seen = tree(view)
+        assert os.stat(view / "hard").st_ino == os.stat(view / "top.txt").st_ino
+        put(view, "own/one", "one")
+        os.link(view / "own" / "one", view / "own" / "two")
+        (view / "own" / "one").chmod(0o4755)
+        os.setxattr(view / "top.txt", "user.added", b"in the child")
+        os.utime(view / "own" / "two", ns=(T0 * 10**9, T0 * 10**9 + 123_456_789))
+        if ROOT:
+            os.lchown(view / "own", 2222, 3333)
+        written = tree(view)
+    assert seen["hard"].links == seen["top.txt"].links == "hard"
+    assert seen["secret"].xattrs == (("user.note", b"kept"),)
+    assert seen["data"].xattrs == (("user.dir", b"a directory's"),)
+    assert {e.mtime_ns // 10**9 for e in seen.values()} <= set(range(T0, T0 + len(seen)))
+    if ROOT:
+        assert seen["secret"].owner == seen["link"].owner == (1234, 5678)
+        assert seen["data/deep"].owner == (4321, 8765)
+        assert seen["bin/run.sh"].xattrs == (("security.capability", CAPABILITY),)
+    child, _ = rig.commit(child)
+    after = rig.view(child)
+    assert after == written
+    assert after["own/one"].links == after["own/two"].links == "own/one"
+    assert after["own/two"].mode == "0o4755" and after["own/two"].mtime_ns == T0 * 10**9 + 123_456_789
+    assert ("user.added", b"in the child") in after["top.txt"].xattrs
+    assert rig.view(rig.prepare(child)) == written
 
 
 def test_commit_returns_at_least_the_bytes_written(rig: Rig) -> None:
@@ -280,18 +392,21 @@ def test_child_changes_show_in_its_view_only(rig: Rig) -> None:
         put(view, "fresh.txt", "fresh")
         after = tree(view)
 
-    expected = renamed(renamed(without(without(before, "gone.txt"), "gone-dir"), "dir", "moved-dir"),
+    expected = renamed(renamed(without(without(shape(before), "gone.txt"), "gone-dir"), "dir", "moved-dir"),
                        "old-name.txt", "new-name.txt")  # fmt: skip
-    expected["over.txt"] = ("file", "0o644", hashlib.sha256(b"replaced by something longer").hexdigest()[:16])
-    expected["secret"] = ("file", "0o640", before["secret"][2])
-    expected["fresh.txt"] = ("file", "0o644", hashlib.sha256(b"fresh").hexdigest()[:16])
-    assert after == expected
-    assert rig.view(child) == expected  # persisted, not just cached
+    expected["over.txt"] = ("file", "0o644", digest(b"replaced by something longer"))
+    expected["secret"] = ("file", "0o640", before["secret"].data)
+    expected["fresh.txt"] = ("file", "0o644", digest(b"fresh"))
+    assert shape(after) == expected
+    for rel in ("top.txt", "hard", "link", "bin/run.sh", "data/deep/er/blob", "data/empty"):
+        assert after[rel] == before[rel], f"{rel}: untouched in the child, yet changed"
+    assert after["new-name.txt"] == before["old-name.txt"], "a rename keeps what the file was"
+    assert rig.view(child) == after  # persisted, not just cached
     assert rig.view(parent) == before
 
     child, _ = rig.commit(child)
     grandchild = rig.prepare(child)
-    assert rig.view(grandchild) == expected
+    assert rig.view(grandchild) == after
     assert rig.view(parent) == before
 
 
@@ -302,7 +417,7 @@ def test_capture_is_a_point_in_time_copy(rig: Rig) -> None:
     parent, _ = rig.commit(parent)
     one, two = rig.prepare(parent), rig.prepare(parent)
     with rig.open(one) as v1, rig.open(two) as v2:
-        written = put(v1, "before", os.urandom(MiB))
+        written = put(v1, "before", os.urandom(MiB)) + sample(v1)
         put(v1, "base.txt", "changed in one")
         put(v2, "two-only", "two")
         (v2 / "base.txt").unlink()
@@ -353,7 +468,7 @@ def test_squash_equals_the_merged_view(rig: Rig) -> None:
     merged = rig.view(three)
     assert {"a.txt", "b.txt", "c.txt", "e/y", "e/z", "l", "data/empty"} <= merged.keys()
     assert not {"rm-me", "d", "d/x", "e/x", "data/deep"} & merged.keys()
-    assert merged["exe.sh"][1] == "0o700"
+    assert merged["exe.sh"].mode == "0o700"
 
     build = rig.scratch()
     built = rig.backend.squash(build, rig.chain(three))
@@ -386,7 +501,7 @@ def test_import_tree_from_a_tar(rig: Rig, tmp_path: Path) -> None:
     build = rig.scratch()
     built = rig.backend.import_tree(build, archive)
     layer = rig.add(build, built, None, active=False)
-    assert rig.view(layer) == expected
+    assert shape(rig.view(layer)) == shape(expected)  # a tar keeps no xattrs; "data" extraction no owners
 
 
 def test_import_tree_refuses_a_tar_that_escapes(rig: Rig, tmp_path: Path) -> None:
@@ -440,11 +555,15 @@ def test_cleanup_removes_only_what_the_store_does_not_know(rig: Rig) -> None:
     build = rig.scratch()
     unknown = rig.add(build, backend.prepare(build, [], SIZE, rig.fs_type), None, active=True, known=False)
     unknown_paths = [Path(p) for p in backend.describe(unknown).values()]
-    junk = rig.root / LAYER_DIRS[backend.name] / "not-a-layer"
+    # every dir the backend keeps a layer's entries in gets an entry of no layer
+    layer_dirs = {p.parent.parent for p in unknown_paths if p.parent.name == unknown.id}
+    other_dirs = {p.parent for p in unknown_paths if p.parent.name != unknown.id}
+    assert len(layer_dirs) == 1, "describe names a layer's own dir"
+    junk = layer_dirs.pop() / "not-a-layer"
     junk.mkdir()
-    stray_link = rig.root / "l" / "ZZZZZZZZZZ"
-    if backend.name == "overlay-loop":
-        stray_link.symlink_to("../layers/nothing/mnt/upper")
+    strays = [d / "ZZZZZZZZZZ" for d in other_dirs]
+    for stray in strays:
+        stray.symlink_to("../nothing")
     assert unknown.id in backend.walk()
 
     backend.activate(busy)  # as the engine re-activates what staged volumes use
@@ -457,7 +576,7 @@ def test_cleanup_removes_only_what_the_store_does_not_know(rig: Rig) -> None:
     assert str(junk) in report.removed and not junk.exists()
     assert unknown.id not in backend.walk()
     assert not [p for p in unknown_paths if os.path.lexists(p)]
-    assert not os.path.lexists(stray_link)
+    assert not [x for x in strays if os.path.lexists(x)]
     assert not report.failed
     assert {kept.id, busy.id} <= set(backend.walk())
     assert rig.view(kept) == kept_view
@@ -497,11 +616,13 @@ def test_health_sees_storage_deleted_behind_its_back(rig: Rig) -> None:
     layer = rig.prepare()
     assert rig.backend.health(layer, host.MountTable.read()) == ""
     assert rig.backend.health(layer) == ""
-    storage = Path(rig.backend.describe(layer)[STORAGE[rig.backend.name]])
-    if storage.is_dir():
-        shutil.rmtree(storage)
-    else:
-        storage.unlink()
+    for storage in (Path(p) for p in rig.backend.describe(layer).values()):
+        if storage.parent.name != layer.id or not os.path.lexists(storage):
+            continue  # not the layer's own (a link to it, say), or not made yet
+        if storage.is_dir() and not storage.is_symlink():
+            shutil.rmtree(storage)
+        else:
+            storage.unlink()
     assert rig.backend.health(layer) != ""
     assert rig.backend.health(layer, host.MountTable.read()) != ""
 
@@ -524,7 +645,7 @@ def test_mounted_layer_recognises_a_mount_of_an_active_layer(rig: Rig) -> None:
 
 def test_prepare_block_is_unsupported_without_block_layers(rig: Rig) -> None:
     if rig.backend.capabilities.block:
-        pytest.skip(f"{rig.backend.name} keeps raw block layers")
+        pytest.skip("the backend keeps raw block layers")
     with pytest.raises(Unsupported):
         rig.backend.prepare_block(rig.scratch(), SIZE, None)
 
@@ -532,7 +653,7 @@ def test_prepare_block_is_unsupported_without_block_layers(rig: Rig) -> None:
 def test_block_layer_round_trips_bytes(rig: Rig, tmp_path: Path) -> None:
     backend = rig.backend
     if not backend.capabilities.block:
-        pytest.skip(f"{backend.name} keeps no raw block layers")
+        pytest.skip("the backend keeps no raw block layers")
     build = rig.scratch()
     layer = rig.add(build, backend.prepare_block(build, 8 * MiB, None), None, active=True, fs_type="block")
     chunks = {0: os.urandom(4096), 5 * MiB + 512: os.urandom(10_000), 8 * MiB - 4096: os.urandom(4096)}
@@ -610,8 +731,8 @@ def test_diffs_export_and_import_a_chain(rig: Rig, tmp_path: Path) -> None:
         assert rig.view(copy) == rig.view(original)
     assert copy is not None
     merged = rig.view(copy)
-    assert "rm-me" not in merged and "d" not in merged and merged["e/y"][0] == "file"
-    assert merged["usr/bin/su"][1] == "0o4755" and merged["localtime"] == ("link", "/usr/share/zoneinfo/UTC")
+    assert "rm-me" not in merged and "d" not in merged and merged["e/y"].kind == "file"
+    assert merged["usr/bin/su"].mode == "0o4755" and merged["localtime"].data == "/usr/share/zoneinfo/UTC"
     assert not any(k.startswith("data/deep/") for k in merged)
 
 
@@ -658,7 +779,7 @@ def test_a_diff_over_another_chain_rebuilds_the_chain_on_top_of_it(rig: Rig, tmp
         built = rig.backend.import_diff(build, diff, rig.chain(copy))
     rebuilt = rig.add(build, built, copy, active=False)
     assert rig.view(rebuilt) == rig.view(second)
-    assert "gone" not in rig.view(rebuilt) and rig.view(rebuilt)["d"][0] == "file"
+    assert "gone" not in rig.view(rebuilt) and rig.view(rebuilt)["d"].kind == "file"
 
 
 def test_import_diff_refuses_a_tar_that_escapes(rig: Rig, tmp_path: Path) -> None:
@@ -691,7 +812,7 @@ def test_import_diff_of_many_directories_beyond_its_size_hint(rig: Rig) -> None:
     built = rig.backend.import_diff(build, archive, [], size)
     layer = rig.add(build, built, None, active=False)
     view = rig.view(layer)
-    assert len(view) == 6000 and view["d05999"] == ("dir", "0o755")
+    assert len(view) == 6000 and shape(view)["d05999"] == ("dir", "0o755", "")
 
 
 def test_import_tree_of_many_small_files(rig: Rig, tmp_path: Path) -> None:
@@ -706,3 +827,311 @@ def test_import_tree_of_many_small_files(rig: Rig, tmp_path: Path) -> None:
     layer = rig.add(build, built, None, active=False)
     view = rig.view(layer)
     assert len(view) == 20_000 and "f19999" in view
+
+
+# ---- the accounting contract ------------------------------------------------
+
+
+def test_a_layer_counts_its_change_over_the_parent_not_the_parents_data(rig: Rig, tmp_path: Path) -> None:
+    """The accounting contract (backend.py): a child of a parent holding N bytes
+    that writes M reports about M, whichever way it is made (commit, capture,
+    import of its diff, its file system figures while active), never N + M:
+    the engine adds these figures up along a chain."""
+    parent = rig.prepare()
+    with rig.open(parent) as view:
+        n = put(view, "base", os.urandom(24 * MiB)) + put(view, "rewritten", os.urandom(MiB))
+    parent, parent_used = rig.commit(parent)
+    assert parent_used >= n
+    empty = rig.prepare()
+    with rig.open(empty):
+        overhead = rig.backend.fs_usage(empty)
+    assert overhead is not None  # an empty layer's own file system figures, for scale
+
+    def changes(view: Path) -> int:
+        return put(view, "new", os.urandom(2 * MiB)) + put(view, "rewritten", os.urandom(MiB))
+
+    child, other = rig.prepare(parent), rig.prepare(parent)
+    with rig.open(child) as view, rig.open(other) as other_view:
+        m = changes(view)
+        changes(other_view)
+        (other_view / "gone").mkdir()  # a dir only, and the parent's file untouched
+        active = rig.backend.fs_usage(child)
+        assert active is not None
+        own = active.used_bytes - overhead.used_bytes
+        assert m <= own < m + MiB, f"an active layer: {own} bytes of its own for {m} written over {n}"
+        build = rig.scratch()
+        captured = rig.backend.capture({other.id: build}, [other])[other.id]
+    assert m <= captured.used_bytes < m + MiB, "a capture holds only the layer's own data"
+    copy = rig.add(build, captured, parent, active=False, fs_type=other.fs_type)
+    child, used = rig.commit(child)
+    assert m <= used < m + MiB, f"committed: {used} bytes for {m} written over {n}"
+
+    archive = tmp_path / "child.tar"
+    with open(archive, "wb") as out:
+        rig.backend.export_diff(rig.chain(child), rig.scratch(), out)
+    build = rig.scratch()
+    with open(archive, "rb") as diff:
+        imported = rig.backend.import_diff(build, diff, rig.chain(parent), archive.stat().st_size)
+    assert m <= imported.used_bytes < m + MiB, "an imported diff holds only what the tar changes"
+    again = rig.add(build, imported, parent, active=False)
+    assert shape(rig.view(again)) == shape(rig.view(child))
+    assert shape(rig.view(copy))["gone"] == ("dir", "0o755", "")
+
+
+# ---- what a volume is promised ------------------------------------------------
+
+
+@pytest.mark.skipif(not ROOT, reason="a view is read-only only as a real read-only mount")
+def test_a_read_only_view_refuses_writes(rig: Rig) -> None:
+    """A committed layer, alone or as the top of a chain, is shown read-only:
+    every kind of write fails with EROFS and nothing changes."""
+    one = rig.prepare()
+    with rig.open(one) as view:
+        sample(view)
+    one, _ = rig.commit(one)
+    two = rig.prepare(one)
+    with rig.open(two) as view:
+        put(view, "two.txt", "two")
+    two, _ = rig.commit(two)
+    writes: list[Callable[[Path], object]] = [
+        lambda v: put(v, "new.txt", "new"),
+        lambda v: (v / "top.txt").write_text("over"),
+        lambda v: (v / "top.txt").unlink(),
+        lambda v: (v / "data").rename(v / "moved"),
+        lambda v: (v / "made").mkdir(),
+        lambda v: (v / "secret").chmod(0o644),
+        lambda v: os.setxattr(v / "secret", "user.new", b"x"),
+        lambda v: os.utime(v / "top.txt", (0, 0)),
+        lambda v: os.truncate(v / "top.txt", 0),
+    ]
+    for top in (one, two):
+        before = rig.view(top)
+        with rig.open(top) as view:
+            for write in writes:
+                with pytest.raises(OSError) as e:
+                    write(view)
+                assert e.value.errno == errno.EROFS, e.value
+        assert rig.view(top) == before
+
+
+def test_a_chain_at_the_depth_cap_mounts_and_reads_right(rig: Rig) -> None:
+    """``DEPTH`` layers, the engine's cap, each adding, replacing and removing a file:
+    the active top over all the others, and the whole chain committed and shown
+    read-only, each show exactly what the last layer to touch a path left."""
+    expected: dict[str, str] = {}
+    layer: Layer | None = None
+    with ExitStack() as held:  # the lowers stay activated: one activation each, not one per level
+        for n in range(DEPTH):
+            layer = rig.prepare(layer)
+            with rig.open(layer) as view:
+                put(view, f"level/{n:02d}", f"level {n}")
+                put(view, "top.txt", f"written by {n}")
+                expected[f"level/{n:02d}"] = f"level {n}"
+                expected["top.txt"] = f"written by {n}"
+                if n % 3 == 2:  # a file of a layer two below goes
+                    (view / "level" / f"{n - 2:02d}").unlink()
+                    del expected[f"level/{n - 2:02d}"]
+            if n < DEPTH - 1:
+                layer, _ = rig.commit(layer)
+                rig.backend.activate(layer)
+                held.callback(rig.backend.deactivate, layer)
+        assert layer is not None and len(rig.chain(layer)) == DEPTH
+        files = {rel: ("file", "0o644", digest(data.encode())) for rel, data in expected.items()}
+        with rig.open(layer) as view:
+            put(view, "level/top", "the top writes")
+            files["level/top"] = ("file", "0o644", digest(b"the top writes"))
+            seen = {k: v for k, v in shape(tree(view)).items() if k != "level"}
+            assert seen == files
+        layer, _ = rig.commit(layer)
+        assert {k: v for k, v in shape(rig.view(layer)).items() if k != "level"} == files
+
+
+def test_a_volume_holds_its_size(rig: Rig) -> None:
+    """A layer of S bytes refuses the writes past S (ENOSPC, in the writer's own
+    volume) where the backend enforces capacity; one that does not says so in its
+    capabilities, and then the writes go through."""
+    size = rig.backend.size_for(8 * MiB, rig.fs_type)
+    layer = rig.prepare(size=size)
+    with rig.open(layer) as view:
+
+        def fill() -> None:
+            with open(view / "fill", "wb") as f:
+                for _ in range(16):
+                    f.write(os.urandom(MiB))
+                os.fsync(f.fileno())
+
+        if rig.backend.capabilities.enforces_capacity:
+            with pytest.raises(OSError) as e:
+                fill()
+            assert e.value.errno in (errno.ENOSPC, errno.EDQUOT)
+            (view / "fill").unlink()
+            put(view, "small", "a volume that was full still takes what fits after a delete")
+        else:
+            fill()
+            assert (view / "fill").stat().st_size == 16 * MiB
+
+
+def test_resize_grows_a_volume_and_keeps_its_data(rig: Rig) -> None:
+    """Grown while detached: the data stays, the new size shows, and where
+    capacity is enforced the room past the old size is writable."""
+    layer = rig.prepare(size=rig.backend.size_for(8 * MiB, rig.fs_type))
+    with rig.open(layer) as view:
+        sample(view)
+        put(view, "payload", os.urandom(4 * MiB))
+        before = tree(view)
+        old = rig.backend.fs_usage(layer)
+    assert old is not None
+    bigger = rig.backend.size_for(32 * MiB, rig.fs_type)
+    layer = rig.resize(layer, bigger)
+    assert rig.backend.size(layer) == bigger
+    with rig.open(layer) as view:
+        assert tree(view) == before
+        if rig.backend.capabilities.enforces_capacity:
+            usage = rig.backend.fs_usage(layer)
+            assert usage is not None and usage.total_bytes > old.total_bytes + 16 * MiB
+            put(view, "more", os.urandom(16 * MiB))  # past the old size
+        after = tree(view)
+    assert rig.view(layer) == after
+
+
+def test_resize_grows_a_volume_in_use(rig: Rig) -> None:
+    """Grown while mounted (online), as an expansion of a published volume."""
+    layer = rig.prepare(size=rig.backend.size_for(8 * MiB, rig.fs_type))
+    with rig.open(layer) as view:
+        sample(view)
+        put(view, "payload", os.urandom(4 * MiB))
+        before = tree(view)
+        old = rig.backend.fs_usage(layer)
+        assert old is not None
+        bigger = rig.backend.size_for(32 * MiB, rig.fs_type)
+        try:
+            layer = rig.resize(layer, bigger)
+        except FailedPrecondition as e:  # the backend says what growing online needs
+            pytest.skip(str(e))
+        assert rig.backend.size(layer) == bigger
+        assert tree(view) == before
+        if rig.backend.capabilities.enforces_capacity:
+            usage = rig.backend.fs_usage(layer)
+            assert usage is not None and usage.total_bytes > old.total_bytes + 16 * MiB
+            put(view, "more", os.urandom(16 * MiB))  # past the old size
+        after = tree(view)
+    assert {k: v for k, v in after.items() if k != "more"} == before
+    assert rig.view(layer) == after
+
+
+# ---- safe to repeat after a crash -------------------------------------------
+
+
+def test_prepare_repeated_after_a_crash_before_install(rig: Rig) -> None:
+    """A crash between ``prepare`` and the transaction that installs it leaves a
+    build the engine discards at the next start; the same prepare again, over
+    the same parent, makes a layer that shows the parent and is alone on disk."""
+    parent = rig.prepare()
+    with rig.open(parent) as view:
+        sample(view)
+        written = tree(view)
+    parent, _ = rig.commit(parent)
+    lost = rig.scratch()
+    rig.backend.prepare(lost, rig.chain(parent), SIZE, rig.fs_type)
+    host.remove_tree(lost)  # as the engine discards an unfinished build
+    known = set(rig.backend.walk())
+    layer = rig.prepare(parent)
+    assert set(rig.backend.walk()) == known | {layer.id}
+    assert rig.view(layer) == written
+    assert rig.view(parent) == written
+
+
+def test_commit_repeated_after_a_crash_before_the_row_flips(rig: Rig) -> None:
+    """The engine commits a layer, then flips its row: a crash between leaves the
+    row active, the volume keeps writing to it, and commit runs again later.
+    Each run reports what the layer holds then; the data survives both."""
+    parent = rig.prepare()
+    with rig.open(parent) as view:
+        sample(view)
+    parent, _ = rig.commit(parent)
+    layer = rig.prepare(parent)
+    with rig.open(layer) as view:
+        first = put(view, "first", os.urandom(2 * MiB))
+    used = rig.backend.commit(layer)
+    assert rig.backend.commit(layer) == used, "a repeated commit reports the same"
+    with rig.open(layer) as view:  # still active in the store: still a volume's writable upper
+        assert (view / "first").stat().st_size == first
+        second = put(view, "second", os.urandom(3 * MiB))
+        written = tree(view)
+    done, again = rig.commit(layer)
+    assert again >= used + second and used >= first
+    assert rig.view(done) == written
+    assert rig.view(rig.prepare(done)) == written
+
+
+def test_expose_is_repeatable_and_a_missed_one_is_redone_by_cleanup(rig: Rig) -> None:
+    """A crash after the transaction that adds a layer's row, before ``expose``:
+    cleanup at the next start makes it usable as a lower; expose twice is fine."""
+    layer = rig.prepare()
+    with rig.open(layer) as view:
+        sample(view)
+        written = tree(view)
+    layer, used = rig.commit(layer)
+    build = rig.scratch()
+    built = rig.backend.squash(build, rig.chain(layer))
+    flat = rig.add(build, built, None, active=False, expose=False)
+    rig.backend.cleanup(dict(rig.layers), set())
+    assert rig.view(rig.prepare(flat)) == written
+    rig.backend.expose(flat)
+    rig.backend.expose(flat)
+    assert rig.view(rig.prepare(flat)) == written
+
+
+def test_a_failed_capture_thaws_and_can_be_repeated(rig: Rig) -> None:
+    """A capture cut short at its instant (the crash tests stop there) leaves
+    the layer writable and nothing held; a repeat into a new build works."""
+    layer = rig.prepare()
+    with rig.open(layer) as view:
+        sample(view)
+
+        def crash() -> None:
+            raise RuntimeError("crashed at the frozen instant")
+
+        with pytest.raises(RuntimeError):
+            rig.backend.capture({layer.id: rig.scratch()}, [layer], crash)
+        put(view, "after", "written after the failed capture")
+        written = tree(view)
+        build = rig.scratch()
+        built = rig.backend.capture({layer.id: build}, [layer])[layer.id]
+    copy = rig.add(build, built, None, active=False, fs_type=layer.fs_type)
+    assert rig.view(copy) == written
+
+
+def test_a_failed_build_holds_nothing_and_can_be_repeated(rig: Rig, tmp_path: Path) -> None:
+    """An import that fails half-way (an untrusted tar) leaves nothing mounted;
+    the engine discards the build and the same import of a good tar, repeated
+    into a new build over the same parent, works."""
+    parent = rig.prepare()
+    with rig.open(parent) as view:
+        sample(view)
+        put(view, "dir/x", "x")
+    parent, _ = rig.commit(parent)
+    good, bad = io.BytesIO(), io.BytesIO()
+    with tarfile.open(fileobj=good, mode="w") as tar:
+        member = tarfile.TarInfo("dir/y")
+        member.size = 1
+        tar.addfile(member, io.BytesIO(b"y"))
+    with tarfile.open(fileobj=bad, mode="w") as tar:
+        member = tarfile.TarInfo("dir/y")
+        member.size = 1
+        tar.addfile(member, io.BytesIO(b"y"))
+        member = tarfile.TarInfo("../escape")
+        member.size = 1
+        tar.addfile(member, io.BytesIO(b"e"))
+    expected = shape(rig.view(parent)) | {"dir/y": ("file", "0o644", digest(b"y"))}
+    for archive in (bad, bad, good):
+        archive.seek(0)
+        build = rig.scratch()
+        try:
+            built = rig.backend.import_diff(build, archive, rig.chain(parent), len(archive.getvalue()))
+        except DiffError:
+            assert not host.MountTable.read().under(build), "a failed build is left unmounted"
+            host.remove_tree(build)  # as the engine discards it
+            continue
+        layer = rig.add(build, built, parent, active=False)
+        assert shape(rig.view(layer)) == expected

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 BLOCK = "block"
+#: raw block volumes keep the classic 512-byte sectors a pod's tools expect
+BLOCK_SECTOR = host.loopdev.BLOCK_SECTOR
 
 
 def _nothing() -> None:
@@ -530,6 +532,14 @@ class OverlayLoopBackend:
     # ---- raw block layers ---------------------------------------------------
     def block_file(self, layer: Layer) -> Path:
         return self.layout.image(layer.id)
+
+    def block_mount(self, layer: Layer, readonly: bool = False) -> Mount:
+        """The image on a direct-I/O loop device (one page cache, not two; the kernel
+        runs it buffered where the state dir cannot do O_DIRECT)."""
+        mode = "ro" if readonly else "rw"
+        return Mount(
+            "loop", str(self.layout.image(layer.id)), (mode, "direct-io", f"sector-size={BLOCK_SECTOR}")
+        )
 
     def import_block(self, build: Path, size: int, fill: Callable[[int], int]) -> Built:
         dest = build / "image"

@@ -85,12 +85,38 @@ def build_image(
     else:
         more = inodes if inodes > size // BYTES_PER_INODE else 0
         host.mkfs(dest, "ext4", populate=populate, journal_mib=journal_bytes(size) // MiB, inodes=more)
+        if not upper:
+            restore_subsecond_mtimes(dest, populate)
         if upper and hold:  # on an overprovisioned node (else at stage)
             try_hold_metadata(dest)
     skel = dest.parent / "skel"
     if skel.is_dir():
         shutil.rmtree(skel)
     return host.fs_used_bytes(dest, fs_type)
+
+
+def restore_subsecond_mtimes(image: Path, tree: Path) -> None:
+    """mke2fs -d (1.47.0) copies mtimes in whole seconds, yet a layer's files keep
+    their nanoseconds (a diff compares them, and a pod sees them): those that have
+    any are set again through a mount of the new ext4 image of ``tree``."""
+    fixes = []
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if st.st_mtime_ns % 1_000_000_000:
+                fixes.append((os.path.relpath(path, tree), st.st_atime_ns, st.st_mtime_ns))
+    if not fixes:
+        return
+    mnt = image.with_name(image.name + ".times")
+    mnt.mkdir()
+    host.mount_image(image, mnt, "ext4", mount_options("ext4", readonly=False), readonly=False)
+    try:
+        for rel, atime, mtime in fixes:
+            os.utime(mnt / rel, ns=(atime, mtime), follow_symlinks=False)
+    finally:
+        host.umount(mnt)
+    mnt.rmdir()
 
 
 HELD = "user.overlay-csi.held"  # an xattr of the image file: it moves with it

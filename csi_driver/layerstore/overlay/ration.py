@@ -131,11 +131,23 @@ class Rationing:
                     room >> 20,
                 )
             self.limited = True
+            # an upper mounted during this look, which its admit saw unlimited yet, gets
+            # its even share now (one look after the other: admit never waits for a look)
+            for layer_id, fs_type in self._writable().items():
+                if fs_type == "ext4" and layer_id not in shares and (device := self._device(layer_id)):
+                    if (r := read_upper(self.layout, layer_id, device)) is not None:
+                        self._limit(r, self._floor)
             return Ration(True, room, unbacked, shares)
 
     def admit(self, layer_id: str) -> None:
         """A writable upper was just mounted: while the uppers are limited, it may take
-        its even share until the next look (its ext4 reserved the default at mount)."""
+        its even share until the next look (its ext4 reserved the default at mount).
+
+        While they are not, it returns at once, without the lock: a look holds that
+        while it reads every upper (milliseconds with hundreds staged), and a stage must
+        not wait for it. A look that limits them limits an upper it did not read too."""
+        if not self.limited:
+            return
         with self._lock:
             if not self.limited:
                 return

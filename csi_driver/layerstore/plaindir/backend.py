@@ -5,7 +5,14 @@ in the spirit of containerd's native snapshotter:
 a directory cannot stack, so a layer prepared over a parent starts as a copy of
 the parent's tree (which is already complete) and every layer holds its whole
 view. Nothing here needs root: the backend only copies, renames and removes
-directories; whoever mounts what ``mounts()`` returns needs the privilege.
+directories; whoever mounts what ``mounts()`` returns needs the privilege (and
+copying a tree that holds other users' files or device nodes needs CAP_CHOWN
+or CAP_MKNOD: a copy keeps owners, modes, times, xattrs and hard links, or fails).
+
+Accounting (see backend.py): every tree is whole, but a layer's data is the
+change over its parent's tree, found by comparing the two (``_change_bytes``),
+so the engine's sums along a chain count each byte once, as on a backend that
+stacks. ``usage`` is the whole tree: the host really spends it on the copy.
 
 What it cannot do, it says so rather than pretends:
 
@@ -25,8 +32,10 @@ Layout under ``root``: ``dirs/<id>/tree`` is a layer's tree; builds are made in
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 import tarfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -60,7 +69,7 @@ CAPABILITIES = Capabilities(
     artifact_fs_types=frozenset({"ext4", "xfs", DIR}),
     modifiable=frozenset(),
     enforces_capacity=False,
-    stacks=False,
+    stacks=True,  # a copy reports what it changed over its parent's tree (commit, capture)
 )
 
 
@@ -87,6 +96,9 @@ class PlainDirBackend:
 
     def tree(self, layer_id: str) -> Path:
         return self.layer_dir(layer_id) / "tree"
+
+    def _parent_tree(self, layer: Layer) -> Path | None:
+        return self.tree(layer.parent) if layer.parent else None
 
     @staticmethod
     def new_link() -> str:
@@ -124,7 +136,7 @@ class PlainDirBackend:
             for layer in layers:
                 dest = builds[layer.id] / "tree"
                 _copy_tree(self.tree(layer.id), dest)
-                out[layer.id] = Built(layer.image_bytes, host.tree_bytes(dest))
+                out[layer.id] = Built(layer.image_bytes, _change_bytes(dest, self._parent_tree(layer)))
         return out
 
     @staticmethod
@@ -161,8 +173,8 @@ class PlainDirBackend:
         else:
             dest.mkdir(mode=0o755)
         treediff.apply_to_tree(diff, dest, max_entries=entries)
-        used = host.tree_bytes(dest)
-        return Built(image_bytes=used, used_bytes=used, fs_type=DIR)
+        used = _change_bytes(dest, self.tree(parents[0].id) if parents else None)
+        return Built(image_bytes=host.tree_bytes(dest), used_bytes=used, fs_type=DIR)
 
     def export_diff(self, chain: Sequence[Layer], scratch: Path, out: BinaryIO) -> DiffStats:
         """Every tree is complete: the naive diff of the parent's tree and the top's."""
@@ -191,9 +203,9 @@ class PlainDirBackend:
     # ---- changes in place ---------------------------------------------------
     def commit(self, layer: Layer) -> int:
         """In place: the tree stays where it is and later views bind it read-only.
-        A full copy, it holds all of its bytes (none are shared with the parent)."""
+        Its data is what it changed over its parent's tree (the accounting contract)."""
         with self._locks.hold(layer.id):
-            return host.tree_bytes(self.tree(layer.id))
+            return _change_bytes(self.tree(layer.id), self._parent_tree(layer))
 
     def size(self, layer: Layer) -> int:
         """A directory has no size of its own: the one the store recorded."""
@@ -254,10 +266,12 @@ class PlainDirBackend:
         return {x: host.tree_bytes(self.tree(x)) for x in layer_ids}
 
     def fs_usage(self, layer: Layer) -> FsUsage | None:
-        """The host file system's size and free space, with the layer's own use."""
+        """The host file system's size and free space, with the layer's own use:
+        its change over its parent (as ``commit`` counts it) and its tree's inodes."""
         if not self.is_active(layer):
             return None
-        used, inodes = _tree_usage(self.tree(layer.id))
+        _, inodes = _tree_usage(self.tree(layer.id))
+        used = _change_bytes(self.tree(layer.id), self._parent_tree(layer))
         st = os.statvfs(self.root)
         return FsUsage(
             st.f_blocks * st.f_frsize, used, st.f_bavail * st.f_frsize, st.f_files, inodes, st.f_favail
@@ -271,6 +285,9 @@ class PlainDirBackend:
 
     # ---- raw block layers ---------------------------------------------------
     def block_file(self, layer: Layer) -> Path:
+        raise Unsupported("the plain-dir backend keeps no raw block layers")
+
+    def block_mount(self, layer: Layer, readonly: bool = False) -> Mount:
         raise Unsupported("the plain-dir backend keeps no raw block layers")
 
     def import_block(self, build: Path, size: int, fill: Callable[[int], int]) -> Built:
@@ -322,10 +339,107 @@ class PlainDirBackend:
 
 
 def _copy_tree(source: Path, dest: Path) -> None:
-    """``dest`` (which must not exist) becomes a copy of the directory ``source``:
-    modes, times, symlinks and xattrs (hard links become separate files; shared
-    extents where the file system clones on ``copy_file_range``)."""
-    shutil.copytree(source, dest, symlinks=True, copy_function=shutil.copy2)
+    """``dest`` (which must not exist) becomes a copy of the directory ``source``
+    as a layer holds it: contents, modes, owners, times, xattrs, symlinks, special
+    files, and hard links kept as links (a pod's hard links, and an image's, stay
+    one file). Owners other than the caller's need CAP_CHOWN and device nodes
+    CAP_MKNOD; without them the copy fails rather than keep a different tree."""
+    links: dict[tuple[int, int], str] = {}
+    made: list[tuple[str, os.stat_result]] = []  # directories, parents first
+    stack = [(str(source), str(dest))]
+    while stack:
+        src, dst = stack.pop()
+        st = os.lstat(src)
+        os.mkdir(dst, 0o700)  # its mode last: a read-only one must take its entries first
+        _copy_meta(src, dst, st)
+        made.append((dst, st))
+        with os.scandir(src) as entries:
+            for entry in entries:
+                s, d = entry.path, os.path.join(dst, entry.name)
+                est = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(est.st_mode):
+                    stack.append((s, d))
+                    continue
+                if est.st_nlink > 1 and (first := links.setdefault((est.st_dev, est.st_ino), d)) != d:
+                    os.link(first, d, follow_symlinks=False)
+                    continue
+                if stat.S_ISREG(est.st_mode):
+                    shutil.copyfile(s, d)
+                elif stat.S_ISLNK(est.st_mode):
+                    os.symlink(os.readlink(s), d)
+                else:  # a fifo, a socket or a device node
+                    os.mknod(d, est.st_mode, est.st_rdev)
+                _copy_meta(s, d, est)
+                _set_mode_and_times(d, est)
+    for dst, st in reversed(made):  # children first: setting a mode or time changes no parent
+        _set_mode_and_times(dst, st)
+
+
+def _copy_meta(src: str, dst: str, st: os.stat_result) -> None:
+    """Owner, then xattrs (a chown drops security.capability). SELinux labels are
+    the destination's own, as in a layer tar (layertar.SKIPPED_XATTRS)."""
+    os.lchown(dst, st.st_uid, st.st_gid)
+    try:
+        names = os.listxattr(src, follow_symlinks=False)
+    except OSError as e:
+        if e.errno != errno.EOPNOTSUPP:
+            raise
+        return
+    for name in names:
+        if name == "security.selinux":
+            continue
+        try:
+            value = os.getxattr(src, name, follow_symlinks=False)
+        except OSError as e:
+            if e.errno == errno.ENODATA:  # removed meanwhile
+                continue
+            raise
+        os.setxattr(dst, name, value, follow_symlinks=False)
+
+
+def _set_mode_and_times(dst: str, st: os.stat_result) -> None:
+    """Mode after the owner (a chown drops setuid bits), times last of all."""
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _change_bytes(tree: Path, parent: Path | None) -> int:
+    """The bytes of ``tree`` (as ``host.tree_bytes`` counts them) that ``parent``,
+    the tree it was copied from, does not hold: every entry the parent lacks or
+    holds with other metadata (type, mode, owner, size, mtime, link target). As
+    rsync's quick check, metadata and not contents decide: a copy keeps them, a
+    write changes the mtime. An xattr-only change costs no data and is not counted."""
+    if parent is None:
+        return host.tree_bytes(tree)
+    total, seen = 0, set()
+    for dirpath, dirnames, filenames in os.walk(tree):
+        below = os.path.join(parent, os.path.relpath(dirpath, tree))
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            try:
+                old = os.lstat(os.path.join(below, name))
+            except (FileNotFoundError, NotADirectoryError):
+                old = None
+            if old is None or not _same_entry(st, old, path, os.path.join(below, name)):
+                total += st.st_blocks * 512
+    return total
+
+
+def _same_entry(st: os.stat_result, old: os.stat_result, path: str, old_path: str) -> bool:
+    return (
+        st.st_mode == old.st_mode
+        and (st.st_uid, st.st_gid) == (old.st_uid, old.st_gid)
+        and st.st_mtime_ns == old.st_mtime_ns
+        and (stat.S_ISDIR(st.st_mode) or st.st_size == old.st_size)
+        and st.st_rdev == old.st_rdev
+        and (not stat.S_ISLNK(st.st_mode) or os.readlink(path) == os.readlink(old_path))
+    )
 
 
 def _tree_usage(root: Path) -> tuple[int, int]:
