@@ -117,12 +117,17 @@ def _pullers() -> int:
     return sum(1 for t in threading.enumerate() if t.name == "registry-pull" and t.is_alive())
 
 
-def test_a_download_runs_ahead_of_a_slow_consumer_by_a_bounded_amount(proxied) -> None:
-    reg, _proxy = proxied
-    data = os.urandom(32 * MiB)
+def _stored(reg: LocalRegistry, mib: int) -> tuple[RegistryClient, bytes, str]:
+    """A client of ``reg`` and a blob of ``mib`` MiB of random data it holds: (client, data, digest)."""
+    data = os.urandom(mib * MiB)
     client = _client(reg.host)
-    digest, size, _ = client.push_stream(lambda body: body.write(data))
-    with client.blob(digest, size) as stream:
+    digest, _, _ = client.push_stream(lambda body: body.write(data))
+    return client, data, digest
+
+
+def test_a_download_runs_ahead_of_a_slow_consumer_by_a_bounded_amount(proxied) -> None:
+    client, data, digest = _stored(proxied[0], 32)
+    with client.blob(digest, len(data)) as stream:
         first = stream.read(MiB)
         time.sleep(1.0)  # the consumer is busy; the download may not take the whole blob
         ahead = stream.done - len(first)
@@ -134,14 +139,11 @@ def test_a_download_runs_ahead_of_a_slow_consumer_by_a_bounded_amount(proxied) -
 
 
 def test_a_consumer_that_gives_up_stops_the_download(proxied) -> None:
-    reg, _proxy = proxied
-    data = os.urandom(64 * MiB)
-    client = _client(reg.host)
-    digest, size, _ = client.push_stream(lambda body: body.write(data))
-    with client.blob(digest, size) as stream:
+    client, data, digest = _stored(proxied[0], 64)
+    with client.blob(digest, len(data)) as stream:
         stream.read(MiB)
     deadline = time.monotonic() + 5
     while _pullers() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _pullers() == 0, "the download thread outlived its consumer"
-    assert stream.done < size, "it stopped early, not at the end"
+    assert stream.done < len(data), "it stopped early, not at the end"

@@ -33,7 +33,7 @@ from csi_driver import host
 from csi_driver.engine.engine import EngineConfig
 from csi_driver.errors import FailedPrecondition
 from csi_driver.ids import new_id, new_link
-from csi_driver.layerstore.backend import Built, LayerBackend, Unsupported
+from csi_driver.layerstore.backend import Built, FsUsage, LayerBackend, Unsupported
 from csi_driver.layerstore.layertar import DiffError
 from csi_driver.store import Layer
 from driver_harness import MOUNT_SKIP
@@ -971,16 +971,21 @@ def test_a_volume_holds_its_size(rig: Rig) -> None:
             assert (view / "fill").stat().st_size == 16 * MiB
 
 
+def _filled(rig: Rig, view: Path, layer: Layer) -> tuple[dict, FsUsage]:
+    """The sample and 4 MiB written into ``view``: (its tree, the layer's usage then)."""
+    sample(view)
+    put(view, "payload", os.urandom(4 * MiB))
+    old = rig.backend.fs_usage(layer)
+    assert old is not None
+    return tree(view), old
+
+
 def test_resize_grows_a_volume_and_keeps_its_data(rig: Rig) -> None:
     """Grown while detached: the data stays, the new size shows, and where
     capacity is enforced the room past the old size is writable."""
     layer = rig.prepare(size=rig.backend.size_for(8 * MiB, rig.fs_type))
     with rig.open(layer) as view:
-        sample(view)
-        put(view, "payload", os.urandom(4 * MiB))
-        before = tree(view)
-        old = rig.backend.fs_usage(layer)
-    assert old is not None
+        before, old = _filled(rig, view, layer)
     bigger = rig.backend.size_for(32 * MiB, rig.fs_type)
     layer = rig.resize(layer, bigger)
     assert rig.backend.size(layer) == bigger
@@ -998,11 +1003,7 @@ def test_resize_grows_a_volume_in_use(rig: Rig) -> None:
     """Grown while mounted (online), as an expansion of a published volume."""
     layer = rig.prepare(size=rig.backend.size_for(8 * MiB, rig.fs_type))
     with rig.open(layer) as view:
-        sample(view)
-        put(view, "payload", os.urandom(4 * MiB))
-        before = tree(view)
-        old = rig.backend.fs_usage(layer)
-        assert old is not None
+        before, old = _filled(rig, view, layer)
         bigger = rig.backend.size_for(32 * MiB, rig.fs_type)
         try:
             layer = rig.resize(layer, bigger)
