@@ -171,6 +171,13 @@ class Rig:
         with self.open(layer) as view:
             return tree(view)
 
+    def committed_sample(self) -> Layer:
+        """A committed layer with no parent that holds ``sample``."""
+        layer = self.prepare()
+        with self.open(layer) as view:
+            sample(view)
+        return self.commit(layer)[0]
+
 
 @pytest.fixture
 def rig(backend: LayerBackend, tmp_path: Path) -> Rig:
@@ -322,10 +329,7 @@ def test_owners_xattrs_times_and_hard_links_are_kept(rig: Rig) -> None:
     """What ``tree`` compares, made explicit: a copy-up or a copy that lost any of
     it would change what a pod's files mean (a setuid helper, a capability, a
     hard-linked file written through one name)."""
-    parent = rig.prepare()
-    with rig.open(parent) as view:
-        sample(view)
-    parent, _ = rig.commit(parent)
+    parent = rig.committed_sample()
     child = rig.prepare(parent)
     with rig.open(child) as view:
         seen = tree(view)
@@ -885,10 +889,7 @@ def test_a_layer_counts_its_change_over_the_parent_not_the_parents_data(rig: Rig
 def test_a_read_only_view_refuses_writes(rig: Rig) -> None:
     """A committed layer, alone or as the top of a chain, is shown read-only:
     every kind of write fails with EROFS and nothing changes."""
-    one = rig.prepare()
-    with rig.open(one) as view:
-        sample(view)
-    one, _ = rig.commit(one)
+    one = rig.committed_sample()
     two = rig.prepare(one)
     with rig.open(two) as view:
         put(view, "two.txt", "two")
@@ -1046,10 +1047,7 @@ def test_commit_repeated_after_a_crash_before_the_row_flips(rig: Rig) -> None:
     """The engine commits a layer, then flips its row: a crash between leaves the
     row active, the volume keeps writing to it, and commit runs again later.
     Each run reports what the layer holds then; the data survives both."""
-    parent = rig.prepare()
-    with rig.open(parent) as view:
-        sample(view)
-    parent, _ = rig.commit(parent)
+    parent = rig.committed_sample()
     layer = rig.prepare(parent)
     with rig.open(layer) as view:
         first = put(view, "first", os.urandom(2 * MiB))
