@@ -139,7 +139,9 @@ def test_a_download_runs_ahead_of_a_slow_consumer_by_a_bounded_amount(proxied) -
 
 
 def test_a_consumer_that_gives_up_stops_the_download(proxied) -> None:
-    client, data, digest = _stored(proxied[0], 64)
+    reg, proxy = proxied
+    _, data, digest = _stored(reg, 64)
+    client = _client(proxy.host)  # through the proxy, which counts the GETs
     with client.blob(digest, len(data)) as stream:
         stream.read(MiB)
     deadline = time.monotonic() + 5
@@ -147,3 +149,5 @@ def test_a_consumer_that_gives_up_stops_the_download(proxied) -> None:
         time.sleep(0.05)
     assert _pullers() == 0, "the download thread outlived its consumer"
     assert stream.done < len(data), "it stopped early, not at the end"
+    gets = [p for m, p, _s in proxy.requests if m == "GET" and digest in p]
+    assert len(gets) == 1, f"a closed stream asked again (a resume): {gets}"

@@ -153,6 +153,9 @@ class BlobStream:
         except BaseException as e:  # noqa: BLE001 - the consumer raises it
             if not self._stop.is_set():
                 self._hand_over(e)
+        finally:
+            if self._stop.is_set():
+                self._drop()  # an answer opened while the consumer closed the stream
 
     def _hand_over(self, item: bytes | BaseException) -> None:
         assert self._ahead is not None
@@ -189,6 +192,8 @@ class BlobStream:
     def _fetch_chunk(self) -> bytes:
         """The next bytes of the blob, counted and hashed; b"" at its end."""
         while not self._ended:
+            if self._stop.is_set():  # the consumer closed the stream: no new request, no resume
+                return b""
             if self._chunks is None:
                 self._open()
                 continue
