@@ -49,6 +49,9 @@ def create(d: Driver, name: str, cap=None, parameters=None, mutable=None) -> csi
 def test_plaindir_refuses_block_volumes_with_invalid_argument(tmp_path: Path):
     with serving(tmp_path, backend="plaindir") as d:
         code, details = error_of(create, d, "raw", cap=block_capability())
+        # external-provisioner v6.3.0 (the chart's), controller.go checkError: INVALID_ARGUMENT
+        # is ProvisioningFinished, a final failure: nothing runs on in the background, the
+        # PVC stays Pending with a ProvisioningFailed event naming the reason
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert "keeps no raw block volumes" in details
         # a mount volume is fine; asked whether it could be a block one, the answer is no, with why
