@@ -13,7 +13,6 @@ from pathlib import Path
 
 from csi_driver import host
 from csi_driver.client import Client
-from csi_driver.host import loopdev
 from csi_driver.server import ServeOptions, Server
 
 #: A pool file's virtual size unless the bench is told otherwise: sparse, so it
@@ -52,22 +51,21 @@ def running_driver(**opts) -> Iterator[tuple[Server, Client, Path]]:
 
 
 @contextmanager
-def pool_file(path: Path, size: int) -> Iterator[str]:
-    """A pool made the way the driver makes one from a file: a new sparse file
-    of ``size`` bytes attached to a direct-I/O loop device with 4 KiB sectors;
-    yield the device, to be handed to a driver as its pool device (which formats
-    and mounts it: ``pool.prepare``). Afterwards every mount of the device is
-    undone, the device detached and the file removed."""
-    with open(path, "xb") as f:  # never an existing file: it would be destroyed
-        f.truncate(size)
+def pool_file(path: Path, size: int) -> Iterator[dict[str, object]]:
+    """The driver options that keep its state dir on a new pool file at ``path`` of
+    ``size`` bytes: the driver makes it as on a node (``serve --pool-file``:
+    created, attached, formatted, mounted). Afterwards, once the driver is gone,
+    the pool's mounts are undone, its loop device detached and the file removed."""
     try:
-        device = loopdev.attach(path, sector_size=loopdev.FS_SECTOR)
-        try:
-            yield device
-        finally:
-            for m in reversed(host.MountTable.read().entries):
-                if m.source == device:
-                    host.umount(m.target, lazy=True)
-            host.loop_detach(device)
+        yield {"pool_file": str(path), "pool_file_size": size}
     finally:
+        if path.exists():
+            st = path.stat()
+            want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+            for device, ids in host.loop_backing_ids().items():
+                if ids == want:
+                    for m in reversed(host.MountTable.read().entries):
+                        if m.source == device:
+                            host.umount(m.target, lazy=True)
+                    host.loop_detach(device)
         path.unlink(missing_ok=True)

@@ -11,8 +11,8 @@ fsync'd 4 KiB random write >= 0.5x, small files >= 0.9x, a file read from a lowe
 layer >= 0.9x, page cache growth <= 1.1x the data written.
 
 With ``--pool-file PATH`` a second driver keeps its state dir on a pool file
-made there (a sparse file on the host file system, a direct-I/O loop device with
-4 KiB sectors, formatted and mounted by ``pool.prepare``), and each kind is also
+made there by the driver, as ``serve --pool-file`` does on a node (a sparse file
+on the host file system, a direct-I/O loop device, xfs), and each kind is also
 measured on it in the same interleaved rounds (the order rotates every round);
 one more table gives the pool file against today's default side by side. The
 pool file is removed at the end.
@@ -298,8 +298,8 @@ def main() -> None:
     with ExitStack() as stack:
         drivers = [_driver(stack, "volume")]
         if args.pool_file:
-            device = stack.enter_context(pool_file(args.pool_file, args.pool_file_size))
-            drivers.append(_driver(stack, "on pool", pool_device=device))
+            pool = stack.enter_context(pool_file(args.pool_file, args.pool_file_size))
+            drivers.append(_driver(stack, "on pool", **pool))
         measure(drivers, s, args)
 
 

@@ -16,9 +16,9 @@ Usage: python -m bench.live_snapshot --state-dir DIR [--data-gib 1]
        python -m bench.live_snapshot --pool-file PATH [--pool-file-size 64Gi] [--data-gib 1]
 The state dir's file system is what is measured: put DIR on ext4, on xfs
 (reflink=1) or btrfs; ``--pool-device`` formats (if empty) and mounts a disk
-the way ``overlay-csi serve --pool-device`` does; ``--pool-file`` makes a new
-sparse file at PATH, attaches it to a direct-I/O loop device with 4 KiB sectors
-and hands that to the driver as its pool device, and removes it all at the end.
+the way ``overlay-csi serve --pool-device`` does; with ``--pool-file`` the
+driver makes a new pool file at PATH as ``serve --pool-file`` does, and the
+bench removes it all at the end.
 The disk cost is what the state dir's file system lost; with a pool file also
 what the pool file grew by on the host (its allocated blocks).
 """
@@ -112,19 +112,20 @@ def main() -> None:
         raise SystemExit(f"{args.pool_file} exists: the bench makes its pool file and removes it after")
     reexec_in_private_namespace()
     with ExitStack() as stack:
+        pool = {"pool_device": args.pool_device or ""}
         if args.pool_file:
-            args.pool_device = stack.enter_context(pool_file(args.pool_file, args.pool_file_size))
-        measure(args)
+            pool = stack.enter_context(pool_file(args.pool_file, args.pool_file_size))
+        measure(args, pool)
 
 
-def measure(args: argparse.Namespace) -> None:
+def measure(args: argparse.Namespace, pool: dict[str, object]) -> None:
     work = Path(tempfile.mkdtemp(prefix="overlay-csi-live-"))
     state = (args.state_dir / f"live-snapshot-{os.getpid()}") if args.state_dir else work / "pool"
     opts = ServeOptions(
         endpoint=f"unix://{work}/csi.sock",
         state_dir=state,
         node_id="bench",
-        pool_device=args.pool_device or "",
+        **pool,
         max_live_snapshot_copy=0,  # a state dir that cannot clone: measure the copy, however long
     )
     server = Server(opts)

@@ -1,9 +1,15 @@
 """A pool file (``serve --pool-file PATH``): the pool of ``--pool-device`` on a
 node with no spare disk.
 
-A sparse file on the host's file system, attached to a direct-I/O loop device
-with 4 KiB sectors, formatted xfs with reflink and mounted as the state dir, so
-a snapshot of a volume in use is a clone of its image, not a copy (docs/operations.md).
+A sparse file on the host's file system, attached to a direct-I/O loop device,
+formatted xfs with reflink and mounted as the state dir, so a snapshot of a
+volume in use is a clone of its image, not a copy (docs/operations.md).
+
+Its sectors are the smallest the host's file system takes direct I/O at, 512
+bytes on most: a raw block volume has 512-byte sectors, and its loop device can
+run direct I/O on the pool only where the pool's xfs has sectors that small
+(else the kernel runs it buffered, its pages cached twice). A pool keeps the
+sector size it was made with (the xfs superblock says which).
 
 Life cycle, each start: a file that does not exist is created (sparse, of the
 host file system's size unless told), attached, formatted and mounted; one that
@@ -113,13 +119,27 @@ def prepare(path: Path, state_dir: Path, size: int = 0) -> Prepared:
     if kind == "new":
         size = size or _host_size(path.parent)
         _create(path, size)
-    with loopdev.attached(path, sector_size=loopdev.FS_SECTOR, autoclear=True) as device:
+    sector = new_pool_sector(path) if kind == "new" else host.sector_size_of(path)
+    with loopdev.attached(path, sector_size=sector, autoclear=True) as device:
         if kind == "new":
-            host.mkfs_pool(device, LABEL, pool.MKFS_OPTIONS)
+            host.mkfs_pool(device, LABEL, [*pool.MKFS_OPTIONS, "-s", f"size={sector}"])
         _mount(device, state_dir)
     done = "created" if kind == "new" else "mounted"
     log.info("pool file %s %s at %s", path, done, state_dir)
     return Prepared(done, True)
+
+
+def new_pool_sector(path: Path) -> int:
+    """The sector size for a new pool in the file ``path``: the host file system's
+    direct-I/O alignment, at least 512 bytes; 4 KiB where it says none or more
+    than a loop device may have (the device then runs buffered)."""
+    try:
+        align = host.dio_alignment(path)
+    except OSError as e:
+        raise PoolError(f"pool file {path}: {e.strerror}") from e
+    if not align or align > loopdev.FS_SECTOR:
+        return loopdev.FS_SECTOR
+    return max(loopdev.BLOCK_SECTOR, align)
 
 
 class HostBoundSpace:

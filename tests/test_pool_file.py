@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from test_block import block_cap, publish_block, unpublish_block
 
 from csi_driver import host
 from csi_driver.doctor.check import FAIL, OK, WARN
@@ -36,16 +37,17 @@ pytestmark = needs_mounts
 
 @pytest.fixture
 def host_fs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
-    """Makes a "host" ext4 file system of the given size, mounted; everything under
+    """Makes a "host" ext4 file system of the given size (on a disk of the given
+    sector size: 4 KiB, or 512 bytes as most disks), mounted; everything under
     the test's dir is unmounted and detached after."""
 
-    def make(size: int) -> Path:
+    def make(size: int, sector: int = loopdev.FS_SECTOR) -> Path:
         image, mnt = tmp_path / "host.img", tmp_path / "host"
         image.touch()
         os.truncate(image, size)
         host.run(["mkfs.ext4", "-q", "-m", "0", str(image)])
         mnt.mkdir()
-        with loopdev.attached(image, autoclear=True) as device:
+        with loopdev.attached(image, sector_size=sector, autoclear=True) as device:
             host.mount(device, mnt, "ext4")
         return mnt
 
@@ -58,6 +60,10 @@ def host_fs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
 def size_of(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_blocks * st.f_frsize
+
+
+def logical_block_size(device: str) -> int:
+    return int(Path(f"/sys/block/{Path(device).name}/queue/logical_block_size").read_text())
 
 
 def pool_loop(pool: Path) -> str:
@@ -84,7 +90,7 @@ def test_the_pool_file_is_created_then_found_after_a_restart_and_a_reboot(tmp_pa
         device = pool_loop(pool)
         assert host.mount_at(d.state).source == device and host.mount_at(d.state).fstype == "xfs"
         assert loopdev.direct_io(device), "a direct-I/O loop device"
-        assert Path(f"/sys/block/{Path(device).name}/queue/logical_block_size").read_text().strip() == "4096"
+        assert logical_block_size(device) == 4096, "a 4 KiB disk takes direct I/O in 4 KiB blocks only"
         found = host.probe_signature(device)
         assert found.get("TYPE") == "xfs" and found.get("LABEL") == LABEL
 
@@ -133,6 +139,54 @@ def test_the_pool_file_is_created_then_found_after_a_restart_and_a_reboot(tmp_pa
     finally:
         host.umount(root / "state")
         host.loop_detach(manual)
+
+
+@pytest.mark.parametrize("host_sector", [512, 4096])
+def test_a_new_pool_has_the_hosts_smallest_direct_io_sectors_so_block_volumes_run_direct_io(
+    tmp_path, host_fs, host_sector
+):
+    """A raw block volume has 512-byte sectors; its loop device runs direct I/O on
+    the pool only where the pool's xfs has sectors that small, else the kernel
+    runs it buffered and caches its pages twice (pool_file.new_pool_sector)."""
+    hostdir = host_fs(1 * GiB, sector=host_sector)
+    pool, root = hostdir / "pool.img", tmp_path / "node"
+    root.mkdir()
+    d = Driver(root, pool_file=str(pool))
+    try:
+        device = pool_loop(pool)
+        assert loopdev.direct_io(device), "the pool's own device runs direct I/O on either disk"
+        assert logical_block_size(device) == host_sector
+        assert host.sector_size_of(pool) == host_sector, "the pool's xfs has the device's sectors"
+        vid = d.client.create_volume("raw", 64 * MiB, cap=block_cap()).volume_id
+        staging, target = publish_block(d, vid, "raw")
+        raw = next(dev for dev in host.loop_devices() if os.stat(dev).st_rdev == os.stat(target).st_rdev)
+        assert loopdev.direct_io(raw) is (host_sector == 512), "direct I/O wherever the host allows it"
+        unpublish_block(d, vid, staging, target)
+        doctor = check_setup(d.state, str(pool))
+        assert doctor.status == OK, doctor
+        assert ("raw block volumes on it run buffered" in doctor.message) is (host_sector == 4096), doctor
+    finally:
+        d.stop()
+
+
+def test_a_pool_made_with_4k_sectors_keeps_them(tmp_path, host_fs):
+    """Pools made before pools took the host's smallest sectors are attached as they
+    were made: an xfs cannot live on a device with larger sectors than its own, and
+    one with 4 KiB sectors gains nothing from a 512-byte device."""
+    hostdir = host_fs(1 * GiB, sector=512)
+    pool, state = hostdir / "pool.img", tmp_path / "state"
+    pool.touch()
+    os.truncate(pool, 512 * MiB)
+    with loopdev.attached(pool, sector_size=loopdev.FS_SECTOR) as device:
+        host.mkfs_pool(device, LABEL, ["-m", "reflink=1", "-s", "size=4096"])
+    assert prepare(pool, state).done == "mounted"
+    try:
+        assert logical_block_size(host.mount_at(state).source) == 4096
+        doctor = check_setup(state, str(pool))
+        assert doctor.status == WARN and "a pool made before" in doctor.message, doctor
+        assert "remove the pool file" in doctor.fix
+    finally:
+        host.umount(state)
 
 
 def test_a_foreign_pool_file_is_refused_untouched(tmp_path, host_fs):

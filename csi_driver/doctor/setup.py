@@ -12,6 +12,7 @@ from csi_driver.doctor.check import FAIL, OK, WARN, Check, MiB, fmt_gib
 from csi_driver.doctor.procfs import mount_of
 from csi_driver.doctor.state_dir import existing_ancestor
 from csi_driver.errors import CommandFailed
+from csi_driver.host.loopdev import BLOCK_SECTOR
 from csi_driver.pool import LABEL, PoolError
 from csi_driver.pool_file import assess, served_as_it_is
 
@@ -27,7 +28,7 @@ def check_setup(state_dir: Path, pool_file: str = "", max_live_copy: int = 1 << 
     if here is not None and here.fstype == "xfs":
         backing = host.loop_backing_file(here.source)
         if backing:
-            return Check("setup", OK, f"pool file {backing} ({here.source}) at {state_dir}: {CLONE}")
+            return _pool_file_check(Path(backing), here.source, state_dir)
         if host.probe_signature(here.source).get("LABEL") == LABEL:
             return Check("setup", OK, f"pool device {here.source} at {state_dir}: {CLONE}")
     if pool_file and here is None:
@@ -48,6 +49,33 @@ def check_setup(state_dir: Path, pool_file: str = "", max_live_copy: int = 1 << 
         f"written data while its writes wait (seconds per GiB), {limit}; beyond, it is refused",
         POOL_FIX,
     )
+
+
+def _pool_file_check(backing: Path, device: str, state_dir: Path) -> Check:
+    """A mounted pool file, and whether raw block volumes run direct I/O on it: only
+    where its xfs has 512-byte sectors (pool_file.new_pool_sector)."""
+    said = f"pool file {backing} ({device}) at {state_dir}: {CLONE}"
+    try:
+        pool_sector, host_sector = host.sector_size_of(backing), host.dio_alignment(backing)
+    except OSError:  # the host's path is not seen from here
+        return Check("setup", OK, said)
+    if pool_sector <= BLOCK_SECTOR:
+        return Check("setup", OK, said)
+    buffered = (
+        f"raw block volumes on it run buffered, their pages cached twice: its xfs has "
+        f"{pool_sector}-byte sectors, a block volume 512-byte ones"
+    )
+    if host_sector and host_sector < pool_sector:
+        return Check(
+            "setup",
+            WARN,
+            f"{said}; but {buffered} (a pool made before pools took the host's smallest sectors)",
+            "mount volumes are not affected. For block volumes: move the node's volumes off, stop the "
+            "driver, remove the pool file and the state dir's content, and start again: the new pool "
+            "takes the host's 512-byte sectors (docs/operations.md, a pool file)",
+        )
+    host_only = f"as the host's disk takes direct I/O in {pool_sector}-byte blocks only"
+    return Check("setup", OK, f"{said}; {buffered}, {host_only}")
 
 
 def _pool_file_plan(path: Path, state_dir: Path) -> Check | None:

@@ -265,6 +265,22 @@ def sector_size_of(image: Path) -> int:
     return min(loopdev.FS_SECTOR, _ext4_block_size(sb)) if sb else loopdev.FS_SECTOR
 
 
+_STATX_DIOALIGN = 0x2000
+
+
+def dio_alignment(path: Path) -> int | None:
+    """The file offset alignment ``path``'s file system needs for direct I/O
+    (statx(2) STATX_DIOALIGN); None where the kernel does not say, 0 where the
+    file cannot be opened with O_DIRECT at all."""
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    if libc().statx(-100, os.fsencode(path), 0, _STATX_DIOALIGN, buf) != 0:  # AT_FDCWD
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    if not int.from_bytes(buf.raw[0:4], "little") & _STATX_DIOALIGN:
+        return None
+    return int.from_bytes(buf.raw[156:160], "little")  # stx_dio_offset_align
+
+
 def tree_bytes(root: Path) -> int:
     """Bytes the files under ``root`` occupy (allocated blocks; hard links once)."""
     return tree_usage(root)[0]
