@@ -39,6 +39,7 @@ from pathlib import Path
 from bench.common import POOL_FILE_SIZE, pool_file, reexec_in_private_namespace, running_driver
 from csi_driver.cli.args import parse_size
 from csi_driver.client import mount_capability
+from csi_driver.engine.capacity import CapacityPolicy
 from csi_driver.proto import csi_pb2 as csi
 
 MiB = 1 << 20
@@ -304,7 +305,9 @@ def main() -> None:
 
 
 def _driver(stack: ExitStack, where: str, **opts) -> Driver:
-    _server, client, work = stack.enter_context(running_driver(**opts))
+    # each volume is sized for headroom it never fills (8 GiB for 1 GiB of data), and a
+    # pool file admits against the host's free space less its reserve: overprovision
+    _server, client, work = stack.enter_context(running_driver(capacity=CapacityPolicy(4.0), **opts))
     teardown = Teardown(client)
     stack.callback(teardown.run)
     return Driver(where, client, teardown, work)
