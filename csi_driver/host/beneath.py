@@ -37,7 +37,7 @@ from collections.abc import Iterator
 
 from csi_driver.errors import FailedPrecondition
 from csi_driver.host import fsmount, mountopts
-from csi_driver.host.libc import libc, syscall
+from csi_driver.host.libc import libc, statx, syscall
 
 # syscall numbers: the same on x86_64 and aarch64 (the unified table from 424 on)
 _SYSCALLS = {"openat2": 437, "mount_setattr": 442}
@@ -215,10 +215,11 @@ def mkdir_beneath(path: str, mode: int = 0o755) -> None:
 def _not_mounted(pfd: int, name: str, path: str) -> None:
     """EBUSY if ``name`` in the dir ``pfd`` is a mount point: still mounted, so a
     check of the path before said otherwise (it changed under it)."""
-    buf = ctypes.create_string_buffer(256)
-    if libc().statx(pfd, os.fsencode(name), _AT_SYMLINK_NOFOLLOW, _STATX_TYPE, buf) != 0:
+    try:
+        stx = statx(pfd, os.fsencode(name), _AT_SYMLINK_NOFOLLOW, _STATX_TYPE)
+    except OSError:
         return
-    if int.from_bytes(buf.raw[8:16], "little") & _STATX_ATTR_MOUNT_ROOT:
+    if int.from_bytes(stx[8:16], "little") & _STATX_ATTR_MOUNT_ROOT:
         raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), path)
 
 
@@ -304,10 +305,11 @@ _AT_SYMLINK_NOFOLLOW = 0x100
 
 def is_mount_root(fd: int) -> bool:
     """Whether the file ``fd`` holds is the root of a mount (statx(2))."""
-    buf = ctypes.create_string_buffer(256)  # struct statx
-    if libc().statx(fd, b"", AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, _STATX_TYPE, buf) != 0:
+    try:
+        stx = statx(fd, b"", AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, _STATX_TYPE)
+    except OSError:
         return False
-    return bool(int.from_bytes(buf.raw[8:16], "little") & _STATX_ATTR_MOUNT_ROOT)
+    return bool(int.from_bytes(stx[8:16], "little") & _STATX_ATTR_MOUNT_ROOT)
 
 
 _SYSCALLS.update(open_tree=428, move_mount=429)
@@ -319,11 +321,8 @@ _STATX_MNT_ID = 0x1000
 
 def mount_id(fd: int) -> int:
     """The id of the mount the file ``fd`` holds lies on (statx(2) STATX_MNT_ID)."""
-    buf = ctypes.create_string_buffer(256)
-    if libc().statx(fd, b"", AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, _STATX_MNT_ID, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int.from_bytes(buf.raw[144:152], "little")
+    stx = statx(fd, b"", AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, _STATX_MNT_ID)
+    return int.from_bytes(stx[144:152], "little")
 
 
 def bind_fd(source_fd: int, target_fd: int, target: str) -> None:

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from csi_driver.host import loopdev
-from csi_driver.host.libc import libc
+from csi_driver.host.libc import AT_FDCWD, libc, statx
 
 log = logging.getLogger(__name__)
 
@@ -272,13 +272,13 @@ def dio_alignment(path: Path) -> int | None:
     """The file offset alignment ``path``'s file system needs for direct I/O
     (statx(2) STATX_DIOALIGN); None where the kernel does not say, 0 where the
     file cannot be opened with O_DIRECT at all."""
-    buf = ctypes.create_string_buffer(256)  # struct statx
-    if libc().statx(-100, os.fsencode(path), 0, _STATX_DIOALIGN, buf) != 0:  # AT_FDCWD
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
-    if not int.from_bytes(buf.raw[0:4], "little") & _STATX_DIOALIGN:
+    try:
+        stx = statx(AT_FDCWD, os.fsencode(path), 0, _STATX_DIOALIGN)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    if not int.from_bytes(stx[0:4], "little") & _STATX_DIOALIGN:
         return None
-    return int.from_bytes(buf.raw[156:160], "little")  # stx_dio_offset_align
+    return int.from_bytes(stx[156:160], "little")  # stx_dio_offset_align
 
 
 def tree_bytes(root: Path) -> int:

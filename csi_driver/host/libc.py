@@ -13,6 +13,18 @@ def libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+AT_FDCWD = -100
+
+
+def statx(dirfd: int, path: bytes, flags: int, mask: int) -> bytes:
+    """statx(2): the raw ``struct statx`` (256 bytes); OSError with its errno when it fails."""
+    buf = ctypes.create_string_buffer(256)
+    if libc().statx(dirfd, path, flags, mask, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return buf.raw
+
+
 def syscall(number: int, *args) -> int:
     """syscall(2) by number (one glibc may not wrap); OSError with its errno when it fails."""
     _libc = libc()

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from csi_driver.host.libc import libc
+from csi_driver.host.libc import AT_FDCWD, libc, statx
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +166,17 @@ def mount_of_fd(fd: int) -> MountEntry | None:
 _AT_EMPTY_PATH = 0x1000
 
 
-def _statmount_at(path: str, dirfd: int = -100, flags: int = 0) -> MountEntry | None:
+def _statmount_at(path: str, dirfd: int = AT_FDCWD, flags: int = 0) -> MountEntry | None:
     """The mount that ``path`` lies on, described by statmount(2); None where the
     kernel cannot (older than 6.11)."""
     _libc = libc()
-    stx = ctypes.create_string_buffer(256)
-    if _libc.statx(dirfd, os.fsencode(path), _AT_SYMLINK_NOFOLLOW | flags, _STATX_MNT_ID_UNIQUE, stx) != 0:
+    try:
+        stx = statx(dirfd, os.fsencode(path), _AT_SYMLINK_NOFOLLOW | flags, _STATX_MNT_ID_UNIQUE)
+    except OSError:
         return None
-    if not int.from_bytes(stx.raw[0:4], "little") & _STATX_MNT_ID_UNIQUE:
+    if not int.from_bytes(stx[0:4], "little") & _STATX_MNT_ID_UNIQUE:
         return None
-    mnt_id = int.from_bytes(stx.raw[144:152], "little")
+    mnt_id = int.from_bytes(stx[144:152], "little")
     mask = (
         _STATMOUNT_SB_BASIC | _STATMOUNT_MNT_BASIC | _STATMOUNT_MNT_ROOT | _STATMOUNT_MNT_POINT
         | _STATMOUNT_FS_TYPE | _STATMOUNT_MNT_OPTS | _STATMOUNT_SB_SOURCE
@@ -259,12 +260,12 @@ _STATX_ATTR_MOUNT_ROOT = 0x2000
 def is_mount_point(path: str | Path) -> bool:
     """Whether something is mounted at ``path`` (binds too), without reading the
     mount table: statx(2) says whether a path is the root of a mount (Linux 5.8)."""
-    _libc = libc()
-    buf = ctypes.create_string_buffer(256)  # struct statx
-    if _libc.statx(-100, os.fsencode(str(path)), _AT_SYMLINK_NOFOLLOW, _STATX_TYPE, buf) != 0:
+    try:
+        stx = statx(AT_FDCWD, os.fsencode(str(path)), _AT_SYMLINK_NOFOLLOW, _STATX_TYPE)
+    except OSError:
         return False  # gone, or not reachable: nothing we mounted is there
-    attributes = int.from_bytes(buf.raw[8:16], "little")
-    known = int.from_bytes(buf.raw[56:64], "little")
+    attributes = int.from_bytes(stx[8:16], "little")
+    known = int.from_bytes(stx[56:64], "little")
     if known & _STATX_ATTR_MOUNT_ROOT:
         return bool(attributes & _STATX_ATTR_MOUNT_ROOT)
     try:  # an older kernel: a mount of another file system changes the device
