@@ -13,6 +13,7 @@ from pathlib import Path
 
 from csi_driver import host
 from csi_driver.client import Client
+from csi_driver.pool_file import attached_loop
 from csi_driver.server import ServeOptions, Server
 
 #: A pool file's virtual size unless the bench is told otherwise: sparse, so it
@@ -59,13 +60,10 @@ def pool_file(path: Path, size: int) -> Iterator[dict[str, object]]:
     try:
         yield {"pool_file": str(path), "pool_file_size": size}
     finally:
-        if path.exists():
-            st = path.stat()
-            want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-            for device, ids in host.loop_backing_ids().items():
-                if ids == want:
-                    for m in reversed(host.MountTable.read().entries):
-                        if m.source == device:
-                            host.umount(m.target, lazy=True)
-                    host.loop_detach(device)
+        device = attached_loop(path) if path.exists() else ""
+        if device:
+            for m in reversed(host.MountTable.read().entries):
+                if m.source == device:
+                    host.umount(m.target, lazy=True)
+            host.loop_detach(device)
         path.unlink(missing_ok=True)

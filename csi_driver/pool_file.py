@@ -210,6 +210,11 @@ def _host_size(directory: Path) -> int:
     return _statvfs(directory)[0]
 
 
+def attached_loop(path: Path) -> str:
+    """The loop device holding the file at ``path`` ("" when none)."""
+    return _attached(os.stat(path))
+
+
 def _attached(st: os.stat_result) -> str:
     """The loop device holding the file ``st`` describes, by device and inode (a path
     in a container is not the host's)."""

@@ -992,12 +992,18 @@ def test_resize_grows_a_volume_and_keeps_its_data(rig: Rig) -> None:
     assert rig.backend.size(layer) == bigger
     with rig.open(layer) as view:
         assert tree(view) == before
-        if rig.backend.capabilities.enforces_capacity:
-            usage = rig.backend.fs_usage(layer)
-            assert usage is not None and usage.total_bytes > old.total_bytes + 16 * MiB
-            put(view, "more", os.urandom(16 * MiB))  # past the old size
+        _room_past_the_old_size(rig, view, layer, old)
         after = tree(view)
     assert rig.view(layer) == after
+
+
+def _room_past_the_old_size(rig: Rig, view: Path, layer: Layer, old: FsUsage) -> None:
+    """Where capacity is enforced, a grown layer has room past its old size: it
+    reports the new total and takes 16 MiB more than the old one held."""
+    if rig.backend.capabilities.enforces_capacity:
+        usage = rig.backend.fs_usage(layer)
+        assert usage is not None and usage.total_bytes > old.total_bytes + 16 * MiB
+        put(view, "more", os.urandom(16 * MiB))  # past the old size
 
 
 def test_resize_grows_a_volume_in_use(rig: Rig) -> None:
@@ -1012,10 +1018,7 @@ def test_resize_grows_a_volume_in_use(rig: Rig) -> None:
             pytest.skip(str(e))
         assert rig.backend.size(layer) == bigger
         assert tree(view) == before
-        if rig.backend.capabilities.enforces_capacity:
-            usage = rig.backend.fs_usage(layer)
-            assert usage is not None and usage.total_bytes > old.total_bytes + 16 * MiB
-            put(view, "more", os.urandom(16 * MiB))  # past the old size
+        _room_past_the_old_size(rig, view, layer, old)
         after = tree(view)
     assert {k: v for k, v in after.items() if k != "more"} == before
     assert rig.view(layer) == after
